@@ -1,0 +1,471 @@
+//! `routes.yaml`: parse once into validated types, or fail with an error that
+//! names the file, the line and the key, and says how to fix it.
+//!
+//! Every `serde_yaml` call lives in this module, so the YAML crate can be
+//! swapped by editing one place.
+
+mod locate;
+pub mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use raw::{BackendUrl, Balance, HostPattern};
+
+use locate::{locate, Seg};
+use raw::RawConfig;
+
+/// The whole gateway configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from; relative certificate paths were resolved against its directory.
+    pub source: PathBuf,
+    pub server: ServerSettings,
+    pub listeners: Vec<ListenerConfig>,
+    pub pools: Vec<PoolConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+/// Limits and timeouts that bound what a peer can make the gateway hold.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// TLS handshake plus the first request head must finish within this.
+    pub handshake_timeout: Duration,
+    /// Accepted connections beyond this wait in the kernel backlog.
+    pub max_connections: usize,
+    /// Largest request head (HTTP/1.1 buffer; HTTP/2 header list).
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// Plain HTTP: time allowed for the backend's response head (504 after).
+    pub request_timeout: Duration,
+    /// On SIGTERM, how long live sessions may continue before being closed.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            request_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    /// Certificates in file order; the first is served when SNI matches none.
+    pub tls: Option<Vec<CertFiles>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Line of this entry in the config, for errors found when loading the files.
+    pub line: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    pub backends: Vec<BackendUrl>,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub host: HostPattern,
+    pub path: String,
+    /// Index into [`Config::pools`].
+    pub pool: usize,
+    pub strip_prefix: bool,
+    /// Send the client's `Host` to the backend (default) or the backend's own authority.
+    pub preserve_host: bool,
+}
+
+/// A config that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}:{line}:{column}: {message}", file.display())]
+    Syntax {
+        file: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{}:{line}: {key}: {message}", file.display())]
+    Invalid {
+        file: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The 1-based line the error points at, when it has one.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Syntax { line, .. } | ConfigError::Invalid { line, .. } => Some(*line),
+        }
+    }
+}
+
+/// A key path such as `routes[1].pool`, printed the way users read it.
+struct KeyPath<'a>(&'a [Seg<'a>]);
+
+impl fmt::Display for KeyPath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, s) in self.0.iter().enumerate() {
+            match s {
+                Seg::Key(k) if i == 0 => write!(f, "{k}")?,
+                Seg::Key(k) => write!(f, ".{k}")?,
+                Seg::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, path: &[Seg], message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            line: locate(self.text, path),
+            key: KeyPath(path).to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses config text; `file` names it in errors and anchors relative paths.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| syntax_error(file, &e))?;
+        let cx = Ctx { file, text };
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let d = ServerSettings::default();
+        let s = raw.server;
+        let server = ServerSettings {
+            handshake_timeout: s.handshake_timeout.map_or(d.handshake_timeout, |x| x.0),
+            max_connections: s.max_connections.unwrap_or(d.max_connections),
+            max_header_bytes: s.max_header_bytes.unwrap_or(d.max_header_bytes),
+            max_headers: s.max_headers.unwrap_or(d.max_headers),
+            request_timeout: s.request_timeout.map_or(d.request_timeout, |x| x.0),
+            shutdown_grace: s.shutdown_grace.map_or(d.shutdown_grace, |x| x.0),
+        };
+        if server.max_connections == 0 {
+            return Err(cx.err(
+                &[Seg::Key("server"), Seg::Key("max_connections")],
+                "must be at least 1",
+            ));
+        }
+        if server.max_header_bytes < 8192 {
+            return Err(cx.err(
+                &[Seg::Key("server"), Seg::Key("max_header_bytes")],
+                "must be at least 8192 (browsers send large cookies)",
+            ));
+        }
+
+        if raw.listen.is_empty() {
+            return Err(cx.err(
+                &[Seg::Key("listen")],
+                "add at least one listener, e.g. `- addr: 127.0.0.1:8080`",
+            ));
+        }
+        let mut listeners = Vec::new();
+        for (i, l) in raw.listen.into_iter().enumerate() {
+            if let Some(j) = listeners
+                .iter()
+                .position(|x: &ListenerConfig| x.addr == l.addr && l.addr.port() != 0)
+            {
+                return Err(cx.err(
+                    &[Seg::Key("listen"), Seg::Index(i), Seg::Key("addr")],
+                    format!("{} is already used by listen[{j}]", l.addr),
+                ));
+            }
+            let tls = match l.tls {
+                None => None,
+                Some(t) if t.certs.is_empty() => {
+                    return Err(cx.err(
+                        &[
+                            Seg::Key("listen"),
+                            Seg::Index(i),
+                            Seg::Key("tls"),
+                            Seg::Key("certs"),
+                        ],
+                        "list at least one `{ cert: FILE, key: FILE }`",
+                    ))
+                }
+                Some(t) => Some(
+                    t.certs
+                        .into_iter()
+                        .enumerate()
+                        .map(|(k, c)| CertFiles {
+                            cert: resolve(&c.cert),
+                            key: resolve(&c.key),
+                            line: locate(
+                                text,
+                                &[
+                                    Seg::Key("listen"),
+                                    Seg::Index(i),
+                                    Seg::Key("tls"),
+                                    Seg::Key("certs"),
+                                    Seg::Index(k),
+                                ],
+                            ),
+                        })
+                        .collect(),
+                ),
+            };
+            listeners.push(ListenerConfig { addr: l.addr, tls });
+        }
+
+        let mut pools = Vec::new();
+        for (name, p) in raw.pools.0 {
+            if p.backends.is_empty() {
+                return Err(cx.err(
+                    &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("backends")],
+                    "list at least one backend, e.g. `- ws://127.0.0.1:9001`",
+                ));
+            }
+            let connect_timeout = p.connect_timeout.map_or(Duration::from_secs(5), |d| d.0);
+            if connect_timeout.is_zero() {
+                return Err(cx.err(
+                    &[
+                        Seg::Key("pools"),
+                        Seg::Key(&name),
+                        Seg::Key("connect_timeout"),
+                    ],
+                    "must be above zero",
+                ));
+            }
+            let ca_file = p.ca_file.as_deref().map(resolve);
+            if let Some(ca) = &ca_file {
+                if let Err(e) = std::fs::metadata(ca) {
+                    return Err(cx.err(
+                        &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("ca_file")],
+                        format!("cannot read {}: {e}", ca.display()),
+                    ));
+                }
+            }
+            pools.push(PoolConfig {
+                name,
+                balance: p.balance,
+                connect_timeout,
+                backends: p.backends,
+                ca_file,
+            });
+        }
+
+        let mut routes: Vec<RouteConfig> = Vec::new();
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            let at = |k| [Seg::Key("routes"), Seg::Index(i), Seg::Key(k)];
+            if r.name.trim().is_empty() {
+                return Err(cx.err(&at("name"), "a route needs a non-empty name"));
+            }
+            if let Some(j) = routes.iter().position(|x| x.name == r.name) {
+                return Err(cx.err(
+                    &at("name"),
+                    format!(
+                        "route name `{}` is already used by routes[{j}]; names must be unique",
+                        r.name
+                    ),
+                ));
+            }
+            let Some(pool) = pools.iter().position(|p| p.name == r.pool) else {
+                let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+                return Err(cx.err(
+                    &at("pool"),
+                    format!(
+                        "no pool named `{}`; defined pools: {}",
+                        r.pool,
+                        known.join(", ")
+                    ),
+                ));
+            };
+            let path = r.path.map_or_else(|| "/".to_string(), |p| p.0);
+            if let Some(j) = routes
+                .iter()
+                .position(|x| x.host == r.host && x.path == path)
+            {
+                return Err(cx.err(
+                    &at("path"),
+                    format!(
+                        "route `{}` has the same host ({}) and path ({path}) as route `{}` (routes[{j}]), so it could never match; change its host or path, or remove one",
+                        r.name, r.host, routes[j].name
+                    ),
+                ));
+            }
+            routes.push(RouteConfig {
+                name: r.name,
+                host: r.host,
+                path,
+                pool,
+                strip_prefix: r.strip_prefix,
+                preserve_host: r.preserve_host.unwrap_or(true),
+            });
+        }
+        if routes.is_empty() {
+            return Err(cx.err(&[Seg::Key("routes")], "add at least one route"));
+        }
+
+        Ok(Config {
+            source: file.to_path_buf(),
+            server,
+            listeners,
+            pools,
+            routes,
+        })
+    }
+}
+
+/// serde_yaml prints "… at line L column C"; we print the location first, like a compiler.
+fn syntax_error(file: &Path, e: &serde_yaml::Error) -> ConfigError {
+    let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+    let mut message = e.to_string();
+    let suffix = format!(" at line {line} column {column}");
+    if let Some(i) = message.find(&suffix) {
+        message.replace_range(i..i + suffix.len(), "");
+    }
+    ConfigError::Syntax {
+        file: file.to_path_buf(),
+        line,
+        column,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(y: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t/routes.yaml"), y)
+    }
+
+    const OK: &str = "\
+listen:
+  - addr: 127.0.0.1:0
+pools:
+  chat:
+    balance: least_conn
+    connect_timeout: 250ms
+    backends: [ws://127.0.0.1:9001, 'ws://127.0.0.1:9002']
+  ticker:
+    backends:
+      - ws://127.0.0.1:9101
+routes:
+  - name: chat
+    host: Chat.Example.com
+    path: /chat/
+    pool: chat
+  - name: ticker
+    path: /ticker
+    pool: ticker
+    strip_prefix: true
+";
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = parse(OK).unwrap();
+        assert_eq!(c.pools.len(), 2);
+        assert_eq!(c.pools[0].balance, Balance::LeastConn);
+        assert_eq!(c.pools[0].connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.routes[0].path, "/chat");
+        assert_eq!(
+            c.routes[0].host,
+            HostPattern::Exact("chat.example.com".into())
+        );
+        assert_eq!(c.routes[1].pool, 1);
+        assert!(c.routes[1].strip_prefix);
+    }
+
+    fn err(y: &str) -> String {
+        parse(y).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = err(&OK.replace("strip_prefix: true", "strip_prefx: true"));
+        assert!(e.starts_with("t/routes.yaml:19:"), "{e}");
+        assert!(e.contains("strip_prefx"), "{e}");
+    }
+
+    #[test]
+    fn missing_pool_names_line_and_lists_pools() {
+        let e = err(&OK.replace("pool: ticker", "pool: tikcer"));
+        assert_eq!(
+            e,
+            "t/routes.yaml:18: routes[1].pool: no pool named `tikcer`; defined pools: chat, ticker"
+        );
+    }
+
+    #[test]
+    fn bad_values_point_at_their_line() {
+        let e = err(&OK.replace("- ws://127.0.0.1:9101", "- tcp://127.0.0.1:9101"));
+        assert!(e.starts_with("t/routes.yaml:10:"), "{e}");
+        let e = err(&OK.replace("250ms", "250"));
+        assert!(e.starts_with("t/routes.yaml:6:"), "{e}");
+        assert!(e.contains("needs a unit"), "{e}");
+        let e = err(&OK.replace("least_conn", "fastest"));
+        assert!(e.starts_with("t/routes.yaml:5:"), "{e}");
+    }
+
+    #[test]
+    fn duplicates_are_errors() {
+        let e = err(&OK.replace("name: ticker", "name: chat"));
+        assert!(e.starts_with("t/routes.yaml:16: routes[1].name:"), "{e}");
+        let dup = format!("{OK}  - name: again\n    path: /ticker/\n    pool: chat\n");
+        let e = err(&dup);
+        assert!(e.starts_with("t/routes.yaml:22: routes[2].path:"), "{e}");
+        assert!(e.contains("could never match"), "{e}");
+        let e = err(&OK.replace("  ticker:\n", "  chat:\n"));
+        assert!(e.contains("duplicate pool name `chat`"), "{e}");
+    }
+
+    #[test]
+    fn empty_sections_are_errors() {
+        let e = err("listen: []\npools: {}\nroutes: []\n");
+        assert!(e.contains("listen: add at least one listener"), "{e}");
+    }
+}

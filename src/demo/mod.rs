@@ -1,0 +1,249 @@
+//! Built-in demo backends: echo servers and a ticker feed, on loopback.
+//!
+//! They speak WebSocket and plain HTTP through hyper, so the demo exercises
+//! both of the gateway's paths, and the integration tests reuse them.
+//!
+//! Echo protocol (text messages): anything is echoed back, except
+//! `/whoami` (answered with the backend's name, the request path and the
+//! upgrade request's headers) and `/close CODE REASON` (the backend closes
+//! with that code). Plain HTTP: `/` is the demo page, `/health` answers `ok`,
+//! and any other request gets a dump of what the backend received.
+
+mod page;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+/// Where `upgate demo` starts its backends; the repository's `routes.yaml` points at these.
+pub const ECHO_ADDRS: [&str; 2] = ["127.0.0.1:9001", "127.0.0.1:9002"];
+pub const TICKER_ADDR: &str = "127.0.0.1:9101";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Echo,
+    Ticker,
+}
+
+/// A demo backend's identity.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: String,
+    pub kind: Kind,
+}
+
+/// Serves `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, backend: Backend, stop: CancellationToken) {
+    let backend = Arc::new(backend);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            _ = stop.cancelled() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let b = backend.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(b.clone(), peer, req));
+            let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                .into_owned();
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// Binds `addr` and serves a demo backend on it in the background.
+pub async fn spawn(
+    addr: &str,
+    backend: Backend,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let l = TcpListener::bind(addr).await?;
+    let local = l.local_addr()?;
+    tokio::spawn(serve(l, backend, stop));
+    Ok(local)
+}
+
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+fn text(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).boxed_unsync());
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+fn describe(b: &Backend, req: &http::request::Parts) -> String {
+    let mut s = format!(
+        "backend={} method={} path={}\n",
+        b.name,
+        req.method,
+        req.uri.path_and_query().map_or("/", |p| p.as_str())
+    );
+    for (k, v) in &req.headers {
+        s.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+    }
+    s
+}
+
+async fn handle(
+    b: Arc<Backend>,
+    _peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let is_ws = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if !is_ws {
+        let (parts, body) = req.into_parts();
+        return Ok(match parts.uri.path() {
+            "/" => text(StatusCode::OK, "text/html; charset=utf-8", page::HTML),
+            "/health" => text(StatusCode::OK, "text/plain", "ok\n"),
+            _ => {
+                let body = body
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                let mut s = describe(&b, &parts);
+                s.push('\n');
+                s.push_str(&String::from_utf8_lossy(&body));
+                text(StatusCode::OK, "text/plain; charset=utf-8", s)
+            }
+        });
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "missing Sec-WebSocket-Key\n",
+        ));
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    // Accept the first subprotocol the client offers, so negotiation is visible end to end.
+    let protocol = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.split(',').next())
+        .map(|s| s.trim().to_string());
+    let whoami = {
+        let (p, _) = clone_parts(&req);
+        describe(&b, &p)
+    };
+    let path_q = req.uri().query().unwrap_or("").to_string();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let b2 = b.clone();
+    tokio::spawn(async move {
+        let Ok(up) = on_upgrade.await else { return };
+        let cfg = WebSocketConfig::default()
+            .max_message_size(Some(64 << 20))
+            .max_frame_size(Some(64 << 20));
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
+        match b2.kind {
+            Kind::Echo => echo(ws, whoami).await,
+            Kind::Ticker => ticker(ws, &b2.name, &path_q).await,
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()).boxed_unsync());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+    }
+    Ok(resp)
+}
+
+fn clone_parts<B>(req: &Request<B>) -> (http::request::Parts, ()) {
+    let mut r = Request::new(());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.headers_mut() = req.headers().clone();
+    r.into_parts()
+}
+
+type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+async fn echo(mut ws: Ws, whoami: String) {
+    while let Some(Ok(msg)) = ws.next().await {
+        let reply = match msg {
+            Message::Text(t) if t.as_str() == "/whoami" => Message::text(whoami.clone()),
+            Message::Text(t) if t.starts_with("/close ") => {
+                let mut it = t.as_str()[7..].splitn(2, ' ');
+                let code = it
+                    .next()
+                    .and_then(|c| c.parse::<u16>().ok())
+                    .unwrap_or(1000);
+                let reason = it.next().unwrap_or("").to_string();
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: reason.into(),
+                    }))
+                    .await;
+                // Drain until the client's close reply arrives.
+                while let Some(Ok(_)) = ws.next().await {}
+                return;
+            }
+            m @ (Message::Text(_) | Message::Binary(_)) => m,
+            // Pings are answered by tungstenite itself; a close is echoed by it too.
+            _ => continue,
+        };
+        if ws.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn ticker(mut ws: Ws, name: &str, query: &str) {
+    let pair = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("pair="))
+        .unwrap_or("EURUSD")
+        .to_string();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut seq: u64 = 0;
+    let mut price: f64 = 1.0850;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                seq += 1;
+                // A deterministic wiggle: enough to look alive.
+                price += ((seq * 7919 % 13) as f64 - 6.0) * 0.0001;
+                let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+                let msg = format!("{{\"source\":\"{name}\",\"pair\":\"{pair}\",\"seq\":{seq},\"bid\":{price:.4},\"ts\":{ts}}}");
+                if ws.send(Message::text(msg)).await.is_err() { return; }
+            }
+            m = ws.next() => match m {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}

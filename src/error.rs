@@ -1,0 +1,122 @@
+//! Errors on the request path, and the one place they become HTTP responses.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::upstream::ConnectError;
+use crate::ws::HandshakeError;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The response body type of every handler.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// Failure talking to one backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("HTTP exchange failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("request failed: {0}")]
+    Client(#[from] hyper_util::client::legacy::Error),
+    #[error("no response head within {0:?}")]
+    Timeout(Duration),
+}
+
+impl BackendError {
+    /// A stable label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Connect(ConnectError::Timeout(_)) => "connect_timeout",
+            BackendError::Connect(_) => "connect",
+            BackendError::Http(_) | BackendError::Client(_) => "protocol",
+            BackendError::Timeout(_) => "response_timeout",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route for host `{host}` and path `{path}`")]
+    NoRoute { host: String, path: String },
+    #[error("bad WebSocket handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("no backend of pool `{pool}` could be reached ({tried} tried)")]
+    NoBackend {
+        pool: String,
+        tried: usize,
+        #[source]
+        last: BackendError,
+    },
+    #[error("backend failed: {0}")]
+    Backend(#[source] BackendError),
+}
+
+impl ProxyError {
+    /// The status code for each error: the one mapping, kept exhaustive on purpose.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
+                StatusCode::UPGRADE_REQUIRED
+            }
+            ProxyError::Handshake(
+                HandshakeError::NotGet
+                | HandshakeError::NotWebSocket
+                | HandshakeError::NoConnectionUpgrade
+                | HandshakeError::BadKey,
+            ) => StatusCode::BAD_REQUEST,
+            ProxyError::NoBackend { last, .. } | ProxyError::Backend(last) => match last {
+                BackendError::Timeout(_) | BackendError::Connect(ConnectError::Timeout(_)) => {
+                    StatusCode::GATEWAY_TIMEOUT
+                }
+                BackendError::Connect(_) | BackendError::Http(_) | BackendError::Client(_) => {
+                    StatusCode::BAD_GATEWAY
+                }
+            },
+        }
+    }
+
+    /// A short plain-text answer. Backend addresses stay in the log, not in the body.
+    pub fn into_response(self) -> Response<Body> {
+        let status = self.status();
+        let mut resp = text_response(
+            status,
+            format!(
+                "{} {}: {self}\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            ),
+        );
+        if let ProxyError::Handshake(HandshakeError::UnsupportedVersion) = self {
+            resp.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        resp
+    }
+}
+
+pub fn text_response(status: StatusCode, text: String) -> Response<Body> {
+    let mut resp = Response::new(full(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    full(Bytes::new())
+}

@@ -1,0 +1,32 @@
+//! upgate: a WebSocket gateway.
+//!
+//! Data flow, accept to splice:
+//! [`server`] accepts (connection-limit permit, `TCP_NODELAY`), terminates TLS
+//! ([`tls`]: SNI certificate choice, ALPN) and serves HTTP/1.1 and HTTP/2 with
+//! hyper-util. [`proxy`] matches the request against the [`router`] table,
+//! validates WebSocket handshakes ([`ws`]), picks a backend from the route's
+//! [`pool`] and connects ([`upstream`]) **before** answering 101, failing over
+//! to the next backend. The backend's 101 goes back to the client and
+//! [`splice`] moves bytes both ways on a tracked task. Plain HTTP requests go
+//! through a tower middleware stack to a pooled hyper client.
+//!
+//! [`config`] turns `routes.yaml` into validated types; [`error`] maps every
+//! request-path error to a status in one place; [`demo`] holds the built-in
+//! demo backends.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod pool;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod splice;
+pub mod tls;
+pub mod upstream;
+pub mod ws;
+
+pub use config::Config;
+pub use server::Gateway;

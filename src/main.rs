@@ -1,0 +1,211 @@
+//! The `upgate` binary: parse arguments, set up logging, load the config, run.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use upgate::{demo, Config, Gateway};
+
+/// A WebSocket gateway: TLS at the edge, host/path routing from routes.yaml,
+/// backends spliced with failover.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// The configuration file (see the README's routes.yaml reference).
+    #[arg(long, short, default_value = "routes.yaml", global = true)]
+    config: PathBuf,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate a config file and print the compiled route table.
+    Check {
+        /// The file to check (defaults to --config).
+        file: Option<PathBuf>,
+    },
+    /// Start the built-in demo backends and the gateway with the repository's
+    /// routes.yaml (or an embedded copy), generating a dev certificate if needed.
+    Demo,
+}
+
+/// The repository's routes.yaml, used by `demo` when no file is found.
+const EMBEDDED_ROUTES: &str = include_str!("../routes.yaml");
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("upgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => Config::load(&cli.config)
+            .map_err(|e| e.to_string())
+            .and_then(|c| rt.block_on(run(c, false))),
+        Command::Check { file } => check(file.as_deref().unwrap_or(&cli.config)),
+        Command::Demo => demo_config(&cli.config).and_then(|c| rt.block_on(run(c, true))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("upgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn check(file: &Path) -> Result<(), String> {
+    let c = Config::load(file).map_err(|e| e.to_string())?;
+    println!("{}: OK", file.display());
+    for l in &c.listeners {
+        let scheme = if l.tls.is_some() { "https" } else { "http" };
+        println!("listen  {scheme}://{}", l.addr);
+    }
+    println!(
+        "{:<14} {:<24} {:<16} {:<10} notes",
+        "route", "host", "path", "pool"
+    );
+    for r in &c.routes {
+        let pool = &c.pools[r.pool];
+        let note = if r.strip_prefix { "strip_prefix" } else { "" };
+        println!(
+            "{:<14} {:<24} {:<16} {:<10} {note}",
+            r.name,
+            r.host.to_string(),
+            r.path,
+            pool.name
+        );
+    }
+    for p in &c.pools {
+        let list: Vec<String> = p.backends.iter().map(|b| b.to_string()).collect();
+        println!(
+            "pool {} ({:?}, connect_timeout {:?}): {}",
+            p.name,
+            p.balance,
+            p.connect_timeout,
+            list.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn demo_config(path: &Path) -> Result<Config, String> {
+    let config = if path.exists() {
+        Config::load(path).map_err(|e| e.to_string())?
+    } else {
+        eprintln!(
+            "upgate: {} not found; using the embedded demo routes.yaml",
+            path.display()
+        );
+        Config::parse(Path::new("routes.yaml"), EMBEDDED_ROUTES).map_err(|e| e.to_string())?
+    };
+    for l in &config.listeners {
+        for c in l.tls.iter().flatten() {
+            let made = upgate::tls::ensure_dev_cert(&c.cert, &c.key).map_err(|e| {
+                format!(
+                    "cannot write a dev certificate to {}: {e}",
+                    c.cert.display()
+                )
+            })?;
+            if made {
+                eprintln!(
+                    "upgate: generated a self-signed certificate {} (key {})",
+                    c.cert.display(),
+                    c.key.display()
+                );
+            }
+        }
+    }
+    Ok(config)
+}
+
+async fn run(config: Config, with_demo: bool) -> Result<(), String> {
+    let stop_demo = CancellationToken::new();
+    if with_demo {
+        for (i, addr) in demo::ECHO_ADDRS.iter().enumerate() {
+            let b = demo::Backend {
+                name: format!("echo-{}", i + 1),
+                kind: demo::Kind::Echo,
+            };
+            demo::spawn(addr, b, stop_demo.clone())
+                .await
+                .map_err(|e| format!("demo backend on {addr}: {e}"))?;
+        }
+        let b = demo::Backend {
+            name: "ticker".into(),
+            kind: demo::Kind::Ticker,
+        };
+        demo::spawn(demo::TICKER_ADDR, b, stop_demo.clone())
+            .await
+            .map_err(|e| format!("demo backend on {}: {e}", demo::TICKER_ADDR))?;
+    }
+    let gw = Gateway::bind(&config).await.map_err(|e| e.to_string())?;
+    for (l, addr) in config.listeners.iter().zip(gw.local_addrs()) {
+        let scheme = if l.tls.is_some() { "https" } else { "http" };
+        let ws = if l.tls.is_some() { "wss" } else { "ws" };
+        tracing::info!("listening on {scheme}://{addr}");
+        if with_demo {
+            println!("demo page:  {scheme}://{addr}/        chat: {ws}://{addr}/chat   ticker: {ws}://{addr}/ticker?pair=EURUSD");
+        }
+    }
+    if with_demo {
+        println!("Ctrl-C to stop.");
+    }
+    let drained = gw.run(shutdown_signal()).await;
+    stop_demo.cancel();
+    tracing::info!(cut = drained.cut, "bye");
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

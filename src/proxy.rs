@@ -1,0 +1,378 @@
+//! The request path: route, then either a WebSocket upgrade spliced to a
+//! backend or a plain HTTP request proxied with connection reuse.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::{Config, ServerSettings};
+use crate::error::{BackendError, Body, ProxyError};
+use crate::pool::{self, Backend, BackendGuard, Pool, PoolError};
+use crate::router::{self, Route, RouteTable};
+use crate::splice;
+use crate::ws::{self, Forwarded};
+
+/// Everything a request needs from the config, swapped as one unit.
+pub struct Snapshot {
+    pub routes: RouteTable,
+    pub pools: Vec<Arc<Pool>>,
+    pub settings: ServerSettings,
+}
+
+impl Snapshot {
+    pub fn new(cfg: &Config) -> Result<Snapshot, PoolError> {
+        Ok(Snapshot {
+            routes: RouteTable::new(&cfg.routes),
+            pools: cfg
+                .pools
+                .iter()
+                .map(|p| Pool::new(p).map(Arc::new))
+                .collect::<Result<_, _>>()?,
+            settings: cfg.server.clone(),
+        })
+    }
+}
+
+/// State shared by every connection of one gateway.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Owns every connection and splice task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    /// Cancelled when the grace period is over: live sessions are closed.
+    pub hard_stop: CancellationToken,
+}
+
+/// One client connection, shared by its requests and the sessions they start.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    /// The connection-limit slot, released when the last request or session of this connection ends.
+    pub _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// What the router decided, carried to the plain-HTTP service through request extensions.
+#[derive(Clone)]
+pub struct Matched {
+    snapshot: Arc<Snapshot>,
+    route: usize,
+    conn: Arc<ConnInfo>,
+}
+
+/// The `Host` of a request: the header on HTTP/1.1, the URI authority on HTTP/2.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
+}
+
+/// Entry point for every request on a client connection.
+pub async fn handle<S>(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    http: S,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+{
+    let snapshot = shared.snapshot.load_full();
+    let host = request_host(&req).unwrap_or("");
+    let Some(route) = snapshot.routes.find_index(host, req.uri().path()) else {
+        let e = ProxyError::NoRoute {
+            host: host.to_string(),
+            path: req.uri().path().to_string(),
+        };
+        debug!(peer = %conn.peer, error = %e, "404");
+        return Ok(e.into_response());
+    };
+    if ws::wants_websocket(&req) {
+        let r = &snapshot.routes.routes()[route];
+        let span = tracing::info_span!("ws", peer = %conn.peer, route = %r.name);
+        let resp = upgrade(&shared, &conn, &snapshot, r, req)
+            .instrument(span)
+            .await;
+        return Ok(resp.unwrap_or_else(|e| {
+            debug!(peer = %conn.peer, error = %e, "upgrade refused");
+            e.into_response()
+        }));
+    }
+    req.extensions_mut().insert(Matched {
+        snapshot: snapshot.clone(),
+        route,
+        conn,
+    });
+    tower::ServiceExt::oneshot(http, req).await
+}
+
+/// `base` + the route's (optionally stripped) path + the query.
+fn backend_path(route: &Route, backend: &Backend, uri: &Uri) -> Result<PathAndQuery, http::Error> {
+    let path = if route.strip_prefix {
+        router::strip(&route.path, uri.path())
+    } else {
+        uri.path()
+    };
+    let mut s = String::with_capacity(
+        backend.url.base_path.len() + path.len() + 1 + uri.query().map_or(0, str::len),
+    );
+    s.push_str(&backend.url.base_path);
+    s.push_str(path);
+    if let Some(q) = uri.query() {
+        s.push('?');
+        s.push_str(q);
+    }
+    Ok(PathAndQuery::try_from(s)?)
+}
+
+/// Headers for the backend: the client's end-to-end headers plus `Forwarded` and friends.
+fn forward_headers(src: &HeaderMap, conn: &ConnInfo, host: Option<&str>) -> HeaderMap {
+    let mut h = src.clone();
+    ws::strip_hop_by_hop(&mut h);
+    ws::add_forwarded(
+        &mut h,
+        Forwarded {
+            peer: conn.peer,
+            tls: conn.tls,
+            host,
+        },
+    );
+    h
+}
+
+fn set_host(h: &mut HeaderMap, route: &Route, client_host: Option<&str>, backend: &Backend) {
+    let value = match client_host {
+        Some(c) if route.preserve_host => HeaderValue::from_str(c).ok(),
+        _ => None,
+    };
+    let value = value.or_else(|| HeaderValue::from_str(backend.authority.as_str()).ok());
+    if let Some(v) = value {
+        h.insert(header::HOST, v);
+    }
+}
+
+async fn upgrade(
+    shared: &Arc<Shared>,
+    conn: &Arc<ConnInfo>,
+    snapshot: &Snapshot,
+    route: &Route,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    ws::validate(&req)?;
+    let pool = &snapshot.pools[route.pool];
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let client_host = request_host(&req);
+    let mut headers = forward_headers(req.headers(), conn, client_host);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let response_timeout = snapshot.settings.handshake_timeout;
+
+    let mut tried = 0;
+    let mut last = None;
+    for backend in pool.try_order() {
+        tried += 1;
+        set_host(&mut headers, route, client_host, backend);
+        let pq = backend_path(route, backend, req.uri()).map_err(|e| {
+            ProxyError::Backend(BackendError::Connect(crate::upstream::ConnectError::Tcp(
+                std::io::Error::other(e),
+            )))
+        })?;
+        match backend_handshake(shared, pool, backend, pq, &headers, response_timeout).await {
+            Ok(mut resp) => {
+                if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    info!(backend = %backend.url, status = resp.status().as_u16(), "backend refused the upgrade");
+                    ws::strip_hop_by_hop(resp.headers_mut());
+                    return Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync()));
+                }
+                let backend_upgrade = hyper::upgrade::on(&mut resp);
+                let guard = BackendGuard::new(backend.clone());
+                spawn_session(shared, conn.clone(), client_upgrade, backend_upgrade, guard);
+                let mut out = Response::new(crate::error::empty());
+                *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                *out.headers_mut() = std::mem::take(resp.headers_mut());
+                return Ok(out);
+            }
+            Err(e) => {
+                warn!(backend = %backend.url, failure = e.kind(), error = %e, "backend failed, trying the next");
+                last = Some(e);
+            }
+        }
+    }
+    Err(ProxyError::NoBackend {
+        pool: pool.name.clone(),
+        tried,
+        last: last.unwrap_or(BackendError::Timeout(Duration::ZERO)),
+    })
+}
+
+/// Connects and sends the upgrade request; returns the backend's response head.
+async fn backend_handshake(
+    shared: &Arc<Shared>,
+    pool: &Pool,
+    backend: &Backend,
+    pq: PathAndQuery,
+    headers: &HeaderMap,
+    response_timeout: Duration,
+) -> Result<Response<Incoming>, BackendError> {
+    let io = pool.connect(backend).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    let stop = shared.hard_stop.clone();
+    shared.tasks.spawn(async move {
+        tokio::select! {
+            r = conn.with_upgrades() => if let Err(e) = r { debug!(error = %e, "backend connection ended") },
+            _ = stop.cancelled() => {}
+        }
+    });
+    let mut req = Request::new(http_body_util::Empty::<bytes::Bytes>::new());
+    *req.method_mut() = Method::GET;
+    *req.uri_mut() = Uri::from(pq);
+    *req.headers_mut() = headers.clone();
+    tokio::time::timeout(response_timeout, sender.send_request(req))
+        .await
+        .map_err(|_| BackendError::Timeout(response_timeout))?
+        .map_err(BackendError::Http)
+}
+
+fn spawn_session(
+    shared: &Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    guard: BackendGuard,
+) {
+    let stop = shared.hard_stop.clone();
+    let span = tracing::Span::current();
+    shared.tasks.spawn(
+        async move {
+            let _conn = conn; // keeps the connection-limit slot for the session's life
+            let (client, backend) = match tokio::try_join!(client, backend) {
+                Ok(pair) => pair,
+                Err(e) => {
+                    debug!(error = %e, "upgrade did not complete");
+                    return;
+                }
+            };
+            let mut client = TokioIo::new(client);
+            let mut backend = TokioIo::new(backend);
+            let started = tokio::time::Instant::now();
+            tokio::select! {
+                r = splice::splice(&mut client, &mut backend) => match r {
+                    Ok(m) => debug!(up = m.client_to_backend, down = m.backend_to_client, secs = started.elapsed().as_secs_f64(), backend = %guard.backend().url, "session ended"),
+                    Err(e) => debug!(error = %e, backend = %guard.backend().url, "session ended by an I/O error"),
+                },
+                _ = stop.cancelled() => debug!("session closed at shutdown"),
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// The plain-HTTP proxy, run inside the tower middleware stack.
+pub async fn proxy_http(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let Some(m) = req.extensions_mut().remove::<Matched>() else {
+        return Ok(crate::error::text_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "request was not routed\n".into(),
+        ));
+    };
+    let route = &m.snapshot.routes.routes()[m.route];
+    let pool = m.snapshot.pools[route.pool].clone();
+    Ok(forward(&pool, route, &m.conn, req)
+        .await
+        .unwrap_or_else(|e| {
+            warn!(route = %route.name, error = %e, "proxy error");
+            e.into_response()
+        }))
+}
+
+async fn forward(
+    pool: &Pool,
+    route: &Route,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let (parts, body) = req.into_parts();
+    let client_host = request_host_parts(&parts).map(str::to_string);
+    let mut headers = forward_headers(&parts.headers, conn, client_host.as_deref());
+    // A request without a body can be sent again to the next backend if the first is unreachable.
+    let retryable = hyper::body::Body::is_end_stream(&body);
+    let mut body = Some(body.map_err(Into::into).boxed_unsync());
+    let mut tried = 0;
+    let mut last = None;
+    for backend in pool.try_order() {
+        let Some(b) = body.take() else { break };
+        tried += 1;
+        set_host(&mut headers, route, client_host.as_deref(), backend);
+        let pq = backend_path(route, backend, &parts.uri).map_err(|e| {
+            ProxyError::Backend(BackendError::Connect(crate::upstream::ConnectError::Tcp(
+                std::io::Error::other(e),
+            )))
+        })?;
+        let uri = Uri::builder()
+            .scheme(pool::http_scheme(backend))
+            .authority(backend.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| {
+                ProxyError::Backend(BackendError::Connect(crate::upstream::ConnectError::Tcp(
+                    std::io::Error::other(e),
+                )))
+            })?;
+        let mut out = Request::new(b);
+        *out.method_mut() = parts.method.clone();
+        *out.uri_mut() = uri;
+        *out.version_mut() = Version::HTTP_11;
+        *out.headers_mut() = headers.clone();
+        match pool.http.request(out).await {
+            Ok(mut resp) => {
+                ws::strip_hop_by_hop(resp.headers_mut());
+                return Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync()));
+            }
+            Err(e) if e.is_connect() && retryable => {
+                warn!(backend = %backend.url, error = %e, "backend unreachable, trying the next");
+                body = Some(crate::error::empty());
+                last = Some(BackendError::Client(e));
+            }
+            Err(e) => {
+                let err = BackendError::Client(e);
+                return Err(if tried == 1 && last.is_none() {
+                    ProxyError::Backend(err)
+                } else {
+                    ProxyError::NoBackend {
+                        pool: pool.name.clone(),
+                        tried,
+                        last: err,
+                    }
+                });
+            }
+        }
+    }
+    Err(ProxyError::NoBackend {
+        pool: pool.name.clone(),
+        tried,
+        last: last.unwrap_or(BackendError::Timeout(Duration::ZERO)),
+    })
+}
+
+fn request_host_parts(parts: &http::request::Parts) -> Option<&str> {
+    parts.uri.authority().map(|a| a.as_str()).or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
+}

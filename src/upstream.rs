@@ -1,0 +1,173 @@
+//! Connecting to a backend: resolve, TCP (with `TCP_NODELAY`), then TLS for
+//! `wss://` backends, all within the pool's connect timeout.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// Why a connection to a backend could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{host} resolved to no address")]
+    NoAddress { host: String },
+    #[error("connect timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connect failed: {0}")]
+    Tcp(#[source] io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] io::Error),
+    #[error("`{0}` is not a valid TLS server name")]
+    ServerName(String),
+}
+
+/// A connected backend stream, plain or TLS.
+#[derive(Debug)]
+pub enum BackendIo {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// What `connect` needs to reach one backend.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    /// TLS connector for `wss://`/`https://`; `None` for plain TCP.
+    pub tls: Option<&'a TlsConnector>,
+}
+
+pub async fn connect(t: Target<'_>, timeout: Duration) -> Result<BackendIo, ConnectError> {
+    tokio::time::timeout(timeout, connect_inner(t))
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))?
+}
+
+async fn connect_inner(t: Target<'_>) -> Result<BackendIo, ConnectError> {
+    let tcp = match t.host.parse::<std::net::IpAddr>() {
+        Ok(ip) => TcpStream::connect((ip, t.port))
+            .await
+            .map_err(ConnectError::Tcp)?,
+        Err(_) => {
+            let addrs = tokio::net::lookup_host((t.host, t.port))
+                .await
+                .map_err(|source| ConnectError::Resolve {
+                    host: t.host.into(),
+                    source,
+                })?;
+            let mut last = None;
+            let mut stream = None;
+            for a in addrs {
+                match TcpStream::connect(a).await {
+                    Ok(s) => {
+                        stream = Some(s);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            match (stream, last) {
+                (Some(s), _) => s,
+                (None, Some(e)) => return Err(ConnectError::Tcp(e)),
+                (None, None) => {
+                    return Err(ConnectError::NoAddress {
+                        host: t.host.into(),
+                    })
+                }
+            }
+        }
+    };
+    // Latency matters more than packet count for interactive messages.
+    tcp.set_nodelay(true).map_err(ConnectError::Tcp)?;
+    match t.tls {
+        None => Ok(BackendIo::Tcp(tcp)),
+        Some(connector) => {
+            let name = ServerName::try_from(t.host.to_string())
+                .map_err(|_| ConnectError::ServerName(t.host.into()))?;
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(ConnectError::Tls)?;
+            Ok(BackendIo::Tls(Box::new(tls)))
+        }
+    }
+}
+
+/// Builds a connector for a pool's TLS client config.
+pub fn tls_connector(cfg: Arc<rustls::ClientConfig>) -> TlsConnector {
+    TlsConnector::from(cfg)
+}
+
+impl AsyncRead for BackendIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            BackendIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            BackendIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            BackendIo::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            BackendIo::Tcp(s) => s.is_write_vectored(),
+            BackendIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            BackendIo::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            BackendIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connection for BackendIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}

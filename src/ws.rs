@@ -1,0 +1,228 @@
+//! The WebSocket handshake (RFC 6455 §4.2.1) and the headers a proxy forwards.
+//! Pure functions over `http` types, tested without sockets.
+
+use std::net::SocketAddr;
+
+use base64::Engine;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request};
+
+/// Why an upgrade request is not a valid WebSocket handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("a WebSocket handshake must use GET")]
+    NotGet,
+    #[error("the `Upgrade` header must be `websocket`")]
+    NotWebSocket,
+    #[error("the `Connection` header must contain `upgrade`")]
+    NoConnectionUpgrade,
+    #[error("`Sec-WebSocket-Key` must be 16 bytes in base64")]
+    BadKey,
+    #[error("only WebSocket version 13 is supported")]
+    UnsupportedVersion,
+}
+
+/// Whether the request asks to switch to WebSocket. Other upgrades (such as
+/// `h2c`) are ignored, as RFC 9110 allows, and the request is proxied as plain HTTP.
+pub fn wants_websocket<B>(req: &Request<B>) -> bool {
+    has_token(req.headers(), header::UPGRADE, "websocket")
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Checks an HTTP/1.1 upgrade request against RFC 6455.
+pub fn validate<B>(req: &Request<B>) -> Result<(), HandshakeError> {
+    let h = req.headers();
+    if req.method() != Method::GET {
+        return Err(HandshakeError::NotGet);
+    }
+    if !has_token(h, header::UPGRADE, "websocket") {
+        return Err(HandshakeError::NotWebSocket);
+    }
+    if !has_token(h, header::CONNECTION, "upgrade") {
+        return Err(HandshakeError::NoConnectionUpgrade);
+    }
+    let key_ok = h.get(header::SEC_WEBSOCKET_KEY).is_some_and(|k| {
+        let mut out = [0u8; 18];
+        k.len() == 24
+            && base64::engine::general_purpose::STANDARD
+                .decode_slice(k.as_bytes(), &mut out)
+                .is_ok_and(|n| n == 16)
+    });
+    if !key_ok {
+        return Err(HandshakeError::BadKey);
+    }
+    if h.get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err(HandshakeError::UnsupportedVersion);
+    }
+    Ok(())
+}
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+}
+
+/// Who asked, as the backend should be told.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded<'a> {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    pub host: Option<&'a str>,
+}
+
+/// Appends `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
+pub fn add_forwarded(h: &mut HeaderMap, f: Forwarded<'_>) {
+    let ip = f.peer.ip();
+    let proto = if f.tls { "https" } else { "http" };
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    let mut fwd = match ip {
+        std::net::IpAddr::V4(a) => format!("for={a};proto={proto}"),
+        std::net::IpAddr::V6(a) => format!("for=\"[{a}]\";proto={proto}"),
+    };
+    if let Some(host) = f.host {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            h.insert("x-forwarded-host", v);
+        }
+        if host
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        {
+            fwd.push_str(";host=\"");
+            fwd.push_str(host);
+            fwd.push('"');
+        }
+    }
+    let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {fwd}"),
+        None => fwd,
+    };
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        h.insert(header::FORWARDED, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> http::request::Builder {
+        Request::get("/chat")
+            .header("upgrade", "WebSocket")
+            .header("connection", "keep-alive, Upgrade")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+    }
+
+    #[test]
+    fn accepts_a_valid_handshake() {
+        assert_eq!(validate(&req().body(()).unwrap()), Ok(()));
+    }
+
+    #[test]
+    fn rejects_each_broken_part() {
+        let mut r = req().body(()).unwrap();
+        *r.method_mut() = Method::POST;
+        assert_eq!(validate(&r), Err(HandshakeError::NotGet));
+        let mut r = req().body(()).unwrap();
+        r.headers_mut()
+            .insert("upgrade", HeaderValue::from_static("h2c"));
+        assert_eq!(validate(&r), Err(HandshakeError::NotWebSocket));
+        let mut r = req().body(()).unwrap();
+        r.headers_mut()
+            .insert("connection", HeaderValue::from_static("keep-alive"));
+        assert_eq!(validate(&r), Err(HandshakeError::NoConnectionUpgrade));
+        for bad in [
+            "short",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZSE=",
+            "!!!!!!!!!!!!!!!!!!!!!!==",
+        ] {
+            let mut r = req().body(()).unwrap();
+            r.headers_mut()
+                .insert("sec-websocket-key", HeaderValue::from_static(bad));
+            assert_eq!(validate(&r), Err(HandshakeError::BadKey), "{bad}");
+        }
+        let mut r = req().body(()).unwrap();
+        r.headers_mut().remove("sec-websocket-key");
+        assert_eq!(validate(&r), Err(HandshakeError::BadKey));
+        let mut r = req().body(()).unwrap();
+        r.headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("8"));
+        assert_eq!(validate(&r), Err(HandshakeError::UnsupportedVersion));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("cookie", HeaderValue::from_static("a=b"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("cookie"));
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        let peer: SocketAddr = "[::1]:5555".parse().unwrap();
+        add_forwarded(
+            &mut h,
+            Forwarded {
+                peer,
+                tls: true,
+                host: Some("chat.example.com"),
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "chat.example.com");
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[::1]\";proto=https;host=\"chat.example.com\""
+        );
+    }
+}
