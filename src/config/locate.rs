@@ -93,7 +93,17 @@ pub fn locate(src: &str, path: &[Seg]) -> usize {
                 let end = starts.get(n + 1).copied().unwrap_or(hi);
                 // The item's own entries start after its dash.
                 let pos = ls[i].dashes.iter().position(|&d| d == col).unwrap_or(0);
-                let inner = ls[i].dashes.get(pos + 1).copied().unwrap_or(ls[i].indent);
+                let inner = match ls[i].dashes.get(pos + 1) {
+                    Some(&d) => d,
+                    // A lone `-`: the item's entries start on the next line.
+                    None if ls[i].text.is_empty() => match ls.get(i + 1) {
+                        Some(next) if i + 1 < end => {
+                            next.dashes.first().copied().unwrap_or(next.indent)
+                        }
+                        _ => return best,
+                    },
+                    None => ls[i].indent,
+                };
                 lo = i;
                 hi = end;
                 col = inner;

@@ -457,7 +457,7 @@ routes:
         assert!(e.starts_with("t/routes.yaml:16: routes[1].name:"), "{e}");
         let dup = format!("{OK}  - name: again\n    path: /ticker/\n    pool: chat\n");
         let e = err(&dup);
-        assert!(e.starts_with("t/routes.yaml:22: routes[2].path:"), "{e}");
+        assert!(e.starts_with("t/routes.yaml:21: routes[2].path:"), "{e}");
         assert!(e.contains("could never match"), "{e}");
         let e = err(&OK.replace("  ticker:\n", "  chat:\n"));
         assert!(e.contains("duplicate pool name `chat`"), "{e}");

@@ -93,9 +93,9 @@ fn text(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Resp
     r
 }
 
-fn describe(b: &Backend, req: &http::request::Parts) -> String {
+fn describe(b: &Backend, peer: SocketAddr, req: &http::request::Parts) -> String {
     let mut s = format!(
-        "backend={} method={} path={}\n",
+        "backend={} method={} path={} peer={peer}\n",
         b.name,
         req.method,
         req.uri.path_and_query().map_or("/", |p| p.as_str())
@@ -108,7 +108,7 @@ fn describe(b: &Backend, req: &http::request::Parts) -> String {
 
 async fn handle(
     b: Arc<Backend>,
-    _peer: SocketAddr,
+    peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let is_ws = req
@@ -126,7 +126,7 @@ async fn handle(
                     .await
                     .map(|c| c.to_bytes())
                     .unwrap_or_default();
-                let mut s = describe(&b, &parts);
+                let mut s = describe(&b, peer, &parts);
                 s.push('\n');
                 s.push_str(&String::from_utf8_lossy(&body));
                 text(StatusCode::OK, "text/plain; charset=utf-8", s)
@@ -150,7 +150,7 @@ async fn handle(
         .map(|s| s.trim().to_string());
     let whoami = {
         let (p, _) = clone_parts(&req);
-        describe(&b, &p)
+        describe(&b, peer, &p)
     };
     let path_q = req.uri().query().unwrap_or("").to_string();
     let on_upgrade = hyper::upgrade::on(&mut req);

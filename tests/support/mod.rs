@@ -1,0 +1,306 @@
+//! Test builders: a gateway on port 0 from a YAML string, demo echo
+//! backends, WebSocket and HTTP clients (plain and TLS). Everything binds
+//! 127.0.0.1:0, so tests run in parallel in any order.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use upgate::server::Drained;
+use upgate::{demo, Config, Gateway};
+
+/// A running gateway; shut it down with [`TestGateway::shutdown`] (or drop it).
+pub struct TestGateway {
+    /// Bound addresses in config order.
+    pub addrs: Vec<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Drained>>,
+}
+
+impl TestGateway {
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+    /// Triggers shutdown and waits for the drain to finish.
+    pub async fn shutdown(mut self) -> Drained {
+        self.trigger_shutdown();
+        self.task
+            .take()
+            .expect("running")
+            .await
+            .expect("gateway task")
+    }
+    pub fn trigger_shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+    pub fn join(&mut self) -> JoinHandle<Drained> {
+        self.task.take().expect("running")
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.trigger_shutdown();
+    }
+}
+
+/// Starts a gateway from YAML text. Relative paths resolve against `dir`.
+pub async fn gateway_in(dir: &std::path::Path, yaml: &str) -> TestGateway {
+    let cfg =
+        Config::parse(&dir.join("routes.yaml"), yaml).unwrap_or_else(|e| panic!("config: {e}"));
+    let gw = Gateway::bind(&cfg)
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addrs = gw.local_addrs();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(gw.run(async {
+        let _ = rx.await;
+    }));
+    TestGateway {
+        addrs,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+pub async fn gateway(yaml: &str) -> TestGateway {
+    gateway_in(std::path::Path::new("."), yaml).await
+}
+
+/// Demo backends that live as long as this value.
+pub struct Backends {
+    pub addrs: Vec<SocketAddr>,
+    stop: CancellationToken,
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Backends {
+    /// Stops these backends (their listeners close).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts echo backends named `names` on ephemeral ports.
+pub async fn echo_backends(names: &[&str]) -> Backends {
+    let stop = CancellationToken::new();
+    let mut addrs = Vec::new();
+    for n in names {
+        let b = demo::Backend {
+            name: n.to_string(),
+            kind: demo::Kind::Echo,
+        };
+        addrs.push(
+            demo::spawn("127.0.0.1:0", b, stop.clone())
+                .await
+                .expect("backend"),
+        );
+    }
+    Backends { addrs, stop }
+}
+
+/// An address on which nothing listens: bound, then released.
+pub async fn dead_addr() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    l.local_addr().expect("addr")
+}
+
+pub type Ws<S> = WebSocketStream<S>;
+
+/// Opens a WebSocket to the gateway at `addr` with the given Host and path.
+pub async fn ws(addr: SocketAddr, host: &str, path: &str) -> Ws<TcpStream> {
+    ws_with(addr, host, path, &[])
+        .await
+        .expect("websocket handshake")
+}
+
+pub async fn ws_with(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws<TcpStream>, tokio_tungstenite::tungstenite::Error> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    ws_over(tcp, host, path, headers).await
+}
+
+pub async fn ws_over<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws<S>, tokio_tungstenite::tungstenite::Error> {
+    let mut req = format!("ws://{host}{path}").into_client_request()?;
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            http::HeaderValue::from_str(v).expect("value"),
+        );
+    }
+    let cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, io, Some(cfg)).await?;
+    Ok(ws)
+}
+
+/// Sends `text` and returns the next text reply.
+pub async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut Ws<S>, text: &str) -> String {
+    ws.send(Message::text(text)).await.expect("send");
+    loop {
+        match ws.next().await.expect("reply").expect("frame") {
+            Message::Text(t) => return t.to_string(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// The backend name a `/whoami` reply starts with.
+pub async fn whoami<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut Ws<S>) -> String {
+    roundtrip(ws, "/whoami").await
+}
+
+pub fn backend_of(whoami: &str) -> &str {
+    whoami
+        .strip_prefix("backend=")
+        .and_then(|s| s.split(' ').next())
+        .unwrap_or("?")
+}
+
+/// A plain HTTP/1.1 response.
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+/// Sends one HTTP/1.1 request on a fresh connection.
+pub async fn http1<S>(io: S, req: http::Request<String>) -> Reply
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let resp = send.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Reply {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let req = http::Request::get(path)
+        .header("host", host)
+        .body(String::new())
+        .expect("request");
+    http1(tcp, req).await
+}
+
+/// Sends raw bytes and returns everything the gateway answers until it closes or 2 s pass.
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(bytes).await.expect("write");
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), tcp.read(&mut out))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    String::from_utf8_lossy(&out[..n]).into_owned()
+}
+
+/// A self-signed certificate written into `dir`, returned as (cert path, key path, DER).
+pub fn cert_files(
+    dir: &std::path::Path,
+    stem: &str,
+    names: &[&str],
+) -> (PathBuf, PathBuf, CertificateDer<'static>) {
+    let (c, k) = upgate::tls::self_signed(names).expect("rcgen");
+    let cp = dir.join(format!("{stem}.pem"));
+    let kp = dir.join(format!("{stem}-key.pem"));
+    std::fs::write(&cp, &c).expect("write cert");
+    std::fs::write(&kp, &k).expect("write key");
+    let der = CertificateDer::from_pem_slice(c.as_bytes()).expect("der");
+    (cp, kp, der)
+}
+
+/// TLS-connects to `addr` with `sni`, trusting only `roots`, with the given ALPN list.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    roots: &[CertificateDer<'static>],
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from(sni.to_string()).expect("sni");
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake")
+}
+
+/// The empty body type for hyper requests that send none.
+pub fn empty() -> Empty<bytes::Bytes> {
+    Empty::new()
+}
+
+/// A unique scratch directory under the target dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("upgate-test-{}-{tag}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("mkdir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,314 @@
+//! WebSocket sessions through the gateway, against real echo backends.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+fn one_pool(backends: &[std::net::SocketAddr]) -> String {
+    let list: Vec<String> = backends.iter().map(|a| format!("ws://{a}")).collect();
+    format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  p:\n    connect_timeout: 1s\n    backends: [{}]\nroutes:\n  - name: r\n    path: /chat\n    pool: p\n",
+        list.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn text_and_binary_echo() {
+    let be = echo_backends(&["a"]).await;
+    let gw = gateway(&one_pool(&be.addrs)).await;
+    let mut ws = ws(gw.addr(), "example.com", "/chat").await;
+    assert_eq!(roundtrip(&mut ws, "hello").await, "hello");
+    let bin: Vec<u8> = (0..=255).collect();
+    ws.send(Message::binary(bin.clone())).await.unwrap();
+    match ws.next().await.unwrap().unwrap() {
+        Message::Binary(b) => assert_eq!(&b[..], &bin[..]),
+        m => panic!("expected binary, got {m:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sixteen_mib_message_arrives_intact() {
+    let be = echo_backends(&["a"]).await;
+    let gw = gateway(&one_pool(&be.addrs)).await;
+    let mut ws = ws(gw.addr(), "example.com", "/chat").await;
+    let big: Vec<u8> = (0..16 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(31) >> 3) as u8)
+        .collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    match ws.next().await.unwrap().unwrap() {
+        Message::Binary(b) => assert!(b[..] == big[..], "16 MiB payload corrupted"),
+        m => panic!("expected binary, got {m:?}"),
+    }
+}
+
+#[tokio::test]
+async fn ping_gets_pong() {
+    let be = echo_backends(&["a"]).await;
+    let gw = gateway(&one_pool(&be.addrs)).await;
+    let mut ws = ws(gw.addr(), "example.com", "/chat").await;
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .unwrap();
+    match ws.next().await.unwrap().unwrap() {
+        Message::Pong(p) => assert_eq!(&p[..], b"are you there"),
+        m => panic!("expected pong, got {m:?}"),
+    }
+}
+
+#[tokio::test]
+async fn close_codes_pass_through_both_ways() {
+    let be = echo_backends(&["a"]).await;
+    let gw = gateway(&one_pool(&be.addrs)).await;
+
+    // Client-initiated: the backend echoes our code and reason.
+    let mut ws1 = ws(gw.addr(), "example.com", "/chat").await;
+    ws1.close(Some(CloseFrame {
+        code: CloseCode::from(4001),
+        reason: "client bye".into(),
+    }))
+    .await
+    .unwrap();
+    let mut seen = None;
+    while let Some(m) = ws1.next().await {
+        if let Ok(Message::Close(f)) = m {
+            seen = f;
+        }
+    }
+    let f = seen.expect("close frame from backend");
+    assert_eq!((u16::from(f.code), f.reason.as_str()), (4001, "client bye"));
+
+    // Backend-initiated.
+    let mut ws2 = ws(gw.addr(), "example.com", "/chat").await;
+    ws2.send(Message::text("/close 4002 server says bye"))
+        .await
+        .unwrap();
+    let f = loop {
+        match ws2.next().await.expect("frame").expect("ok") {
+            Message::Close(f) => break f.expect("close frame"),
+            _ => continue,
+        }
+    };
+    assert_eq!(
+        (u16::from(f.code), f.reason.as_str()),
+        (4002, "server says bye")
+    );
+}
+
+#[tokio::test]
+async fn subprotocol_is_negotiated_end_to_end() {
+    let be = echo_backends(&["a"]).await;
+    let gw = gateway(&one_pool(&be.addrs)).await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        "ws://example.com/chat",
+    )
+    .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "chat.v2, chat.v1".parse().unwrap(),
+    );
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "chat.v2");
+    let who = whoami(&mut ws).await;
+    assert!(
+        who.contains("sec-websocket-protocol: chat.v2, chat.v1"),
+        "{who}"
+    );
+}
+
+#[tokio::test]
+async fn forwarded_headers_query_and_cookies_reach_the_backend() {
+    let be = echo_backends(&["a"]).await;
+    let gw = gateway(&one_pool(&be.addrs)).await;
+    let mut ws = ws_with(
+        gw.addr(),
+        "app.example.com",
+        "/chat/room?id=7",
+        &[("cookie", "sid=abc"), ("authorization", "Bearer t")],
+    )
+    .await
+    .unwrap();
+    let who = whoami(&mut ws).await;
+    for want in [
+        "path=/chat/room?id=7",
+        "cookie: sid=abc",
+        "authorization: Bearer t",
+        "x-forwarded-for: 127.0.0.1",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: app.example.com",
+        "forwarded: for=127.0.0.1;proto=http;host=\"app.example.com\"",
+        "host: app.example.com",
+        "upgrade: websocket",
+    ] {
+        assert!(who.contains(want), "missing `{want}` in:\n{who}");
+    }
+}
+
+#[tokio::test]
+async fn services_told_apart_by_host_and_by_path() {
+    let be = echo_backends(&["chat", "feed", "admin", "default"]).await;
+    let [chat, feed, admin, default] = [be.addrs[0], be.addrs[1], be.addrs[2], be.addrs[3]];
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  chat: {{ backends: [ws://{chat}] }}\n  feed: {{ backends: [ws://{feed}] }}\n  admin: {{ backends: [ws://{admin}] }}\n  default: {{ backends: [ws://{default}] }}\nroutes:\n\
+  - {{ name: any, path: /, pool: default }}\n\
+  - {{ name: wild, host: '*.example.com', path: /ws, pool: feed }}\n\
+  - {{ name: chat, host: chat.example.com, path: /ws, pool: chat }}\n\
+  - {{ name: admin, host: chat.example.com, path: /ws/admin, pool: admin }}\n"
+    );
+    let gw = gateway(&yaml).await;
+    let cases = [
+        ("chat.example.com", "/ws", "chat"),
+        ("chat.example.com", "/ws/admin/x", "admin"),
+        ("Chat.Example.Com:8080", "/ws/room", "chat"),
+        ("feed.example.com", "/ws", "feed"),
+        ("deep.feed.example.com", "/ws/x", "feed"),
+        ("chat.example.com", "/other", "default"),
+        ("example.com", "/ws", "default"),
+        ("feed.example.com", "/wsx", "default"),
+    ];
+    for (host, path, want) in cases {
+        let mut ws = ws(gw.addr(), host, path).await;
+        let who = whoami(&mut ws).await;
+        assert_eq!(backend_of(&who), want, "{host}{path}");
+    }
+}
+
+#[tokio::test]
+async fn strip_prefix_rewrites_the_backend_path() {
+    let be = echo_backends(&["a"]).await;
+    let a = be.addrs[0];
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: ['ws://{a}/base'] }}\nroutes:\n  - {{ name: t, path: /ticker, pool: p, strip_prefix: true }}\n  - {{ name: k, path: /keep, pool: p }}\n"
+    );
+    let gw = gateway(&yaml).await;
+    for (path, want) in [
+        ("/ticker", "path=/base/ "),
+        ("/ticker/eur?x=1", "path=/base/eur?x=1"),
+        ("/keep/a", "path=/base/keep/a"),
+    ] {
+        let mut ws = ws(gw.addr(), "h", path).await;
+        let who = whoami(&mut ws).await;
+        assert!(who.replace('\n', " ").contains(want), "{path}: {who}");
+    }
+}
+
+#[tokio::test]
+async fn round_robin_spreads_sessions() {
+    let be = echo_backends(&["a", "b"]).await;
+    let gw = gateway(&one_pool(&be.addrs)).await;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let mut ws = ws(gw.addr(), "h", "/chat").await;
+        seen.push(backend_of(&whoami(&mut ws).await).to_string());
+    }
+    assert_eq!(seen.iter().filter(|s| *s == "a").count(), 2, "{seen:?}");
+    assert_eq!(seen.iter().filter(|s| *s == "b").count(), 2, "{seen:?}");
+}
+
+#[tokio::test]
+async fn unknown_route_is_404_naming_host_and_path() {
+    let be = echo_backends(&["a"]).await;
+    let gw = gateway(&one_pool(&be.addrs)).await;
+    let r = get(gw.addr(), "nowhere.example", "/nope").await;
+    assert_eq!(r.status, 404);
+    assert!(
+        r.body.contains("nowhere.example") && r.body.contains("/nope"),
+        "{}",
+        r.body
+    );
+    let err = ws_with(gw.addr(), "h", "/nope", &[]).await.unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+}
+
+#[tokio::test]
+async fn every_backend_down_is_502() {
+    let dead = [dead_addr().await, dead_addr().await];
+    let gw = gateway(&one_pool(&dead)).await;
+    let err = ws_with(gw.addr(), "h", "/chat", &[]).await.unwrap_err();
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            assert_eq!(resp.status(), 502);
+            let body =
+                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string();
+            assert!(
+                body.contains("no backend of pool `p`") && body.contains("2 tried"),
+                "{body}"
+            );
+        }
+        e => panic!("expected HTTP 502, got {e}"),
+    }
+    assert_eq!(get(gw.addr(), "h", "/chat").await.status, 502);
+}
+
+#[tokio::test]
+async fn fails_over_when_the_first_backend_refuses() {
+    let be = echo_backends(&["alive"]).await;
+    let dead = dead_addr().await;
+    let gw = gateway(&one_pool(&[dead, be.addrs[0]])).await;
+    // Round robin starts at the dead one for every other session: all must land.
+    for _ in 0..4 {
+        let mut ws = ws(gw.addr(), "h", "/chat").await;
+        assert_eq!(backend_of(&whoami(&mut ws).await), "alive");
+    }
+    // Plain HTTP without a body fails over too.
+    for _ in 0..2 {
+        let r = get(gw.addr(), "h", "/chat/x").await;
+        assert_eq!(r.status, 200);
+        assert!(r.body.starts_with("backend=alive"), "{}", r.body);
+    }
+}
+
+#[tokio::test]
+async fn malformed_handshakes_get_400_or_426() {
+    let be = echo_backends(&["a"]).await;
+    let gw = gateway(&one_pool(&be.addrs)).await;
+    let base =
+        "Host: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n";
+    let bad_key = format!("GET /chat HTTP/1.1\r\n{base}Sec-WebSocket-Key: tooshort\r\n\r\n");
+    let r = raw(gw.addr(), bad_key.as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("Sec-WebSocket-Key"), "{r}");
+    let post = format!("POST /chat HTTP/1.1\r\n{base}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nContent-Length: 0\r\n\r\n");
+    let r = raw(gw.addr(), post.as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 400") && r.contains("GET"), "{r}");
+    let v8 = "GET /chat HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let r = raw(gw.addr(), v8.as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 426"), "{r}");
+    assert!(
+        r.to_ascii_lowercase().contains("sec-websocket-version: 13"),
+        "{r}"
+    );
+    let garbage = raw(gw.addr(), b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+}
+
+#[tokio::test]
+async fn a_backend_refusing_the_upgrade_has_its_answer_relayed() {
+    // A plain HTTP server (not WebSocket) behind a WebSocket route.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(
+                    b"HTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\nX-Why: token\r\n\r\nforbidden",
+                )
+                .await;
+        }
+    });
+    let gw = gateway(&one_pool(&[addr])).await;
+    match ws_with(gw.addr(), "h", "/chat", &[]).await.unwrap_err() {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            assert_eq!(resp.status(), 403);
+            assert_eq!(resp.headers()["x-why"], "token");
+        }
+        e => panic!("expected the backend's 403, got {e}"),
+    }
+}
