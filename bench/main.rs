@@ -1,0 +1,719 @@
+//! `upgate-bench`: the benchmark suite and load generator.
+//!
+//! `suite` starts the echo backend and every proxy (each pinned to core 0
+//! with one worker), then runs every scenario against every target, rounds
+//! interleaved, and reports raw figures and ratios to a direct connection.
+//! Run it through `bench/run.sh`, which installs the peers and pins this
+//! process to core 1. `load` runs one scenario against any URL.
+
+mod load;
+mod proc_stat;
+mod proto;
+mod targets;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use rustls_pki_types::ServerName;
+
+use load::{Measured, Target};
+use targets::Proc;
+
+#[derive(Parser)]
+#[command(about = "upgate benchmark: load generator and side-by-side suite")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Every scenario against direct, upgate, nginx, HAProxy and Caddy, interleaved.
+    Suite(SuiteArgs),
+    /// One scenario against one WebSocket echo URL.
+    Load(LoadArgs),
+}
+
+#[derive(clap::Args)]
+struct SuiteArgs {
+    /// Rounds; medians and min–max are over rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Measured seconds per scenario run (after a 1 s warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Targets to include.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,upgate,nginx,haproxy,caddy"
+    )]
+    targets: Vec<String>,
+    /// Scenarios to run (a–g, see the README).
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e,f,g")]
+    scenarios: Vec<String>,
+    /// Idle connections for (f); capped by the open-file limit (a proxy holds two descriptors per connection).
+    #[arg(long, default_value_t = 10_000)]
+    idle: usize,
+    /// Idle connections held through upgate for (g).
+    #[arg(long, default_value_t = 100_000)]
+    huge: usize,
+    /// Directory for the results file.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Directory holding upgate and upgate-bench-backend (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// ws://HOST:PORT/PATH or wss://…
+    #[arg(long)]
+    url: String,
+    /// throughput | handshakes | idle
+    #[arg(long, default_value = "throughput")]
+    mode: String,
+    #[arg(long, default_value_t = 100)]
+    conns: usize,
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// PEM CA file for wss:// (the target's certificate).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Process whose CPU and RSS to report.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Loopback source addresses to spread connections over (idle mode).
+    #[arg(long, default_value_t = 1)]
+    sources: usize,
+}
+
+fn tls_client(
+    roots: &[rustls_pki_types::CertificateDer<'static>],
+    resume: bool,
+) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        let _ = store.add(r.clone());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("default TLS versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if !resume {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    Arc::new(cfg)
+}
+
+fn main() -> Result<(), String> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    match cli.cmd {
+        Cmd::Load(a) => rt.block_on(load_cmd(a)),
+        Cmd::Suite(a) => rt.block_on(suite(a)),
+    }
+}
+
+async fn load_cmd(a: LoadArgs) -> Result<(), String> {
+    let (tls, rest) = if let Some(r) = a.url.strip_prefix("wss://") {
+        (true, r)
+    } else if let Some(r) = a.url.strip_prefix("ws://") {
+        (false, r)
+    } else {
+        return Err("--url must start with ws:// or wss://".into());
+    };
+    let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let addr = tokio::net::lookup_host(hostport)
+        .await
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    let host = hostport
+        .rsplit_once(':')
+        .map_or(hostport, |(h, _)| h)
+        .to_string();
+    let tls = if tls {
+        use rustls_pki_types::pem::PemObject;
+        let ca = a.ca.as_ref().ok_or("--ca is required for wss://")?;
+        let roots: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .map_err(|e| e.to_string())?
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+        Some((tls_client(&roots, a.mode != "handshakes"), name))
+    } else {
+        None
+    };
+    let t = Target {
+        addr,
+        host,
+        path: path.into(),
+        tls,
+        pid: a.pid,
+    };
+    let dur = Duration::from_secs_f64(a.duration);
+    match a.mode.as_str() {
+        "throughput" => print_measured(
+            &load::throughput(&t, a.conns, a.size, a.window, Duration::from_secs(1), dur).await,
+        ),
+        "handshakes" => {
+            print_measured(&load::handshakes(&t, a.conns, Duration::from_secs(1), dur).await)
+        }
+        "idle" => {
+            let r = load::idle(&t, a.conns, a.sources, Duration::from_secs(1)).await;
+            println!(
+                "opened {} (failed {}), echoed {}, target RSS {} -> {} KiB = {:.2} KiB/conn",
+                r.opened,
+                r.failed_open,
+                r.echoed,
+                r.rss_before_kib,
+                r.rss_after_kib,
+                r.kib_per_conn()
+            );
+        }
+        m => return Err(format!("unknown mode {m}")),
+    }
+    Ok(())
+}
+
+fn print_measured(m: &Measured) {
+    println!(
+        "{:.0}/s  {:.1} MiB/s  p50 {:.0} µs  p99 {:.0} µs  p99.9 {:.0} µs  errors {}  target CPU {}",
+        m.rate(),
+        m.mib_s(),
+        m.p50_us,
+        m.p99_us,
+        m.p999_us,
+        m.errors,
+        m.cpu_us_per().map_or("n/a".into(), |c| format!("{c:.2} µs/unit"))
+    );
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Throughput {
+        conns: usize,
+        size: usize,
+        window: usize,
+    },
+    Handshakes {
+        workers: usize,
+    },
+}
+
+struct Scenario {
+    id: &'static str,
+    label: &'static str,
+    kind: Kind,
+    tls: bool,
+}
+
+const SCENARIOS: [Scenario; 6] = [
+    Scenario {
+        id: "a",
+        label: "(a) 64 B msgs/s, 100 conns, window 16",
+        kind: Kind::Throughput {
+            conns: 100,
+            size: 64,
+            window: 16,
+        },
+        tls: false,
+    },
+    Scenario {
+        id: "b",
+        label: "(b) 64 KiB MiB/s, 10 conns, window 4",
+        kind: Kind::Throughput {
+            conns: 10,
+            size: 65536,
+            window: 4,
+        },
+        tls: false,
+    },
+    Scenario {
+        id: "c",
+        label: "(c) 64 B RTT, 10 conns, window 1",
+        kind: Kind::Throughput {
+            conns: 10,
+            size: 64,
+            window: 1,
+        },
+        tls: false,
+    },
+    Scenario {
+        id: "d",
+        label: "(d) ws handshakes/s",
+        kind: Kind::Handshakes { workers: 32 },
+        tls: false,
+    },
+    Scenario {
+        id: "e",
+        label: "(e) TLS 64 B msgs/s",
+        kind: Kind::Throughput {
+            conns: 100,
+            size: 64,
+            window: 16,
+        },
+        tls: true,
+    },
+    Scenario {
+        id: "e",
+        label: "(e) TLS full handshakes/s",
+        kind: Kind::Handshakes { workers: 32 },
+        tls: true,
+    },
+];
+
+/// (scenario label, target) → one Measured per round.
+type Results = BTreeMap<(usize, String), Vec<Measured>>;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(*x), hi.max(*x))
+        })
+}
+
+async fn suite(a: SuiteArgs) -> Result<(), String> {
+    let bin_dir = match a.bin_dir.clone() {
+        Some(d) => d,
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .parent()
+            .ok_or("no binary dir")?
+            .to_path_buf(),
+    };
+    let work = std::env::temp_dir().join(format!("upgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let certs = targets::certs(&work)?;
+    // Each proxied connection costs the proxy two descriptors; stay under the limit.
+    let fd_limit = open_file_limit();
+    let fit = fd_limit.saturating_sub(200) / 2;
+    let mut a = a;
+    for (what, n) in [("--idle", &mut a.idle), ("--huge", &mut a.huge)] {
+        if *n > fit {
+            eprintln!(
+                "{what} {} does not fit the open-file limit {fd_limit}: using {fit}",
+                *n
+            );
+            *n = fit;
+        }
+    }
+    let a = a;
+    let wants = |t: &str| a.targets.iter().any(|x| x == t);
+    let scen = |s: &str| a.scenarios.iter().any(|x| x == s);
+    let huge = scen("g") && wants("upgate") && a.huge > 0;
+    let backend_ips = if huge { 8 } else { 1 };
+
+    let backend = targets::backend(&bin_dir, &work, backend_ips - 1)?;
+    let mut procs: Vec<Proc> = Vec::new();
+    for name in &a.targets {
+        let p = match name.as_str() {
+            "direct" => continue,
+            "upgate" => targets::upgate(&bin_dir, &work, &certs, backend_ips),
+            "nginx" => targets::nginx(&work, &certs, fit),
+            "haproxy" => targets::haproxy(&work, &certs, fit),
+            "caddy" => targets::caddy(&work, &certs),
+            other => Err(format!("unknown target {other}")),
+        };
+        match p {
+            Ok(p) => procs.push(p),
+            Err(e) => eprintln!("skipping {name}: {e}"),
+        }
+    }
+    let started = now_utc();
+    let host_info = machine_info();
+    eprintln!(
+        "upgate-bench: {} rounds × {} s; targets: direct{}",
+        a.rounds,
+        a.duration,
+        procs
+            .iter()
+            .map(|p| format!(", {}", p.name))
+            .collect::<String>()
+    );
+
+    let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let tls_resume = tls_client(std::slice::from_ref(&certs.der), true);
+    let tls_full = tls_client(std::slice::from_ref(&certs.der), false);
+    let target_for = |p: &Proc, s: &Scenario| -> Option<Target> {
+        let (addr, tls) = if s.tls {
+            let cfg = match s.kind {
+                Kind::Handshakes { .. } => tls_full.clone(),
+                Kind::Throughput { .. } => tls_resume.clone(),
+            };
+            (p.tls?, Some((cfg, name.clone())))
+        } else {
+            (p.plain, None)
+        };
+        // Direct: the backend's own CPU is not what we measure.
+        let pid = if p.name == "direct" { None } else { p.pid() };
+        Some(Target {
+            addr,
+            host: "localhost".into(),
+            path: "/".into(),
+            tls,
+            pid,
+        })
+    };
+
+    let dur = Duration::from_secs_f64(a.duration);
+    let warm = Duration::from_secs(1);
+    let mut results: Results = BTreeMap::new();
+    let all: Vec<&Proc> = std::iter::once(&backend)
+        .filter(|_| wants("direct"))
+        .chain(procs.iter())
+        .collect();
+    for round in 0..a.rounds {
+        for (si, s) in SCENARIOS.iter().enumerate() {
+            if !scen(s.id) {
+                continue;
+            }
+            // Rotate the order each round so no target always runs first.
+            for k in 0..all.len() {
+                let p = all[(k + round + si) % all.len()];
+                let Some(t) = target_for(p, s) else { continue };
+                let m = match s.kind {
+                    Kind::Throughput {
+                        conns,
+                        size,
+                        window,
+                    } => load::throughput(&t, conns, size, window, warm, dur).await,
+                    Kind::Handshakes { workers } => load::handshakes(&t, workers, warm, dur).await,
+                };
+                eprintln!(
+                    "round {} {:<40} {:<8} {:>10.0}/s {:>8.1} MiB/s p50 {:>6.0} µs p99 {:>6.0} µs err {} cpu {}",
+                    round + 1,
+                    s.label,
+                    p.name,
+                    m.rate(),
+                    m.mib_s(),
+                    m.p50_us,
+                    m.p99_us,
+                    m.errors,
+                    m.cpu_us_per().map_or("-".into(), |c| format!("{c:.2} µs"))
+                );
+                results.entry((si, p.name.clone())).or_default().push(m);
+                // Let TIME_WAIT sockets and queues settle between runs.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+
+    let mut idle_rows = Vec::new();
+    if scen("f") {
+        for p in &procs {
+            for tls in [false, true] {
+                let Some(addr) = (if tls { p.tls } else { Some(p.plain) }) else {
+                    continue;
+                };
+                let t = Target {
+                    addr,
+                    host: "localhost".into(),
+                    path: "/".into(),
+                    tls: tls.then(|| (tls_resume.clone(), name.clone())),
+                    pid: p.pid(),
+                };
+                let r = load::idle(&t, a.idle, 1, Duration::from_secs(2)).await;
+                eprintln!(
+                    "(f) {} tls={tls}: {} open, {} echoed, {:.2} KiB/conn",
+                    p.name,
+                    r.opened,
+                    r.echoed,
+                    r.kib_per_conn()
+                );
+                idle_rows.push((p.name.clone(), tls, r));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    let mut huge_row = None;
+    if huge {
+        if let Some(p) = procs.iter().find(|p| p.name == "upgate") {
+            let t = Target {
+                addr: p.plain,
+                host: "localhost".into(),
+                path: "/".into(),
+                tls: None,
+                pid: p.pid(),
+            };
+            let r = load::idle(&t, a.huge, 8, Duration::from_secs(3)).await;
+            eprintln!(
+                "(g) upgate: {} open ({} failed), {} echoed, {:.2} KiB/conn",
+                r.opened,
+                r.failed_open,
+                r.echoed,
+                r.kib_per_conn()
+            );
+            huge_row = Some(r);
+        }
+    }
+
+    let names: Vec<String> = all.iter().map(|p| p.name.clone()).collect();
+    let report = render(
+        &a,
+        &started,
+        &host_info,
+        &names,
+        &results,
+        &idle_rows,
+        huge_row.as_ref(),
+    );
+    println!("{report}");
+    std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
+    let file = a
+        .out
+        .join(format!("{}.md", started.replace([':', ' '], "-")));
+    std::fs::write(&file, &report).map_err(|e| e.to_string())?;
+    eprintln!("saved {}", file.display());
+    drop(procs);
+    drop(backend);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// The soft open-file limit of this process (children inherit it).
+fn open_file_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(1024)
+}
+
+fn now_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine_info() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    // Not available_parallelism: this process is pinned to one core.
+    let cores = std::fs::read_to_string("/proc/cpuinfo").map_or(0, |s| {
+        s.lines().filter(|l| l.starts_with("processor")).count()
+    });
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
+}
+
+/// The direct scenario a scenario is compared with: TLS rows compare with
+/// the plain scenario of the same shape (direct has no TLS).
+fn base_of(si: usize) -> usize {
+    match (SCENARIOS[si].tls, SCENARIOS[si].kind) {
+        (true, Kind::Throughput { .. }) => 0,
+        (true, Kind::Handshakes { .. }) => 3,
+        _ => si,
+    }
+}
+
+/// The figure a scenario is judged by, from one run.
+fn primary(s: &Scenario, m: &Measured) -> f64 {
+    match (s.kind, s.id) {
+        (Kind::Throughput { .. }, "b") => m.mib_s(),
+        (Kind::Throughput { .. }, "c") => m.p50_us,
+        _ => m.rate(),
+    }
+}
+
+fn render(
+    a: &SuiteArgs,
+    started: &str,
+    host: &str,
+    names: &[String],
+    res: &Results,
+    idle: &[(String, bool, load::Idle)],
+    huge: Option<&load::Idle>,
+) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o, "## upgate benchmark, {started}\n");
+    let _ = writeln!(
+        o,
+        "{host}. Each proxy pinned to core 0 with one worker/thread; load generator and echo backend on core 1. \
+         {} rounds × {} s (after 1 s warm-up), targets interleaved. Cells: median ratio to direct (min–max over rounds), then the median raw figure. \
+         TLS rows are compared with the plain direct connection.\n",
+        a.rounds, a.duration
+    );
+    let proxies: Vec<&String> = names.iter().filter(|n| *n != "direct").collect();
+    let _ = write!(o, "| scenario | direct |");
+    for p in &proxies {
+        let _ = write!(o, " {p} |");
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "|---|---|{}", "---|".repeat(proxies.len()));
+    let direct_of = |si: usize| res.get(&(base_of(si), "direct".to_string()));
+    for (si, s) in SCENARIOS.iter().enumerate() {
+        if !a.scenarios.iter().any(|x| x == s.id) {
+            continue;
+        }
+        let unit = match (s.kind, s.id) {
+            (_, "b") => "MiB/s",
+            (_, "c") => "µs p50",
+            (Kind::Handshakes { .. }, _) => "hs/s",
+            _ => "msg/s",
+        };
+        let direct = direct_of(si);
+        let dcell = direct.map_or("–".to_string(), |d| {
+            format!(
+                "{:.0} {unit}",
+                median(
+                    d.iter()
+                        .map(|m| primary(&SCENARIOS[base_of(si)], m))
+                        .collect()
+                )
+            )
+        });
+        let _ = write!(o, "| {} | {dcell} |", s.label);
+        for p in &proxies {
+            let cell = match (res.get(&(si, (*p).clone())), direct) {
+                (Some(v), Some(d)) => {
+                    let base_s = &SCENARIOS[base_of(si)];
+                    // Ratios are taken round by round against that round's direct run.
+                    let ratios: Vec<f64> = v
+                        .iter()
+                        .zip(d.iter())
+                        .map(|(m, dm)| primary(s, m) / primary(base_s, dm))
+                        .collect();
+                    let (lo, hi) = min_max(&ratios);
+                    let raw = median(v.iter().map(|m| primary(s, m)).collect());
+                    let suffix = if s.id == "c" { "×" } else { "" };
+                    format!("{:.2}{suffix} ({lo:.2}–{hi:.2}) · {raw:.0}", median(ratios))
+                }
+                (Some(v), None) => format!(
+                    "{:.0} {unit}",
+                    median(v.iter().map(|m| primary(s, m)).collect())
+                ),
+                _ => "–".into(),
+            };
+            let _ = write!(o, " {cell} |");
+        }
+        let _ = writeln!(o);
+        if s.id == "c" {
+            let _ = write!(
+                o,
+                "| (c) RTT p99 | {} |",
+                direct.map_or("–".into(), |d| format!(
+                    "{:.0} µs",
+                    median(d.iter().map(|m| m.p99_us).collect())
+                ))
+            );
+            for p in &proxies {
+                let cell = match (res.get(&(si, (*p).clone())), direct) {
+                    (Some(v), Some(d)) => {
+                        let r: Vec<f64> = v
+                            .iter()
+                            .zip(d)
+                            .map(|(m, dm)| m.p99_us / dm.p99_us)
+                            .collect();
+                        let (lo, hi) = min_max(&r);
+                        format!(
+                            "{:.2}× ({lo:.2}–{hi:.2}) · {:.0}",
+                            median(r),
+                            median(v.iter().map(|m| m.p99_us).collect())
+                        )
+                    }
+                    _ => "–".into(),
+                };
+                let _ = write!(o, " {cell} |");
+            }
+            let _ = writeln!(o);
+        }
+    }
+    let _ = writeln!(o, "\nProxy CPU time per unit (µs, median over rounds, min–max), from /proc over the measured window:\n");
+    let _ = write!(o, "| scenario |");
+    for p in &proxies {
+        let _ = write!(o, " {p} |");
+    }
+    let _ = writeln!(o, "\n|---|{}", "---|".repeat(proxies.len()));
+    for (si, s) in SCENARIOS.iter().enumerate() {
+        if !a.scenarios.iter().any(|x| x == s.id) {
+            continue;
+        }
+        let per = match s.kind {
+            Kind::Handshakes { .. } => "per handshake",
+            Kind::Throughput { .. } => "per message",
+        };
+        let _ = write!(o, "| {} {per} |", s.label);
+        for p in &proxies {
+            let cell = res.get(&(si, (*p).clone())).map_or("–".into(), |v| {
+                let c: Vec<f64> = v.iter().filter_map(Measured::cpu_us_per).collect();
+                if c.is_empty() {
+                    return "–".into();
+                }
+                let (lo, hi) = min_max(&c);
+                format!("{:.2} ({lo:.2}–{hi:.2})", median(c))
+            });
+            let _ = write!(o, " {cell} |");
+        }
+        let _ = writeln!(o);
+    }
+    let errors: u64 = res.values().flatten().map(|m| m.errors).sum();
+    let _ = writeln!(o, "\nClient-side errors over all runs: {errors}.");
+    if !idle.is_empty() {
+        let _ = writeln!(o, "\n(f) {} idle WebSocket connections: proxy RSS growth per connection (all held connections echoed afterwards):\n", a.idle);
+        let _ = writeln!(
+            o,
+            "| proxy | plain KiB/conn | TLS KiB/conn |\n|---|---|---|"
+        );
+        for p in &proxies {
+            let cell = |tls: bool| {
+                idle.iter().find(|(n, t, _)| n == *p && *t == tls).map_or(
+                    "–".into(),
+                    |(_, _, r)| {
+                        format!("{:.2} ({}/{} echoed)", r.kib_per_conn(), r.echoed, r.opened)
+                    },
+                )
+            };
+            let _ = writeln!(o, "| {p} | {} | {} |", cell(false), cell(true));
+        }
+    }
+    if let Some(r) = huge {
+        let _ = writeln!(
+            o,
+            "\n(g) {} idle connections through upgate: {} opened ({} failed), {} echoed at the end; upgate RSS {} → {} KiB = {:.2} KiB/conn.",
+            a.huge, r.opened, r.failed_open, r.echoed, r.rss_before_kib, r.rss_after_kib, r.kib_per_conn()
+        );
+    }
+    o
+}

@@ -1,0 +1,73 @@
+//! CPU time and resident memory of a process and its descendants, from /proc.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+fn clock_ticks() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// Fields of /proc/PID/stat after the command name.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// `root` and every process descending from it.
+pub fn tree(root: u32) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some(ppid) =
+                stat_fields(pid).and_then(|f| f.get(1).and_then(|p| p.parse::<u32>().ok()))
+            {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        if let Some(c) = children.get(&out[i]) {
+            out.extend(c);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// User + system CPU seconds of the tree.
+pub fn cpu_secs(root: u32) -> Option<f64> {
+    let mut total = 0.0;
+    for pid in tree(root) {
+        let f = stat_fields(pid)?;
+        // utime and stime are fields 14 and 15 of stat; 11 and 12 after the name.
+        let ut: f64 = f.get(11)?.parse().ok()?;
+        let st: f64 = f.get(12)?.parse().ok()?;
+        total += (ut + st) / clock_ticks();
+    }
+    Some(total)
+}
+
+/// Resident memory of the tree in KiB.
+pub fn rss_kib(root: u32) -> Option<u64> {
+    let mut total = 0;
+    for pid in tree(root) {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+        total += line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs the side-by-side benchmark: installs nginx, HAProxy and Caddy from
+# Debian packages if missing, builds release binaries, raises limits, and runs
+# the suite with this process (load generator) pinned to core 1.
+#   bench/run.sh                      # full run: 3 rounds × 5 s, scenarios a–g
+#   bench/run.sh --rounds 1 --duration 2 --scenarios a,d --huge 0   # quick look
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v caddy >/dev/null 2>&1 || need+=(caddy)
+command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # Debian may start the packaged services; the suite runs its own instances.
+  systemctl stop nginx haproxy caddy 2>/dev/null || true
+fi
+
+cargo build --release --locked --bin upgate --bin upgate-bench --bin upgate-bench-backend
+
+# Many sockets: descriptors, ephemeral ports, accept backlog, TIME_WAIT reuse.
+ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+echo "open-file limit: $(ulimit -n)" >&2
+sysctl -qw net.ipv4.ip_local_port_range="1024 65535" 2>/dev/null || true
+sysctl -qw net.ipv4.tcp_tw_reuse=1 2>/dev/null || true
+sysctl -qw net.core.somaxconn=65535 2>/dev/null || true
+sysctl -qw net.ipv4.tcp_max_syn_backlog=65535 2>/dev/null || true
+
+mkdir -p bench/results
+exec taskset -c 1 target/release/upgate-bench suite "$@"
