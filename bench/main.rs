@@ -67,6 +67,10 @@ struct SuiteArgs {
     /// Directory holding upgate and upgate-bench-backend (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Directory holding an upgate build of another commit, measured as target `upgate-base`
+    /// for before/after comparisons in the same run.
+    #[arg(long)]
+    base_bin_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -125,7 +129,17 @@ fn main() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     match cli.cmd {
         Cmd::Load(a) => rt.block_on(load_cmd(a)),
-        Cmd::Suite(a) => rt.block_on(suite(a)),
+        // On Ctrl-C or SIGTERM the suite future is dropped, so every started process is stopped.
+        Cmd::Suite(a) => rt.block_on(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .map_err(|e| e.to_string())?;
+            tokio::select! {
+                r = suite(a) => r,
+                _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+                _ = term.recv() => Err("terminated".into()),
+            }
+        }),
     }
 }
 
@@ -338,7 +352,11 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
     for name in &a.targets {
         let p = match name.as_str() {
             "direct" => continue,
-            "upgate" => targets::upgate(&bin_dir, &work, &certs, backend_ips),
+            "upgate" => targets::upgate("upgate", &bin_dir, 18080, &work, &certs, backend_ips),
+            "upgate-base" => match &a.base_bin_dir {
+                Some(d) => targets::upgate("upgate-base", d, 18090, &work, &certs, 1),
+                None => Err("upgate-base needs --base-bin-dir".into()),
+            },
             "nginx" => targets::nginx(&work, &certs, fit),
             "haproxy" => targets::haproxy(&work, &certs, fit),
             "caddy" => targets::caddy(&work, &certs),

@@ -23,11 +23,32 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// Stops the whole process tree (nginx's worker outlives a killed master):
+    /// SIGTERM to every process, then SIGKILL to what is left after 3 s.
     fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
+        let Some(c) = &mut self.child else { return };
+        let pids: Vec<String> = crate::proc_stat::tree(c.id())
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .args(&pids)
+            .stderr(Stdio::null())
+            .status();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(3) {
+            if matches!(c.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .args(&pids)
+            .stderr(Stdio::null())
+            .status();
+        let _ = c.wait();
     }
 }
 
@@ -47,13 +68,23 @@ pub fn wait_port(a: SocketAddr, what: &str) -> Result<(), String> {
     Err(format!("{what} did not start listening on {a}"))
 }
 
+fn port_free(a: SocketAddr) -> Result<(), String> {
+    if std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok() {
+        return Err(format!("{a} is already in use (a leftover process?)"));
+    }
+    Ok(())
+}
+
+/// Starts `program` pinned to `core`, after checking nothing listens on `port` yet.
 fn spawn(
+    port: u16,
     core: &str,
     program: &Path,
     args: &[&str],
     envs: &[(&str, &str)],
     log: &Path,
 ) -> Result<Child, String> {
+    port_free(addr(port))?;
     let out = std::fs::File::create(log).map_err(|e| e.to_string())?;
     let mut c = Command::new("taskset");
     c.arg("-c").arg(core).arg(program).args(args);
@@ -85,6 +116,7 @@ pub fn backend(bin_dir: &Path, work: &Path, extra_ips: usize) -> Result<Proc, St
     }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let child = spawn(
+        BACKEND_PORT,
         "1",
         &bin_dir.join("upgate-bench-backend"),
         &argv,
@@ -128,36 +160,43 @@ pub fn certs(work: &Path) -> Result<Certs, String> {
 }
 
 /// upgate with one runtime thread; `backend_ips` loopback addresses in its pool.
+/// An upgate binary from `bin_dir` with one runtime thread, listening on
+/// `port` (plain) and `port + 363` (TLS); `backend_ips` loopback addresses in its pool.
+/// `name` tells builds apart (`upgate-base` is a build of another commit).
 pub fn upgate(
+    name: &str,
     bin_dir: &Path,
+    port: u16,
     work: &Path,
     certs: &Certs,
     backend_ips: usize,
 ) -> Result<Proc, String> {
+    let tls_port = port + 363;
     let backends: Vec<String> = (0..backend_ips.max(1))
         .map(|i| format!("ws://127.0.0.{}:{BACKEND_PORT}", i + 1))
         .collect();
     let yaml = format!(
-        "server: {{ max_connections: 400000, shutdown_grace: 1s }}\nlisten:\n  - addr: 127.0.0.1:18080\n  - addr: 127.0.0.1:18443\n    tls: {{ certs: [{{ cert: {}, key: {} }}] }}\npools:\n  echo: {{ backends: [{}] }}\nroutes:\n  - {{ name: echo, pool: echo }}\n",
+        "server: {{ max_connections: 400000, shutdown_grace: 1s }}\nlisten:\n  - addr: 127.0.0.1:{port}\n  - addr: 127.0.0.1:{tls_port}\n    tls: {{ certs: [{{ cert: {}, key: {} }}] }}\npools:\n  echo: {{ backends: [{}] }}\nroutes:\n  - {{ name: echo, pool: echo }}\n",
         certs.cert.display(),
         certs.key.display(),
         backends.join(", ")
     );
-    let cfg = work.join("upgate.yaml");
+    let cfg = work.join(format!("{name}.yaml"));
     std::fs::write(&cfg, yaml).map_err(|e| e.to_string())?;
     let cfg_s = cfg.display().to_string();
     let child = spawn(
+        port,
         "0",
         &bin_dir.join("upgate"),
         &["--config", &cfg_s, "--threads", "1"],
         &[("RUST_LOG", "warn")],
-        &work.join("upgate.log"),
+        &work.join(format!("{name}.log")),
     )?;
-    wait_port(addr(18080), "upgate")?;
+    wait_port(addr(port), name)?;
     Ok(Proc {
-        name: "upgate".into(),
-        plain: addr(18080),
-        tls: Some(addr(18443)),
+        name: name.into(),
+        plain: addr(port),
+        tls: Some(addr(tls_port)),
         child: Some(child),
     })
 }
@@ -202,6 +241,7 @@ http {{
     std::fs::write(&cfg, conf).map_err(|e| e.to_string())?;
     let (p, c) = (dir.display().to_string(), cfg.display().to_string());
     let child = spawn(
+        18081,
         "0",
         &bin,
         &["-p", &p, "-c", &c, "-g", "daemon off;"],
@@ -244,6 +284,7 @@ backend be
     std::fs::write(&cfg, conf).map_err(|e| e.to_string())?;
     let c = cfg.display().to_string();
     let child = spawn(
+        18082,
         "0",
         &bin,
         &["-db", "-f", &c],
@@ -286,6 +327,7 @@ https://localhost:18446 {{
     let c = cfg.display().to_string();
     let h = work.display().to_string();
     let child = spawn(
+        18083,
         "0",
         &bin,
         &["run", "--config", &c, "--adapter", "caddyfile"],

@@ -23,6 +23,7 @@ pub mod pool;
 pub mod proxy;
 pub mod router;
 pub mod server;
+pub mod session;
 pub mod splice;
 pub mod tls;
 pub mod upstream;

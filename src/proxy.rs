@@ -22,7 +22,6 @@ use crate::config::{Config, ServerSettings};
 use crate::error::{BackendError, Body, ProxyError};
 use crate::pool::{self, Backend, BackendGuard, Pool, PoolError};
 use crate::router::{self, Route, RouteTable};
-use crate::splice;
 use crate::ws::{self, Forwarded};
 
 /// Everything a request needs from the config, swapped as one unit.
@@ -200,7 +199,7 @@ async fn upgrade(
                 }
                 let backend_upgrade = hyper::upgrade::on(&mut resp);
                 let guard = BackendGuard::new(backend.clone());
-                spawn_session(shared, conn.clone(), client_upgrade, backend_upgrade, guard);
+                crate::session::spawn(shared, conn.clone(), client_upgrade, backend_upgrade, guard);
                 let mut out = Response::new(crate::error::empty());
                 *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
                 *out.headers_mut() = std::mem::take(resp.headers_mut());
@@ -245,40 +244,6 @@ async fn backend_handshake(
         .await
         .map_err(|_| BackendError::Timeout(response_timeout))?
         .map_err(BackendError::Http)
-}
-
-fn spawn_session(
-    shared: &Arc<Shared>,
-    conn: Arc<ConnInfo>,
-    client: hyper::upgrade::OnUpgrade,
-    backend: hyper::upgrade::OnUpgrade,
-    guard: BackendGuard,
-) {
-    let stop = shared.hard_stop.clone();
-    let span = tracing::Span::current();
-    shared.tasks.spawn(
-        async move {
-            let _conn = conn; // keeps the connection-limit slot for the session's life
-            let (client, backend) = match tokio::try_join!(client, backend) {
-                Ok(pair) => pair,
-                Err(e) => {
-                    debug!(error = %e, "upgrade did not complete");
-                    return;
-                }
-            };
-            let mut client = TokioIo::new(client);
-            let mut backend = TokioIo::new(backend);
-            let started = tokio::time::Instant::now();
-            tokio::select! {
-                r = splice::splice(&mut client, &mut backend) => match r {
-                    Ok(m) => debug!(up = m.client_to_backend, down = m.backend_to_client, secs = started.elapsed().as_secs_f64(), backend = %guard.backend().url, "session ended"),
-                    Err(e) => debug!(error = %e, backend = %guard.backend().url, "session ended by an I/O error"),
-                },
-                _ = stop.cancelled() => debug!("session closed at shutdown"),
-            }
-        }
-        .instrument(span),
-    );
 }
 
 /// The plain-HTTP proxy, run inside the tower middleware stack.
