@@ -348,21 +348,22 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
     let backend_ips = if huge { 8 } else { 1 };
 
     let backend = targets::backend(&bin_dir, &work, backend_ips - 1)?;
-    let mut procs: Vec<Proc> = Vec::new();
-    for name in &a.targets {
-        let p = match name.as_str() {
-            "direct" => continue,
-            "upgate" => targets::upgate("upgate", &bin_dir, 18080, &work, &certs, backend_ips),
+    let start = |name: &str, ips: usize| -> Result<Proc, String> {
+        match name {
+            "upgate" => targets::upgate("upgate", &bin_dir, 18080, &work, &certs, ips),
             "upgate-base" => match &a.base_bin_dir {
-                Some(d) => targets::upgate("upgate-base", d, 18090, &work, &certs, 1),
+                Some(d) => targets::upgate("upgate-base", d, 18090, &work, &certs, ips),
                 None => Err("upgate-base needs --base-bin-dir".into()),
             },
             "nginx" => targets::nginx(&work, &certs, fit),
             "haproxy" => targets::haproxy(&work, &certs, fit),
             "caddy" => targets::caddy(&work, &certs),
             other => Err(format!("unknown target {other}")),
-        };
-        match p {
+        }
+    };
+    let mut procs: Vec<Proc> = Vec::new();
+    for name in a.targets.iter().filter(|n| *n != "direct") {
+        match start(name, 1) {
             Ok(p) => procs.push(p),
             Err(e) => eprintln!("skipping {name}: {e}"),
         }
@@ -447,9 +448,21 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
     }
 
     let mut idle_rows = Vec::new();
+    // Memory is measured on fresh processes: an allocator keeps freed memory,
+    // so RSS growth after other scenarios would hide what a connection costs.
+    let names: Vec<String> = all.iter().map(|p| p.name.clone()).collect();
+    drop(all);
+    drop(procs);
     if scen("f") {
-        for p in &procs {
+        for pname in names.iter().filter(|n| *n != "direct") {
             for tls in [false, true] {
+                let p = match start(pname, 1) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("(f) {pname}: {e}");
+                        continue;
+                    }
+                };
                 let Some(addr) = (if tls { p.tls } else { Some(p.plain) }) else {
                     continue;
                 };
@@ -469,33 +482,36 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
                     r.kib_per_conn()
                 );
                 idle_rows.push((p.name.clone(), tls, r));
+                drop(p);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
     let mut huge_row = None;
     if huge {
-        if let Some(p) = procs.iter().find(|p| p.name == "upgate") {
-            let t = Target {
-                addr: p.plain,
-                host: "localhost".into(),
-                path: "/".into(),
-                tls: None,
-                pid: p.pid(),
-            };
-            let r = load::idle(&t, a.huge, 8, Duration::from_secs(3)).await;
-            eprintln!(
-                "(g) upgate: {} open ({} failed), {} echoed, {:.2} KiB/conn",
-                r.opened,
-                r.failed_open,
-                r.echoed,
-                r.kib_per_conn()
-            );
-            huge_row = Some(r);
+        match start("upgate", backend_ips) {
+            Ok(p) => {
+                let t = Target {
+                    addr: p.plain,
+                    host: "localhost".into(),
+                    path: "/".into(),
+                    tls: None,
+                    pid: p.pid(),
+                };
+                let r = load::idle(&t, a.huge, 8, Duration::from_secs(3)).await;
+                eprintln!(
+                    "(g) upgate: {} open ({} failed), {} echoed, {:.2} KiB/conn",
+                    r.opened,
+                    r.failed_open,
+                    r.echoed,
+                    r.kib_per_conn()
+                );
+                huge_row = Some(r);
+            }
+            Err(e) => eprintln!("(g) upgate: {e}"),
         }
     }
 
-    let names: Vec<String> = all.iter().map(|p| p.name.clone()).collect();
     let report = render(
         &a,
         &started,
@@ -512,7 +528,6 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
         .join(format!("{}.md", started.replace([':', ' '], "-")));
     std::fs::write(&file, &report).map_err(|e| e.to_string())?;
     eprintln!("saved {}", file.display());
-    drop(procs);
     drop(backend);
     let _ = std::fs::remove_dir_all(&work);
     Ok(())

@@ -14,7 +14,6 @@ use arc_swap::ArcSwap;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -122,7 +121,7 @@ impl Gateway {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Drained {
         let stop = CancellationToken::new();
         let limit = Arc::new(Semaphore::new(self.settings.max_connections));
-        let builder = Arc::new(http_builder(&self.settings));
+        let builders = Arc::new(http_builders(&self.settings));
         let http = http_service(&self.settings);
         let mut accepts = tokio::task::JoinSet::new();
         for l in self.listeners {
@@ -130,7 +129,7 @@ impl Gateway {
                 shared: self.shared.clone(),
                 stop: stop.clone(),
                 limit: limit.clone(),
-                builder: builder.clone(),
+                builders: builders.clone(),
                 http: http.clone(),
                 handshake_timeout: self.settings.handshake_timeout,
             };
@@ -186,20 +185,48 @@ fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
-fn http_builder(s: &ServerSettings) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+/// The HTTP/1.1 and HTTP/2 connection builders, configured once.
+///
+/// We pick the protocol ourselves (ALPN on TLS, a peek at the preface on
+/// plain TCP) instead of using hyper-util's auto builder: it wraps the socket
+/// in a private rewind type, and a WebSocket session wants the raw
+/// `TcpStream` back after the upgrade.
+struct HttpBuilders {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+fn http_builders(s: &ServerSettings) -> HttpBuilders {
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(s.handshake_timeout)
-        .max_buf_size(s.max_header_bytes.max(8192))
+        .max_header_size(s.max_header_bytes)
+        .max_buf_size(s.max_header_bytes.max(8192) + 8192)
         .max_headers(s.max_headers);
-    b.http2()
-        .timer(TokioTimer::new())
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
-    b
+    HttpBuilders { h1, h2 }
+}
+
+/// Whether a plain-TCP client opens with the HTTP/2 preface (`PRI * HTTP/2.0`).
+/// No HTTP/1.1 method starts with `PRI`, so three bytes decide.
+async fn is_h2_preface(tcp: &TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; 3];
+    loop {
+        let n = tcp.peek(&mut buf).await?;
+        if n == 0 || buf[0] != b'P' || (n >= 2 && buf[1] != b'R') {
+            return Ok(false);
+        }
+        if n >= 3 {
+            return Ok(buf[2] == b'I');
+        }
+        // A client that trickles its first bytes: look again shortly (bounded by the caller's timeout).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn http_service(s: &ServerSettings) -> HttpService {
@@ -226,7 +253,7 @@ struct AcceptCx {
     shared: Arc<Shared>,
     stop: CancellationToken,
     limit: Arc<Semaphore>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<HttpBuilders>,
     http: HttpService,
     handshake_timeout: Duration,
 }
@@ -262,12 +289,24 @@ async fn accept_loop(l: Listener, cx: AcceptCx) {
         cx.shared.tasks.spawn(
             async move {
                 match tls {
-                    None => serve(cx2, info, tcp).await,
+                    None => {
+                        match tokio::time::timeout(cx2.handshake_timeout, is_h2_preface(&tcp)).await
+                        {
+                            Ok(Ok(h2)) => serve(cx2, info, tcp, h2).await,
+                            Ok(Err(e)) => {
+                                debug!(error = %e, "connection failed before its first request")
+                            }
+                            Err(_) => debug!("no request within the handshake timeout"),
+                        }
+                    }
                     Some(acceptor) => {
                         match tokio::time::timeout(cx2.handshake_timeout, acceptor.accept(tcp))
                             .await
                         {
-                            Ok(Ok(s)) => serve(cx2, info, s).await,
+                            Ok(Ok(s)) => {
+                                let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                                serve(cx2, info, s, h2).await
+                            }
                             Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                             Err(_) => debug!("TLS handshake timed out"),
                         }
@@ -279,7 +318,27 @@ async fn accept_loop(l: Listener, cx: AcceptCx) {
     }
 }
 
-async fn serve<I>(cx: Arc<AcceptCx>, info: Arc<ConnInfo>, io: I)
+/// Drives a hyper connection until it ends; on shutdown asks it to finish
+/// gracefully and keeps polling it, until the hard stop.
+macro_rules! drive {
+    ($cx:expr, $conn:expr) => {{
+        // Boxed: the connection's state is freed as soon as it ends (at an
+        // upgrade), while the task itself may be referenced a little longer.
+        let mut conn = Box::pin($conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = $cx.stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = $cx.shared.hard_stop.cancelled() => Ok(()),
+                }
+            }
+        }
+    }};
+}
+
+async fn serve<I>(cx: Arc<AcceptCx>, info: Arc<ConnInfo>, io: I, h2: bool)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -288,25 +347,13 @@ where
     let svc = hyper::service::service_fn(move |req| {
         proxy::handle(shared.clone(), info.clone(), http.clone(), req)
     });
-    let conn = cx
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    let res = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = cx.stop.cancelled() => {
-            // Finish in-flight requests, then close; keep polling until it does.
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = cx.shared.hard_stop.cancelled() => Ok(()),
-            }
-        }
+    let io = TokioIo::new(io);
+    let res = if h2 {
+        drive!(cx, cx.builders.h2.serve_connection(io, svc))
+    } else {
+        drive!(cx, cx.builders.h1.serve_connection(io, svc).with_upgrades())
     };
     if let Err(e) = res {
         debug!(error = %e, "connection ended with an error");
     }
 }
-
-/// Keeps `TcpStream` in the public signature list for tests that dial the gateway.
-pub type ClientStream = TcpStream;

@@ -67,12 +67,25 @@ impl Drop for Buf {
     }
 }
 
+// Readiness goes through `poll_*_ready`, not `readable()`/`writable()`: the
+// poll form replaces the single waker slot of the socket, which still holds
+// the waker of the hyper connection task that owned the socket before the
+// upgrade. Left there, that stale waker would keep the finished connection
+// task's memory alive for the whole session.
+async fn readable(s: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| s.poll_read_ready(cx)).await
+}
+
+async fn writable(s: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| s.poll_write_ready(cx)).await
+}
+
 async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         match to.try_write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(to).await?,
             Err(e) => return Err(e),
         }
     }
@@ -88,7 +101,7 @@ async fn pump(from: &TcpStream, to: &TcpStream, pending: Bytes) -> io::Result<u6
     }
     drop(pending);
     loop {
-        from.readable().await?;
+        readable(from).await?;
         let mut buf = Buf::take();
         match from.try_read(buf.as_mut()) {
             Ok(0) => {
