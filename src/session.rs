@@ -1,16 +1,14 @@
-//! One upgraded WebSocket session: wait for both upgrades, take the raw
-//! sockets back from hyper when both legs are plain TCP (so the splice can
-//! hold no buffers while idle), splice, and log how it ended.
+//! One upgraded WebSocket session: wait for both upgrades, take the sockets
+//! back from hyper (plain TCP or TLS streams, with the bytes hyper had read
+//! past the HTTP head), splice, and log how it ended.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::{Buf as _, Bytes};
+use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, Instrument};
 
@@ -19,48 +17,50 @@ use crate::proxy::{ConnInfo, Shared};
 use crate::splice;
 use crate::upstream::BackendIo;
 
-/// One side of a session after the upgrade.
-enum Leg {
-    /// The raw socket and the bytes hyper had read past the HTTP head.
-    Tcp(TcpStream, Bytes),
-    Other(Box<dyn Io>),
-}
-
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-fn client_leg(up: Upgraded, plain: bool) -> Leg {
-    if !plain {
-        return Leg::Other(Box::new(TokioIo::new(up)));
-    }
-    match up.downcast::<TokioIo<TcpStream>>() {
-        Ok(p) => Leg::Tcp(p.io.into_inner(), p.read_buf),
-        Err(up) => Leg::Other(Box::new(TokioIo::new(up))),
-    }
-}
-
-fn backend_leg(up: Upgraded, plain: bool) -> Leg {
-    if !plain {
-        return Leg::Other(Box::new(TokioIo::new(up)));
-    }
-    match up.downcast::<TokioIo<BackendIo>>() {
-        Ok(p) => match p.io.into_inner() {
-            BackendIo::Tcp(s) => Leg::Tcp(s, p.read_buf),
-            tls => Leg::Other(Box::new(Prefixed {
-                prefix: p.read_buf,
-                inner: tls,
-            })),
-        },
-        Err(up) => Leg::Other(Box::new(TokioIo::new(up))),
-    }
+/// One side of a session after the upgrade, with the bytes hyper had
+/// already read past the HTTP head.
+enum Leg {
+    /// A raw socket: the fast, monomorphised path.
+    Tcp(TcpStream, Bytes),
+    /// A TLS stream (or, should a downcast ever fail, hyper's own upgraded type).
+    Other(Box<dyn Io>, Bytes),
 }
 
 impl Leg {
-    fn into_io(self) -> Box<dyn Io> {
+    fn into_io(self) -> (Box<dyn Io>, Bytes) {
         match self {
-            Leg::Tcp(s, prefix) => Box::new(Prefixed { prefix, inner: s }),
-            Leg::Other(io) => io,
+            Leg::Tcp(s, pending) => (Box::new(s), pending),
+            Leg::Other(io, pending) => (io, pending),
         }
+    }
+}
+
+/// The client side: the listener's socket type comes back from hyper.
+fn client_leg(up: Upgraded, tls: bool) -> Leg {
+    let up = if tls {
+        match up.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
+            Ok(p) => return Leg::Other(Box::new(p.io.into_inner()), p.read_buf),
+            Err(up) => up,
+        }
+    } else {
+        match up.downcast::<TokioIo<TcpStream>>() {
+            Ok(p) => return Leg::Tcp(p.io.into_inner(), p.read_buf),
+            Err(up) => up,
+        }
+    };
+    Leg::Other(Box::new(TokioIo::new(up)), Bytes::new())
+}
+
+fn backend_leg(up: Upgraded) -> Leg {
+    match up.downcast::<TokioIo<BackendIo>>() {
+        Ok(p) => match p.io.into_inner() {
+            BackendIo::Tcp(s) => Leg::Tcp(s, p.read_buf),
+            tls => Leg::Other(Box::new(tls), p.read_buf),
+        },
+        Err(up) => Leg::Other(Box::new(TokioIo::new(up)), Bytes::new()),
     }
 }
 
@@ -83,8 +83,8 @@ pub fn spawn(
                     return;
                 }
             };
-            let client = client_leg(client, !conn.tls);
-            let backend = backend_leg(backend, !guard.backend().url.tls);
+            let client = client_leg(client, conn.tls);
+            let backend = backend_leg(backend);
             let result = tokio::select! {
                 r = run(client, backend) => r,
                 _ = stop.cancelled() => {
@@ -105,45 +105,11 @@ pub fn spawn(
 
 async fn run(client: Leg, backend: Leg) -> io::Result<splice::Moved> {
     match (client, backend) {
-        (Leg::Tcp(c, cp), Leg::Tcp(b, bp)) => splice::splice_tcp(&c, cp, &b, bp).await,
-        (c, b) => splice::splice(&mut c.into_io(), &mut b.into_io()).await,
-    }
-}
-
-/// Serves `prefix` before reading from `inner`; writes go straight through.
-struct Prefixed<T> {
-    prefix: Bytes,
-    inner: T,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
+        (Leg::Tcp(mut c, cp), Leg::Tcp(mut b, bp)) => splice::splice(&mut c, cp, &mut b, bp).await,
+        (c, b) => {
+            let ((mut c, cp), (mut b, bp)) = (c.into_io(), b.into_io());
+            // Boxed: keeps this path's state out of every plain session's task.
+            Box::pin(splice::splice(&mut *c, cp, &mut *b, bp)).await
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -2,29 +2,27 @@
 //!
 //! No frame parsing: compression, subprotocols and close codes pass through
 //! untouched. Each direction ends on EOF and half-closes the other side's
-//! write half, so a peer that shuts down its sending side still receives
-//! until the other peer is done. An error in either direction ends both.
+//! write half (a TCP FIN, or TLS close_notify then FIN), so a peer that shuts
+//! down its sending side still receives until the other peer is done. An
+//! error in either direction ends both.
 //!
-//! Two paths:
-//! - [`splice_tcp`], when both legs are plain TCP: waits for readiness and
-//!   only then borrows a copy buffer from a per-thread pool, returning it as
-//!   soon as the bytes are written. An idle session holds no buffer at all,
-//!   which is what keeps an idle connection's memory small.
-//! - [`splice`], for anything else (TLS legs): `copy_bidirectional` with
-//!   small buffers.
+//! Buffers are borrowed from a per-thread pool for one read and its write,
+//! and given back as soon as a read would block: an idle session holds no
+//! buffer at all, which is what keeps an idle connection's memory small.
+//! It works over any `AsyncRead + AsyncWrite`, so plain TCP and TLS legs take
+//! the same path (monomorphised for plain TCP on both sides).
 
 use std::cell::RefCell;
+use std::future::poll_fn;
 use std::io;
-use std::net::Shutdown;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
+use bytes::{Buf as _, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Copy buffer of the plain-TCP path, borrowed per read.
+/// Size of a pooled copy buffer.
 pub const BUF_SIZE: usize = 32 * 1024;
-/// Copy buffer per direction of the generic path.
-pub const GENERIC_BUF_SIZE: usize = 8 * 1024;
 /// Buffers kept for reuse per runtime thread; beyond this they are freed.
 const POOL_MAX: usize = 64;
 
@@ -49,7 +47,7 @@ impl Buf {
             b.unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice()),
         ))
     }
-    fn as_mut(&mut self) -> &mut [u8] {
+    fn bytes(&mut self) -> &mut [u8] {
         self.0.as_deref_mut().unwrap_or_default()
     }
 }
@@ -67,100 +65,128 @@ impl Drop for Buf {
     }
 }
 
-// Readiness goes through `poll_*_ready`, not `readable()`/`writable()`: the
-// poll form replaces the single waker slot of the socket, which still holds
-// the waker of the hyper connection task that owned the socket before the
-// upgrade. Left there, that stale waker would keep the finished connection
-// task's memory alive for the whole session.
-async fn readable(s: &TcpStream) -> io::Result<()> {
-    std::future::poll_fn(|cx| s.poll_read_ready(cx)).await
+/// One direction of a splice.
+struct Direction {
+    /// Bytes read before the upgrade finished, delivered first.
+    pending: Bytes,
+    /// Data read but not yet written: the buffer and the unwritten range.
+    held: Option<(Buf, usize, usize)>,
+    /// Written bytes that may still sit in a TLS layer's buffer.
+    need_flush: bool,
+    eof: bool,
+    done: bool,
+    total: u64,
 }
 
-async fn writable(s: &TcpStream) -> io::Result<()> {
-    std::future::poll_fn(|cx| s.poll_write_ready(cx)).await
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match to.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(to).await?,
-            Err(e) => return Err(e),
+impl Direction {
+    fn new(pending: Bytes) -> Self {
+        Direction {
+            total: 0,
+            pending,
+            held: None,
+            need_flush: false,
+            eof: false,
+            done: false,
         }
     }
-    Ok(())
-}
 
-/// One direction: `pending` first (bytes read before the upgrade), then
-/// whatever `from` sends, until EOF; then half-closes `to`.
-async fn pump(from: &TcpStream, to: &TcpStream, pending: Bytes) -> io::Result<u64> {
-    let mut total = pending.len() as u64;
-    if !pending.is_empty() {
-        write_all(to, &pending).await?;
-    }
-    drop(pending);
-    loop {
-        readable(from).await?;
-        let mut buf = Buf::take();
-        match from.try_read(buf.as_mut()) {
-            Ok(0) => {
-                // Half-close: the other direction keeps going. Ignore ENOTCONN from a peer already gone.
-                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-                return Ok(total);
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(self.total));
+        }
+        loop {
+            while !self.pending.is_empty() {
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.pending))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pending.advance(n);
+                self.total += n as u64;
+                self.need_flush = true;
             }
-            Ok(n) => {
-                write_all(to, &buf.as_mut()[..n]).await?;
-                total += n as u64;
+            if let Some((buf, pos, len)) = &mut self.held {
+                while *pos < *len {
+                    let n = ready!(Pin::new(&mut *w).poll_write(cx, &buf.bytes()[*pos..*len]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    *pos += n;
+                    self.total += n as u64;
+                }
+                self.held = None; // the buffer goes back to the pool
+                self.need_flush = true;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            if self.eof {
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(self.total));
+            }
+            let mut buf = Buf::take();
+            let mut rb = ReadBuf::new(buf.bytes());
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    drop(buf);
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        self.eof = true;
+                    } else {
+                        self.held = Some((buf, 0, n));
+                    }
+                }
+            }
         }
     }
 }
 
-/// Splices two plain TCP streams. `*_pending` are bytes each side sent that
-/// were read before the upgrade finished; they are delivered first.
-pub async fn splice_tcp(
-    client: &TcpStream,
+/// Splices `client` and `backend` until both directions reach EOF (or one
+/// fails). `*_pending` are bytes each side sent that were read before the
+/// upgrade finished; they are delivered first.
+pub async fn splice<C, B>(
+    client: &mut C,
     client_pending: Bytes,
-    backend: &TcpStream,
+    backend: &mut B,
     backend_pending: Bytes,
-) -> io::Result<Moved> {
-    let (up, down) = tokio::try_join!(
-        pump(client, backend, client_pending),
-        pump(backend, client, backend_pending)
-    )?;
-    Ok(Moved {
-        client_to_backend: up,
-        backend_to_client: down,
-    })
-}
-
-/// Runs until both directions have reached EOF (or one fails).
-pub async fn splice<C, B>(client: &mut C, backend: &mut B) -> io::Result<Moved>
+) -> io::Result<Moved>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let (up, down) = tokio::io::copy_bidirectional_with_sizes(
-        client,
-        backend,
-        GENERIC_BUF_SIZE,
-        GENERIC_BUF_SIZE,
-    )
-    .await?;
-    Ok(Moved {
-        client_to_backend: up,
-        backend_to_client: down,
+    let mut up = Direction::new(client_pending);
+    let mut down = Direction::new(backend_pending);
+    poll_fn(|cx| {
+        let u = up.poll(cx, client, backend)?;
+        let d = down.poll(cx, backend, client)?;
+        match (u, d) {
+            (Poll::Ready(u), Poll::Ready(d)) => Poll::Ready(Ok(Moved {
+                client_to_backend: u,
+                backend_to_client: d,
+            })),
+            _ => Poll::Pending,
+        }
     })
+    .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
+
+    trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
     /// A connected pair of loopback TCP sockets.
     async fn pair() -> (TcpStream, TcpStream) {
@@ -181,9 +207,12 @@ mod tests {
             let (mut gw_backend, backend) = pair().await;
             let task = tokio::spawn(async move {
                 if generic {
-                    splice(&mut gw_client, &mut gw_backend).await
+                    // Through trait objects, as TLS legs are spliced.
+                    let c: &mut dyn Io = &mut gw_client;
+                    let b: &mut dyn Io = &mut gw_backend;
+                    splice(c, Bytes::new(), b, Bytes::new()).await
                 } else {
-                    splice_tcp(&gw_client, Bytes::new(), &gw_backend, Bytes::new()).await
+                    splice(&mut gw_client, Bytes::new(), &mut gw_backend, Bytes::new()).await
                 }
             });
             f(client, backend).await;
@@ -230,13 +259,13 @@ mod tests {
 
     #[tokio::test]
     async fn pending_bytes_are_delivered_first() {
-        let (mut client, gw_client) = pair().await;
-        let (gw_backend, mut backend) = pair().await;
+        let (mut client, mut gw_client) = pair().await;
+        let (mut gw_backend, mut backend) = pair().await;
         let task = tokio::spawn(async move {
-            splice_tcp(
-                &gw_client,
+            splice(
+                &mut gw_client,
                 Bytes::from_static(b"early-"),
-                &gw_backend,
+                &mut gw_backend,
                 Bytes::from_static(b"hi-"),
             )
             .await
@@ -262,11 +291,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_reset_ends_both_directions() {
-        let (client, gw_client) = pair().await;
-        let (gw_backend, mut backend) = pair().await;
+    async fn an_idle_session_holds_no_buffer() {
+        let (mut client, mut gw_client) = pair().await;
+        let (mut gw_backend, mut backend) = pair().await;
         let task = tokio::spawn(async move {
-            splice_tcp(&gw_client, Bytes::new(), &gw_backend, Bytes::new()).await
+            splice(&mut gw_client, Bytes::new(), &mut gw_backend, Bytes::new()).await
+        });
+        client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        backend.read_exact(&mut got).await.unwrap();
+        // The session is idle now: its buffer went back to the pool of the
+        // runtime thread (this test runs on a current-thread runtime).
+        tokio::task::yield_now().await;
+        let pooled = POOL.with(|p| p.borrow().len());
+        assert!(pooled >= 1, "the buffer was not returned while idle");
+        drop((client, backend));
+        let _ = task.await;
+    }
+
+    #[tokio::test]
+    async fn a_reset_ends_both_directions() {
+        let (client, mut gw_client) = pair().await;
+        let (mut gw_backend, mut backend) = pair().await;
+        let task = tokio::spawn(async move {
+            splice(&mut gw_client, Bytes::new(), &mut gw_backend, Bytes::new()).await
         });
         // The client vanishes with a reset.
         socket2::SockRef::from(&client)
