@@ -8,17 +8,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, Instrument};
 
 use crate::pool::BackendGuard;
 use crate::proxy::{ConnInfo, Shared};
-use crate::splice;
+use crate::splice::{self, Io};
 use crate::upstream::BackendIo;
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// One side of a session after the upgrade, with the bytes hyper had
 /// already read past the HTTP head.
@@ -109,7 +105,7 @@ async fn run(client: Leg, backend: Leg) -> io::Result<splice::Moved> {
         (c, b) => {
             let ((mut c, cp), (mut b, bp)) = (c.into_io(), b.into_io());
             // Boxed: keeps this path's state out of every plain session's task.
-            Box::pin(splice::splice(&mut *c, cp, &mut *b, bp)).await
+            Box::pin(splice::splice(&mut c, cp, &mut b, bp)).await
         }
     }
 }

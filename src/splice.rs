@@ -65,6 +65,28 @@ impl Drop for Buf {
     }
 }
 
+/// Streams whose readiness can be checked without reading. A plain TCP
+/// socket can: its leg takes a buffer only once data is there, so an idle
+/// session holds none. Other streams (TLS, which may have decrypted bytes
+/// waiting inside) keep the default and are simply read.
+pub trait ReadReady {
+    fn poll_read_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+/// A spliceable stream behind a pointer (TLS legs, hyper's upgraded type).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl ReadReady for Box<dyn Io> {}
+
 /// One direction of a splice.
 struct Direction {
     /// Bytes read before the upgrade finished, delivered first.
@@ -82,7 +104,13 @@ impl Direction {
     fn new(pending: Bytes) -> Self {
         Direction {
             total: 0,
-            pending,
+            // An empty `Bytes` split off hyper's read buffer still keeps that
+            // whole buffer alive: let it go.
+            pending: if pending.is_empty() {
+                Bytes::new()
+            } else {
+                pending
+            },
             held: None,
             need_flush: false,
             eof: false,
@@ -92,8 +120,8 @@ impl Direction {
 
     fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<u64>>
     where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
+        R: AsyncRead + ReadReady + Unpin,
+        W: AsyncWrite + Unpin,
     {
         if self.done {
             return Poll::Ready(Ok(self.total));
@@ -107,6 +135,9 @@ impl Direction {
                 self.pending.advance(n);
                 self.total += n as u64;
                 self.need_flush = true;
+                if self.pending.is_empty() {
+                    self.pending = Bytes::new(); // release hyper's buffer
+                }
             }
             if let Some((buf, pos, len)) = &mut self.held {
                 while *pos < *len {
@@ -125,11 +156,22 @@ impl Direction {
                 self.done = true;
                 return Poll::Ready(Ok(self.total));
             }
-            let mut buf = Buf::take();
-            let mut rb = ReadBuf::new(buf.bytes());
-            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+            let read = match r.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    let mut buf = Buf::take();
+                    let mut rb = ReadBuf::new(buf.bytes());
+                    match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(r) => {
+                            Poll::Ready(r.map(|()| rb.filled().len()).map(|n| (buf, n)))
+                        }
+                    }
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            };
+            match read {
                 Poll::Pending => {
-                    drop(buf);
                     if self.need_flush {
                         ready!(Pin::new(&mut *w).poll_flush(cx))?;
                         self.need_flush = false;
@@ -137,8 +179,7 @@ impl Direction {
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
+                Poll::Ready(Ok((buf, n))) => {
                     if n == 0 {
                         self.eof = true;
                     } else {
@@ -160,8 +201,8 @@ pub async fn splice<C, B>(
     backend_pending: Bytes,
 ) -> io::Result<Moved>
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin,
+    B: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
     let mut up = Direction::new(client_pending);
     let mut down = Direction::new(backend_pending);
@@ -185,9 +226,6 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
     /// A connected pair of loopback TCP sockets.
     async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -208,9 +246,9 @@ mod tests {
             let task = tokio::spawn(async move {
                 if generic {
                     // Through trait objects, as TLS legs are spliced.
-                    let c: &mut dyn Io = &mut gw_client;
-                    let b: &mut dyn Io = &mut gw_backend;
-                    splice(c, Bytes::new(), b, Bytes::new()).await
+                    let mut c: Box<dyn Io> = Box::new(gw_client);
+                    let mut b: Box<dyn Io> = Box::new(gw_backend);
+                    splice(&mut c, Bytes::new(), &mut b, Bytes::new()).await
                 } else {
                     splice(&mut gw_client, Bytes::new(), &mut gw_backend, Bytes::new()).await
                 }
