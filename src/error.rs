@@ -18,8 +18,10 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 pub enum BackendError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("HTTP exchange failed: {0}")]
-    Http(#[from] hyper::Error),
+    #[error("I/O error during the upgrade: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("bad answer to the upgrade: {0}")]
+    Protocol(&'static str),
     #[error("request failed: {0}")]
     Client(#[from] hyper_util::client::legacy::Error),
     #[error("no response head within {0:?}")]
@@ -32,7 +34,8 @@ impl BackendError {
         match self {
             BackendError::Connect(ConnectError::Timeout(_)) => "connect_timeout",
             BackendError::Connect(_) => "connect",
-            BackendError::Http(_) | BackendError::Client(_) => "protocol",
+            BackendError::Io(_) => "io",
+            BackendError::Protocol(_) | BackendError::Client(_) => "protocol",
             BackendError::Timeout(_) => "response_timeout",
         }
     }
@@ -73,9 +76,10 @@ impl ProxyError {
                 BackendError::Timeout(_) | BackendError::Connect(ConnectError::Timeout(_)) => {
                     StatusCode::GATEWAY_TIMEOUT
                 }
-                BackendError::Connect(_) | BackendError::Http(_) | BackendError::Client(_) => {
-                    StatusCode::BAD_GATEWAY
-                }
+                BackendError::Connect(_)
+                | BackendError::Io(_)
+                | BackendError::Protocol(_)
+                | BackendError::Client(_) => StatusCode::BAD_GATEWAY,
             },
         }
     }

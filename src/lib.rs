@@ -26,6 +26,7 @@ pub mod server;
 pub mod session;
 pub mod splice;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 pub mod ws;
 

@@ -9,10 +9,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -178,31 +177,50 @@ async fn upgrade(
     let mut headers = forward_headers(req.headers(), conn, client_host);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    let response_timeout = snapshot.settings.handshake_timeout;
+    let settings = &snapshot.settings;
 
     let mut tried = 0;
     let mut last = None;
     for backend in pool.try_order() {
         tried += 1;
         set_host(&mut headers, route, client_host, backend);
-        let pq = backend_path(route, backend, req.uri()).map_err(|e| {
-            ProxyError::Backend(BackendError::Connect(crate::upstream::ConnectError::Tcp(
-                std::io::Error::other(e),
-            )))
-        })?;
-        match backend_handshake(shared, pool, backend, pq, &headers, response_timeout).await {
-            Ok(mut resp) => {
-                if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-                    info!(backend = %backend.url, status = resp.status().as_u16(), "backend refused the upgrade");
-                    ws::strip_hop_by_hop(resp.headers_mut());
-                    return Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync()));
+        let pq = backend_path(route, backend, req.uri())
+            .map_err(|_| ProxyError::Backend(BackendError::Protocol("invalid backend path")))?;
+        let head = crate::upgrade::request_head(&pq, &headers);
+        let attempt = async {
+            let mut io = pool.connect(backend).await?;
+            let answer = crate::upgrade::exchange(
+                &mut io,
+                &head,
+                settings.handshake_timeout,
+                settings.max_header_bytes,
+            )
+            .await?;
+            Ok::<_, BackendError>((io, answer))
+        };
+        match attempt.await {
+            Ok((io, answer)) => {
+                let mut headers = answer.headers;
+                if answer.status != StatusCode::SWITCHING_PROTOCOLS {
+                    info!(backend = %backend.url, status = answer.status.as_u16(), "backend refused the upgrade");
+                    ws::strip_hop_by_hop(&mut headers);
+                    headers.remove(header::CONTENT_LENGTH);
+                    let mut out = Response::new(crate::error::full(answer.rest));
+                    *out.status_mut() = answer.status;
+                    out.headers_mut().extend(headers);
+                    return Ok(out);
                 }
-                let backend_upgrade = hyper::upgrade::on(&mut resp);
                 let guard = BackendGuard::new(backend.clone());
-                crate::session::spawn(shared, conn.clone(), client_upgrade, backend_upgrade, guard);
+                crate::session::spawn(
+                    shared,
+                    conn.clone(),
+                    client_upgrade,
+                    (io, answer.rest),
+                    guard,
+                );
                 let mut out = Response::new(crate::error::empty());
                 *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-                *out.headers_mut() = std::mem::take(resp.headers_mut());
+                *out.headers_mut() = headers;
                 return Ok(out);
             }
             Err(e) => {
@@ -216,34 +234,6 @@ async fn upgrade(
         tried,
         last: last.unwrap_or(BackendError::Timeout(Duration::ZERO)),
     })
-}
-
-/// Connects and sends the upgrade request; returns the backend's response head.
-async fn backend_handshake(
-    shared: &Arc<Shared>,
-    pool: &Pool,
-    backend: &Backend,
-    pq: PathAndQuery,
-    headers: &HeaderMap,
-    response_timeout: Duration,
-) -> Result<Response<Incoming>, BackendError> {
-    let io = pool.connect(backend).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-    let stop = shared.hard_stop.clone();
-    shared.tasks.spawn(async move {
-        tokio::select! {
-            r = conn.with_upgrades() => if let Err(e) = r { debug!(error = %e, "backend connection ended") },
-            _ = stop.cancelled() => {}
-        }
-    });
-    let mut req = Request::new(http_body_util::Empty::<bytes::Bytes>::new());
-    *req.method_mut() = Method::GET;
-    *req.uri_mut() = Uri::from(pq);
-    *req.headers_mut() = headers.clone();
-    tokio::time::timeout(response_timeout, sender.send_request(req))
-        .await
-        .map_err(|_| BackendError::Timeout(response_timeout))?
-        .map_err(BackendError::Http)
 }
 
 /// The plain-HTTP proxy, run inside the tower middleware stack.
@@ -282,21 +272,14 @@ async fn forward(
         let Some(b) = body.take() else { break };
         tried += 1;
         set_host(&mut headers, route, client_host.as_deref(), backend);
-        let pq = backend_path(route, backend, &parts.uri).map_err(|e| {
-            ProxyError::Backend(BackendError::Connect(crate::upstream::ConnectError::Tcp(
-                std::io::Error::other(e),
-            )))
-        })?;
+        let pq = backend_path(route, backend, &parts.uri)
+            .map_err(|_| ProxyError::Backend(BackendError::Protocol("invalid backend path")))?;
         let uri = Uri::builder()
             .scheme(pool::http_scheme(backend))
             .authority(backend.authority.clone())
             .path_and_query(pq)
             .build()
-            .map_err(|e| {
-                ProxyError::Backend(BackendError::Connect(crate::upstream::ConnectError::Tcp(
-                    std::io::Error::other(e),
-                )))
-            })?;
+            .map_err(|_| ProxyError::Backend(BackendError::Protocol("invalid backend URI")))?;
         let mut out = Request::new(b);
         *out.method_mut() = parts.method.clone();
         *out.uri_mut() = uri;

@@ -299,13 +299,14 @@ async fn accept_loop(l: Listener, cx: AcceptCx) {
                             Err(_) => debug!("no request within the handshake timeout"),
                         }
                     }
+                    // Boxed: the TLS state is large, and this keeps it out of
+                    // the task of every connection, plain ones included.
                     Some(acceptor) => {
-                        match tokio::time::timeout(cx2.handshake_timeout, acceptor.accept(tcp))
-                            .await
-                        {
+                        let handshake = Box::pin(acceptor.accept(tcp));
+                        match tokio::time::timeout(cx2.handshake_timeout, handshake).await {
                             Ok(Ok(s)) => {
                                 let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                                serve(cx2, info, s, h2).await
+                                Box::pin(serve(cx2, info, s, h2)).await
                             }
                             Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                             Err(_) => debug!("TLS handshake timed out"),

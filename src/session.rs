@@ -1,6 +1,6 @@
-//! One upgraded WebSocket session: wait for both upgrades, take the sockets
-//! back from hyper (plain TCP or TLS streams, with the bytes hyper had read
-//! past the HTTP head), splice, and log how it ended.
+//! One upgraded WebSocket session: wait for the client's upgrade, take its
+//! socket back from hyper (plain TCP or TLS, with the bytes hyper had read
+//! past the HTTP head), splice it with the backend socket, and log how it ended.
 
 use std::io;
 use std::sync::Arc;
@@ -50,37 +50,30 @@ fn client_leg(up: Upgraded, tls: bool) -> Leg {
     Leg::Other(Box::new(TokioIo::new(up)), Bytes::new())
 }
 
-fn backend_leg(up: Upgraded) -> Leg {
-    match up.downcast::<TokioIo<BackendIo>>() {
-        Ok(p) => match p.io.into_inner() {
-            BackendIo::Tcp(s) => Leg::Tcp(s, p.read_buf),
-            tls => Leg::Other(Box::new(tls), p.read_buf),
-        },
-        Err(up) => Leg::Other(Box::new(TokioIo::new(up)), Bytes::new()),
-    }
-}
-
-/// Spawns the session on the gateway's task tracker.
+/// Spawns the session on the gateway's task tracker. `backend` is the
+/// connected socket and any bytes the backend sent right behind its 101.
 pub fn spawn(
     shared: &Arc<Shared>,
     conn: Arc<ConnInfo>,
     client: OnUpgrade,
-    backend: OnUpgrade,
+    backend: (BackendIo, Bytes),
     guard: BackendGuard,
 ) {
     let stop = shared.hard_stop.clone();
     let span = tracing::Span::current();
     shared.tasks.spawn(
         async move {
-            let (client, backend) = match tokio::try_join!(client, backend) {
-                Ok(pair) => pair,
+            let client = match client.await {
+                Ok(up) => client_leg(up, conn.tls),
                 Err(e) => {
-                    debug!(error = %e, "upgrade did not complete");
+                    debug!(error = %e, "client upgrade did not complete");
                     return;
                 }
             };
-            let client = client_leg(client, conn.tls);
-            let backend = backend_leg(backend);
+            let backend = match backend {
+                (BackendIo::Tcp(s), rest) => Leg::Tcp(s, rest),
+                (tls, rest) => Leg::Other(Box::new(tls), rest),
+            };
             let result = tokio::select! {
                 r = run(client, backend) => r,
                 _ = stop.cancelled() => {

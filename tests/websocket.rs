@@ -308,6 +308,7 @@ async fn a_backend_refusing_the_upgrade_has_its_answer_relayed() {
         tokio_tungstenite::tungstenite::Error::Http(resp) => {
             assert_eq!(resp.status(), 403);
             assert_eq!(resp.headers()["x-why"], "token");
+            assert_eq!(resp.body().as_deref(), Some(&b"forbidden"[..]));
         }
         e => panic!("expected the backend's 403, got {e}"),
     }
