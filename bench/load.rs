@@ -106,6 +106,43 @@ struct Shared {
     base: Instant,
 }
 
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            phase: AtomicU8::new(WARMING),
+            msgs: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            base: Instant::now(),
+        }
+    }
+
+    /// Merges the tasks' histograms into the run's result.
+    async fn finish(
+        &self,
+        mut tasks: tokio::task::JoinSet<Histogram<u64>>,
+        secs: f64,
+        cpu_secs: Option<f64>,
+    ) -> Measured {
+        let mut hist = new_hist();
+        while let Some(r) = tasks.join_next().await {
+            if let Ok(h) = r {
+                let _ = hist.add(h);
+            }
+        }
+        Measured {
+            secs,
+            count: self.msgs.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            p50_us: hist.value_at_quantile(0.5) as f64,
+            p99_us: hist.value_at_quantile(0.99) as f64,
+            p999_us: hist.value_at_quantile(0.999) as f64,
+            cpu_secs,
+        }
+    }
+}
+
 /// What one scenario run measured.
 #[derive(Debug, Clone, Default)]
 pub struct Measured {
@@ -166,13 +203,7 @@ pub async fn throughput(
     warmup: Duration,
     dur: Duration,
 ) -> Measured {
-    let shared = Arc::new(Shared {
-        phase: AtomicU8::new(WARMING),
-        msgs: AtomicU64::new(0),
-        bytes: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        base: Instant::now(),
-    });
+    let shared = Arc::new(Shared::new());
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..conns {
         let (t, sh) = (t.clone(), shared.clone());
@@ -187,22 +218,7 @@ pub async fn throughput(
         });
     }
     let (secs, cpu) = window(&shared, t, warmup, dur).await;
-    let mut hist = new_hist();
-    while let Some(r) = tasks.join_next().await {
-        if let Ok(h) = r {
-            let _ = hist.add(h);
-        }
-    }
-    Measured {
-        secs,
-        count: shared.msgs.load(Ordering::Relaxed),
-        bytes: shared.bytes.load(Ordering::Relaxed),
-        errors: shared.errors.load(Ordering::Relaxed),
-        p50_us: hist.value_at_quantile(0.5) as f64,
-        p99_us: hist.value_at_quantile(0.99) as f64,
-        p999_us: hist.value_at_quantile(0.999) as f64,
-        cpu_secs: cpu,
-    }
+    shared.finish(tasks, secs, cpu).await
 }
 
 async fn pump(t: &Target, sh: &Shared, size: usize, win: usize) -> std::io::Result<Histogram<u64>> {
@@ -263,13 +279,7 @@ async fn pump(t: &Target, sh: &Shared, size: usize, win: usize) -> std::io::Resu
 
 /// Handshakes per second: connect, upgrade, one echo, close; `workers` at a time.
 pub async fn handshakes(t: &Target, workers: usize, warmup: Duration, dur: Duration) -> Measured {
-    let shared = Arc::new(Shared {
-        phase: AtomicU8::new(WARMING),
-        msgs: AtomicU64::new(0),
-        bytes: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        base: Instant::now(),
-    });
+    let shared = Arc::new(Shared::new());
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..workers {
         let (t, sh) = (t.clone(), shared.clone());
@@ -298,22 +308,7 @@ pub async fn handshakes(t: &Target, workers: usize, warmup: Duration, dur: Durat
         });
     }
     let (secs, cpu) = window(&shared, t, warmup, dur).await;
-    let mut hist = new_hist();
-    while let Some(r) = tasks.join_next().await {
-        if let Ok(h) = r {
-            let _ = hist.add(h);
-        }
-    }
-    Measured {
-        secs,
-        count: shared.msgs.load(Ordering::Relaxed),
-        bytes: 0,
-        errors: shared.errors.load(Ordering::Relaxed),
-        p50_us: hist.value_at_quantile(0.5) as f64,
-        p99_us: hist.value_at_quantile(0.99) as f64,
-        p999_us: hist.value_at_quantile(0.999) as f64,
-        cpu_secs: cpu,
-    }
+    shared.finish(tasks, secs, cpu).await
 }
 
 async fn echo_once(s: &mut Stream, buf: &mut Vec<u8>, payload: &[u8]) -> std::io::Result<()> {

@@ -13,16 +13,8 @@ use std::collections::HashMap;
 
 use crate::config::{HostPattern, RouteConfig};
 
-/// A route as the request path needs it.
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub name: String,
-    pub host: HostPattern,
-    pub path: String,
-    pub pool: usize,
-    pub strip_prefix: bool,
-    pub preserve_host: bool,
-}
+/// A route as the request path needs it: the validated config entry.
+pub type Route = RouteConfig;
 
 #[derive(Debug, Default)]
 pub struct RouteTable {
@@ -41,17 +33,7 @@ const MAX_HOST: usize = 255;
 impl RouteTable {
     pub fn new(configs: &[RouteConfig]) -> RouteTable {
         let mut t = RouteTable {
-            routes: configs
-                .iter()
-                .map(|r| Route {
-                    name: r.name.clone(),
-                    host: r.host.clone(),
-                    path: r.path.clone(),
-                    pool: r.pool,
-                    strip_prefix: r.strip_prefix,
-                    preserve_host: r.preserve_host,
-                })
-                .collect(),
+            routes: configs.to_vec(),
             ..RouteTable::default()
         };
         for (i, r) in t.routes.iter().enumerate() {
