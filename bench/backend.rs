@@ -1,8 +1,12 @@
-//! `upgate-bench-backend`: a fast WebSocket echo server for the benchmark.
+//! `upgate-bench-backend`: fast WebSocket backends for the benchmark.
 //!
-//! One thread, hand-rolled framing, echoes data frames back unmasked, answers
-//! pings and closes. Listens on every `--listen` address (several loopback
+//! One thread, hand-rolled framing. On every `--listen` address it echoes
+//! data frames back unmasked and answers pings and closes (several loopback
 //! addresses let the 100k-connection scenario stay under the port range).
+//! On every `--feed` address it is a feed: each connection receives
+//! `--feed-rate` binary messages per second of `--feed-size` bytes, whose
+//! first 8 bytes are the send time (nanoseconds since the Unix epoch, little
+//! endian), so a client can measure delivery latency through a fan-out.
 
 mod proto;
 
@@ -15,7 +19,14 @@ fn accept_key(key: &[u8]) -> String {
     tokio_tungstenite::tungstenite::handshake::derive_accept_key(key)
 }
 
-async fn serve(mut s: TcpStream) -> std::io::Result<()> {
+/// What a feed connection receives.
+#[derive(Clone, Copy)]
+struct Feed {
+    rate: u32,
+    size: usize,
+}
+
+async fn serve(mut s: TcpStream, feed: Option<Feed>) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(4096);
     let n = proto::read_head(&mut s, &mut buf).await?;
@@ -40,6 +51,9 @@ async fn serve(mut s: TcpStream) -> std::io::Result<()> {
     );
     s.write_all(resp.as_bytes()).await?;
     buf.drain(..n);
+    if let Some(f) = feed {
+        return feed_loop(s, f).await;
+    }
     // Echo loop: read whatever is there, answer every complete frame in one write.
     let mut out = Vec::with_capacity(4096);
     let mut tmp = vec![0u8; 64 * 1024];
@@ -86,8 +100,60 @@ async fn serve(mut s: TcpStream) -> std::io::Result<()> {
     }
 }
 
+/// Sends timestamped messages at the feed rate; answers pings, ends on close.
+async fn feed_loop(mut s: TcpStream, f: Feed) -> std::io::Result<()> {
+    let period = std::time::Duration::from_secs_f64(1.0 / f64::from(f.rate.max(1)));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut payload = vec![b'f'; f.size.max(8)];
+    let (mut out, mut inbuf, mut tmp) = (Vec::new(), Vec::new(), [0u8; 4096]);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let ns = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                payload[..8].copy_from_slice(&ns.to_le_bytes());
+                out.clear();
+                proto::put_frame(&mut out, proto::OP_BINARY, &payload, false);
+                s.write_all(&out).await?;
+            }
+            n = s.read(&mut tmp) => {
+                let n = n?;
+                if n == 0 {
+                    return Ok(());
+                }
+                inbuf.extend_from_slice(&tmp[..n]);
+                while let Some(fr) = proto::parse(&inbuf) {
+                    let body: Vec<u8> = match fr.mask {
+                        Some(m) => inbuf[fr.start..fr.end()].iter().enumerate().map(|(i, b)| b ^ m[i & 3]).collect(),
+                        None => inbuf[fr.start..fr.end()].to_vec(),
+                    };
+                    out.clear();
+                    match fr.opcode {
+                        proto::OP_PING => proto::put_frame(&mut out, proto::OP_PONG, &body, false),
+                        proto::OP_CLOSE => {
+                            proto::put_frame(&mut out, proto::OP_CLOSE, &body, false);
+                            s.write_all(&out).await?;
+                            return Ok(());
+                        }
+                        _ => {}
+                    }
+                    s.write_all(&out).await?;
+                    inbuf.drain(..fr.end());
+                }
+            }
+        }
+    }
+}
+
 fn main() -> std::io::Result<()> {
     let mut addrs: Vec<SocketAddr> = Vec::new();
+    let mut feeds: Vec<SocketAddr> = Vec::new();
+    let mut feed = Feed {
+        rate: 10,
+        size: 100,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -97,14 +163,35 @@ fn main() -> std::io::Result<()> {
                     .ok_or_else(|| std::io::Error::other("--listen needs an address"))?;
                 addrs.push(v.parse().map_err(std::io::Error::other)?);
             }
+            "--feed" => {
+                let v = args
+                    .next()
+                    .ok_or_else(|| std::io::Error::other("--feed needs an address"))?;
+                feeds.push(v.parse().map_err(std::io::Error::other)?);
+            }
+            "--feed-rate" => {
+                let v = args
+                    .next()
+                    .ok_or_else(|| std::io::Error::other("--feed-rate needs a number"))?;
+                feed.rate = v.parse().map_err(std::io::Error::other)?;
+            }
+            "--feed-size" => {
+                let v = args
+                    .next()
+                    .ok_or_else(|| std::io::Error::other("--feed-size needs a number"))?;
+                feed.size = v.parse().map_err(std::io::Error::other)?;
+            }
             "-h" | "--help" => {
-                println!("upgate-bench-backend --listen ADDR [--listen ADDR ...]\nA fast WebSocket echo server for the benchmark.");
+                println!(
+                    "upgate-bench-backend [--listen ADDR]... [--feed ADDR]... [--feed-rate MSGS_PER_S] [--feed-size BYTES]\n\
+                     Fast WebSocket backends for the benchmark: echo on --listen, a timestamped feed on --feed."
+                );
                 return Ok(());
             }
             other => return Err(std::io::Error::other(format!("unknown argument {other}"))),
         }
     }
-    if addrs.is_empty() {
+    if addrs.is_empty() && feeds.is_empty() {
         addrs.push("127.0.0.1:9001".parse().map_err(std::io::Error::other)?);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -112,14 +199,21 @@ fn main() -> std::io::Result<()> {
         .build()?;
     rt.block_on(async move {
         let mut set = tokio::task::JoinSet::new();
-        for a in addrs {
+        let all = addrs
+            .into_iter()
+            .map(|a| (a, None))
+            .chain(feeds.into_iter().map(|a| (a, Some(feed))));
+        for (a, mode) in all {
             let l = TcpListener::bind(a).await?;
-            eprintln!("upgate-bench-backend: echo on {a}");
+            eprintln!(
+                "upgate-bench-backend: {} on {a}",
+                if mode.is_some() { "feed" } else { "echo" }
+            );
             set.spawn(async move {
                 loop {
                     if let Ok((s, _)) = l.accept().await {
                         tokio::spawn(async move {
-                            let _ = serve(s).await;
+                            let _ = serve(s, mode).await;
                         });
                     }
                 }
