@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod error;

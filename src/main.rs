@@ -121,9 +121,20 @@ fn check(file: &Path) -> Result<(), String> {
         );
     }
     for p in &c.pools {
-        let list: Vec<String> = p.backends.iter().map(|b| b.to_string()).collect();
+        let list: Vec<String> = p
+            .backends
+            .iter()
+            .map(|b| match b.weight {
+                1 => b.url.to_string(),
+                w => format!("{} (weight {w})", b.url),
+            })
+            .collect();
+        let hash = p
+            .hash_key
+            .as_ref()
+            .map_or(String::new(), |k| format!(" on {k:?}"));
         println!(
-            "pool {} ({:?}, connect_timeout {:?}): {}",
+            "pool {} ({:?}{hash}, connect_timeout {:?}): {}",
             p.name,
             p.balance,
             p.connect_timeout,

@@ -1,9 +1,10 @@
 //! Backend pools: the backends of one service, how the next one is picked,
 //! and the live-connection count each carries.
 //!
-//! Picking takes no lock and allocates nothing: a round-robin counter and
-//! per-backend counts are atomics. Failover is a walk over the backends in
-//! `try_order`, starting with the balancer's pick.
+//! Picking takes no lock and allocates nothing: counters and per-backend
+//! counts are atomics, and the failover order is built on the stack. A
+//! request walks the backends in [`Pool::try_order`], the balancer's pick
+//! first (arithmetic in [`crate::balance`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,7 +18,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_rustls::TlsConnector;
 
-use crate::config::{BackendUrl, Balance, PoolConfig};
+use crate::balance::{self, Rng};
+use crate::config::{BackendUrl, Balance, HashKey, PoolConfig, MAX_BACKENDS};
 use crate::tls::{self, TlsError};
 use crate::upstream::{self, BackendIo, ConnectError, Target};
 
@@ -27,7 +29,12 @@ pub struct Backend {
     pub url: BackendUrl,
     /// `host:port` as sent in `Host` when the route does not preserve the client's.
     pub authority: Authority,
-    /// Live upgraded sessions; `least_conn` reads it.
+    /// Relative share for `round_robin` and `hash`.
+    pub weight: u32,
+    /// Hash of the URL: this backend's identity for consistent hashing, the
+    /// same on every gateway instance.
+    id: u64,
+    /// Live upgraded sessions; `least_conn` and `p2c` read it.
     active: AtomicUsize,
 }
 
@@ -63,9 +70,14 @@ pub struct Pool {
     pub name: String,
     pub balance: Balance,
     pub connect_timeout: Duration,
+    pub hash_key: Option<HashKey>,
     backends: Box<[Arc<Backend>]>,
-    /// Round-robin position; also breaks `least_conn` ties.
+    /// Weighted round-robin sequence of backend indices.
+    schedule: Box<[u16]>,
+    /// Round-robin position; also rotates where `least_conn` starts scanning.
     next: AtomicUsize,
+    /// Random picks for `p2c`.
+    rng: Rng,
     tls: Option<TlsConnector>,
     /// Plain-HTTP requests reuse connections through this client.
     pub http: HttpClient,
@@ -90,7 +102,7 @@ pub enum PoolError {
 
 impl Pool {
     pub fn new(cfg: &PoolConfig) -> Result<Pool, PoolError> {
-        let tls = if cfg.backends.iter().any(|b| b.tls) {
+        let tls = if cfg.backends.iter().any(|b| b.url.tls) {
             let cc =
                 tls::client_config(cfg.ca_file.as_deref()).map_err(|source| PoolError::Tls {
                     pool: cfg.name.clone(),
@@ -103,7 +115,8 @@ impl Pool {
         let backends = cfg
             .backends
             .iter()
-            .map(|u| {
+            .map(|spec| {
+                let u = &spec.url;
                 let host = if u.host.contains(':') {
                     format!("[{}]", u.host)
                 } else {
@@ -120,6 +133,8 @@ impl Pool {
                 Ok(Arc::new(Backend {
                     url: u.clone(),
                     authority,
+                    weight: spec.weight,
+                    id: balance::fnv1a(u.to_string().as_bytes()),
                     active: AtomicUsize::new(0),
                 }))
             })
@@ -132,12 +147,16 @@ impl Pool {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
             .build(connector);
+        let weights: Vec<u32> = cfg.backends.iter().map(|b| b.weight).collect();
         Ok(Pool {
             name: cfg.name.clone(),
             balance: cfg.balance,
+            hash_key: cfg.hash_key.clone(),
             connect_timeout: cfg.connect_timeout,
             backends: backends.into(),
+            schedule: balance::schedule(&weights).into(),
             next: AtomicUsize::new(0),
+            rng: Rng::new(balance::fnv1a(cfg.name.as_bytes())),
             tls,
             http,
         })
@@ -147,12 +166,14 @@ impl Pool {
         &self.backends
     }
 
-    /// Index of the balancer's first choice.
+    /// Index of the balancer's first choice (for every strategy but `hash`).
     fn first(&self) -> usize {
         let n = self.backends.len();
         let rr = self.next.fetch_add(1, Ordering::Relaxed);
         match self.balance {
-            Balance::RoundRobin => rr % n,
+            Balance::RoundRobin | Balance::Hash => {
+                usize::from(self.schedule[rr % self.schedule.len()])
+            }
             Balance::LeastConn => {
                 // Scan from a rotating start so ties spread evenly.
                 let mut best = rr % n;
@@ -167,14 +188,51 @@ impl Pool {
                 }
                 best
             }
+            Balance::P2c => {
+                if n == 1 {
+                    return 0;
+                }
+                let a = self.rng.below(n);
+                let b = (a + 1 + self.rng.below(n - 1)) % n;
+                if self.backends[b].active() < self.backends[a].active() {
+                    b
+                } else {
+                    a
+                }
+            }
         }
     }
 
-    /// Every backend once, the balancer's pick first: the failover order for one request.
-    pub fn try_order(&self) -> impl Iterator<Item = &Arc<Backend>> + '_ {
+    /// Every backend once, the balancer's pick first: the failover order for
+    /// one request. `key` is the request's hash key for `balance: hash`
+    /// (without one, a hash pool falls back to weighted round robin).
+    pub fn try_order(&self, key: Option<u64>) -> Order<'_> {
         let n = self.backends.len();
-        let start = self.first();
-        (0..n).map(move |k| &self.backends[(start + k) % n])
+        let mut idx = [0u16; MAX_BACKENDS];
+        match (self.balance, key) {
+            (Balance::Hash, Some(key)) => {
+                let mut score = [0f64; MAX_BACKENDS];
+                for (i, b) in self.backends.iter().enumerate() {
+                    idx[i] = i as u16;
+                    score[i] = balance::rendezvous(key, b.id, b.weight);
+                }
+                idx[..n].sort_unstable_by(|&a, &b| {
+                    score[usize::from(b)].total_cmp(&score[usize::from(a)])
+                });
+            }
+            _ => {
+                let start = self.first();
+                for (k, slot) in idx[..n].iter_mut().enumerate() {
+                    *slot = ((start + k) % n) as u16;
+                }
+            }
+        }
+        Order {
+            pool: self,
+            idx,
+            len: n,
+            pos: 0,
+        }
     }
 
     /// Opens a connection to one backend of this pool.
@@ -185,6 +243,26 @@ impl Pool {
             tls: if b.url.tls { self.tls.as_ref() } else { None },
         };
         upstream::connect(target, self.connect_timeout).await
+    }
+}
+
+/// A failover order: an iterator over a pool's backends, built on the stack.
+pub struct Order<'a> {
+    pool: &'a Pool,
+    idx: [u16; MAX_BACKENDS],
+    len: usize,
+    pos: usize,
+}
+
+impl<'a> Iterator for Order<'a> {
+    type Item = &'a Arc<Backend>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.len {
+            return None;
+        }
+        let b = &self.pool.backends[usize::from(self.idx[self.pos])];
+        self.pos += 1;
+        Some(b)
     }
 }
 
@@ -238,22 +316,43 @@ impl tower::Service<Uri> for PoolConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::BackendSpec;
 
-    fn pool(balance: Balance, n: usize) -> Pool {
+    fn pool_w(balance: Balance, weights: &[u32]) -> Pool {
         let cfg = PoolConfig {
             name: "p".into(),
             balance,
+            hash_key: (balance == Balance::Hash).then_some(HashKey::Ip),
             connect_timeout: Duration::from_secs(1),
-            backends: (0..n)
-                .map(|i| format!("ws://127.0.0.1:{}", 9000 + i).parse().unwrap())
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &weight)| BackendSpec {
+                    url: format!("ws://127.0.0.1:{}", 9000 + i).parse().unwrap(),
+                    weight,
+                })
                 .collect(),
             ca_file: None,
         };
         Pool::new(&cfg).unwrap()
     }
 
+    fn pool(balance: Balance, n: usize) -> Pool {
+        pool_w(balance, &vec![1; n])
+    }
+
     fn first_port(p: &Pool) -> u16 {
-        p.try_order().next().unwrap().url.port
+        p.try_order(None).next().unwrap().url.port
+    }
+
+    /// Picks per backend over `n` requests.
+    fn counts(p: &Pool, n: usize, key: impl Fn(usize) -> Option<u64>) -> Vec<usize> {
+        let mut c = vec![0; p.backends().len()];
+        for i in 0..n {
+            let port = p.try_order(key(i)).next().unwrap().url.port;
+            c[usize::from(port - 9000)] += 1;
+        }
+        c
     }
 
     #[tokio::test]
@@ -261,10 +360,39 @@ mod tests {
         let p = pool(Balance::RoundRobin, 3);
         let firsts: Vec<u16> = (0..6).map(|_| first_port(&p)).collect();
         assert_eq!(firsts, [9000, 9001, 9002, 9000, 9001, 9002]);
-        let order: Vec<u16> = p.try_order().map(|b| b.url.port).collect();
-        let mut sorted = order.clone();
-        sorted.sort();
-        assert_eq!(sorted, [9000, 9001, 9002]);
+        for balance in [
+            Balance::RoundRobin,
+            Balance::LeastConn,
+            Balance::P2c,
+            Balance::Hash,
+        ] {
+            let p = pool(balance, 5);
+            for key in [None, Some(42)] {
+                let mut order: Vec<u16> = p.try_order(key).map(|b| b.url.port).collect();
+                order.sort();
+                assert_eq!(order, [9000, 9001, 9002, 9003, 9004], "{balance:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn weighted_round_robin_is_exact_over_10000_picks() {
+        let p = pool_w(Balance::RoundRobin, &[5, 3, 2]);
+        assert_eq!(counts(&p, 10_000, |_| None), [5_000, 3_000, 2_000]);
+    }
+
+    #[tokio::test]
+    async fn p2c_spreads_evenly_and_avoids_the_loaded() {
+        let p = pool(Balance::P2c, 4);
+        // Idle pool: within ±10 % of 2,500 each over 10,000 picks.
+        for c in counts(&p, 10_000, |_| None) {
+            assert!((2_250..=2_750).contains(&c), "{c}");
+        }
+        // A loaded backend is picked only when both random choices are it: never, with two distinct picks.
+        let _g: Vec<BackendGuard> = (0..10)
+            .map(|_| BackendGuard::new(p.backends()[0].clone()))
+            .collect();
+        assert_eq!(counts(&p, 10_000, |_| None)[0], 0);
     }
 
     #[tokio::test]
@@ -288,5 +416,46 @@ mod tests {
         // Guards released on drop: back to the emptiest.
         assert_eq!(p.backends()[2].active(), 0);
         assert_eq!(first_port(&p), 9002);
+    }
+
+    fn key(i: usize) -> Option<u64> {
+        Some(balance::fnv1a(format!("user-{i}").as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn hash_is_fair_weighted_and_the_same_on_every_instance() {
+        let a = pool_w(Balance::Hash, &[1, 1, 1, 1]);
+        let b = pool_w(Balance::Hash, &[1, 1, 1, 1]); // a second gateway, same config
+        for c in counts(&a, 10_000, key) {
+            assert!((2_250..=2_750).contains(&c), "{c}");
+        }
+        for i in 0..1_000 {
+            let pa = a.try_order(key(i)).map(|x| x.url.port).collect::<Vec<_>>();
+            let pb = b.try_order(key(i)).map(|x| x.url.port).collect::<Vec<_>>();
+            assert_eq!(pa, pb, "instances disagree on key {i}");
+        }
+        let w = pool_w(Balance::Hash, &[1, 3]);
+        let c = counts(&w, 10_000, key);
+        assert!((2_250..=2_750).contains(&c[0]), "{c:?}");
+    }
+
+    #[tokio::test]
+    async fn removing_one_of_five_backends_moves_only_its_keys() {
+        let five = pool(Balance::Hash, 5);
+        // The same backends without the last one (URLs, hence identities, unchanged).
+        let four = pool(Balance::Hash, 4);
+        let n = 10_000;
+        let mut moved = 0;
+        for i in 0..n {
+            let before = five.try_order(key(i)).next().unwrap().url.port;
+            let after = four.try_order(key(i)).next().unwrap().url.port;
+            if before != after {
+                assert_eq!(before, 9004, "a key moved although its backend stayed");
+                moved += 1;
+            }
+        }
+        let fraction = moved as f64 / n as f64;
+        // Ideal 1/5; allow 0.15–0.25.
+        assert!((0.15..=0.25).contains(&fraction), "moved {fraction}");
     }
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{Config, ServerSettings};
+use crate::config::{Config, HashKey, ServerSettings};
 use crate::error::{BackendError, Body, ProxyError};
 use crate::pool::{self, Backend, BackendGuard, Pool, PoolError};
 use crate::router::{self, Route, RouteTable};
@@ -118,6 +118,32 @@ where
     tower::ServiceExt::oneshot(http, req).await
 }
 
+/// The request's key for `balance: hash`; `None` (a missing header, cookie
+/// or parameter, or another strategy) lets the pool use its round robin.
+fn hash_key(pool: &Pool, conn: &ConnInfo, headers: &HeaderMap, uri: &Uri) -> Option<u64> {
+    use crate::balance::fnv1a;
+    match pool.hash_key.as_ref()? {
+        HashKey::Ip => Some(match conn.peer.ip() {
+            std::net::IpAddr::V4(a) => fnv1a(&a.octets()),
+            std::net::IpAddr::V6(a) => fnv1a(&a.octets()),
+        }),
+        HashKey::Header(name) => headers.get(name).map(|v| fnv1a(v.as_bytes())),
+        HashKey::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(';'))
+            .find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == name).then(|| fnv1a(v.as_bytes()))
+            }),
+        HashKey::Query(name) => uri.query()?.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == name).then(|| fnv1a(v.as_bytes()))
+        }),
+    }
+}
+
 /// `base` + the route's (optionally stripped) path + the query.
 fn backend_path(route: &Route, backend: &Backend, uri: &Uri) -> Result<PathAndQuery, http::Error> {
     let path = if route.strip_prefix {
@@ -179,9 +205,10 @@ async fn upgrade(
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     let settings = &snapshot.settings;
 
+    let key = hash_key(pool, conn, req.headers(), req.uri());
     let mut tried = 0;
     let mut last = None;
-    for backend in pool.try_order() {
+    for backend in pool.try_order(key) {
         tried += 1;
         set_host(&mut headers, route, client_host, backend);
         let pq = backend_path(route, backend, req.uri())
@@ -268,7 +295,8 @@ async fn forward(
     let mut body = Some(body.map_err(Into::into).boxed_unsync());
     let mut tried = 0;
     let mut last = None;
-    for backend in pool.try_order() {
+    let key = hash_key(pool, conn, &parts.headers, &parts.uri);
+    for backend in pool.try_order(key) {
         let Some(b) = body.take() else { break };
         tried += 1;
         set_host(&mut headers, route, client_host.as_deref(), backend);

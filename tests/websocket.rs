@@ -313,3 +313,33 @@ async fn a_backend_refusing_the_upgrade_has_its_answer_relayed() {
         e => panic!("expected the backend's 403, got {e}"),
     }
 }
+
+#[tokio::test]
+async fn hash_balancing_agrees_across_gateways() {
+    let be = echo_backends(&["a", "b", "c"]).await;
+    let list: Vec<String> = be.addrs.iter().map(|a| format!("ws://{a}")).collect();
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  p:\n    balance: hash\n    hash_key: header:x-user\n    backends: [{}]\nroutes:\n  - {{ name: r, pool: p }}\n",
+        list.join(", ")
+    );
+    // Two independent gateways, as several instances behind one DNS name.
+    let g1 = gateway(&yaml).await;
+    let g2 = gateway(&yaml).await;
+    let mut spread = std::collections::HashSet::new();
+    for user in 0..12 {
+        let h = format!("user-{user}");
+        let mut picks = Vec::new();
+        for gw in [&g1, &g2, &g1] {
+            let mut ws = ws_with(gw.addr(), "h", "/", &[("x-user", h.as_str())])
+                .await
+                .unwrap();
+            picks.push(backend_of(&whoami(&mut ws).await).to_string());
+        }
+        assert!(
+            picks.iter().all(|p| *p == picks[0]),
+            "user {user}: {picks:?}"
+        );
+        spread.insert(picks[0].clone());
+    }
+    assert!(spread.len() >= 2, "12 users all on one backend: {spread:?}");
+}

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use raw::{BackendUrl, Balance, HostPattern};
+pub use raw::{BackendUrl, Balance, HashKey, HostPattern};
 
 use locate::{locate, Seg};
 use raw::RawConfig;
@@ -76,10 +76,23 @@ pub struct CertFiles {
 pub struct PoolConfig {
     pub name: String,
     pub balance: Balance,
+    /// Set exactly when `balance` is `hash`.
+    pub hash_key: Option<HashKey>,
     pub connect_timeout: Duration,
-    pub backends: Vec<BackendUrl>,
+    pub backends: Vec<BackendSpec>,
     pub ca_file: Option<PathBuf>,
 }
+
+/// One backend of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub url: BackendUrl,
+    /// Relative share for `round_robin` and `hash` (1–1000).
+    pub weight: u32,
+}
+
+/// Most backends in one pool (the balancers order them on the stack).
+pub const MAX_BACKENDS: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
@@ -268,6 +281,41 @@ impl Config {
                     "list at least one backend, e.g. `- ws://127.0.0.1:9001`",
                 ));
             }
+            if p.backends.len() > MAX_BACKENDS {
+                return Err(cx.err(
+                    &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("backends")],
+                    format!("at most {MAX_BACKENDS} backends per pool"),
+                ));
+            }
+            for (i, b) in p.backends.iter().enumerate() {
+                if p.backends[..i].iter().any(|x| x.url == b.url) {
+                    return Err(cx.err(
+                        &[
+                            Seg::Key("pools"),
+                            Seg::Key(&name),
+                            Seg::Key("backends"),
+                            Seg::Index(i),
+                        ],
+                        format!(
+                            "backend {} is listed twice; use `weight` to give it a larger share",
+                            b.url
+                        ),
+                    ));
+                }
+            }
+            match (p.balance, &p.hash_key) {
+                (Balance::Hash, None) => return Err(cx.err(
+                    &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("balance")],
+                    "`balance: hash` needs `hash_key: ip | header:NAME | cookie:NAME | query:NAME`",
+                )),
+                (b, Some(_)) if b != Balance::Hash => {
+                    return Err(cx.err(
+                        &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("hash_key")],
+                        "`hash_key` is only used with `balance: hash`",
+                    ))
+                }
+                _ => {}
+            }
             let connect_timeout = p.connect_timeout.map_or(Duration::from_secs(5), |d| d.0);
             if connect_timeout.is_zero() {
                 return Err(cx.err(
@@ -291,8 +339,16 @@ impl Config {
             pools.push(PoolConfig {
                 name,
                 balance: p.balance,
+                hash_key: p.hash_key,
                 connect_timeout,
-                backends: p.backends,
+                backends: p
+                    .backends
+                    .into_iter()
+                    .map(|b| BackendSpec {
+                        url: b.url,
+                        weight: b.weight,
+                    })
+                    .collect(),
                 ca_file,
             });
         }
@@ -461,6 +517,53 @@ routes:
         assert!(e.contains("could never match"), "{e}");
         let e = err(&OK.replace("  ticker:\n", "  chat:\n"));
         assert!(e.contains("duplicate pool name `chat`"), "{e}");
+    }
+
+    #[test]
+    fn weights_and_hash_keys() {
+        let y = OK
+            .replace(
+                "    balance: least_conn\n",
+                "    balance: hash\n    hash_key: header:X-User\n",
+            )
+            .replace(
+                "'ws://127.0.0.1:9002'",
+                "{ url: 'ws://127.0.0.1:9002', weight: 3 }",
+            );
+        let c = parse(&y).unwrap();
+        assert_eq!(c.pools[0].balance, Balance::Hash);
+        assert_eq!(
+            c.pools[0].hash_key,
+            Some(HashKey::Header(http::HeaderName::from_static("x-user")))
+        );
+        assert_eq!(c.pools[0].backends[1].weight, 3);
+        assert_eq!(c.pools[0].backends[0].weight, 1);
+
+        let e = err(&OK.replace("least_conn", "hash"));
+        assert!(
+            e.starts_with("t/routes.yaml:5: pools.chat.balance:") && e.contains("needs `hash_key"),
+            "{e}"
+        );
+        let e = err(&OK.replace("    balance: least_conn\n", "    hash_key: ip\n"));
+        assert!(
+            e.contains("pools.chat.hash_key") && e.contains("only used with"),
+            "{e}"
+        );
+        let e = err(&OK.replace("least_conn", "hash\n    hash_key: body"));
+        assert!(
+            e.starts_with("t/routes.yaml:6:") && e.contains("hash_key `body`"),
+            "{e}"
+        );
+        let e = err(&OK.replace(
+            "'ws://127.0.0.1:9002'",
+            "{ url: 'ws://127.0.0.1:9002', weight: 0 }",
+        ));
+        assert!(
+            e.starts_with("t/routes.yaml:7:") && e.contains("between 1 and 1000"),
+            "{e}"
+        );
+        let e = err(&OK.replace("'ws://127.0.0.1:9002'", "'ws://127.0.0.1:9001'"));
+        assert!(e.contains("listed twice"), "{e}");
     }
 
     #[test]

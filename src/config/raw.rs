@@ -58,7 +58,9 @@ pub struct RawPool {
     #[serde(default)]
     pub balance: Balance,
     pub connect_timeout: Option<Dur>,
-    pub backends: Vec<BackendUrl>,
+    /// For `balance: hash`: what in the request is hashed.
+    pub hash_key: Option<HashKey>,
+    pub backends: Vec<RawBackend>,
     /// PEM file of CA certificates trusted for `wss://` backends, instead of the system roots.
     pub ca_file: Option<PathBuf>,
 }
@@ -80,9 +82,100 @@ pub struct RawRoute {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
+    /// Weighted round robin.
     #[default]
     RoundRobin,
+    /// Fewest live sessions.
     LeastConn,
+    /// Power of two random choices on live sessions.
+    P2c,
+    /// Consistent (rendezvous) hashing of `hash_key`.
+    Hash,
+}
+
+/// What `balance: hash` hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's IP address.
+    Ip,
+    /// A request header (the whole value).
+    Header(http::HeaderName),
+    /// A cookie's value.
+    Cookie(String),
+    /// A query parameter's value.
+    Query(String),
+}
+
+impl FromStr for HashKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("hash_key `{s}` must be `ip`, `header:NAME`, `cookie:NAME` or `query:NAME`");
+        if s == "ip" {
+            return Ok(HashKey::Ip);
+        }
+        let (kind, name) = s.split_once(':').ok_or_else(bad)?;
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(bad());
+        }
+        match kind.trim() {
+            "header" => http::HeaderName::from_bytes(name.as_bytes())
+                .map(HashKey::Header)
+                .map_err(|_| format!("hash_key `{s}`: `{name}` is not a valid header name")),
+            "cookie" => Ok(HashKey::Cookie(name.to_string())),
+            "query" => Ok(HashKey::Query(name.to_string())),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// A backend as written: a URL, or `{ url: URL, weight: N }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawBackend {
+    pub url: BackendUrl,
+    pub weight: u32,
+}
+
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = RawBackend;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a backend URL, or `{ url: URL, weight: N }`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend {
+                    url: v.parse().map_err(E::custom)?,
+                    weight: 1,
+                })
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut a: A) -> Result<RawBackend, A::Error> {
+                let (mut url, mut weight) = (None, None);
+                while let Some(k) = a.next_key::<String>()? {
+                    match k.as_str() {
+                        "url" => url = Some(a.next_value::<BackendUrl>()?),
+                        "weight" => {
+                            let w: u32 = a.next_value()?;
+                            if !(1..=1000).contains(&w) {
+                                return Err(de::Error::custom(format!(
+                                    "weight {w} must be between 1 and 1000"
+                                )));
+                            }
+                            weight = Some(w);
+                        }
+                        other => return Err(de::Error::unknown_field(other, &["url", "weight"])),
+                    }
+                }
+                Ok(RawBackend {
+                    url: url.ok_or_else(|| de::Error::missing_field("url"))?,
+                    weight: weight.unwrap_or(1),
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A duration written as `250ms`, `2s`, `5m` or `1h`.
@@ -148,6 +241,10 @@ deserialize_from_str!(
     "a host such as `chat.example.com` or `*.example.com`"
 );
 deserialize_from_str!(PathPrefix, "a path prefix starting with `/`");
+deserialize_from_str!(
+    HashKey,
+    "`ip`, `header:NAME`, `cookie:NAME` or `query:NAME`"
+);
 
 /// A backend address: `ws://host:port[/base]` or `wss://host:port[/base]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
