@@ -56,6 +56,8 @@ pub enum ProxyError {
     },
     #[error("backend failed: {0}")]
     Backend(#[source] BackendError),
+    #[error("no backend of pool `{pool}` is available (all down or ejected)")]
+    Unavailable { pool: String, retry_after: Duration },
 }
 
 impl ProxyError {
@@ -63,6 +65,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
                 StatusCode::UPGRADE_REQUIRED
             }
@@ -95,11 +98,20 @@ impl ProxyError {
                 status.canonical_reason().unwrap_or("")
             ),
         );
-        if let ProxyError::Handshake(HandshakeError::UnsupportedVersion) = self {
-            resp.headers_mut().insert(
-                header::SEC_WEBSOCKET_VERSION,
-                HeaderValue::from_static("13"),
-            );
+        match self {
+            ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
+                resp.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            ProxyError::Unavailable { retry_after, .. } => {
+                resp.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after.as_secs().max(1)),
+                );
+            }
+            _ => {}
         }
         resp
     }

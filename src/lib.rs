@@ -17,9 +17,11 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod checker;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod health;
 pub mod pool;
 pub mod proxy;
 pub mod router;

@@ -19,7 +19,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_rustls::TlsConnector;
 
 use crate::balance::{self, Rng};
-use crate::config::{BackendUrl, Balance, HashKey, PoolConfig, MAX_BACKENDS};
+use crate::config::{BackendUrl, Balance, HashKey, HealthCheck, PoolConfig, MAX_BACKENDS};
+use crate::health::{Health, PassivePolicy};
 use crate::tls::{self, TlsError};
 use crate::upstream::{self, BackendIo, ConnectError, Target};
 
@@ -34,6 +35,9 @@ pub struct Backend {
     /// Hash of the URL: this backend's identity for consistent hashing, the
     /// same on every gateway instance.
     id: u64,
+    /// Out of rotation for new sessions (`drain: true`); live ones continue.
+    pub drain: bool,
+    pub health: Health,
     /// Live upgraded sessions; `least_conn` and `p2c` read it.
     active: AtomicUsize,
 }
@@ -71,6 +75,10 @@ pub struct Pool {
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub hash_key: Option<HashKey>,
+    pub health: Option<HealthCheck>,
+    pub passive: PassivePolicy,
+    /// Try every backend when none is available, instead of answering 503.
+    pub fail_open: bool,
     backends: Box<[Arc<Backend>]>,
     /// Weighted round-robin sequence of backend indices.
     schedule: Box<[u16]>,
@@ -112,6 +120,7 @@ impl Pool {
         } else {
             None
         };
+        let born = tokio::time::Instant::now();
         let backends = cfg
             .backends
             .iter()
@@ -135,6 +144,8 @@ impl Pool {
                     authority,
                     weight: spec.weight,
                     id: balance::fnv1a(u.to_string().as_bytes()),
+                    drain: spec.drain,
+                    health: Health::new(born),
                     active: AtomicUsize::new(0),
                 }))
             })
@@ -152,6 +163,9 @@ impl Pool {
             name: cfg.name.clone(),
             balance: cfg.balance,
             hash_key: cfg.hash_key.clone(),
+            health: cfg.health.clone(),
+            passive: cfg.passive,
+            fail_open: cfg.fail_open,
             connect_timeout: cfg.connect_timeout,
             backends: backends.into(),
             schedule: balance::schedule(&weights).into(),
@@ -227,22 +241,60 @@ impl Pool {
                 }
             }
         }
+        // Unavailable (down, ejected) and draining backends are skipped; with
+        // `fail_open`, a pool with none available tries all but the draining.
+        let usable = |b: &Backend, all: bool| !b.drain && (all || b.health.available());
+        let all = self.fail_open && !self.backends.iter().any(|b| usable(b, false));
+        let mut len = 0;
+        for k in 0..n {
+            let i = idx[k];
+            if usable(&self.backends[usize::from(i)], all) {
+                idx[len] = i;
+                len += 1;
+            }
+        }
         Order {
             pool: self,
             idx,
-            len: n,
+            len,
             pos: 0,
         }
     }
 
-    /// Opens a connection to one backend of this pool.
+    /// When an unavailable pool is worth retrying: the soonest end of an
+    /// ejection, or the next active check.
+    pub fn retry_after(&self) -> Duration {
+        let ejection = self
+            .backends
+            .iter()
+            .filter_map(|b| b.health.ejected_for())
+            .min();
+        let check = self.health.as_ref().map(|h| h.interval);
+        ejection
+            .into_iter()
+            .chain(check)
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_secs(1))
+    }
+
+    /// Opens a connection to one backend of this pool, within its connect timeout.
     pub async fn connect(&self, b: &Backend) -> Result<BackendIo, ConnectError> {
+        self.connect_within(b, self.connect_timeout).await
+    }
+
+    /// Opens a connection to one backend of this pool within `timeout`.
+    pub async fn connect_within(
+        &self,
+        b: &Backend,
+        timeout: Duration,
+    ) -> Result<BackendIo, ConnectError> {
         let target = Target {
             host: &b.url.host,
             port: b.url.port,
             tls: if b.url.tls { self.tls.as_ref() } else { None },
         };
-        upstream::connect(target, self.connect_timeout).await
+        upstream::connect(target, timeout).await
     }
 }
 
@@ -330,9 +382,16 @@ mod tests {
                 .map(|(i, &weight)| BackendSpec {
                     url: format!("ws://127.0.0.1:{}", 9000 + i).parse().unwrap(),
                     weight,
+                    drain: false,
                 })
                 .collect(),
             ca_file: None,
+            health: None,
+            passive: PassivePolicy {
+                eject_after: 2,
+                eject_for: Duration::from_secs(10),
+            },
+            fail_open: false,
         };
         Pool::new(&cfg).unwrap()
     }

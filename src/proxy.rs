@@ -227,6 +227,8 @@ async fn upgrade(
         };
         match attempt.await {
             Ok((io, answer)) => {
+                // A 5xx answer to the upgrade counts against the backend (it is still relayed).
+                note_outcome(pool, backend, !answer.status.is_server_error());
                 let mut headers = answer.headers;
                 if answer.status != StatusCode::SWITCHING_PROTOCOLS {
                     info!(backend = %backend.url, status = answer.status.as_u16(), "backend refused the upgrade");
@@ -252,15 +254,34 @@ async fn upgrade(
             }
             Err(e) => {
                 warn!(backend = %backend.url, failure = e.kind(), error = %e, "backend failed, trying the next");
+                note_outcome(pool, backend, false);
                 last = Some(e);
             }
         }
+    }
+    if tried == 0 {
+        return Err(ProxyError::Unavailable {
+            pool: pool.name.clone(),
+            retry_after: pool.retry_after(),
+        });
     }
     Err(ProxyError::NoBackend {
         pool: pool.name.clone(),
         tried,
         last: last.unwrap_or(BackendError::Timeout(Duration::ZERO)),
     })
+}
+
+/// Feeds a real attempt's outcome to the backend's passive health check.
+fn note_outcome(pool: &Pool, backend: &Backend, ok: bool) {
+    if backend.health.record_request(ok, pool.passive) {
+        warn!(
+            pool = %pool.name,
+            backend = %backend.url,
+            ejected_for = ?backend.health.ejected_for(),
+            "backend ejected after consecutive failures"
+        );
+    }
 }
 
 /// The plain-HTTP proxy, run inside the tower middleware stack.
@@ -315,15 +336,20 @@ async fn forward(
         *out.headers_mut() = headers.clone();
         match pool.http.request(out).await {
             Ok(mut resp) => {
+                note_outcome(pool, backend, true);
                 ws::strip_hop_by_hop(resp.headers_mut());
                 return Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync()));
             }
             Err(e) if e.is_connect() && retryable => {
                 warn!(backend = %backend.url, error = %e, "backend unreachable, trying the next");
+                note_outcome(pool, backend, false);
                 body = Some(crate::error::empty());
                 last = Some(BackendError::Client(e));
             }
             Err(e) => {
+                if e.is_connect() {
+                    note_outcome(pool, backend, false);
+                }
                 let err = BackendError::Client(e);
                 return Err(if tried == 1 && last.is_none() {
                     ProxyError::Backend(err)
@@ -336,6 +362,12 @@ async fn forward(
                 });
             }
         }
+    }
+    if tried == 0 {
+        return Err(ProxyError::Unavailable {
+            pool: pool.name.clone(),
+            retry_after: pool.retry_after(),
+        });
     }
     Err(ProxyError::NoBackend {
         pool: pool.name.clone(),

@@ -123,6 +123,11 @@ impl Gateway {
         let limit = Arc::new(Semaphore::new(self.settings.max_connections));
         let builders = Arc::new(http_builders(&self.settings));
         let http = http_service(&self.settings);
+        crate::checker::spawn(
+            &self.shared.snapshot.load().pools,
+            &self.shared.tasks,
+            &stop,
+        );
         let mut accepts = tokio::task::JoinSet::new();
         for l in self.listeners {
             let cx = AcceptCx {

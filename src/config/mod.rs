@@ -81,6 +81,29 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     pub backends: Vec<BackendSpec>,
     pub ca_file: Option<PathBuf>,
+    /// Active checks, when configured.
+    pub health: Option<HealthCheck>,
+    pub passive: crate::health::PassivePolicy,
+    pub fail_open: bool,
+}
+
+/// How a pool's backends are probed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub kind: CheckKind,
+    pub thresholds: crate::health::Thresholds,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect (and TLS handshake for `wss://`).
+    Connect,
+    /// `GET path` expecting a 2xx answer.
+    Http(String),
+    /// A WebSocket handshake at the path, expecting 101.
+    WebSocket(String),
 }
 
 /// One backend of a pool.
@@ -89,6 +112,7 @@ pub struct BackendSpec {
     pub url: BackendUrl,
     /// Relative share for `round_robin` and `hash` (1–1000).
     pub weight: u32,
+    pub drain: bool,
 }
 
 /// Most backends in one pool (the balancers order them on the stack).
@@ -316,6 +340,48 @@ impl Config {
                 }
                 _ => {}
             }
+            let health = match p.health {
+                None => None,
+                Some(h) => {
+                    let path = h.path.clone().unwrap_or_else(|| "/".into());
+                    if !path.starts_with('/') {
+                        return Err(cx.err(
+                            &[
+                                Seg::Key("pools"),
+                                Seg::Key(&name),
+                                Seg::Key("health"),
+                                Seg::Key("path"),
+                            ],
+                            "must start with `/`",
+                        ));
+                    }
+                    let interval = h.interval.map_or(Duration::from_secs(5), |d| d.0);
+                    let timeout = h.timeout.map_or(Duration::from_secs(2), |d| d.0);
+                    if interval.is_zero() || timeout.is_zero() {
+                        return Err(cx.err(
+                            &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("health")],
+                            "interval and timeout must be above zero",
+                        ));
+                    }
+                    Some(HealthCheck {
+                        interval,
+                        timeout,
+                        kind: match (h.ws, h.path) {
+                            (true, _) => CheckKind::WebSocket(path),
+                            (false, Some(p)) => CheckKind::Http(p),
+                            (false, None) => CheckKind::Connect,
+                        },
+                        thresholds: crate::health::Thresholds {
+                            healthy_after: h.healthy_after.unwrap_or(2).max(1),
+                            unhealthy_after: h.unhealthy_after.unwrap_or(3).max(1),
+                        },
+                    })
+                }
+            };
+            let passive = crate::health::PassivePolicy {
+                eject_after: p.eject_after.unwrap_or(5),
+                eject_for: p.eject_for.map_or(Duration::from_secs(10), |d| d.0),
+            };
             let connect_timeout = p.connect_timeout.map_or(Duration::from_secs(5), |d| d.0);
             if connect_timeout.is_zero() {
                 return Err(cx.err(
@@ -347,9 +413,13 @@ impl Config {
                     .map(|b| BackendSpec {
                         url: b.url,
                         weight: b.weight,
+                        drain: b.drain,
                     })
                     .collect(),
                 ca_file,
+                health,
+                passive,
+                fail_open: p.fail_open,
             });
         }
 

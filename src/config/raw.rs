@@ -63,6 +63,27 @@ pub struct RawPool {
     pub backends: Vec<RawBackend>,
     /// PEM file of CA certificates trusted for `wss://` backends, instead of the system roots.
     pub ca_file: Option<PathBuf>,
+    pub health: Option<RawHealth>,
+    /// Passive checks: consecutive failures that eject a backend (0 turns them off).
+    pub eject_after: Option<u32>,
+    pub eject_for: Option<Dur>,
+    /// Try every backend even when all are marked down, instead of answering 503.
+    #[serde(default)]
+    pub fail_open: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub interval: Option<Dur>,
+    pub timeout: Option<Dur>,
+    /// HTTP GET expecting 2xx; without it a TCP connect (or `ws: true`) is the check.
+    pub path: Option<String>,
+    /// Check with a real WebSocket handshake (at `path`, or `/`).
+    #[serde(default)]
+    pub ws: bool,
+    pub healthy_after: Option<u32>,
+    pub unhealthy_after: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,11 +151,13 @@ impl FromStr for HashKey {
     }
 }
 
-/// A backend as written: a URL, or `{ url: URL, weight: N }`.
+/// A backend as written: a URL, or `{ url: URL, weight: N, drain: BOOL }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawBackend {
     pub url: BackendUrl,
     pub weight: u32,
+    /// Out of rotation for new sessions; live ones continue.
+    pub drain: bool,
 }
 
 impl<'de> Deserialize<'de> for RawBackend {
@@ -149,10 +172,11 @@ impl<'de> Deserialize<'de> for RawBackend {
                 Ok(RawBackend {
                     url: v.parse().map_err(E::custom)?,
                     weight: 1,
+                    drain: false,
                 })
             }
             fn visit_map<A: de::MapAccess<'de>>(self, mut a: A) -> Result<RawBackend, A::Error> {
-                let (mut url, mut weight) = (None, None);
+                let (mut url, mut weight, mut drain) = (None, None, false);
                 while let Some(k) = a.next_key::<String>()? {
                     match k.as_str() {
                         "url" => url = Some(a.next_value::<BackendUrl>()?),
@@ -165,12 +189,19 @@ impl<'de> Deserialize<'de> for RawBackend {
                             }
                             weight = Some(w);
                         }
-                        other => return Err(de::Error::unknown_field(other, &["url", "weight"])),
+                        "drain" => drain = a.next_value()?,
+                        other => {
+                            return Err(de::Error::unknown_field(
+                                other,
+                                &["url", "weight", "drain"],
+                            ))
+                        }
                     }
                 }
                 Ok(RawBackend {
                     url: url.ok_or_else(|| de::Error::missing_field("url"))?,
                     weight: weight.unwrap_or(1),
+                    drain,
                 })
             }
         }

@@ -1,0 +1,83 @@
+//! Active health checks: one task per pool with `health:` configured, probing
+//! every backend each interval (with ±10 % jitter, so pools and gateways do
+//! not probe in step) and feeding the results to each backend's [`Health`].
+//!
+//! [`Health`]: crate::health::Health
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::balance::{fnv1a, Rng};
+use crate::config::{CheckKind, HealthCheck};
+use crate::health::Flip;
+use crate::pool::{Backend, Pool};
+
+/// Starts the checks of every pool that has them; they end when `stop` is cancelled.
+pub fn spawn(pools: &[Arc<Pool>], tasks: &TaskTracker, stop: &CancellationToken) {
+    for pool in pools {
+        if let Some(check) = pool.health.clone() {
+            tasks.spawn(run(pool.clone(), check, stop.clone()));
+        }
+    }
+}
+
+async fn run(pool: Arc<Pool>, check: HealthCheck, stop: CancellationToken) {
+    let rng = Rng::new(fnv1a(pool.name.as_bytes()) ^ u64::from(std::process::id()));
+    loop {
+        let jitter = 0.9 + 0.2 * (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+        tokio::select! {
+            _ = tokio::time::sleep(check.interval.mul_f64(jitter)) => {}
+            _ = stop.cancelled() => return,
+        }
+        let probes = pool
+            .backends()
+            .iter()
+            .map(|b| probe(&pool, b, &check.kind, check.timeout));
+        let results = futures_util::future::join_all(probes).await;
+        for (b, ok) in pool.backends().iter().zip(results) {
+            match b.health.record_check(ok, check.thresholds) {
+                Some(Flip::Down) => {
+                    warn!(pool = %pool.name, backend = %b.url, "backend marked down by health checks")
+                }
+                Some(Flip::Up) => {
+                    info!(pool = %pool.name, backend = %b.url, "backend marked up by health checks")
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// One probe: true when the backend answered as the check expects, in time.
+pub async fn probe(pool: &Pool, b: &Backend, kind: &CheckKind, timeout: Duration) -> bool {
+    let attempt = async {
+        let mut io = pool.connect_within(b, timeout).await.ok()?;
+        let head = match kind {
+            CheckKind::Connect => return Some(true),
+            CheckKind::Http(path) => format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: upgate-health\r\nConnection: close\r\n\r\n",
+                b.authority
+            ),
+            CheckKind::WebSocket(path) => format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: upgate-health\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dXBnYXRlIGhlYWx0aCBrZXk=\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                b.authority
+            ),
+        };
+        let answer = crate::upgrade::exchange(&mut io, head.as_bytes(), timeout, 16 * 1024)
+            .await
+            .ok()?;
+        Some(match kind {
+            CheckKind::WebSocket(_) => answer.status == http::StatusCode::SWITCHING_PROTOCOLS,
+            _ => answer.status.is_success(),
+        })
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
