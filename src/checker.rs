@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::balance::{fnv1a, Rng};
-use crate::config::{CheckKind, HealthCheck};
+use crate::config::{CheckKind, HealthCheck, OnBackendDown};
 use crate::health::Flip;
 use crate::pool::{Backend, Pool};
 
@@ -41,7 +41,11 @@ async fn run(pool: Arc<Pool>, check: HealthCheck, stop: CancellationToken) {
         for (b, ok) in pool.backends().iter().zip(results) {
             match b.health.record_check(ok, check.thresholds) {
                 Some(Flip::Down) => {
-                    warn!(pool = %pool.name, backend = %b.url, "backend marked down by health checks")
+                    let close = pool.on_backend_down == OnBackendDown::Close;
+                    warn!(pool = %pool.name, backend = %b.url, live = b.active(), closing = close, "backend marked down by health checks");
+                    if close {
+                        b.signal_down();
+                    }
                 }
                 Some(Flip::Up) => {
                     info!(pool = %pool.name, backend = %b.url, "backend marked up by health checks")

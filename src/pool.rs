@@ -38,6 +38,9 @@ pub struct Backend {
     /// Out of rotation for new sessions (`drain: true`); live ones continue.
     pub drain: bool,
     pub health: Health,
+    /// Cancelled (and replaced) when active checks mark this backend down:
+    /// sessions that hold the current token close.
+    down: arc_swap::ArcSwap<tokio_util::sync::CancellationToken>,
     /// Live upgraded sessions; `least_conn` and `p2c` read it.
     active: AtomicUsize,
 }
@@ -45,6 +48,19 @@ pub struct Backend {
 impl Backend {
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// A token cancelled when this backend is next marked down.
+    pub fn down_token(&self) -> tokio_util::sync::CancellationToken {
+        (**self.down.load()).clone()
+    }
+
+    /// Closes the sessions holding the current token; later sessions get a new one.
+    pub fn signal_down(&self) {
+        let old = self
+            .down
+            .swap(Arc::new(tokio_util::sync::CancellationToken::new()));
+        old.cancel();
     }
 }
 
@@ -79,6 +95,7 @@ pub struct Pool {
     pub passive: PassivePolicy,
     /// Try every backend when none is available, instead of answering 503.
     pub fail_open: bool,
+    pub on_backend_down: crate::config::OnBackendDown,
     backends: Box<[Arc<Backend>]>,
     /// Weighted round-robin sequence of backend indices.
     schedule: Box<[u16]>,
@@ -146,6 +163,9 @@ impl Pool {
                     id: balance::fnv1a(u.to_string().as_bytes()),
                     drain: spec.drain,
                     health: Health::new(born),
+                    down: arc_swap::ArcSwap::from_pointee(
+                        tokio_util::sync::CancellationToken::new(),
+                    ),
                     active: AtomicUsize::new(0),
                 }))
             })
@@ -166,6 +186,7 @@ impl Pool {
             health: cfg.health.clone(),
             passive: cfg.passive,
             fail_open: cfg.fail_open,
+            on_backend_down: cfg.on_backend_down,
             connect_timeout: cfg.connect_timeout,
             backends: backends.into(),
             schedule: balance::schedule(&weights).into(),
@@ -392,6 +413,7 @@ mod tests {
                 eject_for: Duration::from_secs(10),
             },
             fail_open: false,
+            on_backend_down: crate::config::OnBackendDown::Close,
         };
         Pool::new(&cfg).unwrap()
     }

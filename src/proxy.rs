@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{Config, HashKey, ServerSettings};
+use crate::config::{Config, HashKey, OnBackendDown, ServerSettings};
 use crate::error::{BackendError, Body, ProxyError};
 use crate::pool::{self, Backend, BackendGuard, Pool, PoolError};
 use crate::router::{self, Route, RouteTable};
@@ -240,12 +240,15 @@ async fn upgrade(
                     return Ok(out);
                 }
                 let guard = BackendGuard::new(backend.clone());
+                let down =
+                    (pool.on_backend_down == OnBackendDown::Close).then(|| backend.down_token());
                 crate::session::spawn(
                     shared,
                     conn.clone(),
                     client_upgrade,
                     (io, answer.rest),
                     guard,
+                    down,
                 );
                 let mut out = Response::new(crate::error::empty());
                 *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

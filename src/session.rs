@@ -9,6 +9,7 @@ use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
 use crate::pool::BackendGuard;
@@ -58,8 +59,10 @@ pub fn spawn(
     client: OnUpgrade,
     backend: (BackendIo, Bytes),
     guard: BackendGuard,
+    backend_down: Option<CancellationToken>,
 ) {
     let stop = shared.hard_stop.clone();
+    let down = backend_down.unwrap_or_default();
     let span = tracing::Span::current();
     shared.tasks.spawn(
         async move {
@@ -78,6 +81,10 @@ pub fn spawn(
                 r = run(client, backend) => r,
                 _ = stop.cancelled() => {
                     debug!("session closed at shutdown");
+                    return;
+                }
+                _ = down.cancelled() => {
+                    debug!(backend = %guard.backend().url, "session closed: backend marked down");
                     return;
                 }
             };

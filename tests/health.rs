@@ -116,3 +116,37 @@ async fn a_draining_backend_gets_no_new_sessions() {
         assert_eq!(backend_of(&whoami(&mut ws).await), "new");
     }
 }
+
+#[tokio::test]
+async fn live_sessions_on_a_backend_marked_down_are_closed() {
+    use futures_util::StreamExt;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let b = demo::Backend {
+        name: "a".into(),
+        kind: demo::Kind::Echo,
+    };
+    let addr = demo::spawn("127.0.0.1:0", b, stop.clone()).await.unwrap();
+    // A TCP-connect check: once the listener is gone the backend is down,
+    // although its live WebSocket sessions would go on answering (with
+    // `on_backend_down: keep` this test times out).
+    let extra = "    eject_after: 0\n    health: { interval: 50ms, timeout: 200ms, healthy_after: 1, unhealthy_after: 2 }\n";
+    let gw = gateway(&pool_yaml(extra, &format!("ws://{addr}"))).await;
+    let mut ws = ws(gw.addr(), "h", "/").await;
+    assert_eq!(roundtrip(&mut ws, "before").await, "before");
+    stop.cancel(); // the listener closes; the upgraded session's task keeps running
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                None
+                | Some(Err(_))
+                | Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the session outlived its backend being marked down"
+    );
+}

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use raw::{BackendUrl, Balance, HashKey, HostPattern};
+pub use raw::{BackendUrl, Balance, HashKey, HostPattern, OnBackendDown};
 
 use locate::{locate, Seg};
 use raw::RawConfig;
@@ -85,6 +85,7 @@ pub struct PoolConfig {
     pub health: Option<HealthCheck>,
     pub passive: crate::health::PassivePolicy,
     pub fail_open: bool,
+    pub on_backend_down: OnBackendDown,
 }
 
 /// How a pool's backends are probed.
@@ -420,6 +421,7 @@ impl Config {
                 health,
                 passive,
                 fail_open: p.fail_open,
+                on_backend_down: p.on_backend_down,
             });
         }
 

@@ -70,6 +70,19 @@ pub struct RawPool {
     /// Try every backend even when all are marked down, instead of answering 503.
     #[serde(default)]
     pub fail_open: bool,
+    #[serde(default)]
+    pub on_backend_down: OnBackendDown,
+}
+
+/// What happens to live sessions when active checks mark their backend down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBackendDown {
+    /// Close them, so clients reconnect to a healthy backend.
+    #[default]
+    Close,
+    /// Leave them running.
+    Keep,
 }
 
 #[derive(Debug, Deserialize)]
