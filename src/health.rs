@@ -51,6 +51,8 @@ pub struct Health {
     /// Ejections in a row (grows the period).
     ejections: AtomicU32,
     ejected_until_ms: AtomicU64,
+    /// When it last came (back) up, for slow start; `u64::MAX` when never down.
+    up_since_ms: AtomicU64,
 }
 
 impl Health {
@@ -62,6 +64,7 @@ impl Health {
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            up_since_ms: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -91,7 +94,10 @@ impl Health {
         if ok == healthy {
             self.streak.store(0, Ordering::Relaxed);
             if ok {
-                // A healthy answer also ends an ejection early.
+                // A healthy answer also ends an ejection early (and starts its slow start).
+                if self.ejected_for().is_some() {
+                    self.up_since_ms.store(self.now_ms(), Ordering::Relaxed);
+                }
                 self.ejected_until_ms.store(0, Ordering::Relaxed);
                 self.ejections.store(0, Ordering::Relaxed);
             }
@@ -109,6 +115,7 @@ impl Health {
         self.streak.store(0, Ordering::Relaxed);
         self.healthy.store(ok, Ordering::Relaxed);
         if ok {
+            self.up_since_ms.store(self.now_ms(), Ordering::Relaxed);
             self.ejected_until_ms.store(0, Ordering::Relaxed);
             self.ejections.store(0, Ordering::Relaxed);
             self.failures.store(0, Ordering::Relaxed);
@@ -137,7 +144,20 @@ impl Health {
             .now_ms()
             .saturating_add(u64::try_from(period.as_millis()).unwrap_or(u64::MAX));
         self.ejected_until_ms.store(until, Ordering::Relaxed);
+        // It comes back when the period ends: its slow start begins then.
+        self.up_since_ms.store(until, Ordering::Relaxed);
         true
+    }
+
+    /// The share of its normal traffic a backend should get `slow_start`
+    /// after coming back up: from 5 % right away, growing linearly to 1.
+    pub fn ramp(&self, slow_start: Duration) -> f64 {
+        let since = self.up_since_ms.load(Ordering::Relaxed);
+        if slow_start.is_zero() || since == u64::MAX {
+            return 1.0;
+        }
+        let up_for = self.now_ms().saturating_sub(since) as f64;
+        (up_for / slow_start.as_millis() as f64).clamp(0.05, 1.0)
     }
 }
 
@@ -192,6 +212,24 @@ mod tests {
             h.record_request(false, P);
         }
         assert_eq!(h.ejected_for(), Some(Duration::from_secs(10)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_ramps_after_recovery() {
+        let h = Health::new(Instant::now());
+        let ss = Duration::from_secs(10);
+        assert_eq!(h.ramp(ss), 1.0, "never down: full share");
+        for _ in 0..3 {
+            h.record_check(false, T);
+        }
+        h.record_check(true, T);
+        h.record_check(true, T);
+        assert_eq!(h.ramp(ss), 0.05);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!((h.ramp(ss) - 0.5).abs() < 0.01);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(h.ramp(ss), 1.0);
+        assert_eq!(h.ramp(Duration::ZERO), 1.0);
     }
 
     #[tokio::test(start_paused = true)]

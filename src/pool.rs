@@ -96,6 +96,9 @@ pub struct Pool {
     /// Try every backend when none is available, instead of answering 503.
     pub fail_open: bool,
     pub on_backend_down: crate::config::OnBackendDown,
+    /// Backends tried per request at most: failover never multiplies load beyond this.
+    pub max_attempts: usize,
+    slow_start: Duration,
     backends: Box<[Arc<Backend>]>,
     /// Weighted round-robin sequence of backend indices.
     schedule: Box<[u16]>,
@@ -187,6 +190,8 @@ impl Pool {
             passive: cfg.passive,
             fail_open: cfg.fail_open,
             on_backend_down: cfg.on_backend_down,
+            max_attempts: cfg.max_attempts,
+            slow_start: cfg.slow_start,
             connect_timeout: cfg.connect_timeout,
             backends: backends.into(),
             schedule: balance::schedule(&weights).into(),
@@ -272,6 +277,20 @@ impl Pool {
             if usable(&self.backends[usize::from(i)], all) {
                 idx[len] = i;
                 len += 1;
+            }
+        }
+        // Slow start: a backend that just came back is moved behind the others
+        // unless a draw under its ramp says otherwise, so its share grows
+        // from 5 % to full over `slow_start` (it stays in the failover order).
+        if !self.slow_start.is_zero() {
+            for _ in 0..len.saturating_sub(1) {
+                let ramp = self.backends[usize::from(idx[0])]
+                    .health
+                    .ramp(self.slow_start);
+                if ramp >= 1.0 || (self.rng.next() >> 11) as f64 / (1u64 << 53) as f64 <= ramp {
+                    break;
+                }
+                idx[..len].rotate_left(1);
             }
         }
         Order {
@@ -414,6 +433,8 @@ mod tests {
             },
             fail_open: false,
             on_backend_down: crate::config::OnBackendDown::Close,
+            max_attempts: 3,
+            slow_start: Duration::ZERO,
         };
         Pool::new(&cfg).unwrap()
     }
@@ -474,6 +495,27 @@ mod tests {
             .map(|_| BackendGuard::new(p.backends()[0].clone()))
             .collect();
         assert_eq!(counts(&p, 10_000, |_| None)[0], 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_grows_a_recovered_backends_share() {
+        let mut p = pool(Balance::RoundRobin, 2);
+        p.slow_start = Duration::from_secs(10);
+        let t = crate::health::Thresholds {
+            healthy_after: 1,
+            unhealthy_after: 1,
+        };
+        p.backends()[0].health.record_check(false, t);
+        p.backends()[0].health.record_check(true, t); // back up now
+        let share = |p: &Pool| counts(p, 10_000, |_| None)[0] as f64 / 10_000.0;
+        // Normal share 0.5; right after recovery ~5 % of it, half-way ~50 %, then all.
+        let s0 = share(&p);
+        assert!(s0 < 0.06, "{s0}");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let s5 = share(&p);
+        assert!((0.20..0.30).contains(&s5), "{s5}");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(share(&p), 0.5);
     }
 
     #[tokio::test]

@@ -208,7 +208,7 @@ async fn upgrade(
     let key = hash_key(pool, conn, req.headers(), req.uri());
     let mut tried = 0;
     let mut last = None;
-    for backend in pool.try_order(key) {
+    for backend in pool.try_order(key).take(pool.max_attempts) {
         tried += 1;
         set_host(&mut headers, route, client_host, backend);
         let pq = backend_path(route, backend, req.uri())
@@ -320,7 +320,7 @@ async fn forward(
     let mut tried = 0;
     let mut last = None;
     let key = hash_key(pool, conn, &parts.headers, &parts.uri);
-    for backend in pool.try_order(key) {
+    for backend in pool.try_order(key).take(pool.max_attempts) {
         let Some(b) = body.take() else { break };
         tried += 1;
         set_host(&mut headers, route, client_host.as_deref(), backend);

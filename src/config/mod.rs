@@ -86,6 +86,10 @@ pub struct PoolConfig {
     pub passive: crate::health::PassivePolicy,
     pub fail_open: bool,
     pub on_backend_down: OnBackendDown,
+    /// Backends tried per request at most.
+    pub max_attempts: usize,
+    /// Ramp-up period of a backend that comes (back) up; zero for none.
+    pub slow_start: Duration,
 }
 
 /// How a pool's backends are probed.
@@ -383,6 +387,13 @@ impl Config {
                 eject_after: p.eject_after.unwrap_or(5),
                 eject_for: p.eject_for.map_or(Duration::from_secs(10), |d| d.0),
             };
+            let max_attempts = p.max_attempts.unwrap_or(3);
+            if max_attempts == 0 {
+                return Err(cx.err(
+                    &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("max_attempts")],
+                    "must be at least 1",
+                ));
+            }
             let connect_timeout = p.connect_timeout.map_or(Duration::from_secs(5), |d| d.0);
             if connect_timeout.is_zero() {
                 return Err(cx.err(
@@ -422,6 +433,8 @@ impl Config {
                 passive,
                 fail_open: p.fail_open,
                 on_backend_down: p.on_backend_down,
+                max_attempts,
+                slow_start: p.slow_start.map_or(Duration::ZERO, |d| d.0),
             });
         }
 

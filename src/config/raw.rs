@@ -72,6 +72,10 @@ pub struct RawPool {
     pub fail_open: bool,
     #[serde(default)]
     pub on_backend_down: OnBackendDown,
+    /// Backends tried per request at most (the retry budget).
+    pub max_attempts: Option<usize>,
+    /// A backend that comes (back) up receives a growing share over this long.
+    pub slow_start: Option<Dur>,
 }
 
 /// What happens to live sessions when active checks mark their backend down.
