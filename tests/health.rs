@@ -150,3 +150,83 @@ async fn live_sessions_on_a_backend_marked_down_are_closed() {
         "the session outlived its backend being marked down"
     );
 }
+
+#[tokio::test]
+async fn the_retry_budget_bounds_failover() {
+    let dead: Vec<String> = futures_util::future::join_all((0..5).map(|_| dead_addr()))
+        .await
+        .iter()
+        .map(|a| format!("ws://{a}"))
+        .collect();
+    let gw = gateway(&pool_yaml("    max_attempts: 2\n", &dead.join(", "))).await;
+    let r = get(gw.addr(), "h", "/").await;
+    assert_eq!(r.status, 502);
+    assert!(r.body.contains("(2 tried)"), "{}", r.body);
+}
+
+#[tokio::test]
+async fn two_hundred_clients_reconnect_after_a_backend_dies() {
+    use futures_util::StreamExt;
+    let (stop, kill) = (
+        tokio_util::sync::CancellationToken::new(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let keep = echo_backends(&["a", "c"]).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b_addr = l.local_addr().unwrap();
+    let b = demo::Backend {
+        name: "b".into(),
+        kind: demo::Kind::Echo,
+    };
+    tokio::spawn(demo::serve_killable(l, b, stop.clone(), kill.clone()));
+    let backends = format!(
+        "ws://{}, ws://{b_addr}, ws://{}",
+        keep.addrs[0], keep.addrs[1]
+    );
+    let extra =
+        "    eject_after: 1\n    health: { interval: 100ms, timeout: 200ms, unhealthy_after: 1 }\n";
+    let gw = gateway(&pool_yaml(extra, &backends)).await;
+    let addr = gw.addr();
+
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        let mut ws = ws(addr, "h", "/").await;
+        let who = backend_of(&whoami(&mut ws).await).to_string();
+        clients.push((ws, who));
+    }
+    let on_b = clients.iter().filter(|(_, w)| w == "b").count();
+    assert!(on_b >= 50, "round robin put only {on_b} of 200 on b");
+
+    // b dies: listener and sessions. Its clients see the end within a second.
+    stop.cancel();
+    kill.cancel();
+    let mut reconnects = Vec::new();
+    for (mut ws, who) in clients {
+        if who != "b" {
+            continue;
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                match ws.next().await {
+                    None
+                    | Some(Err(_))
+                    | Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) => return,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "a client of the dead backend was left hanging"
+        );
+        reconnects.push(tokio::spawn(async move {
+            let mut ws = ws_with(addr, "h", "/", &[]).await.expect("reconnect");
+            backend_of(&whoami(&mut ws).await).to_string()
+        }));
+    }
+    for r in reconnects {
+        let who = r.await.unwrap();
+        assert!(who == "a" || who == "c", "reconnected to {who}");
+    }
+}

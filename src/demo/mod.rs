@@ -47,8 +47,20 @@ pub struct Backend {
     pub kind: Kind,
 }
 
-/// Serves `listener` until `stop` is cancelled.
+/// Serves `listener` until `stop` is cancelled. Upgraded WebSocket sessions
+/// outlive `stop` (as a real server's would while it drains).
 pub async fn serve(listener: TcpListener, backend: Backend, stop: CancellationToken) {
+    serve_killable(listener, backend, stop, CancellationToken::new()).await
+}
+
+/// Like [`serve`]; cancelling `kill` also drops every live WebSocket session,
+/// as when the backend process dies.
+pub async fn serve_killable(
+    listener: TcpListener,
+    backend: Backend,
+    stop: CancellationToken,
+    kill: CancellationToken,
+) {
     let backend = Arc::new(backend);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -58,8 +70,10 @@ pub async fn serve(listener: TcpListener, backend: Backend, stop: CancellationTo
         let _ = tcp.set_nodelay(true);
         let b = backend.clone();
         let stop = stop.clone();
+        let kill = kill.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(b.clone(), peer, req));
+            let svc =
+                hyper::service::service_fn(move |req| handle(b.clone(), kill.clone(), peer, req));
             let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
                 .into_owned();
@@ -108,6 +122,7 @@ fn describe(b: &Backend, peer: SocketAddr, req: &http::request::Parts) -> String
 
 async fn handle(
     b: Arc<Backend>,
+    kill: CancellationToken,
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -161,9 +176,15 @@ async fn handle(
             .max_message_size(Some(64 << 20))
             .max_frame_size(Some(64 << 20));
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
-        match b2.kind {
-            Kind::Echo => echo(ws, whoami).await,
-            Kind::Ticker => ticker(ws, &b2.name, &path_q).await,
+        let session = async {
+            match b2.kind {
+                Kind::Echo => echo(ws, whoami).await,
+                Kind::Ticker => ticker(ws, &b2.name, &path_q).await,
+            }
+        };
+        tokio::select! {
+            _ = session => {}
+            _ = kill.cancelled() => {}
         }
     });
     let mut resp = Response::new(Full::new(Bytes::new()).boxed_unsync());
