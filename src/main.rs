@@ -43,6 +43,15 @@ enum Command {
     /// Start the built-in demo backends and the gateway with the repository's
     /// routes.yaml (or an embedded copy), generating a dev certificate if needed.
     Demo,
+    /// Run one demo echo backend on its own (for trying failover: kill it).
+    DemoBackend {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: String,
+        /// Name it reports in `/whoami` answers.
+        #[arg(long, default_value = "echo")]
+        name: String,
+    },
 }
 
 /// The repository's routes.yaml, used by `demo` when no file is found.
@@ -74,6 +83,7 @@ fn main() -> ExitCode {
             .and_then(|c| rt.block_on(run(c, false))),
         Command::Check { file } => check(file.as_deref().unwrap_or(&cli.config)),
         Command::Demo => demo_config(&cli.config).and_then(|c| rt.block_on(run(c, true))),
+        Command::DemoBackend { listen, name } => rt.block_on(demo_backend(&listen, name)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -209,6 +219,21 @@ async fn run(config: Config, with_demo: bool) -> Result<(), String> {
     let drained = gw.run(shutdown_signal()).await;
     stop_demo.cancel();
     tracing::info!(cut = drained.cut, "bye");
+    Ok(())
+}
+
+async fn demo_backend(listen: &str, name: String) -> Result<(), String> {
+    let stop = CancellationToken::new();
+    let b = demo::Backend {
+        name,
+        kind: demo::Kind::Echo,
+    };
+    let addr = demo::spawn(listen, b, stop.clone())
+        .await
+        .map_err(|e| format!("demo backend on {listen}: {e}"))?;
+    println!("demo echo backend on ws://{addr}");
+    shutdown_signal().await;
+    stop.cancel();
     Ok(())
 }
 
