@@ -179,6 +179,23 @@ pub async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut Ws<S>, text: 
     }
 }
 
+/// Whether the session ends (close frame, EOF or error) within `limit`.
+pub async fn ends_within<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut Ws<S>,
+    limit: std::time::Duration,
+) -> bool {
+    tokio::time::timeout(limit, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
 /// The backend name a `/whoami` reply starts with.
 pub async fn whoami<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut Ws<S>) -> String {
     roundtrip(ws, "/whoami").await
