@@ -33,12 +33,12 @@ async fn run(pool: Arc<Pool>, check: HealthCheck, stop: CancellationToken) {
             _ = tokio::time::sleep(check.interval.mul_f64(jitter)) => {}
             _ = stop.cancelled() => return,
         }
-        let probes = pool
-            .backends()
+        let members = pool.backends();
+        let probes = members
             .iter()
             .map(|b| probe(&pool, b, &check.kind, check.timeout));
         let results = futures_util::future::join_all(probes).await;
-        for (b, ok) in pool.backends().iter().zip(results) {
+        for (b, ok) in members.iter().zip(results) {
             match b.health.record_check(ok, check.thresholds) {
                 Some(Flip::Down) => {
                     let close = pool.on_backend_down == OnBackendDown::Close;

@@ -134,9 +134,15 @@ fn check(file: &Path) -> Result<(), String> {
         let list: Vec<String> = p
             .backends
             .iter()
-            .map(|b| match b.weight {
-                1 => b.url.to_string(),
-                w => format!("{} (weight {w})", b.url),
+            .map(|b| {
+                let mut s = b.url.to_string();
+                if b.weight != 1 {
+                    s.push_str(&format!(" (weight {})", b.weight));
+                }
+                if b.discover {
+                    s.push_str(" (discover: dns)");
+                }
+                s
             })
             .collect();
         let hash = p

@@ -23,11 +23,14 @@ use crate::config::{BackendUrl, Balance, HashKey, HealthCheck, PoolConfig, MAX_B
 use crate::health::{Health, PassivePolicy};
 use crate::tls::{self, TlsError};
 use crate::upstream::{self, BackendIo, ConnectError, Target};
+use tracing::{info, warn};
 
 /// One backend instance.
 #[derive(Debug)]
 pub struct Backend {
     pub url: BackendUrl,
+    /// TLS server name: the URL's host, or the DNS name a discovered address came from.
+    pub tls_name: String,
     /// `host:port` as sent in `Host` when the route does not preserve the client's.
     pub authority: Authority,
     /// Relative share for `round_robin` and `hash`.
@@ -99,9 +102,11 @@ pub struct Pool {
     /// Backends tried per request at most: failover never multiplies load beyond this.
     pub max_attempts: usize,
     slow_start: Duration,
-    backends: Box<[Arc<Backend>]>,
-    /// Weighted round-robin sequence of backend indices.
-    schedule: Box<[u16]>,
+    /// The current backends; swapped whole when DNS discovery changes them.
+    members: arc_swap::ArcSwap<Members>,
+    /// The configured backends (discovered ones expand into one per address).
+    specs: Vec<crate::config::BackendSpec>,
+    pub dns_refresh: Duration,
     /// Round-robin position; also rotates where `least_conn` starts scanning.
     next: AtomicUsize,
     /// Random picks for `p2c`.
@@ -141,38 +146,16 @@ impl Pool {
             None
         };
         let born = tokio::time::Instant::now();
-        let backends = cfg
-            .backends
-            .iter()
-            .map(|spec| {
-                let u = &spec.url;
-                let host = if u.host.contains(':') {
-                    format!("[{}]", u.host)
-                } else {
-                    u.host.clone()
-                };
-                let authority =
-                    Authority::try_from(format!("{host}:{}", u.port)).map_err(|source| {
-                        PoolError::BadBackend {
-                            pool: cfg.name.clone(),
-                            backend: u.to_string(),
-                            source,
-                        }
-                    })?;
-                Ok(Arc::new(Backend {
-                    url: u.clone(),
-                    authority,
-                    weight: spec.weight,
-                    id: balance::fnv1a(u.to_string().as_bytes()),
-                    drain: spec.drain,
-                    health: Health::new(born),
-                    down: arc_swap::ArcSwap::from_pointee(
-                        tokio_util::sync::CancellationToken::new(),
-                    ),
-                    active: AtomicUsize::new(0),
-                }))
-            })
-            .collect::<Result<Vec<_>, PoolError>>()?;
+        let mut backends = Vec::new();
+        for spec in cfg.backends.iter().filter(|b| !b.discover) {
+            backends.push(Arc::new(new_backend(
+                &cfg.name,
+                &spec.url,
+                &spec.url.host,
+                spec,
+                born,
+            )?));
+        }
         let connector = PoolConnector {
             tls: tls.clone(),
             timeout: cfg.connect_timeout,
@@ -181,7 +164,6 @@ impl Pool {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
             .build(connector);
-        let weights: Vec<u32> = cfg.backends.iter().map(|b| b.weight).collect();
         Ok(Pool {
             name: cfg.name.clone(),
             balance: cfg.balance,
@@ -193,8 +175,9 @@ impl Pool {
             max_attempts: cfg.max_attempts,
             slow_start: cfg.slow_start,
             connect_timeout: cfg.connect_timeout,
-            backends: backends.into(),
-            schedule: balance::schedule(&weights).into(),
+            members: arc_swap::ArcSwap::from_pointee(Members::new(backends)),
+            specs: cfg.backends.clone(),
+            dns_refresh: cfg.dns_refresh,
             next: AtomicUsize::new(0),
             rng: Rng::new(balance::fnv1a(cfg.name.as_bytes())),
             tls,
@@ -202,25 +185,79 @@ impl Pool {
         })
     }
 
-    pub fn backends(&self) -> &[Arc<Backend>] {
-        &self.backends
+    /// The current backends (a snapshot).
+    pub fn backends(&self) -> Arc<Members> {
+        self.members.load_full()
+    }
+
+    /// Whether some backends come from DNS discovery.
+    pub fn discovers(&self) -> bool {
+        self.specs.iter().any(|b| b.discover)
+    }
+
+    /// Resolves the `discover: dns` backends again and swaps in the new set.
+    /// Addresses still present keep their backend (health, live counts);
+    /// vanished ones leave the rotation while their live sessions continue.
+    pub async fn refresh(&self, resolver: &Resolver) {
+        let born = tokio::time::Instant::now();
+        let current = self.backends();
+        let mut next: Vec<Arc<Backend>> = Vec::new();
+        for spec in &self.specs {
+            if !spec.discover {
+                next.extend(current.iter().find(|b| b.url == spec.url).cloned());
+                continue;
+            }
+            let ips = match resolver(spec.url.host.clone(), spec.url.port).await {
+                Ok(ips) => ips,
+                Err(e) => {
+                    // Keep what we had for this name rather than dropping it on a DNS hiccup.
+                    warn!(pool = %self.name, host = %spec.url.host, error = %e, "DNS discovery failed; keeping the previous addresses");
+                    next.extend(
+                        current
+                            .iter()
+                            .filter(|b| b.tls_name == spec.url.host)
+                            .cloned(),
+                    );
+                    continue;
+                }
+            };
+            for ip in ips {
+                let mut url = spec.url.clone();
+                url.host = ip.to_string();
+                if let Some(b) = current.iter().find(|b| b.url == url) {
+                    next.push(b.clone());
+                } else if let Ok(b) = new_backend(&self.name, &url, &spec.url.host, spec, born) {
+                    info!(pool = %self.name, backend = %url, name = %spec.url.host, "discovered backend added");
+                    next.push(Arc::new(b));
+                }
+            }
+        }
+        for gone in current
+            .iter()
+            .filter(|b| !next.iter().any(|n| n.url == b.url))
+        {
+            info!(pool = %self.name, backend = %gone.url, live = gone.active(), "backend left discovery: drained");
+        }
+        if next.len() > MAX_BACKENDS {
+            warn!(pool = %self.name, found = next.len(), "more than {MAX_BACKENDS} backends; keeping the first");
+            next.truncate(MAX_BACKENDS);
+        }
+        self.members.store(Arc::new(Members::new(next)));
     }
 
     /// Index of the balancer's first choice (for every strategy but `hash`).
-    fn first(&self) -> usize {
-        let n = self.backends.len();
+    fn first(&self, m: &Members) -> usize {
+        let n = m.backends.len();
         let rr = self.next.fetch_add(1, Ordering::Relaxed);
         match self.balance {
-            Balance::RoundRobin | Balance::Hash => {
-                usize::from(self.schedule[rr % self.schedule.len()])
-            }
+            Balance::RoundRobin | Balance::Hash => usize::from(m.schedule[rr % m.schedule.len()]),
             Balance::LeastConn => {
                 // Scan from a rotating start so ties spread evenly.
                 let mut best = rr % n;
-                let mut best_load = self.backends[best].active();
+                let mut best_load = m.backends[best].active();
                 for k in 1..n {
                     let i = (rr + k) % n;
-                    let load = self.backends[i].active();
+                    let load = m.backends[i].active();
                     if load < best_load {
                         best = i;
                         best_load = load;
@@ -234,7 +271,7 @@ impl Pool {
                 }
                 let a = self.rng.below(n);
                 let b = (a + 1 + self.rng.below(n - 1)) % n;
-                if self.backends[b].active() < self.backends[a].active() {
+                if m.backends[b].active() < m.backends[a].active() {
                     b
                 } else {
                     a
@@ -246,13 +283,14 @@ impl Pool {
     /// Every backend once, the balancer's pick first: the failover order for
     /// one request. `key` is the request's hash key for `balance: hash`
     /// (without one, a hash pool falls back to weighted round robin).
-    pub fn try_order(&self, key: Option<u64>) -> Order<'_> {
-        let n = self.backends.len();
+    pub fn try_order(&self, key: Option<u64>) -> Order {
+        let m = self.members.load_full();
+        let n = m.backends.len();
         let mut idx = [0u16; MAX_BACKENDS];
         match (self.balance, key) {
             (Balance::Hash, Some(key)) => {
                 let mut score = [0f64; MAX_BACKENDS];
-                for (i, b) in self.backends.iter().enumerate() {
+                for (i, b) in m.backends.iter().enumerate() {
                     idx[i] = i as u16;
                     score[i] = balance::rendezvous(key, b.id, b.weight);
                 }
@@ -261,7 +299,7 @@ impl Pool {
                 });
             }
             _ => {
-                let start = self.first();
+                let start = if n == 0 { 0 } else { self.first(&m) };
                 for (k, slot) in idx[..n].iter_mut().enumerate() {
                     *slot = ((start + k) % n) as u16;
                 }
@@ -270,11 +308,11 @@ impl Pool {
         // Unavailable (down, ejected) and draining backends are skipped; with
         // `fail_open`, a pool with none available tries all but the draining.
         let usable = |b: &Backend, all: bool| !b.drain && (all || b.health.available());
-        let all = self.fail_open && !self.backends.iter().any(|b| usable(b, false));
+        let all = self.fail_open && !m.backends.iter().any(|b| usable(b, false));
         let mut len = 0;
         for k in 0..n {
             let i = idx[k];
-            if usable(&self.backends[usize::from(i)], all) {
+            if usable(&m.backends[usize::from(i)], all) {
                 idx[len] = i;
                 len += 1;
             }
@@ -284,9 +322,7 @@ impl Pool {
         // from 5 % to full over `slow_start` (it stays in the failover order).
         if !self.slow_start.is_zero() {
             for _ in 0..len.saturating_sub(1) {
-                let ramp = self.backends[usize::from(idx[0])]
-                    .health
-                    .ramp(self.slow_start);
+                let ramp = m.backends[usize::from(idx[0])].health.ramp(self.slow_start);
                 if ramp >= 1.0 || (self.rng.next() >> 11) as f64 / (1u64 << 53) as f64 <= ramp {
                     break;
                 }
@@ -294,7 +330,7 @@ impl Pool {
             }
         }
         Order {
-            pool: self,
+            members: m,
             idx,
             len,
             pos: 0,
@@ -305,7 +341,7 @@ impl Pool {
     /// ejection, or the next active check.
     pub fn retry_after(&self) -> Duration {
         let ejection = self
-            .backends
+            .backends()
             .iter()
             .filter_map(|b| b.health.ejected_for())
             .min();
@@ -331,6 +367,7 @@ impl Pool {
     ) -> Result<BackendIo, ConnectError> {
         let target = Target {
             host: &b.url.host,
+            sni: &b.tls_name,
             port: b.url.port,
             tls: if b.url.tls { self.tls.as_ref() } else { None },
         };
@@ -339,23 +376,108 @@ impl Pool {
 }
 
 /// A failover order: an iterator over a pool's backends, built on the stack.
-pub struct Order<'a> {
-    pool: &'a Pool,
+/// A failover order: an iterator over a snapshot of a pool's backends,
+/// built on the stack.
+pub struct Order {
+    members: Arc<Members>,
     idx: [u16; MAX_BACKENDS],
     len: usize,
     pos: usize,
 }
 
-impl<'a> Iterator for Order<'a> {
-    type Item = &'a Arc<Backend>;
+impl Iterator for Order {
+    type Item = Arc<Backend>;
     fn next(&mut self) -> Option<Self::Item> {
         if self.pos >= self.len {
             return None;
         }
-        let b = &self.pool.backends[usize::from(self.idx[self.pos])];
+        let b = self.members.backends[usize::from(self.idx[self.pos])].clone();
         self.pos += 1;
         Some(b)
     }
+}
+
+/// A pool's backends at one moment, with their weighted schedule.
+pub struct Members {
+    pub backends: Box<[Arc<Backend>]>,
+    /// Weighted round-robin sequence of backend indices.
+    schedule: Box<[u16]>,
+}
+
+impl Members {
+    fn new(backends: Vec<Arc<Backend>>) -> Members {
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+        let mut schedule = balance::schedule(&weights);
+        if schedule.is_empty() {
+            schedule.push(0);
+        }
+        Members {
+            backends: backends.into(),
+            schedule: schedule.into(),
+        }
+    }
+}
+
+impl std::ops::Deref for Members {
+    type Target = [Arc<Backend>];
+    fn deref(&self) -> &[Arc<Backend>] {
+        &self.backends
+    }
+}
+
+/// Resolves a host name to addresses (the system resolver, or one a test controls).
+pub type Resolver = Arc<
+    dyn Fn(
+            String,
+            u16,
+        ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<std::net::IpAddr>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The system resolver (`getaddrinfo` through tokio).
+pub fn system_resolver() -> Resolver {
+    Arc::new(|host, port| {
+        Box::pin(async move {
+            let addrs = tokio::net::lookup_host((host.as_str(), port)).await?;
+            let mut ips: Vec<std::net::IpAddr> = addrs.map(|a| a.ip()).collect();
+            ips.sort();
+            ips.dedup();
+            Ok(ips)
+        })
+    })
+}
+
+fn new_backend(
+    pool: &str,
+    u: &BackendUrl,
+    tls_name: &str,
+    spec: &crate::config::BackendSpec,
+    born: tokio::time::Instant,
+) -> Result<Backend, PoolError> {
+    let host = if u.host.contains(':') {
+        format!("[{}]", u.host)
+    } else {
+        u.host.clone()
+    };
+    let authority = Authority::try_from(format!("{host}:{}", u.port)).map_err(|source| {
+        PoolError::BadBackend {
+            pool: pool.to_string(),
+            backend: u.to_string(),
+            source,
+        }
+    })?;
+    Ok(Backend {
+        url: u.clone(),
+        tls_name: tls_name.to_string(),
+        authority,
+        weight: spec.weight,
+        id: balance::fnv1a(u.to_string().as_bytes()),
+        drain: spec.drain,
+        health: Health::new(born),
+        down: arc_swap::ArcSwap::from_pointee(tokio_util::sync::CancellationToken::new()),
+        active: AtomicUsize::new(0),
+    })
 }
 
 /// The scheme a plain-HTTP request to this backend uses.
@@ -395,6 +517,7 @@ impl tower::Service<Uri> for PoolConnector {
             let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
             let target = Target {
                 host: &host,
+                sni: &host,
                 port,
                 tls: if https { this.tls.as_ref() } else { None },
             };
@@ -423,6 +546,7 @@ mod tests {
                     url: format!("ws://127.0.0.1:{}", 9000 + i).parse().unwrap(),
                     weight,
                     drain: false,
+                    discover: false,
                 })
                 .collect(),
             ca_file: None,
@@ -435,6 +559,7 @@ mod tests {
             on_backend_down: crate::config::OnBackendDown::Close,
             max_attempts: 3,
             slow_start: Duration::ZERO,
+            dns_refresh: Duration::from_secs(10),
         };
         Pool::new(&cfg).unwrap()
     }

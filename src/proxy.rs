@@ -209,6 +209,7 @@ async fn upgrade(
     let mut tried = 0;
     let mut last = None;
     for backend in pool.try_order(key).take(pool.max_attempts) {
+        let backend = &backend;
         tried += 1;
         set_host(&mut headers, route, client_host, backend);
         let pq = backend_path(route, backend, req.uri())
@@ -321,6 +322,7 @@ async fn forward(
     let mut last = None;
     let key = hash_key(pool, conn, &parts.headers, &parts.uri);
     for backend in pool.try_order(key).take(pool.max_attempts) {
+        let backend = &backend;
         let Some(b) = body.take() else { break };
         tried += 1;
         set_host(&mut headers, route, client_host.as_deref(), backend);

@@ -26,7 +26,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Config, ServerSettings};
 use crate::error::Body;
-use crate::pool::PoolError;
+use crate::pool::{system_resolver, PoolError, Resolver};
 use crate::proxy::{self, ConnInfo, Shared, Snapshot};
 use crate::tls::{self, TlsError};
 
@@ -63,6 +63,8 @@ pub struct Gateway {
     listeners: Vec<Listener>,
     shared: Arc<Shared>,
     settings: ServerSettings,
+    /// Resolves `discover: dns` backends.
+    resolver: Resolver,
 }
 
 /// What shutdown found.
@@ -77,7 +79,20 @@ pub struct Drained {
 impl Gateway {
     /// Loads certificates, builds pools and binds every listener.
     pub async fn bind(config: &Config) -> Result<Gateway, StartError> {
+        Gateway::bind_with_resolver(config, system_resolver()).await
+    }
+
+    /// Like [`bind`](Self::bind), with the resolver used for `discover: dns`
+    /// backends (tests pass one they control). Discovered backends are
+    /// resolved once before this returns.
+    pub async fn bind_with_resolver(
+        config: &Config,
+        resolver: Resolver,
+    ) -> Result<Gateway, StartError> {
         let snapshot = Snapshot::new(config)?;
+        for pool in snapshot.pools.iter().filter(|p| p.discovers()) {
+            pool.refresh(&resolver).await;
+        }
         let mut listeners = Vec::new();
         for (index, l) in config.listeners.iter().enumerate() {
             let tls = match &l.tls {
@@ -100,6 +115,7 @@ impl Gateway {
         }
         Ok(Gateway {
             listeners,
+            resolver,
             settings: config.server.clone(),
             shared: Arc::new(Shared {
                 snapshot: ArcSwap::from_pointee(snapshot),
@@ -128,6 +144,24 @@ impl Gateway {
             &self.shared.tasks,
             &stop,
         );
+        for pool in self
+            .shared
+            .snapshot
+            .load()
+            .pools
+            .iter()
+            .filter(|p| p.discovers())
+        {
+            let (pool, resolver, stop) = (pool.clone(), self.resolver.clone(), stop.clone());
+            self.shared.tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pool.dns_refresh) => pool.refresh(&resolver).await,
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            });
+        }
         let mut accepts = tokio::task::JoinSet::new();
         for l in self.listeners {
             let cx = AcceptCx {

@@ -46,6 +46,8 @@ pub enum BackendIo {
 #[derive(Clone, Copy)]
 pub struct Target<'a> {
     pub host: &'a str,
+    /// The TLS server name (the DNS name of a discovered backend whose `host` is an address).
+    pub sni: &'a str,
     pub port: u16,
     /// TLS connector for `wss://`/`https://`; `None` for plain TCP.
     pub tls: Option<&'a TlsConnector>,
@@ -96,8 +98,8 @@ async fn connect_inner(t: Target<'_>) -> Result<BackendIo, ConnectError> {
     match t.tls {
         None => Ok(BackendIo::Tcp(tcp)),
         Some(connector) => {
-            let name = ServerName::try_from(t.host.to_string())
-                .map_err(|_| ConnectError::ServerName(t.host.into()))?;
+            let name = ServerName::try_from(t.sni.to_string())
+                .map_err(|_| ConnectError::ServerName(t.sni.into()))?;
             let tls = connector
                 .connect(name, tcp)
                 .await

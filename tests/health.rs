@@ -206,3 +206,107 @@ async fn two_hundred_clients_reconnect_after_a_backend_dies() {
         assert!(who == "a" || who == "c", "reconnected to {who}");
     }
 }
+
+#[tokio::test]
+async fn dns_discovery_follows_the_records() {
+    use std::net::IpAddr;
+    use std::sync::{Arc, Mutex};
+    // Two echo backends on one port at two loopback addresses, as one DNS name would list them.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let one = demo::spawn(
+        "127.0.0.1:0",
+        demo::Backend {
+            name: "one".into(),
+            kind: demo::Kind::Echo,
+        },
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let port = one.port();
+    demo::spawn(
+        &format!("127.0.0.2:{port}"),
+        demo::Backend {
+            name: "two".into(),
+            kind: demo::Kind::Echo,
+        },
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let records: Arc<Mutex<Vec<IpAddr>>> = Arc::new(Mutex::new(vec!["127.0.0.1".parse().unwrap()]));
+    let seen = records.clone();
+    let resolver: upgate::pool::Resolver = Arc::new(move |host, _port| {
+        let ips = if host == "svc.test" {
+            seen.lock().unwrap().clone()
+        } else {
+            Vec::new()
+        };
+        Box::pin(async move { Ok(ips) })
+    });
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  p:\n    dns_refresh: 20ms\n    backends: [ {{ url: 'ws://svc.test:{port}', discover: dns }} ]\nroutes:\n  - {{ name: r, pool: p }}\n"
+    );
+    let cfg = upgate::Config::parse(std::path::Path::new("routes.yaml"), &yaml).unwrap();
+    let gw = upgate::Gateway::bind_with_resolver(&cfg, resolver)
+        .await
+        .unwrap();
+    let addr = gw.local_addrs()[0];
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gw.run(async {
+        let _ = rx.await;
+    }));
+    let who = |ws_addr| async move {
+        let mut ws = ws(ws_addr, "h", "/").await;
+        let name = backend_of(&whoami(&mut ws).await).to_string();
+        (ws, name)
+    };
+    // One record: every session on "one".
+    let (mut live_on_one, name) = who(addr).await;
+    assert_eq!(name, "one");
+    // A second record appears: "two" gets sessions within a few refreshes.
+    records.lock().unwrap().push("127.0.0.2".parse().unwrap());
+    let mut found = false;
+    for _ in 0..100 {
+        if who(addr).await.1 == "two" {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(found, "the new record never became a backend");
+    // The first record disappears: it is drained — new sessions avoid it, the live one continues.
+    records
+        .lock()
+        .unwrap()
+        .retain(|ip| ip.to_string() != "127.0.0.1");
+    let mut in_a_row = 0;
+    for _ in 0..200 {
+        in_a_row = if who(addr).await.1 == "two" {
+            in_a_row + 1
+        } else {
+            0
+        };
+        if in_a_row == 6 {
+            break;
+        }
+    }
+    assert_eq!(in_a_row, 6, "sessions still land on the vanished record");
+    assert_eq!(
+        roundtrip(&mut live_on_one, "still here").await,
+        "still here"
+    );
+    let _ = tx.send(());
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn dns_discovery_through_the_system_resolver() {
+    let be = echo_backends(&["local"]).await;
+    let port = be.addrs[0].port();
+    // `localhost` may also resolve to ::1, where nothing listens: failover covers it.
+    let backends = format!("{{ url: 'ws://localhost:{port}', discover: dns }}");
+    let gw = gateway(&pool_yaml("", &backends)).await;
+    let mut ws = ws(gw.addr(), "h", "/").await;
+    assert_eq!(backend_of(&whoami(&mut ws).await), "local");
+}

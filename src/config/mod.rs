@@ -90,6 +90,7 @@ pub struct PoolConfig {
     pub max_attempts: usize,
     /// Ramp-up period of a backend that comes (back) up; zero for none.
     pub slow_start: Duration,
+    pub dns_refresh: Duration,
 }
 
 /// How a pool's backends are probed.
@@ -118,6 +119,8 @@ pub struct BackendSpec {
     /// Relative share for `round_robin` and `hash` (1–1000).
     pub weight: u32,
     pub drain: bool,
+    /// Resolve the host every `dns_refresh`; each address is a backend.
+    pub discover: bool,
 }
 
 /// Most backends in one pool (the balancers order them on the stack).
@@ -426,6 +429,7 @@ impl Config {
                         url: b.url,
                         weight: b.weight,
                         drain: b.drain,
+                        discover: b.discover,
                     })
                     .collect(),
                 ca_file,
@@ -435,6 +439,10 @@ impl Config {
                 on_backend_down: p.on_backend_down,
                 max_attempts,
                 slow_start: p.slow_start.map_or(Duration::ZERO, |d| d.0),
+                dns_refresh: p
+                    .dns_refresh
+                    .map_or(Duration::from_secs(10), |d| d.0)
+                    .max(Duration::from_millis(10)),
             });
         }
 

@@ -76,6 +76,8 @@ pub struct RawPool {
     pub max_attempts: Option<usize>,
     /// A backend that comes (back) up receives a growing share over this long.
     pub slow_start: Option<Dur>,
+    /// How often `discover: dns` backends are resolved again.
+    pub dns_refresh: Option<Dur>,
 }
 
 /// What happens to live sessions when active checks mark their backend down.
@@ -175,6 +177,8 @@ pub struct RawBackend {
     pub weight: u32,
     /// Out of rotation for new sessions; live ones continue.
     pub drain: bool,
+    /// `discover: dns`: every address the host resolves to is a backend.
+    pub discover: bool,
 }
 
 impl<'de> Deserialize<'de> for RawBackend {
@@ -190,10 +194,11 @@ impl<'de> Deserialize<'de> for RawBackend {
                     url: v.parse().map_err(E::custom)?,
                     weight: 1,
                     drain: false,
+                    discover: false,
                 })
             }
             fn visit_map<A: de::MapAccess<'de>>(self, mut a: A) -> Result<RawBackend, A::Error> {
-                let (mut url, mut weight, mut drain) = (None, None, false);
+                let (mut url, mut weight, mut drain, mut discover) = (None, None, false, false);
                 while let Some(k) = a.next_key::<String>()? {
                     match k.as_str() {
                         "url" => url = Some(a.next_value::<BackendUrl>()?),
@@ -207,10 +212,19 @@ impl<'de> Deserialize<'de> for RawBackend {
                             weight = Some(w);
                         }
                         "drain" => drain = a.next_value()?,
+                        "discover" => {
+                            let v: String = a.next_value()?;
+                            if v != "dns" {
+                                return Err(de::Error::custom(format!(
+                                    "discover `{v}`: the only method is `dns`"
+                                )));
+                            }
+                            discover = true;
+                        }
                         other => {
                             return Err(de::Error::unknown_field(
                                 other,
-                                &["url", "weight", "drain"],
+                                &["url", "weight", "drain", "discover"],
                             ))
                         }
                     }
@@ -219,6 +233,7 @@ impl<'de> Deserialize<'de> for RawBackend {
                     url: url.ok_or_else(|| de::Error::missing_field("url"))?,
                     weight: weight.unwrap_or(1),
                     drain,
+                    discover,
                 })
             }
         }
