@@ -250,6 +250,7 @@ async fn upgrade(
                     (io, answer.rest),
                     guard,
                     down,
+                    settings.half_close_timeout,
                 );
                 let mut out = Response::new(crate::error::empty());
                 *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

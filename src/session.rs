@@ -60,6 +60,7 @@ pub fn spawn(
     backend: (BackendIo, Bytes),
     guard: BackendGuard,
     backend_down: Option<CancellationToken>,
+    half_close: std::time::Duration,
 ) {
     let stop = shared.hard_stop.clone();
     let down = backend_down.unwrap_or_default();
@@ -78,7 +79,7 @@ pub fn spawn(
                 (tls, rest) => Leg::Other(Box::new(tls), rest),
             };
             let result = tokio::select! {
-                r = run(client, backend) => r,
+                r = run(client, backend, half_close) => r,
                 _ = stop.cancelled() => {
                     debug!("session closed at shutdown");
                     return;
@@ -99,13 +100,19 @@ pub fn spawn(
     );
 }
 
-async fn run(client: Leg, backend: Leg) -> io::Result<splice::Moved> {
+async fn run(
+    client: Leg,
+    backend: Leg,
+    half_close: std::time::Duration,
+) -> io::Result<splice::Moved> {
     match (client, backend) {
-        (Leg::Tcp(mut c, cp), Leg::Tcp(mut b, bp)) => splice::splice(&mut c, cp, &mut b, bp).await,
+        (Leg::Tcp(mut c, cp), Leg::Tcp(mut b, bp)) => {
+            splice::splice(&mut c, cp, &mut b, bp, half_close).await
+        }
         (c, b) => {
             let ((mut c, cp), (mut b, bp)) = (c.into_io(), b.into_io());
             // Boxed: keeps this path's state out of every plain session's task.
-            Box::pin(splice::splice(&mut c, cp, &mut b, bp)).await
+            Box::pin(splice::splice(&mut c, cp, &mut b, bp, half_close)).await
         }
     }
 }

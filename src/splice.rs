@@ -13,7 +13,7 @@
 //! the same path (monomorphised for plain TCP on both sides).
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -194,11 +194,16 @@ impl Direction {
 /// Splices `client` and `backend` until both directions reach EOF (or one
 /// fails). `*_pending` are bytes each side sent that were read before the
 /// upgrade finished; they are delivered first.
+///
+/// Once one direction has ended, the other gets `half_close_timeout` to end
+/// too; then the session is closed, so a peer that never finishes its side
+/// cannot hold it open forever.
 pub async fn splice<C, B>(
     client: &mut C,
     client_pending: Bytes,
     backend: &mut B,
     backend_pending: Bytes,
+    half_close_timeout: std::time::Duration,
 ) -> io::Result<Moved>
 where
     C: AsyncRead + AsyncWrite + ReadReady + Unpin,
@@ -206,6 +211,7 @@ where
 {
     let mut up = Direction::new(client_pending);
     let mut down = Direction::new(backend_pending);
+    let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
     poll_fn(|cx| {
         let u = up.poll(cx, client, backend)?;
         let d = down.poll(cx, backend, client)?;
@@ -214,7 +220,16 @@ where
                 client_to_backend: u,
                 backend_to_client: d,
             })),
-            _ => Poll::Pending,
+            (Poll::Pending, Poll::Pending) => Poll::Pending,
+            _ => {
+                let timer =
+                    linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(half_close_timeout)));
+                ready!(timer.as_mut().poll(cx));
+                Poll::Ready(Ok(Moved {
+                    client_to_backend: up.total,
+                    backend_to_client: down.total,
+                }))
+            }
         }
     })
     .await
@@ -225,6 +240,8 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
+
+    const T: std::time::Duration = std::time::Duration::from_secs(30);
 
     /// A connected pair of loopback TCP sockets.
     async fn pair() -> (TcpStream, TcpStream) {
@@ -248,9 +265,16 @@ mod tests {
                     // Through trait objects, as TLS legs are spliced.
                     let mut c: Box<dyn Io> = Box::new(gw_client);
                     let mut b: Box<dyn Io> = Box::new(gw_backend);
-                    splice(&mut c, Bytes::new(), &mut b, Bytes::new()).await
+                    splice(&mut c, Bytes::new(), &mut b, Bytes::new(), T).await
                 } else {
-                    splice(&mut gw_client, Bytes::new(), &mut gw_backend, Bytes::new()).await
+                    splice(
+                        &mut gw_client,
+                        Bytes::new(),
+                        &mut gw_backend,
+                        Bytes::new(),
+                        T,
+                    )
+                    .await
                 }
             });
             f(client, backend).await;
@@ -305,6 +329,7 @@ mod tests {
                 Bytes::from_static(b"early-"),
                 &mut gw_backend,
                 Bytes::from_static(b"hi-"),
+                T,
             )
             .await
         });
@@ -333,7 +358,14 @@ mod tests {
         let (mut client, mut gw_client) = pair().await;
         let (mut gw_backend, mut backend) = pair().await;
         let task = tokio::spawn(async move {
-            splice(&mut gw_client, Bytes::new(), &mut gw_backend, Bytes::new()).await
+            splice(
+                &mut gw_client,
+                Bytes::new(),
+                &mut gw_backend,
+                Bytes::new(),
+                T,
+            )
+            .await
         });
         client.write_all(b"ping").await.unwrap();
         let mut got = [0u8; 4];
@@ -348,11 +380,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_half_closed_session_ends_after_the_timeout() {
+        let (mut client, mut gw_client) = pair().await;
+        let (mut gw_backend, _backend) = pair().await;
+        let limit = std::time::Duration::from_millis(200);
+        let task = tokio::spawn(async move {
+            splice(
+                &mut gw_client,
+                Bytes::new(),
+                &mut gw_backend,
+                Bytes::new(),
+                limit,
+            )
+            .await
+        });
+        client.shutdown().await.unwrap(); // the client is done; the backend never answers or closes
+        let t0 = std::time::Instant::now();
+        let moved = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("the session must end")
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved, Moved::default());
+        assert!(t0.elapsed() >= limit);
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            client.read(&mut buf).await.unwrap(),
+            0,
+            "the client sees the end"
+        );
+    }
+
+    #[tokio::test]
     async fn a_reset_ends_both_directions() {
         let (client, mut gw_client) = pair().await;
         let (mut gw_backend, mut backend) = pair().await;
         let task = tokio::spawn(async move {
-            splice(&mut gw_client, Bytes::new(), &mut gw_backend, Bytes::new()).await
+            splice(
+                &mut gw_client,
+                Bytes::new(),
+                &mut gw_backend,
+                Bytes::new(),
+                T,
+            )
+            .await
         });
         // The client vanishes with a reset.
         socket2::SockRef::from(&client)

@@ -42,6 +42,8 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// On SIGTERM, how long live sessions may continue before being closed.
     pub shutdown_grace: Duration,
+    /// After one side of a session ends, how long the other may stay open.
+    pub half_close_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -53,6 +55,7 @@ impl Default for ServerSettings {
             max_headers: 100,
             request_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            half_close_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -237,6 +240,7 @@ impl Config {
             max_headers: s.max_headers.unwrap_or(d.max_headers),
             request_timeout: s.request_timeout.map_or(d.request_timeout, |x| x.0),
             shutdown_grace: s.shutdown_grace.map_or(d.shutdown_grace, |x| x.0),
+            half_close_timeout: s.half_close_timeout.map_or(d.half_close_timeout, |x| x.0),
         };
         if server.max_connections == 0 {
             return Err(cx.err(

@@ -30,6 +30,7 @@ pub struct RawServer {
     pub max_headers: Option<usize>,
     pub request_timeout: Option<Dur>,
     pub shutdown_grace: Option<Dur>,
+    pub half_close_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
