@@ -3,12 +3,14 @@
 //! Data flow, accept to splice:
 //! [`server`] accepts (connection-limit permit, `TCP_NODELAY`), terminates TLS
 //! ([`tls`]: SNI certificate choice, ALPN) and serves HTTP/1.1 and HTTP/2 with
-//! hyper-util. [`proxy`] matches the request against the [`router`] table,
-//! validates WebSocket handshakes ([`ws`]), picks a backend from the route's
-//! [`pool`] and connects ([`upstream`]) **before** answering 101, failing over
-//! to the next backend. The backend's 101 goes back to the client and
-//! [`splice`] moves bytes both ways on a tracked task. Plain HTTP requests go
-//! through a tower middleware stack to a pooled hyper client.
+//! hyper. [`proxy`] matches the request against the [`router`] table,
+//! validates WebSocket handshakes ([`ws`]), takes the failover order of the
+//! route's [`pool`] (strategies in [`balance`], health in [`health`], probes
+//! in [`checker`]), connects ([`upstream`]) and exchanges the upgrade with a
+//! backend ([`upgrade`]) **before** answering 101, failing over to the next
+//! backend. The backend's 101 goes back to the client and [`session`] takes
+//! both sockets back from hyper and [`splice`]s them on a tracked task. Plain
+//! HTTP requests go through a tower middleware stack to a pooled hyper client.
 //!
 //! [`config`] turns `routes.yaml` into validated types; [`error`] maps every
 //! request-path error to a status in one place; [`demo`] holds the built-in
