@@ -18,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod balance;
 pub mod checker;
 pub mod config;

@@ -51,6 +51,8 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// Cancelled when the grace period is over: live sessions are closed.
     pub hard_stop: CancellationToken,
+    /// Set when shutdown begins: `/readyz` answers 503 from then on.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// One client connection, shared by its requests and the sessions they start.

@@ -61,6 +61,8 @@ struct Listener {
 /// A gateway with its sockets bound, ready to `run`.
 pub struct Gateway {
     listeners: Vec<Listener>,
+    /// The admin listener and its token, when configured.
+    admin: Option<(TcpListener, Option<String>)>,
     shared: Arc<Shared>,
     settings: ServerSettings,
     /// Resolves `discover: dns` backends.
@@ -113,16 +115,33 @@ impl Gateway {
             })?;
             listeners.push(Listener { listener, tls });
         }
+        let admin = match &config.admin {
+            None => None,
+            Some(a) => Some((
+                bind_socket(a.addr).map_err(|source| StartError::Bind {
+                    addr: a.addr,
+                    source,
+                })?,
+                a.token.clone(),
+            )),
+        };
         Ok(Gateway {
             listeners,
+            admin,
             resolver,
             settings: config.server.clone(),
             shared: Arc::new(Shared {
                 snapshot: ArcSwap::from_pointee(snapshot),
                 tasks: TaskTracker::new(),
                 hard_stop: CancellationToken::new(),
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
         })
+    }
+
+    /// The admin listener's address, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The bound addresses, in config order (useful with port 0).
@@ -162,6 +181,16 @@ impl Gateway {
                 }
             });
         }
+        // The admin listener outlives the drain, so /readyz can report it.
+        let admin_stop = CancellationToken::new();
+        let admin_task = self.admin.map(|(l, token)| {
+            tokio::spawn(crate::admin::serve(
+                l,
+                self.shared.clone(),
+                token,
+                admin_stop.clone(),
+            ))
+        });
         let mut accepts = tokio::task::JoinSet::new();
         for l in self.listeners {
             let cx = AcceptCx {
@@ -179,6 +208,9 @@ impl Gateway {
             "shutting down: no new connections; live ones have {:?} to finish",
             self.settings.shutdown_grace
         );
+        self.shared
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         stop.cancel();
         accepts.shutdown().await;
         let tasks = &self.shared.tasks;
@@ -199,6 +231,10 @@ impl Gateway {
                     "some tasks did not stop after being cancelled"
                 );
             }
+        }
+        admin_stop.cancel();
+        if let Some(t) = admin_task {
+            let _ = t.await;
         }
         info!(finished_in_grace = finished, cut, "stopped");
         Drained {

@@ -26,6 +26,14 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub pools: Vec<PoolConfig>,
     pub routes: Vec<RouteConfig>,
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    pub token: Option<String>,
 }
 
 /// Limits and timeouts that bound what a peer can make the gateway hold.
@@ -502,7 +510,21 @@ impl Config {
             return Err(cx.err(&[Seg::Key("routes")], "add at least one route"));
         }
 
+        if let Some(a) = &raw.admin {
+            if let Some(t) = &a.token {
+                if t.trim().is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(cx.err(
+                        &[Seg::Key("admin"), Seg::Key("token")],
+                        "a token is printable ASCII without spaces",
+                    ));
+                }
+            }
+        }
         Ok(Config {
+            admin: raw.admin.map(|a| AdminConfig {
+                addr: a.addr,
+                token: a.token,
+            }),
             source: file.to_path_buf(),
             server,
             listeners,

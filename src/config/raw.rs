@@ -19,6 +19,16 @@ pub struct RawConfig {
     pub listen: Vec<RawListener>,
     pub pools: indexmap_lite::OrderedMap<RawPool>,
     pub routes: Vec<RawRoute>,
+    pub admin: Option<RawAdmin>,
+}
+
+/// The admin listener: health, readiness and state for operators.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub addr: SocketAddr,
+    /// When set, every endpoint but /healthz and /readyz wants `Authorization: Bearer TOKEN`.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
