@@ -77,26 +77,38 @@ async fn fail_open_tries_backends_even_when_all_are_ejected() {
 
 #[tokio::test]
 async fn active_checks_mark_a_backend_down_then_up_again() {
-    let stop = tokio_util::sync::CancellationToken::new();
     let b = demo::Backend {
         name: "a".into(),
         kind: demo::Kind::Echo,
     };
-    let addr = demo::spawn("127.0.0.1:0", b.clone(), stop.clone())
-        .await
-        .unwrap();
-    let extra = "    eject_after: 0\n    health: { interval: 50ms, timeout: 200ms, path: /health, healthy_after: 2, unhealthy_after: 2 }\n";
-    let gw = gateway(&pool_yaml(extra, &format!("ws://{addr}"))).await;
+    // The test keeps a duplicate of the listening socket: when the backend
+    // stops accepting, connections still queue (so checks time out rather
+    // than being refused), and the port can never be taken by another test
+    // before the backend comes back on it.
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let spare = std_listener.try_clone().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+    tokio::spawn(demo::serve(listener, b.clone(), stop.clone()));
+    let yaml = format!(
+        "server: {{ handshake_timeout: 300ms }}\n{}",
+        pool_yaml(
+            "    eject_after: 0\n    health: { interval: 50ms, timeout: 200ms, path: /health, healthy_after: 2, unhealthy_after: 2 }\n",
+            &format!("ws://{addr}")
+        )
+    );
+    let gw = gateway(&yaml).await;
     let mut ws = ws(gw.addr(), "h", "/").await;
     assert_eq!(roundtrip(&mut ws, "up").await, "up");
-    // The backend goes away: connection refused (502) until the checks notice, then 503.
+    // The backend stops answering: upgrades time out until the checks notice, then 503.
     stop.cancel();
     until_status(gw.addr(), 503).await;
-    // It comes back on the same address: after two good checks, sessions flow again.
+    // It answers again on the same socket: after two good checks, sessions flow again.
     let stop2 = tokio_util::sync::CancellationToken::new();
-    demo::spawn(&addr.to_string(), b, stop2.clone())
-        .await
-        .unwrap();
+    let listener = tokio::net::TcpListener::from_std(spare).unwrap();
+    tokio::spawn(demo::serve(listener, b, stop2.clone()));
     until_status(gw.addr(), 0).await;
     let mut ws = support::ws(gw.addr(), "h", "/").await;
     assert_eq!(roundtrip(&mut ws, "back").await, "back");
@@ -141,7 +153,7 @@ async fn live_sessions_on_a_backend_marked_down_are_closed() {
 
 #[tokio::test]
 async fn the_retry_budget_bounds_failover() {
-    let dead: Vec<String> = futures_util::future::join_all((0..5).map(|_| dead_addr()))
+    let dead: Vec<String> = dead_addrs(5)
         .await
         .iter()
         .map(|a| format!("ws://{a}"))

@@ -226,7 +226,7 @@ async fn unknown_route_is_404_naming_host_and_path() {
 
 #[tokio::test]
 async fn every_backend_down_is_502() {
-    let dead = [dead_addr().await, dead_addr().await];
+    let dead = dead_addrs(2).await;
     let gw = gateway(&one_pool(&dead)).await;
     let err = ws_with(gw.addr(), "h", "/chat", &[]).await.unwrap_err();
     match err {

@@ -120,12 +120,25 @@ pub async fn echo_backends(names: &[&str]) -> Backends {
     Backends { addrs, stop }
 }
 
-/// An address on which nothing listens: bound, then released.
+/// An address on which nothing listens: connecting is refused.
 pub async fn dead_addr() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    l.local_addr().expect("addr")
+    dead_addrs(1).await[0]
+}
+
+/// `n` distinct addresses on which nothing listens. Each port stays bound
+/// (never listening) until the test process exits, so no other test running
+/// in parallel can be handed the same port and bring it to life.
+pub async fn dead_addrs(n: usize) -> Vec<SocketAddr> {
+    (0..n)
+        .map(|_| {
+            let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+            sock.bind("127.0.0.1:0".parse().expect("addr"))
+                .expect("bind");
+            let addr = sock.local_addr().expect("addr");
+            std::mem::forget(sock); // hold the port for the life of the test process
+            addr
+        })
+        .collect()
 }
 
 pub type Ws<S> = WebSocketStream<S>;
