@@ -10,7 +10,7 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, Instrument};
+use tracing::{debug, info, Instrument};
 
 use crate::pool::BackendGuard;
 use crate::proxy::{ConnInfo, Shared};
@@ -78,21 +78,28 @@ pub fn spawn(
                 (BackendIo::Tcp(s), rest) => Leg::Tcp(s, rest),
                 (tls, rest) => Leg::Other(Box::new(tls), rest),
             };
-            let result = tokio::select! {
-                r = run(client, backend, half_close) => r,
-                _ = stop.cancelled() => {
-                    debug!("session closed at shutdown");
-                    return;
-                }
-                _ = down.cancelled() => {
-                    debug!(backend = %guard.backend().url, "session closed: backend marked down");
-                    return;
-                }
+            let started = tokio::time::Instant::now();
+            // How the session ended, for the access log.
+            let (end, moved, error) = tokio::select! {
+                r = run(client, backend, half_close) => match r {
+                    Ok(m) => ("closed", Some(m), None),
+                    Err(e) => ("io_error", None, Some(e)),
+                },
+                _ = stop.cancelled() => ("shutdown", None, None),
+                _ = down.cancelled() => ("backend_down", None, None),
             };
-            match result {
-                Ok(m) => debug!(up = m.client_to_backend, down = m.backend_to_client, backend = %guard.backend().url, "session ended"),
-                Err(e) => debug!(error = %e, backend = %guard.backend().url, "session ended by an I/O error"),
-            }
+            // One line per session (target `upgate::access`); the span adds peer and
+            // route. Byte counts are known when the splice itself finished.
+            info!(
+                target: "upgate::access",
+                backend = %guard.backend().url,
+                duration_ms = started.elapsed().as_millis() as u64,
+                bytes_up = moved.map(|m| m.client_to_backend),
+                bytes_down = moved.map(|m| m.backend_to_client),
+                end,
+                error = error.as_ref().map(tracing::field::display),
+                "session"
+            );
             // `conn` (the connection-limit slot) and `guard` (the backend's live count) drop here.
             drop(conn);
         }

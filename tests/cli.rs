@@ -65,3 +65,76 @@ fn help_explains_the_commands() {
         assert!(s.contains(w), "{s}");
     }
 }
+
+#[tokio::test]
+async fn the_binary_serves_logs_each_session_and_exits_cleanly_on_sigterm() {
+    use std::io::BufRead;
+    let be = support::echo_backends(&["a"]).await;
+    let dir = support::TempDir::new("bin");
+    let file = dir.0.join("routes.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "server: {{ shutdown_grace: 2s }}\nlisten:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: [ws://{}] }}\nroutes:\n  - {{ name: chat, path: /chat, pool: p }}\n",
+            be.addrs[0]
+        ),
+    )
+    .unwrap();
+    let mut child = upgate()
+        .args(["--config"])
+        .arg(&file)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut next_line = async || {
+        tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .ok()
+            .flatten()
+    };
+    // The bound address is in the startup log.
+    let addr: std::net::SocketAddr = loop {
+        let line = next_line().await.expect("startup log");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.trim().parse().unwrap();
+        }
+    };
+    let mut ws = support::ws(addr, "h", "/chat").await;
+    assert_eq!(support::roundtrip(&mut ws, "hello").await, "hello");
+    drop(ws);
+    // One access-log line for the session, with its route and how it ended.
+    let line = loop {
+        let line = next_line().await.expect("access log line");
+        if line.contains("upgate::access") {
+            break line;
+        }
+    };
+    for want in ["route=chat", "end=\"closed\"", "bytes_up=", "duration_ms="] {
+        assert!(
+            line.contains(want) || line.contains(&want.replace('"', "")),
+            "missing {want} in {line}"
+        );
+    }
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "exit status {exit}");
+}
