@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -266,17 +265,23 @@ async fn upgrade(
             }
         }
     }
-    if tried == 0 {
-        return Err(ProxyError::Unavailable {
+    Err(exhausted(pool, tried, last))
+}
+
+/// The error once the failover order is used up: 503 when nothing was even
+/// available to try, otherwise 502/504 with the last failure.
+fn exhausted(pool: &Pool, tried: usize, last: Option<BackendError>) -> ProxyError {
+    match last {
+        Some(last) if tried > 0 => ProxyError::NoBackend {
+            pool: pool.name.clone(),
+            tried,
+            last,
+        },
+        _ => ProxyError::Unavailable {
             pool: pool.name.clone(),
             retry_after: pool.retry_after(),
-        });
+        },
     }
-    Err(ProxyError::NoBackend {
-        pool: pool.name.clone(),
-        tried,
-        last: last.unwrap_or(BackendError::Timeout(Duration::ZERO)),
-    })
 }
 
 /// Feeds a real attempt's outcome to the backend's passive health check.
@@ -371,17 +376,7 @@ async fn forward(
             }
         }
     }
-    if tried == 0 {
-        return Err(ProxyError::Unavailable {
-            pool: pool.name.clone(),
-            retry_after: pool.retry_after(),
-        });
-    }
-    Err(ProxyError::NoBackend {
-        pool: pool.name.clone(),
-        tried,
-        last: last.unwrap_or(BackendError::Timeout(Duration::ZERO)),
-    })
+    Err(exhausted(pool, tried, last))
 }
 
 fn request_host_parts(parts: &http::request::Parts) -> Option<&str> {
