@@ -72,12 +72,10 @@ pub struct Matched {
 }
 
 /// The `Host` of a request: the header on HTTP/1.1, the URI authority on HTTP/2.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    })
+fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
 /// Entry point for every request on a client connection.
@@ -91,7 +89,7 @@ where
     S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
 {
     let snapshot = shared.snapshot.load_full();
-    let host = request_host(&req).unwrap_or("");
+    let host = request_host(req.uri(), req.headers()).unwrap_or("");
     let Some(route) = snapshot.routes.find_index(host, req.uri().path()) else {
         let e = ProxyError::NoRoute {
             host: host.to_string(),
@@ -200,7 +198,7 @@ async fn upgrade(
     ws::validate(&req)?;
     let pool = &snapshot.pools[route.pool];
     let client_upgrade = hyper::upgrade::on(&mut req);
-    let client_host = request_host(&req);
+    let client_host = request_host(req.uri(), req.headers());
     let mut headers = forward_headers(req.headers(), conn, client_host);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -321,7 +319,7 @@ async fn forward(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let (parts, body) = req.into_parts();
-    let client_host = request_host_parts(&parts).map(str::to_string);
+    let client_host = request_host(&parts.uri, &parts.headers).map(str::to_string);
     let mut headers = forward_headers(&parts.headers, conn, client_host.as_deref());
     // A request without a body can be sent again to the next backend if the first is unreachable.
     let retryable = hyper::body::Body::is_end_stream(&body);
@@ -377,13 +375,4 @@ async fn forward(
         }
     }
     Err(exhausted(pool, tried, last))
-}
-
-fn request_host_parts(parts: &http::request::Parts) -> Option<&str> {
-    parts.uri.authority().map(|a| a.as_str()).or_else(|| {
-        parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    })
 }

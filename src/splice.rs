@@ -251,6 +251,31 @@ mod tests {
         (a, b)
     }
 
+    /// Splices two fresh loopback pairs on a task; returns (client, backend, task).
+    async fn spliced(
+        client_pending: &'static [u8],
+        backend_pending: &'static [u8],
+        half_close: std::time::Duration,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<io::Result<Moved>>,
+    ) {
+        let (client, mut gw_client) = pair().await;
+        let (mut gw_backend, backend) = pair().await;
+        let task = tokio::spawn(async move {
+            splice(
+                &mut gw_client,
+                Bytes::from_static(client_pending),
+                &mut gw_backend,
+                Bytes::from_static(backend_pending),
+                half_close,
+            )
+            .await
+        });
+        (client, backend, task)
+    }
+
     /// Runs both splice paths over the same scenario.
     async fn with_each_path<F, Fut>(f: F)
     where
@@ -321,18 +346,7 @@ mod tests {
 
     #[tokio::test]
     async fn pending_bytes_are_delivered_first() {
-        let (mut client, mut gw_client) = pair().await;
-        let (mut gw_backend, mut backend) = pair().await;
-        let task = tokio::spawn(async move {
-            splice(
-                &mut gw_client,
-                Bytes::from_static(b"early-"),
-                &mut gw_backend,
-                Bytes::from_static(b"hi-"),
-                T,
-            )
-            .await
-        });
+        let (mut client, mut backend, task) = spliced(b"early-", b"hi-", T).await;
         client.write_all(b"late").await.unwrap();
         client.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -355,18 +369,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_session_holds_no_buffer() {
-        let (mut client, mut gw_client) = pair().await;
-        let (mut gw_backend, mut backend) = pair().await;
-        let task = tokio::spawn(async move {
-            splice(
-                &mut gw_client,
-                Bytes::new(),
-                &mut gw_backend,
-                Bytes::new(),
-                T,
-            )
-            .await
-        });
+        let (mut client, mut backend, task) = spliced(b"", b"", T).await;
         client.write_all(b"ping").await.unwrap();
         let mut got = [0u8; 4];
         backend.read_exact(&mut got).await.unwrap();
@@ -381,19 +384,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_half_closed_session_ends_after_the_timeout() {
-        let (mut client, mut gw_client) = pair().await;
-        let (mut gw_backend, _backend) = pair().await;
         let limit = std::time::Duration::from_millis(200);
-        let task = tokio::spawn(async move {
-            splice(
-                &mut gw_client,
-                Bytes::new(),
-                &mut gw_backend,
-                Bytes::new(),
-                limit,
-            )
-            .await
-        });
+        let (mut client, _backend, task) = spliced(b"", b"", limit).await;
         client.shutdown().await.unwrap(); // the client is done; the backend never answers or closes
         let t0 = std::time::Instant::now();
         let moved = tokio::time::timeout(std::time::Duration::from_secs(5), task)
@@ -413,18 +405,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reset_ends_both_directions() {
-        let (client, mut gw_client) = pair().await;
-        let (mut gw_backend, mut backend) = pair().await;
-        let task = tokio::spawn(async move {
-            splice(
-                &mut gw_client,
-                Bytes::new(),
-                &mut gw_backend,
-                Bytes::new(),
-                T,
-            )
-            .await
-        });
+        let (client, mut backend, task) = spliced(b"", b"", T).await;
         // The client vanishes with a reset.
         socket2::SockRef::from(&client)
             .set_linger(Some(std::time::Duration::ZERO))

@@ -134,6 +134,18 @@ pub fn server_config(files: &[CertFiles]) -> Result<Arc<rustls::ServerConfig>, T
     Ok(Arc::new(cfg))
 }
 
+/// The system's CA certificates, read once per process however many pools use them.
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: std::sync::OnceLock<Vec<CertificateDer<'static>>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::warn!(error = %e, "loading a system CA certificate failed");
+        }
+        found.certs
+    })
+}
+
 /// The rustls client config for a pool's `wss://` backends. We speak HTTP/1.1 to backends.
 pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
@@ -151,11 +163,7 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>
             }
         }
         None => {
-            let found = rustls_native_certs::load_native_certs();
-            for e in &found.errors {
-                tracing::warn!(error = %e, "loading a system CA certificate failed");
-            }
-            roots.add_parsable_certificates(found.certs);
+            roots.add_parsable_certificates(system_roots().iter().cloned());
         }
     }
     let mut cfg =
