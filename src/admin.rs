@@ -152,14 +152,20 @@ impl Admin {
             .routes
             .routes()
             .iter()
-            .map(|r| {
-                json!({
+            .zip(&snap.hubs)
+            .map(|(r, hub)| {
+                let mut v = json!({
                     "name": r.name,
                     "host": r.host.to_string(),
                     "path": r.path,
                     "pool": snap.pools[r.pool].name,
                     "strip_prefix": r.strip_prefix,
-                })
+                    "mode": if hub.is_some() { "fanout" } else { "splice" },
+                });
+                if let Some(h) = hub {
+                    v["fanout"] = fanout_json(h);
+                }
+                v
             })
             .collect();
         json_response(json!({ "routes": routes }))
@@ -195,4 +201,26 @@ impl Admin {
             .collect();
         json_response(json!({ "pools": pools }))
     }
+}
+
+/// A fan-out route's counters and open channels.
+fn fanout_json(h: &crate::fanout::Hub) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &h.stats;
+    let channels: Vec<_> = h
+        .channel_list()
+        .into_iter()
+        .map(|(key, clients)| json!({ "channel": key, "clients": clients }))
+        .collect();
+    json!({
+        "sources": h.source_names(),
+        "clients": s.clients.load(Relaxed),
+        "messages_in": s.messages_in.load(Relaxed),
+        "delivered": s.delivered.load(Relaxed),
+        "dropped": s.dropped.load(Relaxed),
+        "slow_disconnects": s.slow_disconnects.load(Relaxed),
+        "upstream_reconnects": s.reconnects.load(Relaxed),
+        "forwarded": s.forwarded.load(Relaxed),
+        "channels": channels,
+    })
 }

@@ -49,6 +49,30 @@ impl Rng {
     }
 }
 
+/// A random `u64` from the standard library's per-process hash keys: good
+/// enough for jitter and handshake nonces, no generator state to share.
+pub fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// `d` spread by ±20 %, so many reconnecting channels do not retry in step.
+pub fn jitter(d: std::time::Duration) -> std::time::Duration {
+    let f = 0.8 + 0.4 * (random() >> 11) as f64 / (1u64 << 53) as f64;
+    d.mul_f64(f)
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes in base64.
+pub fn ws_key() -> String {
+    use base64::Engine;
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&random().to_le_bytes());
+    b[8..].copy_from_slice(&random().to_le_bytes());
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
 /// The smooth weighted round-robin sequence for `weights` (each ≥ 1),
 /// reduced by their common divisor: backend `i` appears `w_i / g` times,
 /// spread out rather than in runs.

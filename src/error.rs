@@ -58,6 +58,12 @@ pub enum ProxyError {
     Backend(#[source] BackendError),
     #[error("no backend of pool `{pool}` is available (all down or ejected)")]
     Unavailable { pool: String, retry_after: Duration },
+    /// A fan-out request without the value that names its channel.
+    #[error("no channel: the request has no {0}")]
+    NoChannel(String),
+    /// One failure answered to every client waiting for the same fan-out channel.
+    #[error(transparent)]
+    Shared(std::sync::Arc<ProxyError>),
 }
 
 impl ProxyError {
@@ -65,6 +71,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoChannel(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Shared(inner) => inner.status(),
             ProxyError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
                 StatusCode::UPGRADE_REQUIRED
@@ -110,6 +118,14 @@ impl ProxyError {
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after.as_secs().max(1)),
                 );
+            }
+            ProxyError::Shared(inner) => {
+                if let ProxyError::Unavailable { retry_after, .. } = *inner {
+                    resp.headers_mut().insert(
+                        header::RETRY_AFTER,
+                        HeaderValue::from(retry_after.as_secs().max(1)),
+                    );
+                }
             }
             _ => {}
         }

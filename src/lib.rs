@@ -11,6 +11,9 @@
 //! backend. The backend's 101 goes back to the client and [`session`] takes
 //! both sockets back from hyper and [`splice`]s them on a tracked task. Plain
 //! HTTP requests go through a tower middleware stack to a pooled hyper client.
+//! Routes with `mode: fanout` go to [`fanout`] instead: one upstream
+//! connection per channel, each message framed once and broadcast to the
+//! channel's clients.
 //!
 //! [`config`] turns `routes.yaml` into validated types; [`error`] maps every
 //! request-path error to a status in one place; [`demo`] holds the built-in
@@ -24,6 +27,7 @@ pub mod checker;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod fanout;
 pub mod health;
 pub mod pool;
 pub mod proxy;

@@ -26,18 +26,31 @@ use crate::ws::{self, Forwarded};
 pub struct Snapshot {
     pub routes: RouteTable,
     pub pools: Vec<Arc<Pool>>,
+    /// The fan-out state of each `mode: fanout` route, by route index.
+    pub hubs: Vec<Option<Arc<crate::fanout::Hub>>>,
     pub settings: ServerSettings,
 }
 
 impl Snapshot {
     pub fn new(cfg: &Config) -> Result<Snapshot, PoolError> {
+        let pools: Vec<Arc<Pool>> = cfg
+            .pools
+            .iter()
+            .map(|p| Pool::new(p).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        let hubs = cfg
+            .routes
+            .iter()
+            .map(|r| {
+                r.fanout
+                    .as_ref()
+                    .map(|f| Arc::new(crate::fanout::Hub::new(r, f.clone(), &pools, &cfg.server)))
+            })
+            .collect();
         Ok(Snapshot {
             routes: RouteTable::new(&cfg.routes),
-            pools: cfg
-                .pools
-                .iter()
-                .map(|p| Pool::new(p).map(Arc::new))
-                .collect::<Result<_, _>>()?,
+            pools,
+            hubs,
             settings: cfg.server.clone(),
         })
     }
@@ -101,9 +114,18 @@ where
     if ws::wants_websocket(&req) {
         let r = &snapshot.routes.routes()[route];
         let span = tracing::info_span!("ws", peer = %conn.peer, route = %r.name);
-        let resp = upgrade(&shared, &conn, &snapshot, r, req)
-            .instrument(span)
-            .await;
+        let resp = match &snapshot.hubs[route] {
+            Some(hub) => {
+                crate::fanout::accept(&shared, &conn, hub, r, req)
+                    .instrument(span)
+                    .await
+            }
+            None => {
+                upgrade(&shared, &conn, &snapshot, r, req)
+                    .instrument(span)
+                    .await
+            }
+        };
         return Ok(resp.unwrap_or_else(|e| {
             debug!(peer = %conn.peer, error = %e, "upgrade refused");
             e.into_response()
@@ -268,7 +290,7 @@ async fn upgrade(
 
 /// The error once the failover order is used up: 503 when nothing was even
 /// available to try, otherwise 502/504 with the last failure.
-fn exhausted(pool: &Pool, tried: usize, last: Option<BackendError>) -> ProxyError {
+pub(crate) fn exhausted(pool: &Pool, tried: usize, last: Option<BackendError>) -> ProxyError {
     match last {
         Some(last) if tried > 0 => ProxyError::NoBackend {
             pool: pool.name.clone(),
@@ -283,7 +305,7 @@ fn exhausted(pool: &Pool, tried: usize, last: Option<BackendError>) -> ProxyErro
 }
 
 /// Feeds a real attempt's outcome to the backend's passive health check.
-fn note_outcome(pool: &Pool, backend: &Backend, ok: bool) {
+pub(crate) fn note_outcome(pool: &Pool, backend: &Backend, ok: bool) {
     if backend.health.record_request(ok, pool.passive) {
         warn!(
             pool = %pool.name,

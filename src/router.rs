@@ -144,6 +144,7 @@ mod tests {
                 pool: 0,
                 strip_prefix: false,
                 preserve_host: true,
+                fanout: None,
             })
             .collect();
         RouteTable::new(&cfgs)

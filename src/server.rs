@@ -163,6 +163,14 @@ impl Gateway {
             &self.shared.tasks,
             &stop,
         );
+        {
+            let snap = self.shared.snapshot.load_full();
+            for (hub, route) in snap.hubs.iter().zip(snap.routes.routes()) {
+                if let Some(hub) = hub.as_ref().filter(|h| h.cfg.eager) {
+                    hub.open_eager(&self.shared, route);
+                }
+            }
+        }
         for pool in self
             .shared
             .snapshot

@@ -19,7 +19,7 @@ use crate::upstream::BackendIo;
 
 /// One side of a session after the upgrade, with the bytes hyper had
 /// already read past the HTTP head.
-enum Leg {
+pub(crate) enum Leg {
     /// A raw socket: the fast, monomorphised path.
     Tcp(TcpStream, Bytes),
     /// A TLS stream (or, should a downcast ever fail, hyper's own upgraded type).
@@ -36,7 +36,7 @@ impl Leg {
 }
 
 /// The client side: the listener's socket type comes back from hyper.
-fn client_leg(up: Upgraded, tls: bool) -> Leg {
+pub(crate) fn client_leg(up: Upgraded, tls: bool) -> Leg {
     let up = if tls {
         match up.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
             Ok(p) => return Leg::Other(Box::new(p.io.into_inner()), p.read_buf),

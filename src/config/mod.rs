@@ -12,7 +12,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use raw::{BackendUrl, Balance, HashKey, HostPattern, OnBackendDown};
+pub use raw::{
+    BackendUrl, Balance, ChannelKey, ClientMessages, HashKey, HostPattern, Mode, OnBackendDown,
+    SlowClient,
+};
 
 use locate::{locate, Seg};
 use raw::RawConfig;
@@ -147,6 +150,46 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     /// Send the client's `Host` to the backend (default) or the backend's own authority.
     pub preserve_host: bool,
+    /// Set on `mode: fanout` routes.
+    pub fanout: Option<std::sync::Arc<FanoutConfig>>,
+}
+
+/// A `mode: fanout` route: one upstream connection per channel, broadcast to its clients.
+#[derive(Debug, Clone)]
+pub struct FanoutConfig {
+    /// Pools whose feeds are merged (indexes into [`Config::pools`]); the
+    /// first also receives forwarded client messages.
+    pub sources: Vec<usize>,
+    /// Wrap text messages as `{"source": POOL, "data": ...}`.
+    pub tag: bool,
+    pub channel: ChannelKey,
+    /// The upstream request target, `{channel}` substituted; `None`: the
+    /// client's own path (stripped per `strip_prefix`) and query.
+    pub upstream_path: Option<String>,
+    /// Open the route's own channel at start and keep it open.
+    pub eager: bool,
+    /// How long an upstream stays open after its last client left.
+    pub linger: Duration,
+    /// Messages a client may fall behind (the channel keeps this many).
+    pub max_lag: usize,
+    pub slow_client: SlowClient,
+    /// Messages a new client receives first.
+    pub replay_last: usize,
+    /// Sent to clients (as text) when the upstream connection is lost.
+    pub on_upstream_lost: Option<String>,
+    /// Sent to the upstream (as text) after every (re)connect, `{channel}` substituted.
+    pub subscribe: Vec<String>,
+    pub client_messages: ClientMessages,
+    /// Forwarded messages per second per client (also the burst).
+    pub client_rate: u32,
+    /// Largest message a client may send.
+    pub max_message: usize,
+    /// Clients and the upstream are pinged this often...
+    pub ping_interval: Duration,
+    /// ...and dropped when nothing came back this long after a ping.
+    pub pong_timeout: Duration,
+    /// Reconnect backoff grows from 100 ms up to this.
+    pub reconnect_max: Duration,
 }
 
 /// A config that cannot be used, with where and why.
@@ -473,17 +516,45 @@ impl Config {
                     ),
                 ));
             }
-            let Some(pool) = pools.iter().position(|p| p.name == r.pool) else {
-                let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
-                return Err(cx.err(
-                    &at("pool"),
-                    format!(
-                        "no pool named `{}`; defined pools: {}",
-                        r.pool,
-                        known.join(", ")
-                    ),
-                ));
+            let find_pool = |name: &str, key: &[Seg]| {
+                pools.iter().position(|p| p.name == name).ok_or_else(|| {
+                    let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+                    cx.err(
+                        key,
+                        format!(
+                            "no pool named `{name}`; defined pools: {}",
+                            known.join(", ")
+                        ),
+                    )
+                })
             };
+            let fanout = match r.mode {
+                Mode::Splice => {
+                    if let Some(k) = r.fanout_keys().first() {
+                        return Err(
+                            cx.err(&at(k), format!("`{k}` is only used with `mode: fanout`"))
+                        );
+                    }
+                    None
+                }
+                Mode::Fanout => Some(fanout_config(&cx, i, &r, &find_pool)?),
+            };
+            let pool = match (&r.pool, &fanout) {
+                (Some(p), _) => find_pool(p, &at("pool"))?,
+                (None, Some(f)) => f.sources[0],
+                (None, None) => {
+                    return Err(cx.err(
+                        &[Seg::Key("routes"), Seg::Index(i)],
+                        "a route needs `pool: NAME`",
+                    ))
+                }
+            };
+            let fanout = fanout.map(|mut f| {
+                if r.sources.is_none() {
+                    f.sources = vec![pool];
+                }
+                std::sync::Arc::new(f)
+            });
             let path = r.path.map_or_else(|| "/".to_string(), |p| p.0);
             if let Some(j) = routes
                 .iter()
@@ -504,6 +575,7 @@ impl Config {
                 pool,
                 strip_prefix: r.strip_prefix,
                 preserve_host: r.preserve_host.unwrap_or(true),
+                fanout,
             });
         }
         if routes.is_empty() {
@@ -532,6 +604,129 @@ impl Config {
             routes,
         })
     }
+}
+
+/// Looks a pool up by name, or errs at the given key.
+type FindPool<'a> = dyn Fn(&str, &[Seg]) -> Result<usize, ConfigError> + 'a;
+
+/// Validates a `mode: fanout` route's keys. `sources` is left empty when
+/// the route names its feed with `pool` (the caller fills it in).
+fn fanout_config(
+    cx: &Ctx,
+    i: usize,
+    r: &raw::RawRoute,
+    find_pool: &FindPool,
+) -> Result<FanoutConfig, ConfigError> {
+    let at = |k| [Seg::Key("routes"), Seg::Index(i), Seg::Key(k)];
+    let mut sources = Vec::new();
+    if let Some(list) = &r.sources {
+        if r.pool.is_some() {
+            return Err(cx.err(&at("sources"), "use either `pool` or `sources`, not both"));
+        }
+        if list.is_empty() {
+            return Err(cx.err(&at("sources"), "list at least one pool"));
+        }
+        for (k, name) in list.iter().enumerate() {
+            let key = [
+                Seg::Key("routes"),
+                Seg::Index(i),
+                Seg::Key("sources"),
+                Seg::Index(k),
+            ];
+            let p = find_pool(name, &key)?;
+            if sources.contains(&p) {
+                return Err(cx.err(&key, format!("pool `{name}` is listed twice")));
+            }
+            sources.push(p);
+        }
+    }
+    let channel = r.channel.clone().unwrap_or_default();
+    let eager = r.eager.unwrap_or(false);
+    if eager && channel != ChannelKey::Path {
+        return Err(cx.err(
+            &at("eager"),
+            "`eager` opens the route's own channel, so it needs `channel: path` (the default)",
+        ));
+    }
+    if let Some(p) = &r.upstream_path {
+        if !p.starts_with('/') {
+            return Err(cx.err(&at("upstream_path"), "must start with `/`"));
+        }
+        let probe = p.replace("{channel}", "x");
+        if http::uri::PathAndQuery::try_from(probe.as_str()).is_err() {
+            return Err(cx.err(&at("upstream_path"), "is not a valid request target"));
+        }
+    }
+    let max_lag = r.max_lag.unwrap_or(1024);
+    if !(1..=1_000_000).contains(&max_lag) {
+        return Err(cx.err(&at("max_lag"), "must be between 1 and 1000000"));
+    }
+    let replay_last = r.replay_last.unwrap_or(0);
+    if replay_last > max_lag {
+        return Err(cx.err(
+            &at("replay_last"),
+            format!("must not exceed max_lag ({max_lag})"),
+        ));
+    }
+    let client_rate = r.client_rate.unwrap_or(10);
+    if client_rate == 0 {
+        return Err(cx.err(
+            &at("client_rate"),
+            "must be at least 1 (messages per second)",
+        ));
+    }
+    let max_message = r.max_message.unwrap_or(64 * 1024);
+    if !(125..=16 * 1024 * 1024).contains(&max_message) {
+        return Err(cx.err(&at("max_message"), "must be between 125 and 16777216 bytes"));
+    }
+    let ping_interval = r.ping_interval.map_or(Duration::from_secs(30), |d| d.0);
+    let pong_timeout = r.pong_timeout.map_or(Duration::from_secs(10), |d| d.0);
+    if ping_interval < Duration::from_millis(10) || pong_timeout < Duration::from_millis(10) {
+        return Err(cx.err(
+            &at(if r.pong_timeout.is_some() {
+                "pong_timeout"
+            } else {
+                "ping_interval"
+            }),
+            "must be at least 10ms",
+        ));
+    }
+    let reconnect_max = r.reconnect_max.map_or(Duration::from_secs(5), |d| d.0);
+    if reconnect_max < Duration::from_millis(100) {
+        return Err(cx.err(&at("reconnect_max"), "must be at least 100ms"));
+    }
+    for (k, m) in r.subscribe.iter().flatten().enumerate() {
+        if m.is_empty() {
+            return Err(cx.err(
+                &[
+                    Seg::Key("routes"),
+                    Seg::Index(i),
+                    Seg::Key("subscribe"),
+                    Seg::Index(k),
+                ],
+                "a subscribe message cannot be empty",
+            ));
+        }
+    }
+    Ok(FanoutConfig {
+        sources,
+        tag: r.tag.unwrap_or(false),
+        channel,
+        upstream_path: r.upstream_path.clone(),
+        eager,
+        linger: r.linger.map_or(Duration::from_secs(5), |d| d.0),
+        max_lag,
+        slow_client: r.slow_client.unwrap_or_default(),
+        replay_last,
+        on_upstream_lost: r.on_upstream_lost.clone(),
+        subscribe: r.subscribe.clone().unwrap_or_default(),
+        client_messages: r.client_messages.unwrap_or_default(),
+        client_rate,
+        max_message,
+        ping_interval,
+        pong_timeout,
+        reconnect_max,
+    })
 }
 
 /// serde_yaml prints "… at line L column C"; we print the location first, like a compiler.
@@ -683,6 +878,56 @@ routes:
         );
         let e = err(&OK.replace("'ws://127.0.0.1:9002'", "'ws://127.0.0.1:9001'"));
         assert!(e.contains("listed twice"), "{e}");
+    }
+
+    #[test]
+    fn fanout_routes() {
+        let y = OK.replace(
+            "    strip_prefix: true\n",
+            "    strip_prefix: true\n    mode: fanout\n    channel: query:pair\n    max_lag: 64\n    slow_client: disconnect\n    replay_last: 2\n    subscribe: ['{\"sub\":\"{channel}\"}']\n",
+        );
+        let c = parse(&y).unwrap();
+        let f = c.routes[1].fanout.as_ref().unwrap();
+        assert_eq!(f.sources, vec![1]);
+        assert_eq!(f.channel, ChannelKey::Query("pair".into()));
+        assert_eq!((f.max_lag, f.replay_last), (64, 2));
+        assert_eq!(f.slow_client, SlowClient::Disconnect);
+        assert!(c.routes[0].fanout.is_none());
+
+        let e = err(&OK.replace(
+            "    strip_prefix: true\n",
+            "    strip_prefix: true\n    linger: 5s\n",
+        ));
+        assert_eq!(
+            e,
+            "t/routes.yaml:20: routes[1].linger: `linger` is only used with `mode: fanout`"
+        );
+        let e = err(&y.replace("replay_last: 2", "replay_last: 100"));
+        assert!(
+            e.contains("routes[1].replay_last: must not exceed max_lag (64)"),
+            "{e}"
+        );
+        let e = err(&y.replace("channel: query:pair", "channel: cookie:x"));
+        assert!(
+            e.starts_with("t/routes.yaml:21:") && e.contains("must be `path`"),
+            "{e}"
+        );
+        let e = err(&y.replace("max_lag: 64", "eager: true"));
+        assert!(
+            e.contains("routes[1].eager") && e.contains("channel: path"),
+            "{e}"
+        );
+        let merged = y.replace("    pool: ticker\n", "    sources: [ticker, chat]\n");
+        let c = parse(&merged).unwrap();
+        assert_eq!(c.routes[1].fanout.as_ref().unwrap().sources, vec![1, 0]);
+        assert_eq!(c.routes[1].pool, 1);
+        let e = err(&y.replace("mode: fanout", "mode: fanout\n    sources: [chat]"));
+        assert!(e.contains("either `pool` or `sources`"), "{e}");
+        let e = err(&merged.replace("[ticker, chat]", "[ticker, nope]"));
+        assert!(
+            e.contains("routes[1].sources[1]: no pool named `nope`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -123,10 +123,126 @@ pub struct RawRoute {
     #[serde(default)]
     pub host: HostPattern,
     pub path: Option<PathPrefix>,
-    pub pool: String,
+    /// Required, except on a fan-out route that lists `sources`.
+    pub pool: Option<String>,
     #[serde(default)]
     pub strip_prefix: bool,
     pub preserve_host: Option<bool>,
+    #[serde(default)]
+    pub mode: Mode,
+    // The keys below are for `mode: fanout` only (an error on a splice route).
+    pub sources: Option<Vec<String>>,
+    pub tag: Option<bool>,
+    pub channel: Option<ChannelKey>,
+    pub upstream_path: Option<String>,
+    pub eager: Option<bool>,
+    pub linger: Option<Dur>,
+    pub max_lag: Option<usize>,
+    pub slow_client: Option<SlowClient>,
+    pub replay_last: Option<usize>,
+    pub on_upstream_lost: Option<String>,
+    pub subscribe: Option<Vec<String>>,
+    pub client_messages: Option<ClientMessages>,
+    pub client_rate: Option<u32>,
+    pub max_message: Option<usize>,
+    pub ping_interval: Option<Dur>,
+    pub pong_timeout: Option<Dur>,
+    pub reconnect_max: Option<Dur>,
+}
+
+impl RawRoute {
+    /// The fan-out keys this route sets, by name (to refuse them on a splice route).
+    pub fn fanout_keys(&self) -> Vec<&'static str> {
+        let set = [
+            ("sources", self.sources.is_some()),
+            ("tag", self.tag.is_some()),
+            ("channel", self.channel.is_some()),
+            ("upstream_path", self.upstream_path.is_some()),
+            ("eager", self.eager.is_some()),
+            ("linger", self.linger.is_some()),
+            ("max_lag", self.max_lag.is_some()),
+            ("slow_client", self.slow_client.is_some()),
+            ("replay_last", self.replay_last.is_some()),
+            ("on_upstream_lost", self.on_upstream_lost.is_some()),
+            ("subscribe", self.subscribe.is_some()),
+            ("client_messages", self.client_messages.is_some()),
+            ("client_rate", self.client_rate.is_some()),
+            ("max_message", self.max_message.is_some()),
+            ("ping_interval", self.ping_interval.is_some()),
+            ("pong_timeout", self.pong_timeout.is_some()),
+            ("reconnect_max", self.reconnect_max.is_some()),
+        ];
+        set.into_iter()
+            .filter(|(_, s)| *s)
+            .map(|(k, _)| k)
+            .collect()
+    }
+}
+
+/// What a route does with an upgraded connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// One backend connection per client; bytes are spliced.
+    #[default]
+    Splice,
+    /// One upstream connection per channel, broadcast to every client on it.
+    Fanout,
+}
+
+/// What a fan-out client does when it falls `max_lag` messages behind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowClient {
+    /// Skip ahead to the oldest message still kept, counting what was skipped.
+    #[default]
+    DropOldest,
+    /// Close it with 1008 and a reason.
+    Disconnect,
+}
+
+/// What happens to messages fan-out clients send.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientMessages {
+    #[default]
+    Ignore,
+    /// Sent on the channel's shared upstream connection (chat-like feeds).
+    Forward,
+}
+
+/// What identifies a fan-out channel within a route.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ChannelKey {
+    /// The request path after the route prefix, plus the query.
+    #[default]
+    Path,
+    /// A query parameter's value.
+    Query(String),
+    /// A request header's value.
+    Header(http::HeaderName),
+}
+
+impl FromStr for ChannelKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("channel `{s}` must be `path`, `query:NAME` or `header:NAME`");
+        if s == "path" {
+            return Ok(ChannelKey::Path);
+        }
+        let (kind, name) = s.split_once(':').ok_or_else(bad)?;
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(bad());
+        }
+        match kind.trim() {
+            "header" => http::HeaderName::from_bytes(name.as_bytes())
+                .map(ChannelKey::Header)
+                .map_err(|_| format!("channel `{s}`: `{name}` is not a valid header name")),
+            "query" => Ok(ChannelKey::Query(name.to_string())),
+            _ => Err(bad()),
+        }
+    }
 }
 
 /// How a pool picks the backend for a new connection.
@@ -315,6 +431,7 @@ deserialize_from_str!(
     "a host such as `chat.example.com` or `*.example.com`"
 );
 deserialize_from_str!(PathPrefix, "a path prefix starting with `/`");
+deserialize_from_str!(ChannelKey, "`path`, `query:NAME` or `header:NAME`");
 deserialize_from_str!(
     HashKey,
     "`ip`, `header:NAME`, `cookie:NAME` or `query:NAME`"

@@ -12,7 +12,7 @@ pub const HTML: &str = r#"<!doctype html>
 <h1>upgate demo</h1>
 <p>This page was proxied by upgate from a demo backend (plain HTTP). The boxes below open WebSockets
 through the same gateway and port: <code>/chat</code> goes to two echo backends (round robin),
-<code>/ticker</code> to a price feed.</p>
+<code>/ticker</code> is a fan-out route: every client of a pair shares one upstream connection to the price feed.</p>
 <section><div>Chat echo: <span id="cs" class="st">connecting…</span></div>
 <form id="f"><input id="m" value="hello through upgate" autocomplete="off"><button>send</button></form>
 <pre id="cl"></pre></section>

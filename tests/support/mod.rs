@@ -3,6 +3,8 @@
 //! 127.0.0.1:0, so tests run in parallel in any order.
 #![allow(dead_code)]
 
+pub mod feed;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

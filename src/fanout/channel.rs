@@ -1,0 +1,360 @@
+//! The upstream side of a channel: one connection per source pool, opened
+//! through the pool's failover order, re-opened with backoff and jitter when
+//! lost, and every message framed once and published to the clients.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::PathAndQuery;
+use http::StatusCode;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use super::{frame, Channel, Hub, State};
+use crate::error::{BackendError, ProxyError};
+use crate::pool::{Backend, BackendGuard, Pool};
+use crate::proxy::Shared;
+use crate::upstream::BackendIo;
+
+/// An open upstream, counted as a live session on its backend.
+struct Upstream {
+    ws: WebSocketStream<BackendIo>,
+    guard: BackendGuard,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// Spawns the channel's task on the gateway's tracker.
+pub(super) fn spawn(
+    hub: Arc<Hub>,
+    shared: &Arc<Shared>,
+    ch: Arc<Channel>,
+    fwd: mpsc::Receiver<Message>,
+    eager: bool,
+) {
+    let stop = shared.hard_stop.clone();
+    let span = tracing::info_span!("fanout", route = %hub.route, channel = %ch.key);
+    shared
+        .tasks
+        .spawn(run(hub, ch, fwd, stop, eager).instrument(span));
+}
+
+async fn run(
+    hub: Arc<Hub>,
+    ch: Arc<Channel>,
+    fwd: mpsc::Receiver<Message>,
+    stop: CancellationToken,
+    eager: bool,
+) {
+    // First connects: one pass over each source pool's failover order.
+    let mut first = Vec::with_capacity(hub.pools.len());
+    let mut last_err = None;
+    for pool in &hub.pools {
+        match tokio::select! {
+            r = connect(&hub, pool, &ch) => r,
+            _ = stop.cancelled() => return,
+        } {
+            Ok(up) => first.push(Some(up)),
+            Err(e) => {
+                warn!(pool = %pool.name, error = %e, "cannot open the upstream");
+                first.push(None);
+                last_err = Some(e);
+            }
+        }
+    }
+    if first.iter().all(Option::is_none) && !eager {
+        hub.remove(&ch);
+        if let Some(e) = last_err {
+            ch.state.send_replace(State::Failed(Arc::new(e)));
+        }
+        return;
+    }
+    ch.state.send_replace(State::Up);
+    info!("channel open");
+
+    let end = CancellationToken::new();
+    let mut fwd = Some(fwd);
+    let sources = futures_util::future::join_all(first.into_iter().enumerate().map(|(i, up)| {
+        source(
+            &hub,
+            &ch,
+            i,
+            up,
+            if i == 0 { fwd.take() } else { None },
+            &end,
+        )
+    }));
+    tokio::pin!(sources);
+    tokio::select! {
+        _ = &mut sources => {}
+        _ = stop.cancelled() => {}
+        _ = linger(&hub, &ch), if !eager => {
+            end.cancel();
+            // Sources close their upstreams with a Close frame, briefly.
+            let _ = tokio::time::timeout(Duration::from_secs(2), sources).await;
+            info!("channel closed: no clients");
+        }
+    }
+}
+
+/// Returns once the channel has had no client for `linger` and was removed.
+async fn linger(hub: &Hub, ch: &Arc<Channel>) {
+    loop {
+        if ch.clients.load(Ordering::Acquire) == 0 {
+            tokio::time::sleep(hub.cfg.linger).await;
+            if hub.remove_if_idle(ch) {
+                return;
+            }
+        }
+        ch.idle.notified().await;
+    }
+}
+
+/// Why an upstream connection ended.
+enum Lost {
+    /// The channel is closing.
+    End,
+    Error(String),
+}
+
+/// One source's loop: pump its upstream, reconnect when it is lost.
+async fn source(
+    hub: &Hub,
+    ch: &Channel,
+    idx: usize,
+    mut up: Option<Upstream>,
+    mut fwd: Option<mpsc::Receiver<Message>>,
+    end: &CancellationToken,
+) {
+    let pool = &hub.pools[idx];
+    let mut backoff = BACKOFF_MIN;
+    let mut reconnecting = up.is_none();
+    loop {
+        let mut u = match up.take() {
+            Some(u) => u,
+            None => {
+                let jitter = crate::balance::jitter(backoff);
+                tokio::select! {
+                    _ = tokio::time::sleep(jitter) => {}
+                    _ = end.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(hub.cfg.reconnect_max);
+                match tokio::select! {
+                    r = connect(hub, pool, ch) => r,
+                    _ = end.cancelled() => return,
+                } {
+                    Ok(u) => u,
+                    Err(e) => {
+                        warn!(pool = %pool.name, error = %e, retry_in = ?backoff, "upstream reconnect failed");
+                        continue;
+                    }
+                }
+            }
+        };
+        if reconnecting {
+            hub.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            info!(pool = %pool.name, backend = %u.guard.backend().url, "upstream reconnected");
+        }
+        backoff = BACKOFF_MIN;
+        let lost = pump(hub, ch, idx, &mut u, fwd.as_mut(), end).await;
+        match lost {
+            Lost::End => {
+                let close = u.ws.close(None);
+                let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
+                return;
+            }
+            Lost::Error(why) => {
+                warn!(pool = %pool.name, backend = %u.guard.backend().url, why, "upstream lost; reconnecting");
+                if let Some(text) = &hub.cfg.on_upstream_lost {
+                    ch.publish(frame::encode(frame::OP_TEXT, text.as_bytes()), 0);
+                }
+                reconnecting = true;
+            }
+        }
+    }
+}
+
+async fn recv_opt(r: Option<&mut mpsc::Receiver<Message>>) -> Option<Message> {
+    match r {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Moves messages until the upstream is lost or the channel ends.
+async fn pump(
+    hub: &Hub,
+    ch: &Channel,
+    idx: usize,
+    u: &mut Upstream,
+    mut fwd: Option<&mut mpsc::Receiver<Message>>,
+    end: &CancellationToken,
+) -> Lost {
+    let cfg = &hub.cfg;
+    for m in &cfg.subscribe {
+        let m = m.replace("{channel}", &ch.key);
+        if let Err(e) = u.ws.send(Message::text(m)).await {
+            return Lost::Error(format!("sending subscribe: {e}"));
+        }
+    }
+    let down = u.guard.backend().down_token();
+    let mut ping = tokio::time::interval(cfg.ping_interval);
+    ping.tick().await;
+    let mut heard = Instant::now();
+    loop {
+        tokio::select! {
+            m = u.ws.next() => {
+                heard = Instant::now();
+                match m {
+                    Some(Ok(Message::Text(t))) => publish(hub, ch, idx, frame::OP_TEXT, t.as_bytes()),
+                    Some(Ok(Message::Binary(b))) => publish(hub, ch, idx, frame::OP_BINARY, &b),
+                    Some(Ok(Message::Ping(_))) => {
+                        // tungstenite queued the pong; send it now.
+                        if let Err(e) = u.ws.flush().await {
+                            return Lost::Error(e.to_string());
+                        }
+                    }
+                    Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
+                    Some(Ok(Message::Close(c))) => {
+                        return Lost::Error(match c {
+                            Some(c) => format!("closed by the upstream ({} {})", u16::from(c.code), c.reason),
+                            None => "closed by the upstream".into(),
+                        })
+                    }
+                    Some(Err(e)) => return Lost::Error(e.to_string()),
+                    None => return Lost::Error("connection closed".into()),
+                }
+            }
+            m = recv_opt(fwd.as_deref_mut()) => {
+                if let Some(m) = m {
+                    if let Err(e) = u.ws.send(m).await {
+                        return Lost::Error(format!("forwarding: {e}"));
+                    }
+                    hub.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ = ping.tick() => {
+                if heard.elapsed() > cfg.ping_interval + cfg.pong_timeout {
+                    return Lost::Error(format!("no answer to pings for {:?}", heard.elapsed()));
+                }
+                if let Err(e) = u.ws.send(Message::Ping(Default::default())).await {
+                    return Lost::Error(e.to_string());
+                }
+            }
+            _ = down.cancelled() => return Lost::Error("backend marked down by health checks".into()),
+            _ = end.cancelled() => return Lost::End,
+        }
+    }
+}
+
+/// Frames one upstream message (tagging it with its source when asked) and publishes it.
+fn publish(hub: &Hub, ch: &Channel, idx: usize, opcode: u8, payload: &[u8]) {
+    hub.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+    let frame = if hub.cfg.tag && opcode == frame::OP_TEXT {
+        frame::encode(opcode, tagged(&hub.pools[idx].name, payload).as_bytes())
+    } else {
+        frame::encode(opcode, payload)
+    };
+    ch.publish(frame, hub.cfg.replay_last);
+}
+
+/// `{"source": NAME, "data": ...}`: the message itself when it is JSON, else as a string.
+fn tagged(source: &str, text: &[u8]) -> String {
+    let name = serde_json::Value::from(source);
+    if serde_json::from_slice::<serde::de::IgnoredAny>(text).is_ok() {
+        format!(
+            r#"{{"source":{name},"data":{}}}"#,
+            String::from_utf8_lossy(text)
+        )
+    } else {
+        let data = serde_json::Value::from(String::from_utf8_lossy(text).into_owned());
+        format!(r#"{{"source":{name},"data":{data}}}"#)
+    }
+}
+
+/// Opens the channel's upstream on the first backend of `pool` that answers.
+async fn connect(hub: &Hub, pool: &Pool, ch: &Channel) -> Result<Upstream, ProxyError> {
+    let key = pool
+        .hash_key
+        .as_ref()
+        .map(|_| crate::balance::fnv1a(ch.key.as_bytes()));
+    let mut tried = 0;
+    let mut last = None;
+    for backend in pool.try_order(key).take(pool.max_attempts) {
+        tried += 1;
+        match handshake(hub, pool, &backend, &ch.target).await {
+            Ok(ws) => {
+                crate::proxy::note_outcome(pool, &backend, true);
+                return Ok(Upstream {
+                    ws,
+                    guard: BackendGuard::new(backend),
+                });
+            }
+            Err(e) => {
+                warn!(backend = %backend.url, failure = e.kind(), error = %e, "upstream failed, trying the next");
+                crate::proxy::note_outcome(pool, &backend, false);
+                last = Some(e);
+            }
+        }
+    }
+    Err(crate::proxy::exhausted(pool, tried, last))
+}
+
+/// Connects to one backend and performs the client side of the WebSocket handshake.
+async fn handshake(
+    hub: &Hub,
+    pool: &Pool,
+    b: &Backend,
+    target: &str,
+) -> Result<WebSocketStream<BackendIo>, BackendError> {
+    let mut io = pool.connect(b).await?;
+    let pq = PathAndQuery::try_from(format!("{}{target}", b.url.base_path))
+        .map_err(|_| BackendError::Protocol("invalid upstream path"))?;
+    let key = crate::balance::ws_key();
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(b.authority.as_str()) {
+        h.insert(header::HOST, v);
+    }
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&key) {
+        h.insert(header::SEC_WEBSOCKET_KEY, v);
+    }
+    h.insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    h.insert(
+        header::USER_AGENT,
+        HeaderValue::from_static("upgate-fanout"),
+    );
+    let head = crate::upgrade::request_head(&pq, &h);
+    let s = &hub.settings;
+    let answer =
+        crate::upgrade::exchange(&mut io, &head, s.handshake_timeout, s.max_header_bytes).await?;
+    if answer.status != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(BackendError::Protocol("the upstream refused the upgrade"));
+    }
+    let expected = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    if answer
+        .headers
+        .get(header::SEC_WEBSOCKET_ACCEPT)
+        .map(|v| v.as_bytes())
+        != Some(expected.as_bytes())
+    {
+        return Err(BackendError::Protocol("wrong Sec-WebSocket-Accept"));
+    }
+    let config = WebSocketConfig::default().max_message_size(Some(64 << 20));
+    Ok(
+        WebSocketStream::from_partially_read(io, answer.rest.to_vec(), Role::Client, Some(config))
+            .await,
+    )
+}

@@ -1,0 +1,470 @@
+//! One fan-out client: write what the channel published (already framed,
+//! shared `Bytes`, up to [`BATCH`] frames per vectored write), read the
+//! client's frames (close, ping, pong, messages to forward), keep it alive
+//! with pings, and apply the slow-client policy.
+//!
+//! The client's queue is its position in the channel's broadcast ring plus
+//! at most [`BATCH`] frames being written, so its memory is bounded whatever
+//! it does; a client that stops reading stops being polled for messages
+//! and falls behind in the ring, where the policy catches it.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{protocol::frame::Utf8Bytes, Message};
+use tokio_util::sync::CancellationToken;
+
+use super::frame::{self, code, FrameError};
+use super::{Channel, Hub};
+use crate::config::{ClientMessages, SlowClient};
+use crate::splice::ReadReady;
+
+/// Frames written per vectored write at most (and queued beside the ring).
+const BATCH: usize = 64;
+/// Delivery counts are added to the route's counters this often.
+const FLUSH_STATS: u64 = 1024;
+
+pub(super) struct Cx<'a> {
+    pub hub: &'a Hub,
+    pub ch: &'a Channel,
+    pub stop: &'a CancellationToken,
+}
+
+/// How a client's session ended, for the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum End {
+    /// The client sent a Close.
+    ClientClose,
+    /// The client's connection ended without a Close.
+    Eof,
+    IoError,
+    /// Broke the protocol (bad frame, bad UTF-8, too big).
+    Protocol,
+    /// Fell `max_lag` behind under `slow_client: disconnect`.
+    Slow,
+    RateLimited,
+    PongTimeout,
+    Shutdown,
+}
+
+impl End {
+    pub fn label(self) -> &'static str {
+        match self {
+            End::ClientClose => "client_close",
+            End::Eof => "eof",
+            End::IoError => "io_error",
+            End::Protocol => "protocol_error",
+            End::Slow => "slow_client",
+            End::RateLimited => "rate_limited",
+            End::PongTimeout => "pong_timeout",
+            End::Shutdown => "shutdown",
+        }
+    }
+}
+
+pub(super) struct Outcome {
+    pub end: End,
+    pub delivered: u64,
+    pub dropped: u64,
+    /// The close code sent (or echoed) to the client.
+    pub close_code: Option<u16>,
+    pub error: Option<io::Error>,
+}
+
+/// What reading the client produced.
+enum Event {
+    /// Frames were written while the queue was full: receive more.
+    Wrote,
+    /// A whole data message.
+    Message(u8, Vec<u8>),
+    Close(Option<u16>),
+    Eof,
+    Io(io::Error),
+    Bad(FrameError),
+}
+
+/// The client's socket with its write queue and read buffer.
+struct Conn<S> {
+    io: S,
+    out: VecDeque<Bytes>,
+    /// Bytes of an incomplete client frame (empty, unallocated, when idle).
+    inbuf: Vec<u8>,
+    /// A fragmented message being assembled.
+    partial: Option<(u8, Vec<u8>)>,
+    /// Something arrived from the client since the flag was last cleared.
+    heard: bool,
+    max_message: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
+    /// Writes queued frames; `Ok(true)` once all are written.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let mut wrote = false;
+        while !self.out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); BATCH];
+            let n = self.out.len().min(BATCH);
+            for (s, b) in slices.iter_mut().zip(self.out.iter()) {
+                *s = IoSlice::new(b);
+            }
+            match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(mut k)) => {
+                    wrote = true;
+                    while k > 0 {
+                        let Some(front) = self.out.front_mut() else {
+                            break;
+                        };
+                        if k >= front.len() {
+                            k -= front.len();
+                            self.out.pop_front();
+                        } else {
+                            front.advance(k);
+                            k = 0;
+                        }
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => break,
+            }
+        }
+        if wrote || self.out.is_empty() {
+            // TLS streams hold records until flushed; plain TCP flushes for free.
+            if let Poll::Ready(Err(e)) = Pin::new(&mut self.io).poll_flush(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if wrote && self.out.len() < BATCH {
+            return Poll::Ready(Ok(self.out.is_empty()));
+        }
+        Poll::Pending
+    }
+
+    /// Drives writing and reading until something needs the task's attention.
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        let full = self.out.len() >= BATCH;
+        match self.poll_write_out(cx) {
+            Poll::Ready(Err(e)) => return Poll::Ready(Event::Io(e)),
+            Poll::Ready(Ok(_)) if full => return Poll::Ready(Event::Wrote),
+            _ => {}
+        }
+        loop {
+            if let Some(ev) = self.next_event() {
+                return Poll::Ready(ev);
+            }
+            match self.io.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Event::Io(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+            let mut tmp = [0u8; 4096];
+            let mut rb = ReadBuf::new(&mut tmp);
+            match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Event::Eof),
+                Poll::Ready(Ok(())) => self.inbuf.extend_from_slice(rb.filled()),
+                Poll::Ready(Err(e)) => return Poll::Ready(Event::Io(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+            // Pongs queued for pings go out with the next write.
+            if !self.out.is_empty() {
+                if let Poll::Ready(Err(e)) = self.poll_write_out(cx) {
+                    return Poll::Ready(Event::Io(e));
+                }
+            }
+        }
+    }
+
+    /// The next event in the read buffer, handling control frames inline.
+    fn next_event(&mut self) -> Option<Event> {
+        loop {
+            let f = match frame::parse(&self.inbuf, self.max_message) {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    if self.inbuf.is_empty() && self.inbuf.capacity() > 0 {
+                        self.inbuf = Vec::new();
+                    }
+                    return None;
+                }
+                Err(e) => return Some(Event::Bad(e)),
+            };
+            self.heard = true;
+            let (start, end) = (f.start, f.end());
+            frame::unmask(&mut self.inbuf[start..end], f.mask);
+            let payload = &self.inbuf[start..end];
+            let ev = match f.opcode {
+                frame::OP_PING => {
+                    if self.out.len() < 2 * BATCH {
+                        self.out.push_back(frame::encode(frame::OP_PONG, payload));
+                    }
+                    None
+                }
+                frame::OP_PONG => None,
+                frame::OP_CLOSE => Some(Event::Close(
+                    payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])),
+                )),
+                frame::OP_CONT => match &mut self.partial {
+                    None => Some(Event::Bad(FrameError::Opcode)),
+                    Some((_, buf)) if buf.len() + payload.len() > self.max_message => {
+                        Some(Event::Bad(FrameError::TooBig))
+                    }
+                    Some((_, buf)) => {
+                        buf.extend_from_slice(payload);
+                        if f.fin {
+                            self.partial.take().map(|(op, b)| Event::Message(op, b))
+                        } else {
+                            None
+                        }
+                    }
+                },
+                op if self.partial.is_some() => {
+                    let _ = op;
+                    Some(Event::Bad(FrameError::Opcode))
+                }
+                op if f.fin => Some(Event::Message(op, payload.to_vec())),
+                op => {
+                    self.partial = Some((op, payload.to_vec()));
+                    None
+                }
+            };
+            self.inbuf.drain(..end);
+            if ev.is_some() {
+                return ev;
+            }
+        }
+    }
+
+    /// Queues `last`, writes what is queued (for at most `limit`), and half-closes.
+    async fn finish(&mut self, last: Option<Bytes>, limit: Duration) {
+        self.out.extend(last);
+        let _ = tokio::time::timeout(limit, async {
+            poll_fn(|cx| loop {
+                match self.poll_write_out(cx) {
+                    Poll::Ready(Ok(true)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(false)) => continue,
+                    Poll::Pending => return Poll::Pending,
+                }
+            })
+            .await;
+            let _ = self.io.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// A token bucket for forwarded messages: `rate` per second, burst `rate`.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Runs one client until it leaves, is dropped, or the gateway stops.
+pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
+    io: S,
+    pending: Bytes,
+    mut rx: broadcast::Receiver<Bytes>,
+    replay: Vec<Bytes>,
+    cx: Cx<'_>,
+) -> Outcome {
+    let cfg = &cx.hub.cfg;
+    let stats = &cx.hub.stats;
+    let mut c = Conn {
+        io,
+        out: replay.into(),
+        inbuf: pending.to_vec(),
+        partial: None,
+        heard: false,
+        max_message: cfg.max_message,
+    };
+    let mut out = Outcome {
+        end: End::Eof,
+        delivered: c.out.len() as u64,
+        dropped: 0,
+        close_code: None,
+        error: None,
+    };
+    let mut unflushed = out.delivered;
+    let mut bucket = Bucket {
+        tokens: f64::from(cfg.client_rate),
+        rate: f64::from(cfg.client_rate),
+        at: Instant::now(),
+    };
+    let lag_check = cfg.max_lag.min(BATCH);
+    let mut last_heard = Instant::now();
+    let mut pinged = false;
+    let keepalive = tokio::time::sleep(cfg.ping_interval);
+    tokio::pin!(keepalive);
+
+    let last: Option<Bytes> = loop {
+        let room = c.out.len() < BATCH;
+        tokio::select! {
+            biased;
+            _ = cx.stop.cancelled() => {
+                out.end = End::Shutdown;
+                out.close_code = Some(code::GOING_AWAY);
+                break Some(frame::close(code::GOING_AWAY, "gateway shutting down"));
+            }
+            r = rx.recv(), if room => {
+                let mut got = 0u64;
+                let mut lagged = match r {
+                    Ok(b) => {
+                        c.out.push_back(b);
+                        got += 1;
+                        0
+                    }
+                    Err(RecvError::Lagged(n)) => n,
+                    Err(RecvError::Closed) => {
+                        out.end = End::Shutdown;
+                        out.close_code = Some(code::GOING_AWAY);
+                        break Some(frame::close(code::GOING_AWAY, "channel closed"));
+                    }
+                };
+                let disconnect = cfg.slow_client == SlowClient::Disconnect;
+                while c.out.len() < BATCH && !(disconnect && lagged > 0) {
+                    match rx.try_recv() {
+                        Ok(b) => {
+                            c.out.push_back(b);
+                            got += 1;
+                        }
+                        // Under `disconnect` nothing after a gap is sent (the loop stops).
+                        Err(TryRecvError::Lagged(n)) => lagged += n,
+                        Err(_) => break,
+                    }
+                }
+                out.delivered += got;
+                unflushed += got;
+                // Behind by a batch or more: measure the lag (it takes the ring's lock).
+                if lagged == 0 && c.out.len() >= lag_check && rx.len() > cfg.max_lag {
+                    lagged = (rx.len() - cfg.max_lag) as u64;
+                    if cfg.slow_client == SlowClient::DropOldest {
+                        for _ in 0..lagged {
+                            if rx.try_recv().is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                if lagged > 0 {
+                    if disconnect {
+                        stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                        out.end = End::Slow;
+                        out.close_code = Some(code::POLICY);
+                        let reason = format!("too slow: fell more than {} messages behind", cfg.max_lag);
+                        break Some(frame::close(code::POLICY, &reason));
+                    }
+                    out.dropped += lagged;
+                    stats.dropped.fetch_add(lagged, Ordering::Relaxed);
+                }
+                if unflushed >= FLUSH_STATS {
+                    stats.delivered.fetch_add(unflushed, Ordering::Relaxed);
+                    unflushed = 0;
+                }
+            }
+            ev = poll_fn(|cx| c.poll_io(cx)) => {
+                if c.heard {
+                    c.heard = false;
+                    last_heard = Instant::now();
+                    pinged = false;
+                }
+                match ev {
+                    Event::Wrote => {}
+                    Event::Message(op, payload) => {
+                        if cfg.client_messages == ClientMessages::Ignore {
+                            continue;
+                        }
+                        if !bucket.take() {
+                            out.end = End::RateLimited;
+                            out.close_code = Some(code::POLICY);
+                            break Some(frame::close(code::POLICY, "message rate limit exceeded"));
+                        }
+                        let msg = if op == frame::OP_TEXT {
+                            match Utf8Bytes::try_from(payload) {
+                                Ok(t) => Message::Text(t),
+                                Err(_) => {
+                                    out.end = End::Protocol;
+                                    out.close_code = Some(code::INVALID_DATA);
+                                    break Some(frame::close(code::INVALID_DATA, "text message is not UTF-8"));
+                                }
+                            }
+                        } else {
+                            Message::Binary(payload.into())
+                        };
+                        // A full upstream queue drops the message rather than stall everyone.
+                        let _ = cx.ch.to_upstream.try_send(msg);
+                    }
+                    Event::Close(code) => {
+                        out.end = End::ClientClose;
+                        let echo = code.filter(|c| (1000..5000).contains(c)).unwrap_or(code::NORMAL);
+                        out.close_code = Some(echo);
+                        break Some(frame::close(echo, ""));
+                    }
+                    Event::Eof => {
+                        out.end = End::Eof;
+                        break None;
+                    }
+                    Event::Io(e) => {
+                        out.end = End::IoError;
+                        out.error = Some(e);
+                        break None;
+                    }
+                    Event::Bad(e) => {
+                        out.end = End::Protocol;
+                        out.close_code = Some(e.code());
+                        break Some(frame::close(e.code(), &e.to_string()));
+                    }
+                }
+            }
+            () = &mut keepalive => {
+                let now = Instant::now();
+                if c.heard {
+                    c.heard = false;
+                    last_heard = now;
+                    pinged = false;
+                }
+                if now >= last_heard + cfg.ping_interval + cfg.pong_timeout {
+                    out.end = End::PongTimeout;
+                    break None;
+                }
+                if !pinged && now >= last_heard + cfg.ping_interval {
+                    c.out.push_back(frame::encode(frame::OP_PING, b""));
+                    pinged = true;
+                }
+                let next = if pinged {
+                    last_heard + cfg.ping_interval + cfg.pong_timeout
+                } else {
+                    last_heard + cfg.ping_interval
+                };
+                keepalive.as_mut().reset(next);
+            }
+        }
+    };
+    stats.delivered.fetch_add(unflushed, Ordering::Relaxed);
+    if out.end != End::IoError && out.end != End::PongTimeout {
+        // A peer gets `pong_timeout` to take the rest and the Close (a slow one may need it).
+        c.finish(last, cfg.pong_timeout).await;
+    }
+    out
+}

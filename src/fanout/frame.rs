@@ -1,0 +1,247 @@
+//! The RFC 6455 framing a fan-out needs on the client side: server frames
+//! are encoded once into `Bytes` (unmasked, so the same bytes suit every
+//! client), and client frames (masked) are parsed from a read buffer.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+pub const OP_CONT: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// Close codes the gateway sends.
+pub mod code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// One complete server frame (FIN set, unmasked).
+pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 10);
+    out.put_u8(0x80 | opcode);
+    let n = payload.len();
+    if n < 126 {
+        out.put_u8(n as u8);
+    } else if n <= usize::from(u16::MAX) {
+        out.put_u8(126);
+        out.put_u16(n as u16);
+    } else {
+        out.put_u8(127);
+        out.put_u64(n as u64);
+    }
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// A close frame; the reason is cut to fit the 125-byte control payload.
+pub fn close(code: u16, reason: &str) -> Bytes {
+    let mut cut = reason.len().min(123);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut p = Vec::with_capacity(2 + cut);
+    p.extend_from_slice(&code.to_be_bytes());
+    p.extend_from_slice(&reason.as_bytes()[..cut]);
+    encode(OP_CLOSE, &p)
+}
+
+/// A parsed client frame header: where its payload sits in the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub start: usize,
+    pub len: usize,
+    pub mask: [u8; 4],
+}
+
+impl Frame {
+    pub fn end(&self) -> usize {
+        self.start + self.len
+    }
+    pub fn is_control(&self) -> bool {
+        self.opcode & 0x8 != 0
+    }
+}
+
+/// Why a client frame is refused, with the close code to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("client frames must be masked")]
+    Unmasked,
+    #[error("reserved bits set without a negotiated extension")]
+    Reserved,
+    #[error("unknown opcode")]
+    Opcode,
+    #[error("control frame too long or fragmented")]
+    Control,
+    #[error("message too big")]
+    TooBig,
+}
+
+impl FrameError {
+    pub fn code(self) -> u16 {
+        match self {
+            FrameError::TooBig => code::TOO_BIG,
+            FrameError::Unmasked
+            | FrameError::Reserved
+            | FrameError::Opcode
+            | FrameError::Control => code::PROTOCOL,
+        }
+    }
+}
+
+/// Parses the client frame at the start of `buf`: `Ok(None)` until it is
+/// complete. `max` bounds a data frame's payload.
+pub fn parse(buf: &[u8], max: usize) -> Result<Option<Frame>, FrameError> {
+    let [b0, b1, ..] = *buf else { return Ok(None) };
+    if b0 & 0x70 != 0 {
+        return Err(FrameError::Reserved);
+    }
+    let opcode = b0 & 0x0f;
+    let fin = b0 & 0x80 != 0;
+    if !matches!(
+        opcode,
+        OP_CONT | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG
+    ) {
+        return Err(FrameError::Opcode);
+    }
+    if b1 & 0x80 == 0 {
+        return Err(FrameError::Unmasked);
+    }
+    let (len, mut i) = match b1 & 0x7f {
+        126 => match buf.get(2..4) {
+            Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
+            None => return Ok(None),
+        },
+        127 => match buf.get(2..10) {
+            Some(b) => {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                (u64::from_be_bytes(a), 10)
+            }
+            None => return Ok(None),
+        },
+        n => (u64::from(n), 2),
+    };
+    if opcode & 0x8 != 0 && (len > 125 || !fin) {
+        return Err(FrameError::Control);
+    }
+    if len > max as u64 {
+        return Err(FrameError::TooBig);
+    }
+    let len = len as usize;
+    let Some(m) = buf.get(i..i + 4) else {
+        return Ok(None);
+    };
+    let mask = [m[0], m[1], m[2], m[3]];
+    i += 4;
+    if buf.len() < i + len {
+        return Ok(None);
+    }
+    Ok(Some(Frame {
+        fin,
+        opcode,
+        start: i,
+        len,
+        mask,
+    }))
+}
+
+/// Removes the client's mask in place.
+pub fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mask = [1, 2, 3, 4];
+        let mut v = vec![if fin { 0x80 } else { 0 } | opcode];
+        let n = payload.len();
+        if n < 126 {
+            v.push(0x80 | n as u8);
+        } else if n <= 0xffff {
+            v.push(0x80 | 126);
+            v.extend_from_slice(&(n as u16).to_be_bytes());
+        } else {
+            v.push(0x80 | 127);
+            v.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+        v.extend_from_slice(&mask);
+        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        v
+    }
+
+    #[test]
+    fn encodes_every_length_form() {
+        for n in [0, 125, 126, 65535, 65536] {
+            let f = encode(OP_BINARY, &vec![7; n]);
+            let hdr = f.len() - n;
+            assert_eq!(
+                hdr,
+                if n < 126 {
+                    2
+                } else if n <= 65535 {
+                    4
+                } else {
+                    10
+                }
+            );
+            assert_eq!(f[0], 0x82);
+        }
+        let c = close(1008, &"é".repeat(100));
+        assert!(
+            c.len() <= 127 && c[1] as usize == c.len() - 2,
+            "{}",
+            c.len()
+        );
+        assert!(std::str::from_utf8(&c[4..]).is_ok());
+    }
+
+    #[test]
+    fn parses_masked_frames_incrementally() {
+        for n in [0, 5, 200, 70_000] {
+            let payload: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            let wire = masked(OP_TEXT, true, &payload);
+            for cut in [0, 1, wire.len() / 2, wire.len() - 1] {
+                assert_eq!(parse(&wire[..cut], 1 << 20), Ok(None), "n={n} cut={cut}");
+            }
+            let mut wire2 = wire.clone();
+            let f = parse(&wire2, 1 << 20).unwrap().unwrap();
+            assert_eq!((f.fin, f.opcode, f.end()), (true, OP_TEXT, wire.len()));
+            unmask(&mut wire2[f.start..f.end()], f.mask);
+            assert_eq!(&wire2[f.start..f.end()], &payload[..]);
+        }
+    }
+
+    #[test]
+    fn refuses_what_the_rfc_refuses() {
+        assert_eq!(parse(&[0x81, 0x00], 100), Err(FrameError::Unmasked));
+        assert_eq!(parse(&[0xC1, 0x80], 100), Err(FrameError::Reserved));
+        assert_eq!(parse(&[0x83, 0x80], 100), Err(FrameError::Opcode));
+        assert_eq!(
+            parse(&masked(OP_PING, false, b"x"), 100),
+            Err(FrameError::Control)
+        );
+        assert_eq!(
+            parse(&masked(OP_PING, true, &[0; 126]), 1000),
+            Err(FrameError::Control)
+        );
+        assert_eq!(
+            parse(&masked(OP_BINARY, true, &[0; 101]), 100),
+            Err(FrameError::TooBig)
+        );
+        assert_eq!(FrameError::TooBig.code(), 1009);
+    }
+}

@@ -1,0 +1,400 @@
+//! Fan-out (`mode: fanout`): one upstream WebSocket per channel, every
+//! upstream message broadcast to every client of that channel.
+//!
+//! Data flow: a client's upgrade names a channel (its path and query after
+//! the route prefix, or a query parameter or header the route names). The
+//! first client of a channel opens the upstream connection(s) before its
+//! 101 is sent, so an unreachable feed is an honest 502/503; later clients
+//! join the open channel. The channel task reads upstream messages, frames
+//! each **once** into `Bytes` and publishes it on a bounded broadcast ring
+//! (`max_lag` messages): a client's queue is only its position in that
+//! shared ring, so its memory is bounded whatever it does. Each client task
+//! writes what it has received with one vectored write, answers pings, and
+//! applies the slow-client policy. The upstream reconnects with backoff and
+//! fails over through the pool while clients stay connected; the channel
+//! closes `linger` after its last client left.
+//!
+//! - [`frame`]: server frame encoding and client frame parsing.
+//! - `channel`: the upstream side (connect, subscribe, reconnect, publish).
+//! - `client`: one client's write/read/keepalive loop.
+
+mod channel;
+mod client;
+pub mod frame;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{debug, info, Instrument};
+
+use crate::config::{ChannelKey, FanoutConfig, ServerSettings};
+use crate::error::{Body, ProxyError};
+use crate::pool::Pool;
+use crate::proxy::{ConnInfo, Shared};
+use crate::router::{self, Route};
+
+/// Counters of one fan-out route (atomics: clients add theirs in batches).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Open channels (each holds one upstream connection per source).
+    pub channels: AtomicU64,
+    /// Connected clients.
+    pub clients: AtomicU64,
+    /// Messages received from upstreams.
+    pub messages_in: AtomicU64,
+    /// Messages handed to clients' sockets.
+    pub delivered: AtomicU64,
+    /// Messages skipped for clients that fell `max_lag` behind.
+    pub dropped: AtomicU64,
+    /// Clients closed for falling behind (`slow_client: disconnect`).
+    pub slow_disconnects: AtomicU64,
+    /// Upstream connections re-established after a loss.
+    pub reconnects: AtomicU64,
+    /// Client messages sent on to the upstream.
+    pub forwarded: AtomicU64,
+}
+
+/// The fan-out side of one route: its channels and counters.
+pub struct Hub {
+    pub route: String,
+    pub cfg: Arc<FanoutConfig>,
+    /// The source pools, in `sources` order.
+    pools: Vec<Arc<Pool>>,
+    settings: ServerSettings,
+    channels: Mutex<HashMap<String, Arc<Channel>>>,
+    pub stats: Stats,
+}
+
+/// Where a channel's upstream stands; clients wait while it is `Connecting`.
+#[derive(Clone)]
+enum State {
+    Connecting,
+    Up,
+    Failed(Arc<ProxyError>),
+}
+
+/// One channel: the broadcast ring its clients read from.
+pub struct Channel {
+    key: String,
+    /// The upstream request target (before the backend's base path).
+    target: String,
+    tx: broadcast::Sender<Bytes>,
+    /// The last `replay_last` messages; publishing and subscribing both hold
+    /// the lock so a late joiner gets each message exactly once.
+    replay: Mutex<VecDeque<Bytes>>,
+    clients: AtomicUsize,
+    /// Signalled when the last client leaves.
+    idle: Notify,
+    state: watch::Sender<State>,
+    /// Client messages for the first source's upstream (`client_messages: forward`).
+    to_upstream: mpsc::Sender<Message>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Holds a client's place in a channel; leaving may start the linger.
+struct Member {
+    hub: Arc<Hub>,
+    ch: Arc<Channel>,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.hub.stats.clients.fetch_sub(1, Ordering::Relaxed);
+        if self.ch.clients.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.ch.idle.notify_one();
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(
+        route: &Route,
+        cfg: Arc<FanoutConfig>,
+        pools: &[Arc<Pool>],
+        settings: &ServerSettings,
+    ) -> Hub {
+        Hub {
+            route: route.name.clone(),
+            pools: cfg.sources.iter().map(|&i| pools[i].clone()).collect(),
+            cfg,
+            settings: settings.clone(),
+            channels: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The source pools' names, in order.
+    pub fn source_names(&self) -> Vec<&str> {
+        self.pools.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    /// Open channels and their client counts, for the admin API.
+    pub fn channel_list(&self) -> Vec<(String, usize)> {
+        let mut v: Vec<_> = lock(&self.channels)
+            .values()
+            .map(|c| (c.key.clone(), c.clients.load(Ordering::Relaxed)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Opens the route's own channel at start (`eager: true`); it stays open.
+    pub fn open_eager(self: &Arc<Self>, shared: &Arc<Shared>, route: &Route) {
+        let (key, target) = route_channel(route, &self.cfg);
+        let (ch, fwd) = Channel::new(key, target, &self.cfg);
+        lock(&self.channels).insert(ch.key.clone(), ch.clone());
+        self.stats.channels.fetch_add(1, Ordering::Relaxed);
+        channel::spawn(self.clone(), shared, ch, fwd, true);
+    }
+
+    /// Joins (or opens) the channel `key`.
+    fn join(self: &Arc<Self>, shared: &Arc<Shared>, key: String, target: String) -> Member {
+        let mut map = lock(&self.channels);
+        self.stats.clients.fetch_add(1, Ordering::Relaxed);
+        if let Some(ch) = map.get(&key) {
+            ch.clients.fetch_add(1, Ordering::AcqRel);
+            return Member {
+                hub: self.clone(),
+                ch: ch.clone(),
+            };
+        }
+        let (ch, fwd) = Channel::new(key.clone(), target, &self.cfg);
+        ch.clients.store(1, Ordering::Release);
+        map.insert(key, ch.clone());
+        drop(map);
+        self.stats.channels.fetch_add(1, Ordering::Relaxed);
+        channel::spawn(self.clone(), shared, ch.clone(), fwd, false);
+        Member {
+            hub: self.clone(),
+            ch,
+        }
+    }
+
+    /// Removes `ch` if it has no clients; false when one joined meanwhile.
+    fn remove_if_idle(&self, ch: &Arc<Channel>) -> bool {
+        let mut map = lock(&self.channels);
+        if ch.clients.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        if map.get(&ch.key).is_some_and(|c| Arc::ptr_eq(c, ch)) {
+            map.remove(&ch.key);
+            self.stats.channels.fetch_sub(1, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Removes `ch` whatever its clients (its first connect failed).
+    fn remove(&self, ch: &Arc<Channel>) {
+        let mut map = lock(&self.channels);
+        if map.get(&ch.key).is_some_and(|c| Arc::ptr_eq(c, ch)) {
+            map.remove(&ch.key);
+            self.stats.channels.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Channel {
+    fn new(
+        key: String,
+        target: String,
+        cfg: &FanoutConfig,
+    ) -> (Arc<Channel>, mpsc::Receiver<Message>) {
+        let (fwd_tx, fwd_rx) = mpsc::channel(1024);
+        let ch = Arc::new(Channel {
+            key,
+            target,
+            tx: broadcast::channel(cfg.max_lag.max(2)).0,
+            replay: Mutex::new(VecDeque::with_capacity(cfg.replay_last)),
+            clients: AtomicUsize::new(0),
+            idle: Notify::new(),
+            state: watch::channel(State::Connecting).0,
+            to_upstream: fwd_tx,
+        });
+        (ch, fwd_rx)
+    }
+
+    /// Publishes one framed message to every client.
+    fn publish(&self, frame: Bytes, replay_last: usize) {
+        if replay_last == 0 {
+            let _ = self.tx.send(frame);
+            return;
+        }
+        let mut r = lock(&self.replay);
+        if r.len() == replay_last {
+            r.pop_front();
+        }
+        r.push_back(frame.clone());
+        let _ = self.tx.send(frame);
+    }
+
+    /// A receiver, and the messages a late joiner gets first.
+    fn subscribe(&self, replay_last: usize) -> (broadcast::Receiver<Bytes>, Vec<Bytes>) {
+        if replay_last == 0 {
+            return (self.tx.subscribe(), Vec::new());
+        }
+        let r = lock(&self.replay);
+        (self.tx.subscribe(), r.iter().cloned().collect())
+    }
+}
+
+/// The channel (and upstream target) of a client connecting to exactly
+/// the route's path without a query.
+fn route_channel(route: &Route, cfg: &FanoutConfig) -> (String, String) {
+    let target = match &cfg.upstream_path {
+        Some(t) => t.replace("{channel}", "/"),
+        None if route.strip_prefix => "/".to_string(),
+        None => route.path.clone(),
+    };
+    ("/".to_string(), target)
+}
+
+/// The channel key and the upstream target of a request.
+fn channel_of<B>(
+    route: &Route,
+    cfg: &FanoutConfig,
+    req: &Request<B>,
+) -> Result<(String, String), ProxyError> {
+    let uri = req.uri();
+    let rest = router::strip(&route.path, uri.path());
+    let own_path = if route.strip_prefix { rest } else { uri.path() };
+    let key = match &cfg.channel {
+        ChannelKey::Path => match uri.query() {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest.to_string(),
+        },
+        ChannelKey::Query(name) => uri
+            .query()
+            .and_then(|q| {
+                q.split('&').find_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k == name && !v.is_empty()).then(|| v.to_string())
+                })
+            })
+            .ok_or_else(|| ProxyError::NoChannel(format!("query parameter `{name}`")))?,
+        ChannelKey::Header(name) => req
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| ProxyError::NoChannel(format!("header `{name}`")))?,
+    };
+    let target = match (&cfg.upstream_path, &cfg.channel) {
+        (Some(t), _) => t.replace("{channel}", &key),
+        (None, ChannelKey::Path) => match uri.query() {
+            Some(q) => format!("{own_path}?{q}"),
+            None => own_path.to_string(),
+        },
+        (None, _) => (if route.strip_prefix {
+            "/"
+        } else {
+            route.path.as_str()
+        })
+        .to_string(),
+    };
+    if http::uri::PathAndQuery::try_from(target.as_str()).is_err() {
+        return Err(ProxyError::NoChannel(format!(
+            "channel name that fits in a request target (`{key}`)"
+        )));
+    }
+    Ok((key, target))
+}
+
+/// Answers a fan-out route's upgrade: joins the channel (waiting for its
+/// upstream if this client opened it), then sends 101 and starts the client.
+pub async fn accept(
+    shared: &Arc<Shared>,
+    conn: &Arc<ConnInfo>,
+    hub: &Arc<Hub>,
+    route: &Route,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    crate::ws::validate(&req)?;
+    let (key, target) = channel_of(route, &hub.cfg, &req)?;
+    let member = hub.join(shared, key, target);
+    let mut state = member.ch.state.subscribe();
+    let waited = state
+        .wait_for(|s| !matches!(s, State::Connecting))
+        .await
+        .map(|s| s.clone());
+    match waited {
+        Ok(State::Failed(e)) => return Err(ProxyError::Shared(e)),
+        Ok(_) => {}
+        // The channel task ended before deciding: the gateway is stopping.
+        Err(_) => {
+            return Err(ProxyError::Unavailable {
+                pool: hub.pools[0].name.clone(),
+                retry_after: std::time::Duration::from_secs(1),
+            })
+        }
+    }
+    let (rx, replay) = member.ch.subscribe(hub.cfg.replay_last);
+    let accept_key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes()))
+        .unwrap_or_default();
+    let client_upgrade = hyper::upgrade::on(&mut req);
+
+    let stop = shared.hard_stop.clone();
+    let conn = conn.clone();
+    let span = tracing::Span::current();
+    shared.tasks.spawn(
+        async move {
+            let up = match client_upgrade.await {
+                Ok(up) => up,
+                Err(e) => {
+                    debug!(error = %e, "client upgrade did not complete");
+                    return;
+                }
+            };
+            let started = tokio::time::Instant::now();
+            let cx = client::Cx {
+                hub: &member.hub,
+                ch: &member.ch,
+                stop: &stop,
+            };
+            let out = match crate::session::client_leg(up, conn.tls) {
+                crate::session::Leg::Tcp(s, pending) => {
+                    client::run(s, pending, rx, replay, cx).await
+                }
+                crate::session::Leg::Other(io, pending) => {
+                    Box::pin(client::run(io, pending, rx, replay, cx)).await
+                }
+            };
+            info!(
+                target: "upgate::access",
+                channel = %member.ch.key,
+                duration_ms = started.elapsed().as_millis() as u64,
+                delivered = out.delivered,
+                dropped = out.dropped,
+                end = out.end.label(),
+                close_code = out.close_code,
+                error = out.error.as_ref().map(tracing::field::display),
+                "fanout session"
+            );
+            drop(member);
+            drop(conn);
+        }
+        .instrument(span),
+    );
+    let mut resp = Response::new(crate::error::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept_key) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    Ok(resp)
+}

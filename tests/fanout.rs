@@ -1,0 +1,486 @@
+//! Fan-out routes against real feed servers on loopback: one upstream per
+//! channel, every message to every client in order, slow clients, failover,
+//! subscribe, replay, forwarding, merged sources and keepalive.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use support::feed::{raise_nofile, Feed};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+const T: Duration = Duration::from_secs(10);
+
+/// A gateway with one fan-out route `/feed` over a pool of `feeds`; `extra`
+/// is appended to the route (indented YAML keys).
+async fn gateway_for(feeds: &[&Feed], extra: &str) -> TestGateway {
+    let backends: Vec<String> = feeds.iter().map(|f| format!("'{}'", f.url())).collect();
+    gateway(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  feed:\n    connect_timeout: 1s\n    backends: [{}]\nroutes:\n  - name: feed\n    path: /feed\n    pool: feed\n    mode: fanout\n    strip_prefix: true\n{extra}",
+        backends.join(", ")
+    ))
+    .await
+}
+
+/// The next data message (pings and pongs skipped), within `T`.
+async fn next_data<S>(ws: &mut Ws<S>) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::time::timeout(T, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(m)) => return m,
+                other => panic!("stream ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a message in time")
+}
+
+async fn next_text<S>(ws: &mut Ws<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match next_data(ws).await {
+        Message::Text(t) => t.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_receive_every_message_in_order_over_one_upstream() {
+    raise_nofile();
+    let feed = Feed::start().await;
+    let gw = gateway_for(&[&feed], "").await;
+    let addr = gw.addr();
+    let clients =
+        futures_util::future::join_all((0..1000).map(|_| ws(addr, "x", "/feed/eurusd"))).await;
+    feed.wait_open(1, T).await;
+    assert_eq!(feed.accepted(), 1, "one upstream for 1,000 clients");
+    assert_eq!(feed.paths.lock().unwrap()[0], "/eurusd");
+
+    let n = 200;
+    for i in 0..n {
+        if i % 2 == 0 {
+            feed.publish(Message::text(format!("tick {i}")));
+        } else {
+            feed.publish(Message::binary(vec![i as u8; 100 + i]));
+        }
+    }
+    let readers = clients.into_iter().map(|mut c| async move {
+        for i in 0..n {
+            match next_data(&mut c).await {
+                Message::Text(t) => assert_eq!(t.as_str(), format!("tick {i}")),
+                Message::Binary(b) => assert_eq!(&b[..], &vec![i as u8; 100 + i][..]),
+                other => panic!("message {i}: {other:?}"),
+            }
+        }
+        c
+    });
+    let clients = futures_util::future::join_all(readers).await;
+    assert_eq!(clients.len(), 1000);
+    assert_eq!(feed.accepted(), 1);
+}
+
+#[tokio::test]
+async fn two_channels_open_two_upstreams_and_stay_separate() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(&[&feed], "").await;
+    let mut a = vec![];
+    let mut b = vec![];
+    for _ in 0..3 {
+        a.push(ws(gw.addr(), "x", "/feed?pair=EURUSD").await);
+        b.push(ws(gw.addr(), "x", "/feed?pair=GBPUSD").await);
+    }
+    feed.wait_open(2, T).await;
+    let mut paths = feed.paths.lock().unwrap().clone();
+    paths.sort();
+    assert_eq!(paths, ["/?pair=EURUSD", "/?pair=GBPUSD"]);
+
+    feed.publish_to("/?pair=EURUSD", Message::text("eur"));
+    feed.publish_to("/?pair=GBPUSD", Message::text("gbp"));
+    for c in &mut a {
+        assert_eq!(next_text(c).await, "eur");
+    }
+    for c in &mut b {
+        assert_eq!(next_text(c).await, "gbp");
+    }
+    // A later client joins an open channel; nothing new upstream.
+    let mut late = ws(gw.addr(), "x", "/feed?pair=EURUSD").await;
+    feed.publish_to("/?pair=EURUSD", Message::text("eur2"));
+    assert_eq!(next_text(&mut late).await, "eur2");
+    assert_eq!(feed.accepted(), 2);
+}
+
+#[tokio::test]
+async fn channel_keyed_by_query_parameter_with_upstream_path() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(
+        &[&feed],
+        "    channel: query:pair\n    upstream_path: /quotes/{channel}\n",
+    )
+    .await;
+    let mut a = ws(gw.addr(), "x", "/feed?pair=EURUSD&token=1").await;
+    let _b = ws(gw.addr(), "x", "/feed?token=2&pair=EURUSD").await;
+    feed.wait_open(1, T).await;
+    assert_eq!(feed.paths.lock().unwrap().clone(), ["/quotes/EURUSD"]);
+    feed.publish(Message::text("q"));
+    assert_eq!(next_text(&mut a).await, "q");
+    // No key: a clear 400.
+    let r = raw(
+        gw.addr(),
+        b"GET /feed?token=3 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("query parameter `pair`"), "{r}");
+}
+
+#[tokio::test]
+async fn last_client_leaving_closes_the_upstream_after_linger() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(&[&feed], "    linger: 400ms\n").await;
+    let mut c = ws(gw.addr(), "x", "/feed").await;
+    feed.wait_open(1, T).await;
+    c.close(None).await.expect("close");
+    let left = std::time::Instant::now();
+    feed.wait_open(0, T).await;
+    let took = left.elapsed();
+    assert!(
+        took >= Duration::from_millis(350),
+        "closed {took:?} after the last client left, before linger"
+    );
+    // Back within linger keeps the upstream: a new client, leave, rejoin quickly.
+    let c1 = ws(gw.addr(), "x", "/feed").await;
+    feed.wait_open(1, T).await;
+    drop(c1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c2 = ws(gw.addr(), "x", "/feed").await;
+    feed.publish(Message::text("still"));
+    assert_eq!(next_text(&mut c2).await, "still");
+    assert_eq!(
+        feed.accepted(),
+        2,
+        "rejoining within linger reused the upstream"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_feed_is_a_502_to_the_first_client() {
+    let dead = dead_addr().await;
+    let gw = gateway(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  feed:\n    backends: ['ws://{dead}']\nroutes:\n  - name: feed\n    path: /feed\n    pool: feed\n    mode: fanout\n"
+    ))
+    .await;
+    let e = ws_with(gw.addr(), "x", "/feed", &[]).await.unwrap_err();
+    assert!(e.to_string().contains("502"), "{e}");
+}
+
+/// A fast and a slow client on a feed of 32 KiB messages; returns what the
+/// slow one saw after it resumed reading: message numbers and how it ended.
+async fn slow_client_run(policy: &str) -> (Vec<u32>, Option<u16>) {
+    let feed = Feed::start().await;
+    let gw = gateway_for(
+        &[&feed],
+        &format!("    max_lag: 16\n    slow_client: {policy}\n"),
+    )
+    .await;
+    let mut fast = ws(gw.addr(), "x", "/feed").await;
+    let mut slow = ws(gw.addr(), "x", "/feed").await;
+    feed.wait_open(1, T).await;
+    // Published in steps the fast client keeps up with, as a live feed would be;
+    // the slow client reads nothing meanwhile.
+    let n = 600u32;
+    for step in (0..n).step_by(8) {
+        for i in step..step + 8 {
+            let mut m = vec![0u8; 32 * 1024];
+            m[..4].copy_from_slice(&i.to_le_bytes());
+            feed.publish(Message::binary(m));
+        }
+        for i in step..step + 8 {
+            match next_data(&mut fast).await {
+                Message::Binary(b) => {
+                    assert_eq!(u32::from_le_bytes([b[0], b[1], b[2], b[3]]), i)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let mut seen = Vec::new();
+    let mut code = None;
+    let read_all = async {
+        while let Some(m) = slow.next().await {
+            match m {
+                Ok(Message::Binary(b)) => {
+                    let i = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    seen.push(i);
+                    if i == n - 1 {
+                        break;
+                    }
+                }
+                Ok(Message::Close(c)) => {
+                    code = c.map(|c| u16::from(c.code));
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    };
+    tokio::time::timeout(T, read_all)
+        .await
+        .expect("slow client finished");
+    (seen, code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_client_skips_ahead_with_drop_oldest() {
+    let (seen, code) = slow_client_run("drop_oldest").await;
+    assert_eq!(code, None);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order");
+    assert_eq!(seen.last(), Some(&599), "caught up with the live end");
+    assert!(seen.len() < 600, "skipped some: saw {}", seen.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_client_is_closed_with_1008_under_disconnect() {
+    let (seen, code) = slow_client_run("disconnect").await;
+    assert_eq!(code, Some(1008), "saw {} messages", seen.len());
+    assert!(
+        seen.windows(2).all(|w| w[1] == w[0] + 1),
+        "no gaps before the close"
+    );
+}
+
+#[tokio::test]
+async fn clients_stay_connected_through_upstream_failover() {
+    let a = Feed::start().await;
+    let b = Feed::start().await;
+    let gw = gateway_for(
+        &[&a, &b],
+        "    on_upstream_lost: '{\"status\":\"reconnecting\"}'\n",
+    )
+    .await;
+    let mut clients = vec![];
+    for _ in 0..20 {
+        clients.push(ws(gw.addr(), "x", "/feed").await);
+    }
+    let (live, standby) = if a.open() == 1 { (&a, &b) } else { (&b, &a) };
+    live.wait_open(1, T).await;
+    live.publish(Message::text("before"));
+    for c in &mut clients {
+        assert_eq!(next_text(c).await, "before");
+    }
+    live.kill();
+    for c in &mut clients {
+        assert_eq!(next_text(c).await, r#"{"status":"reconnecting"}"#);
+    }
+    standby.wait_open(1, T).await;
+    standby.publish(Message::text("after"));
+    for c in &mut clients {
+        assert_eq!(next_text(c).await, "after", "the same connection resumed");
+    }
+    assert_eq!(standby.accepted(), 1);
+}
+
+#[tokio::test]
+async fn subscribe_is_sent_after_every_connect() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(
+        &[&feed],
+        "    subscribe: ['{\"op\":\"subscribe\",\"channel\":\"{channel}\"}']\n",
+    )
+    .await;
+    let mut c = ws(gw.addr(), "x", "/feed/EURUSD").await;
+    let (path, m) = feed.next_received(T).await;
+    assert_eq!(path, "/EURUSD");
+    assert_eq!(
+        m,
+        Message::text(r#"{"op":"subscribe","channel":"/EURUSD"}"#)
+    );
+    feed.drop_connections();
+    let (_, again) = feed.next_received(T).await;
+    assert_eq!(again, m, "re-sent after the reconnect");
+    feed.publish(Message::text("live"));
+    assert_eq!(next_text(&mut c).await, "live");
+    assert_eq!(feed.accepted(), 2);
+}
+
+#[tokio::test]
+async fn late_joiners_get_the_last_messages_first() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(&[&feed], "    replay_last: 3\n").await;
+    let mut first = ws(gw.addr(), "x", "/feed").await;
+    feed.wait_open(1, T).await;
+    for i in 1..=5 {
+        feed.publish(Message::text(format!("m{i}")));
+    }
+    for i in 1..=5 {
+        assert_eq!(next_text(&mut first).await, format!("m{i}"));
+    }
+    let mut late = ws(gw.addr(), "x", "/feed").await;
+    feed.publish(Message::text("m6"));
+    for want in ["m3", "m4", "m5", "m6"] {
+        assert_eq!(next_text(&mut late).await, want);
+    }
+}
+
+#[tokio::test]
+async fn forwarded_client_messages_reach_the_upstream_within_the_rate_limit() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(
+        &[&feed],
+        "    client_messages: forward\n    client_rate: 5\n",
+    )
+    .await;
+    let mut c = ws(gw.addr(), "x", "/feed/room1").await;
+    let mut other = ws(gw.addr(), "x", "/feed/room1").await;
+    for i in 0..3 {
+        c.send(Message::text(format!("hello {i}")))
+            .await
+            .expect("send");
+    }
+    for i in 0..3 {
+        let (path, m) = feed.next_received(T).await;
+        assert_eq!(
+            (path.as_str(), m),
+            ("/room1", Message::text(format!("hello {i}")))
+        );
+    }
+    // A flood past the rate: closed with 1008; the other client is unaffected.
+    for i in 0..20 {
+        if c.send(Message::text(format!("flood {i}"))).await.is_err() {
+            break;
+        }
+    }
+    let code = loop {
+        match tokio::time::timeout(T, c.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(Message::Close(f))) => break f.map(|f| f.code),
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(code, Some(CloseCode::Policy));
+    feed.publish(Message::text("still here"));
+    assert_eq!(next_text(&mut other).await, "still here");
+}
+
+#[tokio::test]
+async fn merged_sources_are_tagged_with_their_pool() {
+    let a = Feed::start().await;
+    let b = Feed::start().await;
+    let gw = gateway(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  eu:\n    backends: ['{}']\n  us:\n    backends: ['{}']\nroutes:\n  - name: quotes\n    path: /quotes\n    mode: fanout\n    sources: [eu, us]\n    tag: true\n",
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let mut c = ws(gw.addr(), "x", "/quotes").await;
+    a.wait_open(1, T).await;
+    b.wait_open(1, T).await;
+    a.publish(Message::text(r#"{"p":1.1}"#));
+    b.publish(Message::text("not json"));
+    b.publish(Message::binary(vec![1, 2, 3]));
+    let mut got = vec![];
+    for _ in 0..3 {
+        got.push(next_data(&mut c).await);
+    }
+    assert!(
+        got.contains(&Message::text(r#"{"source":"eu","data":{"p":1.1}}"#)),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&Message::text(r#"{"source":"us","data":"not json"}"#)),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&Message::binary(vec![1, 2, 3])),
+        "binary passes untagged: {got:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_client_is_dropped_after_the_pong_timeout() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(
+        &[&feed],
+        "    ping_interval: 200ms\n    pong_timeout: 300ms\n",
+    )
+    .await;
+    // A well-behaved client answers pings (tungstenite does, while it reads).
+    let mut alive = ws(gw.addr(), "x", "/feed").await;
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = alive.next().await {
+            if let Message::Text(t) = m {
+                let _ = got_tx.send(t.to_string());
+            }
+        }
+    });
+    // A silent one: handshake by hand, then never answer.
+    let mut silent = TcpStream::connect(gw.addr()).await.expect("connect");
+    silent
+        .write_all(b"GET /feed HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let ended = tokio::time::timeout(T, async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "silent client still connected");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(450), "dropped after {took:?}");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(got.windows(2).any(|w| w == [0x89, 0x00]), "was pinged");
+    // The live client kept answering and still receives.
+    feed.publish(Message::text("ok"));
+    let m = tokio::time::timeout(T, got_rx.recv())
+        .await
+        .expect("in time");
+    assert_eq!(m.as_deref(), Some("ok"));
+}
+
+#[tokio::test]
+async fn eager_channel_opens_at_start_and_serves_over_tls() {
+    let feed = Feed::start().await;
+    let dir = TempDir::new("fanout-tls");
+    let (cert, key, ca) = cert_files(&dir.0, "feed", &["feed.test"]);
+    let gw = gateway_in(
+        &dir.0,
+        &format!(
+            "listen:\n  - addr: 127.0.0.1:0\n    tls:\n      certs:\n        - {{ cert: {}, key: {} }}\npools:\n  feed:\n    backends: ['{}']\nroutes:\n  - name: feed\n    path: /feed\n    pool: feed\n    mode: fanout\n    eager: true\n",
+            cert.display(),
+            key.display(),
+            feed.url()
+        ),
+    )
+    .await;
+    feed.wait_open(1, T).await;
+    assert_eq!(feed.paths.lock().unwrap().clone(), ["/feed"]);
+    let tls = tls_connect(gw.addr(), "feed.test", &[ca], &[b"http/1.1"]).await;
+    let mut c = ws_over(tls, "feed.test", "/feed", &[]).await.expect("wss");
+    feed.publish(Message::text("over tls"));
+    assert_eq!(next_text(&mut c).await, "over tls");
+    drop(c);
+    assert_eq!(feed.accepted(), 1);
+}
