@@ -6,6 +6,7 @@
 //! Run it through `bench/run.sh`, which installs the peers and pins this
 //! process to core 1. `load` runs one scenario against any URL.
 
+mod fanout;
 mod load;
 mod proc_stat;
 mod proto;
@@ -35,6 +36,33 @@ enum Cmd {
     Suite(SuiteArgs),
     /// One scenario against one WebSocket echo URL.
     Load(LoadArgs),
+    /// The fan-out scenario: clients subscribed to one feed, direct vs through upgate.
+    Fanout(FanoutArgs),
+}
+
+#[derive(clap::Args)]
+struct FanoutArgs {
+    /// Subscribed clients.
+    #[arg(long, default_value_t = 10_000)]
+    clients: usize,
+    /// Feed rates to measure, messages per second (each client receives every one).
+    #[arg(long, value_delimiter = ',', default_value = "20,50")]
+    rates: Vec<u32>,
+    /// Message size in bytes (the first 8 are the send timestamp).
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Measured seconds per run (after a 2 s warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    #[arg(long, value_delimiter = ',', default_value = "direct,upgate")]
+    targets: Vec<String>,
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Directory holding upgate and upgate-bench-backend (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -129,6 +157,12 @@ fn main() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     match cli.cmd {
         Cmd::Load(a) => rt.block_on(load_cmd(a)),
+        Cmd::Fanout(a) => rt.block_on(async {
+            tokio::select! {
+                r = fanout_suite(a) => r,
+                _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+            }
+        }),
         // On Ctrl-C or SIGTERM the suite future is dropped, so every started process is stopped.
         Cmd::Suite(a) => rt.block_on(async {
             let mut term =
@@ -531,6 +565,162 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
     drop(backend);
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+fn bin_dir_or_exe(d: Option<PathBuf>) -> Result<PathBuf, String> {
+    match d {
+        Some(d) => Ok(d),
+        None => Ok(std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .parent()
+            .ok_or("no binary dir")?
+            .to_path_buf()),
+    }
+}
+
+/// Fan-out: for each rate, every target, rounds interleaved; fresh processes per run.
+async fn fanout_suite(a: FanoutArgs) -> Result<(), String> {
+    let bin_dir = bin_dir_or_exe(a.bin_dir.clone())?;
+    let work = std::env::temp_dir().join(format!("upgate-bench-fanout-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let fd_limit = open_file_limit();
+    let clients = a.clients.min(fd_limit.saturating_sub(200));
+    if clients < a.clients {
+        eprintln!(
+            "--clients {} does not fit the open-file limit {fd_limit}: using {clients}",
+            a.clients
+        );
+    }
+    let started = now_utc();
+    let warm = Duration::from_secs(2);
+    let dur = Duration::from_secs_f64(a.duration);
+    let mut runs: BTreeMap<(u32, String), Vec<fanout::Run>> = BTreeMap::new();
+    for round in 0..a.rounds {
+        for (ri, &rate) in a.rates.iter().enumerate() {
+            for k in 0..a.targets.len() {
+                let t = &a.targets[(k + round + ri) % a.targets.len()];
+                let r = match t.as_str() {
+                    // The source serves every client itself: it gets core 0, as upgate would.
+                    "direct" => {
+                        let feed = targets::feed(&bin_dir, &work, "0", rate, a.size)?;
+                        fanout::run(
+                            feed.plain,
+                            "/",
+                            clients,
+                            warm,
+                            dur,
+                            feed.pid(),
+                            feed.pid(),
+                            targets::FEED_PORT,
+                        )
+                        .await
+                    }
+                    // One runtime thread on core 0 (as in the suite), or one per core.
+                    "upgate" | "upgate-2t" => {
+                        let feed = targets::feed(&bin_dir, &work, "1", rate, a.size)?;
+                        let gw = if t == "upgate" {
+                            targets::upgate_fanout(&bin_dir, &work, "0", 1)?
+                        } else {
+                            targets::upgate_fanout(&bin_dir, &work, "0,1", 2)?
+                        };
+                        fanout::run(
+                            gw.plain,
+                            "/feed",
+                            clients,
+                            warm,
+                            dur,
+                            gw.pid(),
+                            feed.pid(),
+                            targets::FEED_PORT,
+                        )
+                        .await
+                    }
+                    other => return Err(format!("unknown fan-out target {other}")),
+                };
+                eprintln!(
+                    "round {} rate {rate}/s {t:<7} clients {} (failed {}) {:>9.0} deliveries/s p50 {:.2} ms p99 {:.2} ms serving CPU {} source CPU {} source conns {} {} KiB/client, load generator CPU {}",
+                    round + 1,
+                    r.clients,
+                    r.failed,
+                    r.rate(),
+                    r.p50_ms,
+                    r.p99_ms,
+                    r.server_cpu.map_or("-".into(), |c| format!("{:.0}%", 100.0 * c / r.secs)),
+                    r.source_cpu.map_or("-".into(), |c| format!("{:.1}%", 100.0 * c / r.secs)),
+                    r.source_conns,
+                    r.kib_per_client.map_or("-".into(), |k| format!("{k:.2}")),
+                    r.loadgen_cpu.map_or("-".into(), |c| format!("{:.0}%", 100.0 * c / r.secs)),
+                );
+                runs.entry((rate, t.clone())).or_default().push(r);
+                // Let TIME_WAIT sockets settle between runs.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    let report = render_fanout(&a, clients, &started, &runs);
+    println!("{report}");
+    std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
+    let file = a
+        .out
+        .join(format!("fanout-{}.md", started.replace([':', ' '], "-")));
+    std::fs::write(&file, &report).map_err(|e| e.to_string())?;
+    eprintln!("saved {}", file.display());
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+fn render_fanout(
+    a: &FanoutArgs,
+    clients: usize,
+    started: &str,
+    runs: &BTreeMap<(u32, String), Vec<fanout::Run>>,
+) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o, "## upgate fan-out benchmark, {started}\n");
+    let _ = writeln!(
+        o,
+        "{}. {clients} clients subscribed to one feed of {} B messages. `direct`: every client connects to the source, which sends each its own copy (source on core 0). \
+         `upgate`: clients connect to a `mode: fanout` route; upgate (one runtime thread, core 0) holds one upstream connection (source on core 1). `upgate-2t`: the same with two runtime threads on both cores. Load generator on core 1. \
+         {} rounds × {} s after a 2 s warm-up; medians (min–max over rounds). Latency: send timestamp in the message → client read.\n",
+        machine_info(),
+        a.size,
+        a.rounds,
+        a.duration
+    );
+    let _ = writeln!(
+        o,
+        "| feed rate | target | deliveries/s (of offered) | p50 latency | p99 latency | serving CPU | source CPU | source connections | serving RSS per client | load generator CPU |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    let rates: std::collections::BTreeSet<u32> = runs.keys().map(|k| k.0).collect();
+    for rate in rates {
+        let offered = f64::from(rate) * clients as f64;
+        for t in &a.targets {
+            let Some(v) = runs.get(&(rate, t.clone())) else {
+                continue;
+            };
+            let med = |f: &dyn Fn(&fanout::Run) -> f64| {
+                let xs: Vec<f64> = v.iter().map(f).filter(|x| x.is_finite()).collect();
+                let (lo, hi) = min_max(&xs);
+                (median(xs), lo, hi)
+            };
+            let (d, dlo, dhi) = med(&|r| r.rate());
+            let (p50, _, _) = med(&|r| r.p50_ms);
+            let (p99, plo, phi) = med(&|r| r.p99_ms);
+            let (sc, _, _) = med(&|r| r.server_cpu.map_or(f64::NAN, |c| 100.0 * c / r.secs));
+            let (src, _, _) = med(&|r| r.source_cpu.map_or(f64::NAN, |c| 100.0 * c / r.secs));
+            let (conns, _, _) = med(&|r| r.source_conns as f64);
+            let (kib, _, _) = med(&|r| r.kib_per_client.unwrap_or(f64::NAN));
+            let (lg, _, _) = med(&|r| r.loadgen_cpu.map_or(f64::NAN, |c| 100.0 * c / r.secs));
+            let _ = writeln!(
+                o,
+                "| {rate}/s × {clients} = {offered:.0}/s | {t} | {d:.0} ({:.2}; {dlo:.0}–{dhi:.0}) | {p50:.2} ms | {p99:.2} ms ({plo:.2}–{phi:.2}) | {sc:.0} % | {src:.1} % | {conns:.0} | {kib:.2} KiB | {lg:.0} % |",
+                d / offered
+            );
+        }
+    }
+    let _ = writeln!(o, "\nCPU is % of one core over the measured window, from /proc. For `direct` the serving process is the source itself.");
+    o
 }
 
 /// The soft open-file limit of this process (children inherit it).

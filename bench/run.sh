@@ -4,13 +4,23 @@
 # the suite with this process (load generator) pinned to core 1.
 #   bench/run.sh                      # full run: 3 rounds × 5 s, scenarios a–g
 #   bench/run.sh --rounds 1 --duration 2 --scenarios a,d --huge 0   # quick look
+#   bench/run.sh fanout               # fan-out: 10,000 clients on one feed, direct vs upgate
+#   bench/run.sh fanout --rates 20,50,100 --rounds 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+cmd=suite
+if [ "${1:-}" = fanout ]; then
+  cmd=fanout
+  shift
+fi
+
 need=()
-command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
-command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
-command -v caddy >/dev/null 2>&1 || need+=(caddy)
+if [ "$cmd" = suite ]; then
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+  command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+  command -v caddy >/dev/null 2>&1 || need+=(caddy)
+fi
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}" >&2
@@ -33,4 +43,4 @@ sysctl -qw net.core.somaxconn=65535 2>/dev/null || true
 sysctl -qw net.ipv4.tcp_max_syn_backlog=65535 2>/dev/null || true
 
 mkdir -p bench/results
-exec taskset -c 1 target/release/upgate-bench suite "$@"
+exec taskset -c 1 target/release/upgate-bench "$cmd" "$@"

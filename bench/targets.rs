@@ -347,3 +347,68 @@ https://localhost:18446 {{
         child: Some(child),
     })
 }
+
+pub const FEED_PORT: u16 = 19101;
+
+/// The timestamped feed (`upgate-bench-backend --feed`) pinned to `core`:
+/// every connection receives `rate` messages/s of `size` bytes.
+pub fn feed(
+    bin_dir: &Path,
+    work: &Path,
+    core: &str,
+    rate: u32,
+    size: usize,
+) -> Result<Proc, String> {
+    let (a, r, s) = (
+        format!("127.0.0.1:{FEED_PORT}"),
+        rate.to_string(),
+        size.to_string(),
+    );
+    let child = spawn(
+        FEED_PORT,
+        core,
+        &bin_dir.join("upgate-bench-backend"),
+        &["--feed", &a, "--feed-rate", &r, "--feed-size", &s],
+        &[],
+        &work.join("feed.log"),
+    )?;
+    wait_port(addr(FEED_PORT), "feed")?;
+    Ok(Proc {
+        name: "direct".into(),
+        plain: addr(FEED_PORT),
+        tls: None,
+        child: Some(child),
+    })
+}
+
+/// upgate with one fan-out route (`/feed`, one channel) over the feed, on
+/// core 0 with one runtime thread (as the suite runs it).
+pub fn upgate_fanout(
+    bin_dir: &Path,
+    work: &Path,
+    cores: &str,
+    threads: usize,
+) -> Result<Proc, String> {
+    let port = 18070;
+    let yaml = format!(
+        "server: {{ max_connections: 400000, shutdown_grace: 1s }}\nlisten:\n  - addr: 127.0.0.1:{port}\npools:\n  feed: {{ backends: ['ws://127.0.0.1:{FEED_PORT}'] }}\nroutes:\n  - {{ name: feed, path: /feed, pool: feed, mode: fanout, strip_prefix: true }}\n"
+    );
+    let cfg = work.join("upgate-fanout.yaml");
+    std::fs::write(&cfg, yaml).map_err(|e| e.to_string())?;
+    let cfg_s = cfg.display().to_string();
+    let child = spawn(
+        port,
+        cores,
+        &bin_dir.join("upgate"),
+        &["--config", &cfg_s, "--threads", &threads.to_string()],
+        &[("RUST_LOG", "warn")],
+        &work.join("upgate-fanout.log"),
+    )?;
+    wait_port(addr(port), "upgate")?;
+    Ok(Proc {
+        name: "upgate".into(),
+        plain: addr(port),
+        tls: None,
+        child: Some(child),
+    })
+}

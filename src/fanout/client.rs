@@ -317,12 +317,15 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
     let mut pinged = false;
     let keepalive = tokio::time::sleep(cfg.ping_interval);
     tokio::pin!(keepalive);
+    // Registered once, not on every turn of the loop.
+    let stopped = cx.stop.cancelled();
+    tokio::pin!(stopped);
 
     let last: Option<Bytes> = loop {
         let room = c.out.len() < BATCH;
         tokio::select! {
             biased;
-            _ = cx.stop.cancelled() => {
+            _ = &mut stopped => {
                 out.end = End::Shutdown;
                 out.close_code = Some(code::GOING_AWAY);
                 break Some(frame::close(code::GOING_AWAY, "gateway shutting down"));
