@@ -109,16 +109,27 @@ async fn subscriber(addr: SocketAddr, path: Arc<str>, sh: Arc<Shared>, stop: Arc
 /// Connects `n` subscribers to `addr` + `path`, lets them settle for
 /// `warm`, then measures for `dur`. `server` serves the clients (upgate,
 /// or the source itself for direct); `source` is the feed process.
+/// The processes a run watches.
+pub struct Watch {
+    /// Serves the clients: upgate, or the source itself for direct.
+    pub server: Option<u32>,
+    /// The feed.
+    pub source: Option<u32>,
+    pub source_port: u16,
+}
+
 pub async fn run(
     addr: SocketAddr,
     path: &str,
     n: usize,
-    warm: Duration,
-    dur: Duration,
-    server: Option<u32>,
-    source: Option<u32>,
-    source_port: u16,
+    (warm, dur): (Duration, Duration),
+    w: Watch,
 ) -> Run {
+    let Watch {
+        server,
+        source,
+        source_port,
+    } = w;
     let sh = Arc::new(Shared {
         recording: AtomicBool::new(false),
         deliveries: AtomicU64::new(0),
