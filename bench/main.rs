@@ -603,17 +603,12 @@ async fn fanout_suite(a: FanoutArgs) -> Result<(), String> {
                     // The source serves every client itself: it gets core 0, as upgate would.
                     "direct" => {
                         let feed = targets::feed(&bin_dir, &work, "0", rate, a.size)?;
-                        fanout::run(
-                            feed.plain,
-                            "/",
-                            clients,
-                            warm,
-                            dur,
-                            feed.pid(),
-                            feed.pid(),
-                            targets::FEED_PORT,
-                        )
-                        .await
+                        let w = fanout::Watch {
+                            server: feed.pid(),
+                            source: feed.pid(),
+                            source_port: targets::FEED_PORT,
+                        };
+                        fanout::run(feed.plain, "/", clients, (warm, dur), w).await
                     }
                     // One runtime thread on core 0 (as in the suite), or one per core.
                     "upgate" | "upgate-2t" => {
@@ -623,17 +618,12 @@ async fn fanout_suite(a: FanoutArgs) -> Result<(), String> {
                         } else {
                             targets::upgate_fanout(&bin_dir, &work, "0,1", 2)?
                         };
-                        fanout::run(
-                            gw.plain,
-                            "/feed",
-                            clients,
-                            warm,
-                            dur,
-                            gw.pid(),
-                            feed.pid(),
-                            targets::FEED_PORT,
-                        )
-                        .await
+                        let w = fanout::Watch {
+                            server: gw.pid(),
+                            source: feed.pid(),
+                            source_port: targets::FEED_PORT,
+                        };
+                        fanout::run(gw.plain, "/feed", clients, (warm, dur), w).await
                     }
                     other => return Err(format!("unknown fan-out target {other}")),
                 };
