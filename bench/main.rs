@@ -56,7 +56,7 @@ struct FanoutArgs {
     /// Measured seconds per run (after a 2 s warm-up).
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
-    #[arg(long, value_delimiter = ',', default_value = "direct,upgate")]
+    #[arg(long, value_delimiter = ',', default_value = "direct,upgate,upgate-2t")]
     targets: Vec<String>,
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
