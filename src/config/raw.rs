@@ -227,21 +227,39 @@ impl FromStr for ChannelKey {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || format!("channel `{s}` must be `path`, `query:NAME` or `header:NAME`");
-        if s == "path" {
-            return Ok(ChannelKey::Path);
+        match s {
+            "path" => Ok(ChannelKey::Path),
+            _ => match named(s, "channel", &bad)? {
+                Named::Header(h) => Ok(ChannelKey::Header(h)),
+                Named::Query(q) => Ok(ChannelKey::Query(q)),
+                Named::Cookie(_) => Err(bad()),
+            },
         }
-        let (kind, name) = s.split_once(':').ok_or_else(bad)?;
-        let name = name.trim();
-        if name.is_empty() {
-            return Err(bad());
-        }
-        match kind.trim() {
-            "header" => http::HeaderName::from_bytes(name.as_bytes())
-                .map(ChannelKey::Header)
-                .map_err(|_| format!("channel `{s}`: `{name}` is not a valid header name")),
-            "query" => Ok(ChannelKey::Query(name.to_string())),
-            _ => Err(bad()),
-        }
+    }
+}
+
+/// A request value named `KIND:NAME`.
+enum Named {
+    Header(http::HeaderName),
+    Cookie(String),
+    Query(String),
+}
+
+/// Parses `header:NAME`, `cookie:NAME` or `query:NAME`; `bad` words the
+/// error for anything else, `what` names the key in a header-name error.
+fn named(s: &str, what: &str, bad: &dyn Fn() -> String) -> Result<Named, String> {
+    let (kind, name) = s.split_once(':').ok_or_else(bad)?;
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(bad());
+    }
+    match kind.trim() {
+        "header" => http::HeaderName::from_bytes(name.as_bytes())
+            .map(Named::Header)
+            .map_err(|_| format!("{what} `{s}`: `{name}` is not a valid header name")),
+        "cookie" => Ok(Named::Cookie(name.to_string())),
+        "query" => Ok(Named::Query(name.to_string())),
+        _ => Err(bad()),
     }
 }
 
@@ -281,19 +299,11 @@ impl FromStr for HashKey {
         if s == "ip" {
             return Ok(HashKey::Ip);
         }
-        let (kind, name) = s.split_once(':').ok_or_else(bad)?;
-        let name = name.trim();
-        if name.is_empty() {
-            return Err(bad());
-        }
-        match kind.trim() {
-            "header" => http::HeaderName::from_bytes(name.as_bytes())
-                .map(HashKey::Header)
-                .map_err(|_| format!("hash_key `{s}`: `{name}` is not a valid header name")),
-            "cookie" => Ok(HashKey::Cookie(name.to_string())),
-            "query" => Ok(HashKey::Query(name.to_string())),
-            _ => Err(bad()),
-        }
+        Ok(match named(s, "hash_key", &bad)? {
+            Named::Header(h) => HashKey::Header(h),
+            Named::Cookie(c) => HashKey::Cookie(c),
+            Named::Query(q) => HashKey::Query(q),
+        })
     }
 }
 
