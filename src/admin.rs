@@ -1,5 +1,6 @@
-//! The admin listener: `/healthz`, `/readyz`, `/routes` and `/pools` (JSON)
-//! for operators and orchestrators. It runs through a tower/tower-http stack
+//! The admin listener: `/healthz`, `/readyz`, `/metrics` (Prometheus),
+//! `/routes`, `/pools` and `/config` (JSON), `POST /reload`, and `GET /`, a
+//! live status page, for operators and orchestrators. It runs through a tower/tower-http stack
 //! (tracing, a timeout, a global concurrency limit) and, when a token is
 //! configured, wants `Authorization: Bearer TOKEN` on everything but the two
 //! probes. It keeps serving while the gateway drains, so `/readyz` can say so.
@@ -27,6 +28,7 @@ use crate::proxy::Shared;
 struct Admin {
     shared: Arc<Shared>,
     token: Option<Arc<str>>,
+    metrics: Arc<prometheus_client::registry::Registry>,
 }
 
 /// Serves the admin listener until `stop` is cancelled.
@@ -37,6 +39,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let admin = Admin {
+        metrics: Arc::new(crate::metrics::registry(shared.clone())),
         shared,
         token: token.map(Arc::from),
     };
@@ -57,7 +60,7 @@ pub async fn serve(
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(32))
         .service_fn(move |req| {
             let admin = admin.clone();
-            async move { Ok::<_, Infallible>(admin.handle(req)) }
+            async move { Ok::<_, Infallible>(admin.handle(req).await) }
         });
     let svc: tower::util::BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible> =
         tower::util::BoxCloneSyncService::new(svc);
@@ -99,26 +102,34 @@ fn json_response(v: serde_json::Value) -> Response<Body> {
     r
 }
 
+const ENDPOINTS: &str =
+    "endpoints: GET / /healthz /readyz /metrics /routes /pools /config, POST /reload\n";
+
 impl Admin {
+    /// A bearer token in `Authorization`, or `?token=` (for the status page in a browser).
     fn authorized(&self, req: &Request<Incoming>) -> bool {
         let Some(token) = &self.token else {
             return true;
         };
-        req.headers()
+        let header = req
+            .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| t.trim() == &**token)
+            .map(str::trim);
+        let query = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+        header.or(query).is_some_and(|t| t == &**token)
     }
 
-    fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let path = req.uri().path();
-        if req.method() != Method::GET {
-            return text_response(StatusCode::METHOD_NOT_ALLOWED, "only GET here\n".into());
-        }
-        match path {
-            "/healthz" => return text_response(StatusCode::OK, "ok\n".into()),
-            "/readyz" => {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let get = req.method() == Method::GET;
+        match path.as_str() {
+            "/healthz" if get => return text_response(StatusCode::OK, "ok\n".into()),
+            "/readyz" if get => {
                 return if self.shared.draining.load(Ordering::Relaxed) {
                     text_response(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
                 } else {
@@ -136,14 +147,45 @@ impl Admin {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return r;
         }
-        match path {
-            "/routes" => self.routes(),
-            "/pools" => self.pools(),
-            _ => text_response(
-                StatusCode::NOT_FOUND,
-                "endpoints: /healthz /readyz /routes /pools\n".into(),
-            ),
+        match (path.as_str(), get, req.method() == Method::POST) {
+            ("/", true, _) => {
+                let mut r = Response::new(full(Bytes::from_static(STATUS_PAGE.as_bytes())));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                r
+            }
+            ("/routes", true, _) => self.routes(),
+            ("/pools", true, _) => self.pools(),
+            ("/config", true, _) => json_response(config_json(&self.shared.snapshot.load().config)),
+            ("/metrics", true, _) => self.metrics(),
+            ("/reload", _, true) => match crate::proxy::request_reload(&self.shared.reload).await {
+                Ok(summary) => json_response(json!({ "reloaded": true, "summary": summary })),
+                Err(error) => {
+                    let mut r = json_response(json!({ "reloaded": false, "error": error }));
+                    *r.status_mut() = StatusCode::BAD_REQUEST;
+                    r
+                }
+            },
+            ("/" | "/routes" | "/pools" | "/config" | "/metrics" | "/reload", _, _) => {
+                text_response(StatusCode::METHOD_NOT_ALLOWED, ENDPOINTS.into())
+            }
+            _ => text_response(StatusCode::NOT_FOUND, ENDPOINTS.into()),
         }
+    }
+
+    fn metrics(&self) -> Response<Body> {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.metrics) {
+            return text_response(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
+        }
+        let mut r = Response::new(full(Bytes::from(out)));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        r
     }
 
     fn routes(&self) -> Response<Body> {
@@ -153,7 +195,8 @@ impl Admin {
             .routes()
             .iter()
             .zip(&snap.hubs)
-            .map(|(r, hub)| {
+            .zip(&snap.route_stats)
+            .map(|((r, hub), stats)| {
                 let mut v = json!({
                     "name": r.name,
                     "host": r.host.to_string(),
@@ -161,6 +204,7 @@ impl Admin {
                     "pool": snap.pools[r.pool].name,
                     "strip_prefix": r.strip_prefix,
                     "mode": if hub.is_some() { "fanout" } else { "splice" },
+                    "sessions_active": stats.sessions_active.load(Ordering::Relaxed),
                 });
                 if let Some(h) = hub {
                     v["fanout"] = fanout_json(h);
@@ -224,3 +268,82 @@ fn fanout_json(h: &crate::fanout::Hub) -> serde_json::Value {
         "channels": channels,
     })
 }
+
+/// The effective config as JSON, the admin token redacted.
+fn config_json(c: &crate::config::Config) -> serde_json::Value {
+    let s = &c.server;
+    let listeners: Vec<_> = c
+        .listeners
+        .iter()
+        .map(|l| {
+            json!({
+                "addr": l.addr.to_string(),
+                "tls": l.tls.as_ref().map(|certs| certs.iter().map(|f| json!({
+                    "cert": f.cert.display().to_string(),
+                    "key": f.key.display().to_string(),
+                })).collect::<Vec<_>>()),
+            })
+        })
+        .collect();
+    let pools: Vec<_> = c
+        .pools
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "balance": format!("{:?}", p.balance),
+                "hash_key": p.hash_key.as_ref().map(|k| format!("{k:?}")),
+                "connect_timeout_ms": p.connect_timeout.as_millis() as u64,
+                "backends": p.backends.iter().map(|b| json!({
+                    "url": b.url.to_string(), "weight": b.weight, "drain": b.drain, "discover": b.discover,
+                })).collect::<Vec<_>>(),
+                "health": p.health.as_ref().map(|h| format!("{h:?}")),
+                "eject_after": p.passive.eject_after,
+                "eject_for_ms": p.passive.eject_for.as_millis() as u64,
+                "fail_open": p.fail_open,
+                "on_backend_down": format!("{:?}", p.on_backend_down),
+                "max_attempts": p.max_attempts,
+                "slow_start_ms": p.slow_start.as_millis() as u64,
+            })
+        })
+        .collect();
+    let routes: Vec<_> = c
+        .routes
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "host": r.host.to_string(),
+                "path": r.path,
+                "pool": c.pools[r.pool].name,
+                "strip_prefix": r.strip_prefix,
+                "preserve_host": r.preserve_host,
+                "fanout": r.fanout.as_ref().map(|f| format!("{f:?}")),
+            })
+        })
+        .collect();
+    json!({
+        "source": c.source.display().to_string(),
+        "server": {
+            "handshake_timeout_ms": s.handshake_timeout.as_millis() as u64,
+            "max_connections": s.max_connections,
+            "max_header_bytes": s.max_header_bytes,
+            "max_headers": s.max_headers,
+            "request_timeout_ms": s.request_timeout.as_millis() as u64,
+            "shutdown_grace_ms": s.shutdown_grace.as_millis() as u64,
+            "half_close_timeout_ms": s.half_close_timeout.as_millis() as u64,
+            "drain_timeout_ms": s.drain_timeout.as_millis() as u64,
+            "watch_interval_ms": s.watch_interval.as_millis() as u64,
+        },
+        "admin": c.admin.as_ref().map(|a| json!({
+            "addr": a.addr.to_string(),
+            "token": a.token.as_ref().map(|_| "<redacted>"),
+        })),
+        "listen": listeners,
+        "pools": pools,
+        "routes": routes,
+    })
+}
+
+/// `GET /`: routes, pools and backend health, refreshed every second.
+const STATUS_PAGE: &str = include_str!("admin_page.html");

@@ -16,12 +16,10 @@ use crate::config::{CheckKind, HealthCheck, OnBackendDown};
 use crate::health::Flip;
 use crate::pool::{Backend, Pool};
 
-/// Starts the checks of every pool that has them; they end when `stop` is cancelled.
-pub fn spawn(pools: &[Arc<Pool>], tasks: &TaskTracker, stop: &CancellationToken) {
-    for pool in pools {
-        if let Some(check) = pool.health.clone() {
-            tasks.spawn(run(pool.clone(), check, stop.clone()));
-        }
+/// Starts the pool's checks, if it has them; they end with `pool.life`.
+pub fn spawn(pool: &Arc<Pool>, tasks: &TaskTracker) {
+    if let Some(check) = pool.health.clone() {
+        tasks.spawn(run(pool.clone(), check, pool.life.clone()));
     }
 }
 

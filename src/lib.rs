@@ -29,8 +29,10 @@ pub mod demo;
 pub mod error;
 pub mod fanout;
 pub mod health;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod session;
@@ -38,6 +40,7 @@ pub mod splice;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
+pub mod watch;
 pub mod ws;
 
 pub use config::Config;

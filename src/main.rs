@@ -222,6 +222,20 @@ async fn run(config: Config, with_demo: bool) -> Result<(), String> {
     if with_demo {
         println!("Ctrl-C to stop.");
     }
+    #[cfg(unix)]
+    {
+        // SIGHUP reloads the config file; the answer is logged by the reload.
+        let reload = gw.reload_handle();
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the config");
+                    let _ = reload.reload().await;
+                }
+            });
+        }
+    }
     let drained = gw.run(shutdown_signal()).await;
     stop_demo.cancel();
     tracing::info!(cut = drained.cut, "bye");

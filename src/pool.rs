@@ -46,11 +46,22 @@ pub struct Backend {
     down: arc_swap::ArcSwap<tokio_util::sync::CancellationToken>,
     /// Live upgraded sessions; `least_conn` and `p2c` read it.
     active: AtomicUsize,
+    /// Cancelled when a reload removed this backend and the drain period is
+    /// over: its remaining sessions close.
+    retired: tokio_util::sync::CancellationToken,
+    /// Failed attempts and passive ejections, for `/metrics`.
+    pub failures: std::sync::atomic::AtomicU64,
+    pub ejections: std::sync::atomic::AtomicU64,
 }
 
 impl Backend {
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// A token cancelled when this backend, removed by a reload, has drained.
+    pub fn retired(&self) -> &tokio_util::sync::CancellationToken {
+        &self.retired
     }
 
     /// A token cancelled when this backend is next marked down.
@@ -114,6 +125,11 @@ pub struct Pool {
     tls: Option<TlsConnector>,
     /// Plain-HTTP requests reuse connections through this client.
     pub http: HttpClient,
+    /// The config it was built from: a reload keeps the pool when it is unchanged.
+    pub cfg: PoolConfig,
+    /// Cancelled when the pool leaves the config (or the gateway stops): its
+    /// health-check and discovery tasks end.
+    pub life: tokio_util::sync::CancellationToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -182,7 +198,34 @@ impl Pool {
             rng: Rng::new(balance::fnv1a(cfg.name.as_bytes())),
             tls,
             http,
+            cfg: cfg.clone(),
+            life: tokio_util::sync::CancellationToken::new(),
         })
+    }
+
+    /// Takes over `old`'s backend objects (health, live counts, tokens) for
+    /// every backend listed the same way in both (URL, weight, drain), and
+    /// `old`'s discovered addresses for names discovered in both: what a
+    /// reload keeps of a pool whose config changed.
+    pub fn carry_over(&self, old: &Pool) {
+        let prev = old.backends();
+        let mut next: Vec<Arc<Backend>> = Vec::new();
+        for b in self.backends().iter() {
+            let same = prev
+                .iter()
+                .find(|o| o.url == b.url && o.weight == b.weight && o.drain == b.drain);
+            next.push(same.cloned().unwrap_or_else(|| b.clone()));
+        }
+        for spec in self.specs.iter().filter(|s| s.discover) {
+            if old.specs.iter().any(|o| o.discover && o.url == spec.url) {
+                for b in prev.iter().filter(|b| b.tls_name == spec.url.host) {
+                    if !next.iter().any(|n| n.url == b.url) {
+                        next.push(b.clone());
+                    }
+                }
+            }
+        }
+        self.members.store(Arc::new(Members::new(next)));
     }
 
     /// The current backends (a snapshot).
@@ -477,6 +520,9 @@ fn new_backend(
         health: Health::new(born),
         down: arc_swap::ArcSwap::from_pointee(tokio_util::sync::CancellationToken::new()),
         active: AtomicUsize::new(0),
+        retired: tokio_util::sync::CancellationToken::new(),
+        failures: std::sync::atomic::AtomicU64::new(0),
+        ejections: std::sync::atomic::AtomicU64::new(0),
     })
 }
 

@@ -18,9 +18,11 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Config, HashKey, OnBackendDown, ServerSettings};
 use crate::error::{BackendError, Body, ProxyError};
+use crate::metrics::{ListenerStats, Outcome, RouteStats};
 use crate::pool::{self, Backend, BackendGuard, Pool, PoolError};
 use crate::router::{self, Route, RouteTable};
 use crate::ws::{self, Forwarded};
+use std::sync::atomic::Ordering;
 
 /// Everything a request needs from the config, swapped as one unit.
 pub struct Snapshot {
@@ -28,31 +30,18 @@ pub struct Snapshot {
     pub pools: Vec<Arc<Pool>>,
     /// The fan-out state of each `mode: fanout` route, by route index.
     pub hubs: Vec<Option<Arc<crate::fanout::Hub>>>,
+    /// Per route: cancelled once a reload removed the route and its drain is over.
+    pub route_tokens: Vec<CancellationToken>,
+    /// Per route: its counters (kept across reloads by route name).
+    pub route_stats: Vec<Arc<RouteStats>>,
     pub settings: ServerSettings,
+    /// The config this was built from (for `/config`).
+    pub config: Arc<Config>,
 }
 
 impl Snapshot {
     pub fn new(cfg: &Config) -> Result<Snapshot, PoolError> {
-        let pools: Vec<Arc<Pool>> = cfg
-            .pools
-            .iter()
-            .map(|p| Pool::new(p).map(Arc::new))
-            .collect::<Result<_, _>>()?;
-        let hubs = cfg
-            .routes
-            .iter()
-            .map(|r| {
-                r.fanout
-                    .as_ref()
-                    .map(|f| Arc::new(crate::fanout::Hub::new(r, f.clone(), &pools, &cfg.server)))
-            })
-            .collect();
-        Ok(Snapshot {
-            routes: RouteTable::new(&cfg.routes),
-            pools,
-            hubs,
-            settings: cfg.server.clone(),
-        })
+        Ok(crate::reload::build(None, cfg)?.snapshot)
     }
 }
 
@@ -65,6 +54,46 @@ pub struct Shared {
     pub hard_stop: CancellationToken,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Asks the serving loop to reload the config file.
+    pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+    pub stats: GatewayStats,
+    /// Every listener being served, for `/metrics`.
+    pub listeners: std::sync::Mutex<Vec<Arc<ListenerStats>>>,
+}
+
+impl Shared {
+    pub fn listener_stats(&self) -> Vec<Arc<ListenerStats>> {
+        self.listeners
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+}
+
+/// Gateway-wide counters (atomics), for `/metrics`.
+#[derive(Debug, Default)]
+pub struct GatewayStats {
+    pub reloads_ok: std::sync::atomic::AtomicU64,
+    pub reloads_failed: std::sync::atomic::AtomicU64,
+}
+
+/// One reload request; the answer is a summary of the change, or why the
+/// running config stays.
+pub struct ReloadRequest {
+    pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+}
+
+/// Sends a reload request and waits for its answer.
+pub async fn request_reload(
+    tx: &tokio::sync::mpsc::Sender<ReloadRequest>,
+) -> Result<String, String> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    tx.send(ReloadRequest { reply })
+        .await
+        .map_err(|_| "the gateway is shutting down".to_string())?;
+    answer
+        .await
+        .map_err(|_| "the gateway is shutting down".to_string())?
 }
 
 /// One client connection, shared by its requests and the sessions they start.
@@ -74,6 +103,14 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The connection-limit slot, released when the last request or session of this connection ends.
     pub _permit: Option<OwnedSemaphorePermit>,
+    /// The listener's counters; `active` counts this connection until it drops.
+    pub listener: Arc<ListenerStats>,
+}
+
+impl Drop for ConnInfo {
+    fn drop(&mut self) {
+        self.listener.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What the router decided, carried to the plain-HTTP service through request extensions.
@@ -113,23 +150,33 @@ where
     };
     if ws::wants_websocket(&req) {
         let r = &snapshot.routes.routes()[route];
+        let stats = &snapshot.route_stats[route];
+        let started = tokio::time::Instant::now();
         let span = tracing::info_span!("ws", peer = %conn.peer, route = %r.name);
         let resp = match &snapshot.hubs[route] {
             Some(hub) => {
-                crate::fanout::accept(&shared, &conn, hub, r, req)
+                crate::fanout::accept(&shared, &conn, hub, r, stats, req)
                     .instrument(span)
                     .await
             }
             None => {
-                upgrade(&shared, &conn, &snapshot, r, req)
+                upgrade(&shared, &conn, &snapshot, r, stats, req)
                     .instrument(span)
                     .await
             }
         };
-        return Ok(resp.unwrap_or_else(|e| {
+        let outcome = match &resp {
+            Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => Outcome::Ok,
+            Ok(_) => Outcome::Refused,
+            Err(e) if e.status().is_client_error() => Outcome::Rejected,
+            Err(_) => Outcome::Failed,
+        };
+        let resp = resp.unwrap_or_else(|e| {
             debug!(peer = %conn.peer, error = %e, "upgrade refused");
             e.into_response()
-        }));
+        });
+        stats.upgrade(outcome, started.elapsed());
+        return Ok(resp);
     }
     req.extensions_mut().insert(Matched {
         snapshot: snapshot.clone(),
@@ -215,6 +262,7 @@ async fn upgrade(
     conn: &Arc<ConnInfo>,
     snapshot: &Snapshot,
     route: &Route,
+    stats: &Arc<RouteStats>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     ws::validate(&req)?;
@@ -231,6 +279,9 @@ async fn upgrade(
     let mut last = None;
     for backend in pool.try_order(key).take(pool.max_attempts) {
         let backend = &backend;
+        if tried > 0 {
+            stats.failovers.fetch_add(1, Ordering::Relaxed);
+        }
         tried += 1;
         set_host(&mut headers, route, client_host, backend);
         let pq = backend_path(route, backend, req.uri())
@@ -264,13 +315,18 @@ async fn upgrade(
                 let guard = BackendGuard::new(backend.clone());
                 let down =
                     (pool.on_backend_down == OnBackendDown::Close).then(|| backend.down_token());
+                let route_token = snapshot.route_tokens[route_index(snapshot, route)].clone();
                 crate::session::spawn(
                     shared,
                     conn.clone(),
                     client_upgrade,
                     (io, answer.rest),
                     guard,
-                    down,
+                    crate::session::Ends {
+                        backend_down: down,
+                        route_retired: route_token,
+                        stats: crate::metrics::SessionGuard::new(stats.clone()),
+                    },
                     settings.half_close_timeout,
                 );
                 let mut out = Response::new(crate::error::empty());
@@ -286,6 +342,16 @@ async fn upgrade(
         }
     }
     Err(exhausted(pool, tried, last))
+}
+
+/// The index of `route` in the snapshot's table (it is one of its entries).
+fn route_index(snapshot: &Snapshot, route: &Route) -> usize {
+    snapshot
+        .routes
+        .routes()
+        .iter()
+        .position(|r| std::ptr::eq(r, route))
+        .unwrap_or(0)
 }
 
 /// The error once the failover order is used up: 503 when nothing was even
@@ -306,7 +372,11 @@ pub(crate) fn exhausted(pool: &Pool, tried: usize, last: Option<BackendError>) -
 
 /// Feeds a real attempt's outcome to the backend's passive health check.
 pub(crate) fn note_outcome(pool: &Pool, backend: &Backend, ok: bool) {
+    if !ok {
+        backend.failures.fetch_add(1, Ordering::Relaxed);
+    }
     if backend.health.record_request(ok, pool.passive) {
+        backend.ejections.fetch_add(1, Ordering::Relaxed);
         warn!(
             pool = %pool.name,
             backend = %backend.url,

@@ -22,11 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::{Config, ServerSettings};
 use crate::error::Body;
-use crate::pool::{system_resolver, PoolError, Resolver};
+use crate::pool::{system_resolver, Pool, PoolError, Resolver};
 use crate::proxy::{self, ConnInfo, Shared, Snapshot};
 use crate::tls::{self, TlsError};
 
@@ -38,7 +38,7 @@ pub enum StartError {
         line: usize,
         index: usize,
         #[source]
-        source: TlsError,
+        source: Box<TlsError>,
     },
     #[error(transparent)]
     Pool(#[from] PoolError),
@@ -55,7 +55,16 @@ type HttpService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infall
 
 struct Listener {
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    stats: Arc<crate::metrics::ListenerStats>,
+    /// Swapped by a reload (new certificates) without touching the socket.
+    tls: Arc<arc_swap::ArcSwapOption<TlsAcceptor>>,
+}
+
+/// A listener being served: how to stop it and where its TLS settings live.
+struct Live {
+    stop: CancellationToken,
+    tls: Arc<arc_swap::ArcSwapOption<TlsAcceptor>>,
+    stats: Arc<crate::metrics::ListenerStats>,
 }
 
 /// A gateway with its sockets bound, ready to `run`.
@@ -67,6 +76,8 @@ pub struct Gateway {
     settings: ServerSettings,
     /// Resolves `discover: dns` backends.
     resolver: Resolver,
+    /// Reload requests (SIGHUP, `POST /reload`, the file watcher).
+    reloads: tokio::sync::mpsc::Receiver<crate::proxy::ReloadRequest>,
 }
 
 /// What shutdown found.
@@ -95,25 +106,20 @@ impl Gateway {
         for pool in snapshot.pools.iter().filter(|p| p.discovers()) {
             pool.refresh(&resolver).await;
         }
+        let tls = tls_acceptors(config)?;
         let mut listeners = Vec::new();
-        for (index, l) in config.listeners.iter().enumerate() {
-            let tls = match &l.tls {
-                None => None,
-                Some(files) => {
-                    let cfg = tls::server_config(files).map_err(|source| StartError::Tls {
-                        file: config.source.clone(),
-                        line: files.first().map_or(0, |f| f.line),
-                        index,
-                        source,
-                    })?;
-                    Some(TlsAcceptor::from(cfg))
-                }
-            };
+        for (l, tls) in config.listeners.iter().zip(tls) {
             let listener = bind_socket(l.addr).map_err(|source| StartError::Bind {
                 addr: l.addr,
                 source,
             })?;
-            listeners.push(Listener { listener, tls });
+            listeners.push(Listener {
+                stats: Arc::new(crate::metrics::ListenerStats::new(
+                    listener.local_addr().unwrap_or(l.addr),
+                )),
+                listener,
+                tls: Arc::new(arc_swap::ArcSwapOption::new(tls.map(Arc::new))),
+            });
         }
         let admin = match &config.admin {
             None => None,
@@ -125,18 +131,28 @@ impl Gateway {
                 a.token.clone(),
             )),
         };
+        let (reload_tx, reloads) = tokio::sync::mpsc::channel(8);
         Ok(Gateway {
             listeners,
             admin,
             resolver,
             settings: config.server.clone(),
+            reloads,
             shared: Arc::new(Shared {
                 snapshot: ArcSwap::from_pointee(snapshot),
                 tasks: TaskTracker::new(),
                 hard_stop: CancellationToken::new(),
                 draining: std::sync::atomic::AtomicBool::new(false),
+                reload: reload_tx,
+                stats: Default::default(),
+                listeners: Default::default(),
             }),
         })
+    }
+
+    /// A handle that asks the running gateway to reload its config file.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle(self.shared.reload.clone())
     }
 
     /// The admin listener's address, when configured.
@@ -153,45 +169,30 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` completes, then drains for the grace period.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Drained {
+    /// Reload requests are applied in between, one at a time.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Drained {
         let stop = CancellationToken::new();
         let limit = Arc::new(Semaphore::new(self.settings.max_connections));
-        let builders = Arc::new(http_builders(&self.settings));
-        let http = http_service(&self.settings);
-        crate::checker::spawn(
-            &self.shared.snapshot.load().pools,
-            &self.shared.tasks,
-            &stop,
-        );
-        {
-            let snap = self.shared.snapshot.load_full();
-            for (hub, route) in snap.hubs.iter().zip(snap.routes.routes()) {
-                if let Some(hub) = hub.as_ref().filter(|h| h.cfg.eager) {
-                    hub.open_eager(&self.shared, route);
-                }
-            }
+        let cx = Arc::new(AcceptCx {
+            shared: self.shared.clone(),
+            stop: stop.clone(),
+            limit,
+            builders: Arc::new(http_builders(&self.settings)),
+            http: http_service(&self.settings),
+            handshake_timeout: self.settings.handshake_timeout,
+        });
+        let snap = self.shared.snapshot.load_full();
+        for pool in &snap.pools {
+            start_pool(pool, &self.shared, &self.resolver);
         }
-        for pool in self
-            .shared
-            .snapshot
-            .load()
-            .pools
-            .iter()
-            .filter(|p| p.discovers())
-        {
-            let (pool, resolver, stop) = (pool.clone(), self.resolver.clone(), stop.clone());
-            self.shared.tasks.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(pool.dns_refresh) => pool.refresh(&resolver).await,
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            });
+        for (hub, route) in snap.hubs.iter().zip(snap.routes.routes()) {
+            if let Some(hub) = hub.as_ref().filter(|h| h.cfg.eager) {
+                hub.open_eager(&self.shared, route);
+            }
         }
         // The admin listener outlives the drain, so /readyz can report it.
         let admin_stop = CancellationToken::new();
-        let admin_task = self.admin.map(|(l, token)| {
+        let admin_task = self.admin.take().map(|(l, token)| {
             tokio::spawn(crate::admin::serve(
                 l,
                 self.shared.clone(),
@@ -199,19 +200,33 @@ impl Gateway {
                 admin_stop.clone(),
             ))
         });
-        let mut accepts = tokio::task::JoinSet::new();
-        for l in self.listeners {
-            let cx = AcceptCx {
-                shared: self.shared.clone(),
-                stop: stop.clone(),
-                limit: limit.clone(),
-                builders: builders.clone(),
-                http: http.clone(),
-                handshake_timeout: self.settings.handshake_timeout,
-            };
-            accepts.spawn(accept_loop(l, cx));
+        let mut live = std::collections::HashMap::new();
+        for (l, lc) in std::mem::take(&mut self.listeners)
+            .into_iter()
+            .zip(&snap.config.listeners)
+        {
+            live.insert(lc.addr, serve_listener(l, &cx));
         }
-        shutdown.await;
+        drop(snap);
+        if !self.settings.watch_interval.is_zero() {
+            tokio::spawn(crate::watch::run(
+                self.shared.clone(),
+                self.settings.watch_interval,
+                stop.clone(),
+            ));
+        }
+
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(req) = self.reloads.recv() => {
+                    let r = self.reload(&mut live, &cx).await;
+                    let _ = req.reply.send(r);
+                }
+            }
+        }
+
         info!(
             "shutting down: no new connections; live ones have {:?} to finish",
             self.settings.shutdown_grace
@@ -220,7 +235,12 @@ impl Gateway {
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
         stop.cancel();
-        accepts.shutdown().await;
+        for l in live.values() {
+            l.stop.cancel();
+        }
+        for pool in &self.shared.snapshot.load().pools {
+            pool.life.cancel();
+        }
         let tasks = &self.shared.tasks;
         tasks.close();
         let finished = tokio::time::timeout(self.settings.shutdown_grace, tasks.wait())
@@ -250,6 +270,181 @@ impl Gateway {
             cut,
         }
     }
+
+    /// Loads the config file again and swaps it in, or keeps the running one
+    /// and says why. Everything that can fail (parsing, certificates, new
+    /// sockets, pools) happens before anything changes.
+    async fn reload(
+        &self,
+        live: &mut std::collections::HashMap<SocketAddr, Live>,
+        cx: &Arc<AcceptCx>,
+    ) -> Result<String, String> {
+        let stats = &self.shared.stats;
+        let old = self.shared.snapshot.load_full();
+        let refused = |e: String| {
+            stats
+                .reloads_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            error!(error = %e, "reload refused; the running config stays");
+            Err(e)
+        };
+        let cfg = match Config::load(&old.config.source) {
+            Ok(c) => c,
+            Err(e) => return refused(e.to_string()),
+        };
+        let tls = match tls_acceptors(&cfg) {
+            Ok(t) => t,
+            Err(e) => return refused(e.to_string()),
+        };
+        let mut fresh = Vec::new();
+        for l in cfg.listeners.iter().filter(|l| !live.contains_key(&l.addr)) {
+            match bind_socket(l.addr) {
+                Ok(s) => fresh.push((l.addr, s)),
+                Err(e) => return refused(format!("cannot listen on {}: {e}", l.addr)),
+            }
+        }
+        let next = match crate::reload::build(Some(&old), &cfg) {
+            Ok(n) => n,
+            Err(e) => return refused(e.to_string()),
+        };
+        for p in next.started.iter().filter(|p| p.discovers()) {
+            p.refresh(&self.resolver).await;
+        }
+        let new_hubs: Vec<_> = next
+            .snapshot
+            .hubs
+            .iter()
+            .zip(next.snapshot.routes.routes())
+            .filter_map(|(h, r)| {
+                let h = h.as_ref()?;
+                let known = old.hubs.iter().flatten().any(|o| Arc::ptr_eq(o, h));
+                (!known && h.cfg.eager).then(|| (h.clone(), r.clone()))
+            })
+            .collect();
+        self.shared.snapshot.store(Arc::new(next.snapshot));
+
+        for p in &next.stopped {
+            p.life.cancel();
+        }
+        for p in &next.started {
+            start_pool(p, &self.shared, &self.resolver);
+        }
+        for (h, r) in new_hubs {
+            h.open_eager(&self.shared, &r);
+        }
+        next.retire
+            .schedule(cfg.server.drain_timeout, &self.shared.tasks);
+        // Listeners: close the removed ones, swap certificates, open the new ones.
+        live.retain(|addr, l| {
+            let keep = cfg.listeners.iter().any(|c| c.addr == *addr);
+            if !keep {
+                info!(%addr, "listener removed");
+                l.stop.cancel();
+                if let Ok(mut v) = self.shared.listeners.lock() {
+                    v.retain(|s| !Arc::ptr_eq(s, &l.stats));
+                }
+            }
+            keep
+        });
+        for (lc, acceptor) in cfg.listeners.iter().zip(tls) {
+            let acceptor = acceptor.map(Arc::new);
+            if let Some(l) = live.get(&lc.addr) {
+                l.tls.store(acceptor);
+            } else if let Some(i) = fresh.iter().position(|(a, _)| *a == lc.addr) {
+                let (addr, listener) = fresh.swap_remove(i);
+                info!(%addr, "listener added");
+                let l = Listener {
+                    stats: Arc::new(crate::metrics::ListenerStats::new(
+                        listener.local_addr().unwrap_or(addr),
+                    )),
+                    listener,
+                    tls: Arc::new(arc_swap::ArcSwapOption::new(acceptor)),
+                };
+                live.insert(addr, serve_listener(l, cx));
+            }
+        }
+        if cfg.server.drain_timeout != old.settings.drain_timeout
+            || cfg.server.watch_interval != old.settings.watch_interval
+            || strip_reloadable(&cfg.server) != strip_reloadable(&old.settings)
+        {
+            warn!("`server:` settings changed; they take effect at the next restart");
+        }
+        stats
+            .reloads_ok
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        info!(summary = %next.summary, "config reloaded");
+        Ok(next.summary)
+    }
+}
+
+/// `server:` settings with those a reload does apply (drain) left out.
+fn strip_reloadable(s: &ServerSettings) -> ServerSettings {
+    ServerSettings {
+        drain_timeout: Duration::ZERO,
+        ..s.clone()
+    }
+}
+
+/// Asks a running gateway to reload its config file.
+#[derive(Clone)]
+pub struct ReloadHandle(tokio::sync::mpsc::Sender<crate::proxy::ReloadRequest>);
+
+impl ReloadHandle {
+    /// Reloads; `Ok` with a summary of what changed, or why nothing did.
+    pub async fn reload(&self) -> Result<String, String> {
+        crate::proxy::request_reload(&self.0).await
+    }
+}
+
+/// A TLS acceptor per listener (None for plain ones), certificates loaded.
+fn tls_acceptors(config: &Config) -> Result<Vec<Option<TlsAcceptor>>, StartError> {
+    config
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(index, l)| match &l.tls {
+            None => Ok(None),
+            Some(files) => tls::server_config(files)
+                .map(|c| Some(TlsAcceptor::from(c)))
+                .map_err(|source| StartError::Tls {
+                    file: config.source.clone(),
+                    line: files.first().map_or(0, |f| f.line),
+                    index,
+                    source: Box::new(source),
+                }),
+        })
+        .collect()
+}
+
+/// Starts a pool's health checks and DNS discovery; they end with `pool.life`.
+fn start_pool(pool: &Arc<Pool>, shared: &Shared, resolver: &Resolver) {
+    crate::checker::spawn(pool, &shared.tasks);
+    if pool.discovers() {
+        let (pool, resolver) = (pool.clone(), resolver.clone());
+        shared.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(pool.dns_refresh) => pool.refresh(&resolver).await,
+                    _ = pool.life.cancelled() => return,
+                }
+            }
+        });
+    }
+}
+
+/// Spawns the accept loop of one listener.
+fn serve_listener(l: Listener, cx: &Arc<AcceptCx>) -> Live {
+    let stop = cx.stop.child_token();
+    let live = Live {
+        stop: stop.clone(),
+        tls: l.tls.clone(),
+        stats: l.stats.clone(),
+    };
+    if let Ok(mut v) = cx.shared.listeners.lock() {
+        v.push(l.stats.clone());
+    }
+    tokio::spawn(accept_loop(l, cx.clone(), stop));
+    live
 }
 
 fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -259,6 +454,11 @@ fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
         None,
     )?;
     sock.set_reuse_address(true)?;
+    // A new upgate can bind the same port while this one drains (zero-downtime
+    // restart); the kernel spreads new connections over both until this one
+    // stops accepting.
+    #[cfg(unix)]
+    sock.set_reuse_port(true)?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
@@ -341,12 +541,11 @@ struct AcceptCx {
     handshake_timeout: Duration,
 }
 
-async fn accept_loop(l: Listener, cx: AcceptCx) {
-    let cx = Arc::new(cx);
+async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
     loop {
         let permit = tokio::select! {
             p = cx.limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = cx.stop.cancelled() => return,
+            _ = stop.cancelled() => return,
         };
         let (tcp, peer) = tokio::select! {
             r = l.listener.accept() => match r {
@@ -358,16 +557,23 @@ async fn accept_loop(l: Listener, cx: AcceptCx) {
                     continue;
                 }
             },
-            _ = cx.stop.cancelled() => return,
+            _ = stop.cancelled() => return,
         };
         let _ = tcp.set_nodelay(true);
+        let tls = l.tls.load_full();
+        l.stats
+            .accepted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        l.stats
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let info = Arc::new(ConnInfo {
             peer,
-            tls: l.tls.is_some(),
+            tls: tls.is_some(),
             _permit: Some(permit),
+            listener: l.stats.clone(),
         });
         let span = tracing::debug_span!("conn", %peer);
-        let tls = l.tls.clone();
         let cx2 = cx.clone();
         cx.shared.tasks.spawn(
             async move {
@@ -386,7 +592,14 @@ async fn accept_loop(l: Listener, cx: AcceptCx) {
                     // the task of every connection, plain ones included.
                     Some(acceptor) => {
                         let handshake = Box::pin(acceptor.accept(tcp));
-                        match tokio::time::timeout(cx2.handshake_timeout, handshake).await {
+                        let r = tokio::time::timeout(cx2.handshake_timeout, handshake).await;
+                        let counter = if matches!(r, Ok(Ok(_))) {
+                            &info.listener.tls_ok
+                        } else {
+                            &info.listener.tls_failed
+                        };
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        match r {
                             Ok(Ok(s)) => {
                                 let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
                                 Box::pin(serve(cx2, info, s, h2)).await

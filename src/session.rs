@@ -51,6 +51,16 @@ pub(crate) fn client_leg(up: Upgraded, tls: bool) -> Leg {
     Leg::Other(Box::new(TokioIo::new(up)), Bytes::new())
 }
 
+/// What, besides the peers, ends a session.
+pub struct Ends {
+    /// Cancelled when active checks mark the backend down (`on_backend_down: close`).
+    pub backend_down: Option<CancellationToken>,
+    /// Cancelled when a reload removed the route and its drain period is over.
+    pub route_retired: CancellationToken,
+    /// The route's live-session count and where duration and bytes are added.
+    pub stats: crate::metrics::SessionGuard,
+}
+
 /// Spawns the session on the gateway's task tracker. `backend` is the
 /// connected socket and any bytes the backend sent right behind its 101.
 pub fn spawn(
@@ -59,11 +69,13 @@ pub fn spawn(
     client: OnUpgrade,
     backend: (BackendIo, Bytes),
     guard: BackendGuard,
-    backend_down: Option<CancellationToken>,
+    ends: Ends,
     half_close: std::time::Duration,
 ) {
     let stop = shared.hard_stop.clone();
-    let down = backend_down.unwrap_or_default();
+    let down = ends.backend_down.unwrap_or_default();
+    let route_retired = ends.route_retired;
+    let stats = ends.stats;
     let span = tracing::Span::current();
     shared.tasks.spawn(
         async move {
@@ -87,13 +99,23 @@ pub fn spawn(
                 },
                 _ = stop.cancelled() => ("shutdown", None, None),
                 _ = down.cancelled() => ("backend_down", None, None),
+                _ = route_retired.cancelled() => ("drained", None, None),
+                _ = guard.backend().retired().cancelled() => ("drained", None, None),
             };
+            let took = started.elapsed();
+            let s = stats.stats();
+            s.session_duration.observe(took);
+            if let Some(m) = moved {
+                use std::sync::atomic::Ordering::Relaxed;
+                s.bytes_up.fetch_add(m.client_to_backend, Relaxed);
+                s.bytes_down.fetch_add(m.backend_to_client, Relaxed);
+            }
             // One line per session (target `upgate::access`); the span adds peer and
             // route. Byte counts are known when the splice itself finished.
             info!(
                 target: "upgate::access",
                 backend = %guard.backend().url,
-                duration_ms = started.elapsed().as_millis() as u64,
+                duration_ms = took.as_millis() as u64,
                 bytes_up = moved.map(|m| m.client_to_backend),
                 bytes_down = moved.map(|m| m.backend_to_client),
                 end,

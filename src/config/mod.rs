@@ -40,7 +40,7 @@ pub struct AdminConfig {
 }
 
 /// Limits and timeouts that bound what a peer can make the gateway hold.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerSettings {
     /// TLS handshake plus the first request head must finish within this.
     pub handshake_timeout: Duration,
@@ -55,6 +55,10 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// After one side of a session ends, how long the other may stay open.
     pub half_close_timeout: Duration,
+    /// After a reload removed their route or backend, how long sessions may continue.
+    pub drain_timeout: Duration,
+    /// How often the config and certificate files are checked for changes (zero: never).
+    pub watch_interval: Duration,
 }
 
 impl Default for ServerSettings {
@@ -67,6 +71,8 @@ impl Default for ServerSettings {
             request_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             half_close_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            watch_interval: Duration::from_secs(2),
         }
     }
 }
@@ -86,7 +92,7 @@ pub struct CertFiles {
     pub line: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub name: String,
     pub balance: Balance,
@@ -155,7 +161,7 @@ pub struct RouteConfig {
 }
 
 /// A `mode: fanout` route: one upstream connection per channel, broadcast to its clients.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FanoutConfig {
     /// Pools whose feeds are merged (indexes into [`Config::pools`]); the
     /// first also receives forwarded client messages.
@@ -292,6 +298,8 @@ impl Config {
             request_timeout: s.request_timeout.map_or(d.request_timeout, |x| x.0),
             shutdown_grace: s.shutdown_grace.map_or(d.shutdown_grace, |x| x.0),
             half_close_timeout: s.half_close_timeout.map_or(d.half_close_timeout, |x| x.0),
+            drain_timeout: s.drain_timeout.map_or(d.drain_timeout, |x| x.0),
+            watch_interval: s.watch_interval.map_or(d.watch_interval, |x| x.0),
         };
         if server.max_connections == 0 {
             return Err(cx.err(

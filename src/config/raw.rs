@@ -41,6 +41,8 @@ pub struct RawServer {
     pub request_timeout: Option<Dur>,
     pub shutdown_grace: Option<Dur>,
     pub half_close_timeout: Option<Dur>,
+    pub drain_timeout: Option<Dur>,
+    pub watch_interval: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -55,9 +55,10 @@ async fn run(
     eager: bool,
 ) {
     // First connects: one pass over each source pool's failover order.
-    let mut first = Vec::with_capacity(hub.pools.len());
+    let pools = hub.pools();
+    let mut first = Vec::with_capacity(pools.len());
     let mut last_err = None;
-    for pool in &hub.pools {
+    for pool in pools.iter() {
         match tokio::select! {
             r = connect(&hub, pool, &ch) => r,
             _ = stop.cancelled() => return,
@@ -96,6 +97,12 @@ async fn run(
     tokio::select! {
         _ = &mut sources => {}
         _ = stop.cancelled() => {}
+        _ = hub.retired.cancelled() => {
+            hub.remove(&ch);
+            end.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), sources).await;
+            info!("channel closed: route removed by a reload");
+        }
         _ = linger(&hub, &ch), if !eager => {
             end.cancel();
             // Sources close their upstreams with a Close frame, briefly.
@@ -134,10 +141,11 @@ async fn source(
     mut fwd: Option<mpsc::Receiver<Message>>,
     end: &CancellationToken,
 ) {
-    let pool = &hub.pools[idx];
     let mut backoff = BACKOFF_MIN;
     let mut reconnecting = up.is_none();
     loop {
+        // The current pool: a reload may have rebuilt it.
+        let pool = hub.pool(idx);
         let mut u = match up.take() {
             Some(u) => u,
             None => {
@@ -148,7 +156,7 @@ async fn source(
                 }
                 backoff = (backoff * 2).min(hub.cfg.reconnect_max);
                 match tokio::select! {
-                    r = connect(hub, pool, ch) => r,
+                    r = connect(hub, &pool, ch) => r,
                     _ = end.cancelled() => return,
                 } {
                     Ok(u) => u,
@@ -206,6 +214,7 @@ async fn pump(
         }
     }
     let down = u.guard.backend().down_token();
+    let retired = u.guard.backend().retired().clone();
     let mut ping = tokio::time::interval(cfg.ping_interval);
     ping.tick().await;
     let mut heard = Instant::now();
@@ -250,6 +259,7 @@ async fn pump(
                 }
             }
             _ = down.cancelled() => return Lost::Error("backend marked down by health checks".into()),
+            _ = retired.cancelled() => return Lost::Error("backend removed by a reload".into()),
             _ = end.cancelled() => return Lost::End,
         }
     }
@@ -259,7 +269,7 @@ async fn pump(
 fn publish(hub: &Hub, ch: &Channel, idx: usize, opcode: u8, payload: &[u8]) {
     hub.stats.messages_in.fetch_add(1, Ordering::Relaxed);
     let frame = if hub.cfg.tag && opcode == frame::OP_TEXT {
-        frame::encode(opcode, tagged(&hub.pools[idx].name, payload).as_bytes())
+        frame::encode(opcode, tagged(&hub.pool(idx).name, payload).as_bytes())
     } else {
         frame::encode(opcode, payload)
     };

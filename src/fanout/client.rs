@@ -37,6 +37,8 @@ pub(super) struct Cx<'a> {
     pub hub: &'a Hub,
     pub ch: &'a Channel,
     pub stop: &'a CancellationToken,
+    /// The route was removed by a reload and its drain period is over.
+    pub retired: &'a CancellationToken,
 }
 
 /// How a client's session ended, for the access log.
@@ -54,6 +56,8 @@ pub(super) enum End {
     RateLimited,
     PongTimeout,
     Shutdown,
+    /// The route was removed by a reload.
+    Drained,
 }
 
 impl End {
@@ -67,6 +71,7 @@ impl End {
             End::RateLimited => "rate_limited",
             End::PongTimeout => "pong_timeout",
             End::Shutdown => "shutdown",
+            End::Drained => "drained",
         }
     }
 }
@@ -320,6 +325,8 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
     // Registered once, not on every turn of the loop.
     let stopped = cx.stop.cancelled();
     tokio::pin!(stopped);
+    let retired = cx.retired.cancelled();
+    tokio::pin!(retired);
 
     let last: Option<Bytes> = loop {
         let room = c.out.len() < BATCH;
@@ -329,6 +336,11 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                 out.end = End::Shutdown;
                 out.close_code = Some(code::GOING_AWAY);
                 break Some(frame::close(code::GOING_AWAY, "gateway shutting down"));
+            }
+            _ = &mut retired => {
+                out.end = End::Drained;
+                out.close_code = Some(code::GOING_AWAY);
+                break Some(frame::close(code::GOING_AWAY, "route removed by a reload"));
             }
             r = rx.recv(), if room => {
                 let mut got = 0u64;

@@ -65,11 +65,14 @@ pub struct Stats {
 pub struct Hub {
     pub route: String,
     pub cfg: Arc<FanoutConfig>,
-    /// The source pools, in `sources` order.
-    pools: Vec<Arc<Pool>>,
+    /// The source pools, in `sources` order (a reload may swap in rebuilt ones).
+    pools: arc_swap::ArcSwap<Vec<Arc<Pool>>>,
     settings: ServerSettings,
     channels: Mutex<HashMap<String, Arc<Channel>>>,
     pub stats: Stats,
+    /// Cancelled when a reload removed (or changed) the route and the drain
+    /// period is over: clients get 1001, channels close.
+    pub retired: tokio_util::sync::CancellationToken,
 }
 
 /// Where a channel's upstream stands; clients wait while it is `Connecting`.
@@ -125,17 +128,51 @@ impl Hub {
     ) -> Hub {
         Hub {
             route: route.name.clone(),
-            pools: cfg.sources.iter().map(|&i| pools[i].clone()).collect(),
+            pools: arc_swap::ArcSwap::from_pointee(
+                cfg.sources.iter().map(|&i| pools[i].clone()).collect(),
+            ),
             cfg,
             settings: settings.clone(),
             channels: Mutex::new(HashMap::new()),
             stats: Stats::default(),
+            retired: tokio_util::sync::CancellationToken::new(),
         }
     }
 
     /// The source pools' names, in order.
-    pub fn source_names(&self) -> Vec<&str> {
-        self.pools.iter().map(|p| p.name.as_str()).collect()
+    pub fn source_names(&self) -> Vec<String> {
+        self.pools().iter().map(|p| p.name.clone()).collect()
+    }
+
+    fn pools(&self) -> Arc<Vec<Arc<Pool>>> {
+        self.pools.load_full()
+    }
+
+    /// Source pool `i` as it is now.
+    fn pool(&self, i: usize) -> Arc<Pool> {
+        self.pools.load()[i].clone()
+    }
+
+    /// Whether a reload may keep this hub (and its channels and clients) for
+    /// a route with `cfg` over `pools`: the same settings and source names.
+    pub fn can_keep(&self, cfg: &FanoutConfig, pools: &[Arc<Pool>]) -> bool {
+        let names: Vec<&str> = cfg
+            .sources
+            .iter()
+            .map(|&i| pools[i].name.as_str())
+            .collect();
+        let strip = |c: &FanoutConfig| FanoutConfig {
+            sources: Vec::new(),
+            ..c.clone()
+        };
+        names == self.source_names() && strip(cfg) == strip(&self.cfg)
+    }
+
+    /// Points the hub at the pools of a new config (same names).
+    pub fn set_pools(&self, cfg: &FanoutConfig, pools: &[Arc<Pool>]) {
+        self.pools.store(Arc::new(
+            cfg.sources.iter().map(|&i| pools[i].clone()).collect(),
+        ));
     }
 
     /// Open channels and their client counts, for the admin API.
@@ -317,6 +354,7 @@ pub async fn accept(
     conn: &Arc<ConnInfo>,
     hub: &Arc<Hub>,
     route: &Route,
+    stats: &Arc<crate::metrics::RouteStats>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     crate::ws::validate(&req)?;
@@ -333,7 +371,7 @@ pub async fn accept(
         // The channel task ended before deciding: the gateway is stopping.
         Err(_) => {
             return Err(ProxyError::Unavailable {
-                pool: hub.pools[0].name.clone(),
+                pool: hub.pool(0).name.clone(),
                 retry_after: std::time::Duration::from_secs(1),
             })
         }
@@ -348,6 +386,7 @@ pub async fn accept(
 
     let stop = shared.hard_stop.clone();
     let conn = conn.clone();
+    let session = crate::metrics::SessionGuard::new(stats.clone());
     // Not instrumented (a span entered on every wake-up costs at 10,000
     // clients); the access line names the route and peer itself.
     let route_name = route.name.clone();
@@ -364,6 +403,7 @@ pub async fn accept(
             hub: &member.hub,
             ch: &member.ch,
             stop: &stop,
+            retired: &member.hub.retired,
         };
         let out = match crate::session::client_leg(up, conn.tls) {
             crate::session::Leg::Tcp(s, pending) => client::run(s, pending, rx, replay, cx).await,
@@ -384,6 +424,7 @@ pub async fn accept(
             error = out.error.as_ref().map(tracing::field::display),
             "fanout session"
         );
+        session.stats().session_duration.observe(started.elapsed());
         drop(member);
         drop(conn);
     });

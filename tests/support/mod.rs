@@ -29,6 +29,8 @@ use upgate::{demo, Config, Gateway};
 pub struct TestGateway {
     /// Bound addresses in config order.
     pub addrs: Vec<SocketAddr>,
+    /// The admin listener, when configured.
+    pub admin: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Drained>>,
 }
@@ -69,16 +71,58 @@ pub async fn gateway_in(dir: &std::path::Path, yaml: &str) -> TestGateway {
     let gw = Gateway::bind(&cfg)
         .await
         .unwrap_or_else(|e| panic!("bind: {e}"));
+    start(gw)
+}
+
+fn start(gw: Gateway) -> TestGateway {
     let addrs = gw.local_addrs();
+    let admin = gw.admin_addr();
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(gw.run(async {
         let _ = rx.await;
     }));
     TestGateway {
         addrs,
+        admin,
         stop: Some(tx),
         task: Some(task),
     }
+}
+
+/// Starts a gateway from a config file (so that it can be reloaded).
+pub async fn gateway_file(path: &std::path::Path) -> TestGateway {
+    let cfg = Config::load(path).unwrap_or_else(|e| panic!("config: {e}"));
+    let gw = Gateway::bind(&cfg)
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    start(gw)
+}
+
+/// A request to the admin listener (`Authorization: Bearer token` when given).
+pub async fn admin_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Reply {
+    let tcp = TcpStream::connect(addr).await.expect("connect admin");
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    http1(tcp, req.body(String::new()).expect("request")).await
+}
+
+/// A loopback port that was free a moment ago (for configs that a test
+/// rewrites and the listener must keep its address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 pub async fn gateway(yaml: &str) -> TestGateway {

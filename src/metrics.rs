@@ -1,0 +1,453 @@
+//! Prometheus metrics. Counting is atomics on objects the request path
+//! already holds (a route's [`RouteStats`], a listener's [`ListenerStats`],
+//! each backend, each fan-out hub): no lock, no label lookup. A
+//! `prometheus-client` collector reads them all when `/metrics` is scraped.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::proxy::Shared;
+
+/// Histogram bucket bounds, in seconds.
+const SESSION_BUCKETS: [f64; 10] = [
+    1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 43200.0, 86400.0,
+];
+const HANDSHAKE_BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+/// A histogram of fixed buckets over atomics.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Per bucket (not cumulative); the last one is +Inf.
+    counts: Box<[AtomicU64]>,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_micros
+            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// (sum, count, cumulative buckets) as Prometheus wants them.
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut acc = 0;
+        let mut buckets = Vec::with_capacity(self.counts.len());
+        for (i, c) in self.counts.iter().enumerate() {
+            acc += c.load(Relaxed);
+            buckets.push((self.bounds.get(i).copied().unwrap_or(f64::INFINITY), acc));
+        }
+        (self.sum_micros.load(Relaxed) as f64 / 1e6, acc, buckets)
+    }
+}
+
+/// How an upgrade request ended, for `upgate_upgrades_total{outcome}`.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    /// 101: a session started.
+    Ok,
+    /// The backend answered with something else (relayed).
+    Refused,
+    /// A bad request from the client (4xx).
+    Rejected,
+    /// No backend could take it (502/503/504).
+    Failed,
+}
+
+/// Counters of one route (kept across reloads by route name).
+#[derive(Debug)]
+pub struct RouteStats {
+    upgrades: [AtomicU64; 4],
+    pub failovers: AtomicU64,
+    pub sessions_active: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    pub session_duration: Histogram,
+    pub handshake: Histogram,
+}
+
+impl Default for RouteStats {
+    fn default() -> Self {
+        RouteStats {
+            upgrades: Default::default(),
+            failovers: AtomicU64::new(0),
+            sessions_active: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            session_duration: Histogram::new(&SESSION_BUCKETS),
+            handshake: Histogram::new(&HANDSHAKE_BUCKETS),
+        }
+    }
+}
+
+impl RouteStats {
+    pub fn upgrade(&self, o: Outcome, took: Duration) {
+        self.upgrades[o as usize].fetch_add(1, Relaxed);
+        self.handshake.observe(took);
+    }
+}
+
+/// Counts a live session on a route for as long as it is held.
+#[derive(Debug)]
+pub struct SessionGuard(Arc<RouteStats>);
+
+impl SessionGuard {
+    pub fn new(s: Arc<RouteStats>) -> SessionGuard {
+        s.sessions_active.fetch_add(1, Relaxed);
+        SessionGuard(s)
+    }
+    pub fn stats(&self) -> &RouteStats {
+        &self.0
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.sessions_active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Counters of one listener.
+#[derive(Debug)]
+pub struct ListenerStats {
+    pub addr: SocketAddr,
+    pub accepted: AtomicU64,
+    pub active: AtomicU64,
+    pub tls_ok: AtomicU64,
+    pub tls_failed: AtomicU64,
+}
+
+impl ListenerStats {
+    pub fn new(addr: SocketAddr) -> ListenerStats {
+        ListenerStats {
+            addr,
+            accepted: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            tls_ok: AtomicU64::new(0),
+            tls_failed: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A registry whose one collector reads the gateway's state.
+pub fn registry(shared: Arc<Shared>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(GatewayCollector(shared)));
+    r
+}
+
+struct GatewayCollector(Arc<Shared>);
+
+impl std::fmt::Debug for GatewayCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatewayCollector")
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Writes one metric family: `rows` of (labels, value).
+fn family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in rows {
+        let mut f = m.encode_family(labels)?;
+        match kind {
+            MetricType::Counter => f.encode_counter::<NoLabelSet, _, u64>(v, None)?,
+            _ => f.encode_gauge(&(*v as i64))?,
+        }
+    }
+    Ok(())
+}
+
+fn histograms(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, &Histogram)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, h) in rows {
+        let (sum, count, buckets) = h.snapshot();
+        m.encode_family(labels)?
+            .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+    }
+    Ok(())
+}
+
+impl Collector for GatewayCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use MetricType::{Counter, Gauge};
+        let sh = &self.0;
+        let snap = sh.snapshot.load();
+        let l = |k: &'static str, v: String| -> Labels { vec![(k, v)] };
+
+        let listeners = sh.listener_stats();
+        let by_listener = |f: &dyn Fn(&ListenerStats) -> u64| -> Vec<(Labels, u64)> {
+            listeners
+                .iter()
+                .map(|s| (l("listener", s.addr.to_string()), f(s)))
+                .collect()
+        };
+        family(
+            &mut enc,
+            "upgate_connections_accepted",
+            "Client connections accepted.",
+            Counter,
+            &by_listener(&|s| s.accepted.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_connections_active",
+            "Client connections open now.",
+            Gauge,
+            &by_listener(&|s| s.active.load(Relaxed)),
+        )?;
+        let mut tls = Vec::new();
+        for s in &listeners {
+            tls.push((
+                vec![("listener", s.addr.to_string()), ("outcome", "ok".into())],
+                s.tls_ok.load(Relaxed),
+            ));
+            tls.push((
+                vec![
+                    ("listener", s.addr.to_string()),
+                    ("outcome", "failed".into()),
+                ],
+                s.tls_failed.load(Relaxed),
+            ));
+        }
+        family(
+            &mut enc,
+            "upgate_tls_handshakes",
+            "TLS handshakes by outcome (failed includes timeouts).",
+            Counter,
+            &tls,
+        )?;
+
+        let routes: Vec<(&str, &Arc<RouteStats>)> = snap
+            .routes
+            .routes()
+            .iter()
+            .map(|r| r.name.as_str())
+            .zip(snap.route_stats.iter())
+            .collect();
+        let mut up = Vec::new();
+        for (name, s) in &routes {
+            for (i, o) in ["ok", "refused", "rejected", "failed"].iter().enumerate() {
+                up.push((
+                    vec![("route", name.to_string()), ("outcome", o.to_string())],
+                    s.upgrades[i].load(Relaxed),
+                ));
+            }
+        }
+        family(&mut enc, "upgate_upgrades", "WebSocket upgrades by route and outcome (ok = 101; refused = the backend's own non-101 answer; rejected = bad client request; failed = no backend).", Counter, &up)?;
+        let per_route = |f: &dyn Fn(&RouteStats) -> u64| -> Vec<(Labels, u64)> {
+            routes
+                .iter()
+                .map(|(n, s)| (l("route", n.to_string()), f(s)))
+                .collect()
+        };
+        family(
+            &mut enc,
+            "upgate_sessions_active",
+            "Live WebSocket sessions by route (fan-out clients included).",
+            Gauge,
+            &per_route(&|s| s.sessions_active.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_failovers",
+            "Upgrade attempts moved on to the next backend.",
+            Counter,
+            &per_route(&|s| s.failovers.load(Relaxed)),
+        )?;
+        let mut bytes = Vec::new();
+        for (n, s) in &routes {
+            bytes.push((
+                vec![("route", n.to_string()), ("direction", "up".into())],
+                s.bytes_up.load(Relaxed),
+            ));
+            bytes.push((
+                vec![("route", n.to_string()), ("direction", "down".into())],
+                s.bytes_down.load(Relaxed),
+            ));
+        }
+        family(
+            &mut enc,
+            "upgate_session_bytes",
+            "Bytes moved by spliced sessions that ended (up = client to backend).",
+            Counter,
+            &bytes,
+        )?;
+        let hist: Vec<(Labels, &Histogram)> = routes
+            .iter()
+            .map(|(n, s)| (l("route", n.to_string()), &s.session_duration))
+            .collect();
+        histograms(
+            &mut enc,
+            "upgate_session_duration_seconds",
+            "Duration of ended WebSocket sessions.",
+            &hist,
+        )?;
+        let hist: Vec<(Labels, &Histogram)> = routes
+            .iter()
+            .map(|(n, s)| (l("route", n.to_string()), &s.handshake))
+            .collect();
+        histograms(
+            &mut enc,
+            "upgate_upgrade_duration_seconds",
+            "Time from an upgrade request to its answer (backend connect and handshake included).",
+            &hist,
+        )?;
+
+        let mut active = Vec::new();
+        let mut healthy = Vec::new();
+        let mut failures = Vec::new();
+        let mut ejections = Vec::new();
+        for p in &snap.pools {
+            for b in p.backends().iter() {
+                let labels = vec![("pool", p.name.clone()), ("backend", b.url.to_string())];
+                active.push((labels.clone(), b.active() as u64));
+                healthy.push((labels.clone(), u64::from(b.health.healthy())));
+                failures.push((labels.clone(), b.failures.load(Relaxed)));
+                ejections.push((labels, b.ejections.load(Relaxed)));
+            }
+        }
+        family(
+            &mut enc,
+            "upgate_backend_sessions_active",
+            "Live sessions (and fan-out upstreams) per backend.",
+            Gauge,
+            &active,
+        )?;
+        family(
+            &mut enc,
+            "upgate_backend_healthy",
+            "1 when active checks consider the backend up.",
+            Gauge,
+            &healthy,
+        )?;
+        family(
+            &mut enc,
+            "upgate_backend_failures",
+            "Failed attempts (connect errors and timeouts, broken or 5xx answers).",
+            Counter,
+            &failures,
+        )?;
+        family(
+            &mut enc,
+            "upgate_backend_ejections",
+            "Passive-check ejections.",
+            Counter,
+            &ejections,
+        )?;
+
+        let hubs: Vec<(&str, &crate::fanout::Hub)> = snap
+            .routes
+            .routes()
+            .iter()
+            .zip(snap.hubs.iter())
+            .filter_map(|(r, h)| Some((r.name.as_str(), h.as_deref()?)))
+            .collect();
+        let fan = |f: &dyn Fn(&crate::fanout::Stats) -> u64| -> Vec<(Labels, u64)> {
+            hubs.iter()
+                .map(|(n, h)| (l("route", n.to_string()), f(&h.stats)))
+                .collect()
+        };
+        family(
+            &mut enc,
+            "upgate_fanout_channels",
+            "Open fan-out channels (one upstream per source each).",
+            Gauge,
+            &fan(&|s| s.channels.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_fanout_subscribers",
+            "Connected fan-out clients.",
+            Gauge,
+            &fan(&|s| s.clients.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_fanout_messages_in",
+            "Messages received from upstreams.",
+            Counter,
+            &fan(&|s| s.messages_in.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_fanout_messages_out",
+            "Messages written to clients.",
+            Counter,
+            &fan(&|s| s.delivered.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_fanout_dropped",
+            "Messages skipped for slow clients (drop_oldest).",
+            Counter,
+            &fan(&|s| s.dropped.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_fanout_slow_disconnects",
+            "Clients closed for falling behind (disconnect).",
+            Counter,
+            &fan(&|s| s.slow_disconnects.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_fanout_upstream_reconnects",
+            "Upstream connections re-established after a loss.",
+            Counter,
+            &fan(&|s| s.reconnects.load(Relaxed)),
+        )?;
+
+        let st = &sh.stats;
+        family(
+            &mut enc,
+            "upgate_config_reloads",
+            "Config reloads by outcome.",
+            Counter,
+            &[
+                (l("outcome", "ok".into()), st.reloads_ok.load(Relaxed)),
+                (
+                    l("outcome", "failed".into()),
+                    st.reloads_failed.load(Relaxed),
+                ),
+            ],
+        )?;
+        Ok(())
+    }
+}

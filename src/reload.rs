@@ -1,0 +1,227 @@
+//! Hot reload: the next [`Snapshot`] is built from a new config, keeping
+//! everything that still exists, and swapped in as one unit.
+//!
+//! What is kept: a pool whose config is unchanged is the same object (its
+//! health, live counts, checks, HTTP connections); a changed pool is rebuilt
+//! but takes over the backend objects listed the same way; a fan-out route
+//! with the same settings and sources keeps its hub (channels and clients).
+//! A route keeps its drain token by name. What is gone is retired: sessions
+//! on a removed route or backend keep running for `drain_timeout`, then end
+//! (1001 for fan-out clients, a TCP close for spliced sessions).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Config;
+use crate::fanout::Hub;
+use crate::pool::{Backend, Pool, PoolError};
+use crate::proxy::Snapshot;
+use crate::router::RouteTable;
+
+/// A snapshot ready to swap in, and what the swap retires.
+pub struct Next {
+    pub snapshot: Snapshot,
+    /// New or rebuilt pools: their health checks and discovery start.
+    pub started: Vec<Arc<Pool>>,
+    /// Old pools not kept: their tasks stop.
+    pub stopped: Vec<Arc<Pool>>,
+    /// Retired after the drain period.
+    pub retire: Retire,
+    pub summary: String,
+}
+
+/// What a reload removed, to be closed once the drain period is over.
+#[derive(Default)]
+pub struct Retire {
+    pub routes: Vec<CancellationToken>,
+    pub backends: Vec<Arc<Backend>>,
+    pub hubs: Vec<Arc<Hub>>,
+}
+
+impl Retire {
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && self.backends.is_empty() && self.hubs.is_empty()
+    }
+
+    /// Closes what is retired after `after` (sessions run on until then).
+    pub fn schedule(self, after: Duration, tasks: &tokio_util::task::TaskTracker) {
+        if self.is_empty() {
+            return;
+        }
+        tasks.spawn(async move {
+            tokio::time::sleep(after).await;
+            for t in &self.routes {
+                t.cancel();
+            }
+            for b in &self.backends {
+                b.retired().cancel();
+            }
+            for h in &self.hubs {
+                h.retired.cancel();
+            }
+        });
+    }
+}
+
+/// Builds the snapshot for `cfg`, keeping what `old` has that still exists.
+pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
+    let mut pools = Vec::with_capacity(cfg.pools.len());
+    let mut started = Vec::new();
+    for pc in &cfg.pools {
+        let prev = old.and_then(|o| o.pools.iter().find(|p| p.name == pc.name));
+        match prev {
+            Some(p) if p.cfg == *pc => pools.push(p.clone()),
+            _ => {
+                let p = Arc::new(Pool::new(pc)?);
+                if let Some(prev) = prev {
+                    p.carry_over(prev);
+                }
+                started.push(p.clone());
+                pools.push(p);
+            }
+        }
+    }
+    let mut retire = Retire::default();
+    let mut stopped = Vec::new();
+    if let Some(o) = old {
+        for p in &o.pools {
+            if !pools.iter().any(|n| Arc::ptr_eq(n, p)) {
+                stopped.push(p.clone());
+            }
+            // A backend is gone when its URL left its pool (or the pool left).
+            let next = pools
+                .iter()
+                .find(|n| n.name == p.name)
+                .map(|n| n.backends());
+            for b in p.backends().iter() {
+                if !next
+                    .as_ref()
+                    .is_some_and(|n| n.iter().any(|x| x.url == b.url))
+                {
+                    retire.backends.push(b.clone());
+                }
+            }
+        }
+    }
+
+    let route_tokens: Vec<CancellationToken> = cfg
+        .routes
+        .iter()
+        .map(|r| {
+            old.and_then(|o| {
+                o.routes
+                    .routes()
+                    .iter()
+                    .position(|x| x.name == r.name)
+                    .map(|i| o.route_tokens[i].clone())
+            })
+            .unwrap_or_default()
+        })
+        .collect();
+    let route_stats: Vec<Arc<crate::metrics::RouteStats>> = cfg
+        .routes
+        .iter()
+        .map(|r| {
+            old.and_then(|o| {
+                o.routes
+                    .routes()
+                    .iter()
+                    .position(|x| x.name == r.name)
+                    .map(|i| o.route_stats[i].clone())
+            })
+            .unwrap_or_default()
+        })
+        .collect();
+    let mut hubs = Vec::with_capacity(cfg.routes.len());
+    for r in &cfg.routes {
+        let Some(f) = &r.fanout else {
+            hubs.push(None);
+            continue;
+        };
+        let prev = old.and_then(|o| {
+            let i = o.routes.routes().iter().position(|x| x.name == r.name)?;
+            o.hubs[i].clone()
+        });
+        hubs.push(Some(match prev {
+            Some(h) if h.can_keep(f, &pools) => {
+                h.set_pools(f, &pools);
+                h
+            }
+            _ => Arc::new(Hub::new(r, f.clone(), &pools, &cfg.server)),
+        }));
+    }
+
+    let mut summary = Vec::new();
+    if let Some(o) = old {
+        let names = |t: &RouteTable| {
+            t.routes()
+                .iter()
+                .map(|r| r.name.clone())
+                .collect::<Vec<_>>()
+        };
+        let (was, now) = (
+            names(&o.routes),
+            cfg.routes
+                .iter()
+                .map(|r| r.name.clone())
+                .collect::<Vec<_>>(),
+        );
+        for (i, n) in was.iter().enumerate() {
+            if !now.contains(n) {
+                retire.routes.push(o.route_tokens[i].clone());
+                summary.push(format!("route {n} removed"));
+            }
+        }
+        for n in now.iter().filter(|n| !was.contains(n)) {
+            summary.push(format!("route {n} added"));
+        }
+        for h in o.hubs.iter().flatten() {
+            if !hubs.iter().flatten().any(|n| Arc::ptr_eq(n, h)) {
+                retire.hubs.push(h.clone());
+            }
+        }
+        for p in &started {
+            summary.push(format!(
+                "pool {} {}",
+                p.name,
+                if o.pools.iter().any(|x| x.name == p.name) {
+                    "changed"
+                } else {
+                    "added"
+                }
+            ));
+        }
+        for p in stopped
+            .iter()
+            .filter(|p| !pools.iter().any(|n| n.name == p.name))
+        {
+            summary.push(format!("pool {} removed", p.name));
+        }
+        if !retire.backends.is_empty() {
+            summary.push(format!("{} backend(s) removed", retire.backends.len()));
+        }
+    }
+    if summary.is_empty() {
+        summary.push("no change to routes or pools".into());
+    }
+    let summary = summary.join(", ");
+    info!(%summary, "config compiled");
+    Ok(Next {
+        snapshot: Snapshot {
+            routes: RouteTable::new(&cfg.routes),
+            pools,
+            hubs,
+            route_tokens,
+            route_stats,
+            settings: cfg.server.clone(),
+            config: Arc::new(cfg.clone()),
+        },
+        started,
+        stopped,
+        retire,
+        summary,
+    })
+}
