@@ -63,6 +63,7 @@ struct Listener {
 /// A listener being served: how to stop it and where its TLS settings live.
 struct Live {
     stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
     tls: Arc<arc_swap::ArcSwapOption<TlsAcceptor>>,
     stats: Arc<crate::metrics::ListenerStats>,
 }
@@ -235,9 +236,13 @@ impl Gateway {
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
         stop.cancel();
-        for l in live.values() {
+        // The sockets close once their accept loops are gone: from then on a
+        // new process sharing the ports (SO_REUSEPORT) gets every connection.
+        for (_, l) in live.drain() {
             l.stop.cancel();
+            let _ = l.task.await;
         }
+        info!("listeners closed; draining");
         for pool in &self.shared.snapshot.load().pools {
             pool.life.cancel();
         }
@@ -435,16 +440,15 @@ fn start_pool(pool: &Arc<Pool>, shared: &Shared, resolver: &Resolver) {
 /// Spawns the accept loop of one listener.
 fn serve_listener(l: Listener, cx: &Arc<AcceptCx>) -> Live {
     let stop = cx.stop.child_token();
-    let live = Live {
-        stop: stop.clone(),
-        tls: l.tls.clone(),
-        stats: l.stats.clone(),
-    };
     if let Ok(mut v) = cx.shared.listeners.lock() {
         v.push(l.stats.clone());
     }
-    tokio::spawn(accept_loop(l, cx.clone(), stop));
-    live
+    Live {
+        stop: stop.clone(),
+        tls: l.tls.clone(),
+        stats: l.stats.clone(),
+        task: tokio::spawn(accept_loop(l, cx.clone(), stop)),
+    }
 }
 
 fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {

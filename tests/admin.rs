@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::process::Command;
 use std::time::Duration;
 
 use support::*;
@@ -73,4 +74,159 @@ async fn probes_token_and_pool_state() {
         .unwrap()
         .unwrap();
     assert!(drained.finished_in_grace);
+}
+
+/// A gateway with an admin listener (token `s3cret`) and one live session.
+async fn with_a_session() -> (TestGateway, Backends, Ws<tokio::net::TcpStream>) {
+    let be = echo_backends(&["a"]).await;
+    let gw = gateway(&yaml(be.addrs[0])).await;
+    let mut ws = ws(gw.addr(), "h", "/ws").await;
+    assert_eq!(roundtrip(&mut ws, "hi").await, "hi");
+    (gw, be, ws)
+}
+
+#[tokio::test]
+async fn metrics_config_and_methods() {
+    let (gw, be, ws) = with_a_session().await;
+    let admin = gw.admin.expect("admin");
+    let m = admin_get(admin, "/metrics", Some("s3cret")).await;
+    assert_eq!(m.status, 200);
+    assert!(m.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .contains("openmetrics"));
+    let listener = format!("listener=\"{}\"", gw.addr());
+    let backend = format!("backend=\"ws://{}\"", be.addrs[0]);
+    for want in [
+        r#"upgate_upgrades_total{route="r",outcome="ok"} 1"#,
+        r#"upgate_sessions_active{route="r"} 1"#,
+        r#"upgate_upgrade_duration_seconds_count{route="r"} 1"#,
+        r#"upgate_config_reloads_total{outcome="ok"} 0"#,
+        "# TYPE upgate_session_duration_seconds histogram",
+        "# TYPE upgate_fanout_messages_out counter",
+    ] {
+        assert!(m.body.contains(want), "missing {want}:\n{}", m.body);
+    }
+    assert!(
+        m.body
+            .lines()
+            .any(|l| l.starts_with("upgate_connections_accepted_total") && l.contains(&listener)),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .lines()
+            .any(|l| l.starts_with("upgate_backend_sessions_active")
+                && l.contains(&backend)
+                && l.ends_with(" 1")),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .lines()
+            .any(|l| l.starts_with("upgate_backend_healthy")
+                && l.contains(&backend)
+                && l.ends_with(" 1")),
+        "{}",
+        m.body
+    );
+    assert_eq!(admin_get(admin, "/metrics", None).await.status, 401);
+
+    let c = admin_get(admin, "/config", Some("s3cret")).await;
+    let v: serde_json::Value = serde_json::from_str(&c.body).unwrap();
+    assert_eq!(v["admin"]["token"], "<redacted>");
+    assert!(!c.body.contains("s3cret"), "{}", c.body);
+    assert_eq!(v["routes"][0]["pool"], "p");
+    assert_eq!(
+        v["pools"][0]["backends"][0]["url"],
+        format!("ws://{}", be.addrs[0])
+    );
+
+    assert_eq!(
+        admin_request(admin, "DELETE", "/routes", Some("s3cret"))
+            .await
+            .status,
+        405
+    );
+    assert_eq!(
+        admin_request(admin, "GET", "/reload", Some("s3cret"))
+            .await
+            .status,
+        405
+    );
+    assert_eq!(
+        admin_request(admin, "GET", "/nope", Some("s3cret"))
+            .await
+            .status,
+        404
+    );
+    drop(ws);
+}
+
+/// Headless Chromium (Debian's `chromium`): the status page, after its
+/// scripts ran, shows the route, the backend as up and the live session.
+#[tokio::test]
+async fn the_status_page_shows_routes_backends_and_live_sessions_in_a_browser() {
+    let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    else {
+        assert!(
+            std::env::var_os("UPGATE_REQUIRE_BROWSER").is_none(),
+            "UPGATE_REQUIRE_BROWSER is set but no chromium is installed"
+        );
+        eprintln!("SKIPPED: no chromium installed (apt-get install chromium); .ci/run installs it");
+        return;
+    };
+    let (gw, be, ws) = with_a_session().await;
+    let admin = gw.admin.expect("admin");
+    let profile = TempDir::new("chromium");
+    let url = format!("http://{admin}/?token=s3cret");
+    let out = tokio::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.0.display()))
+        .arg("--dump-dom")
+        .arg(&url)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("chromium finished in time")
+        .expect("chromium ran");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{dom}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        dom.contains("<td>r</td><td>*</td><td>/ws</td><td>p</td><td>splice</td>"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(r#"<span class="live" data-route="r">1</span>"#),
+        "live session count: {dom}"
+    );
+    assert!(
+        dom.contains(&format!(
+            "<td>ws://{}</td><td><span class=\"up\">up</span></td>",
+            be.addrs[0]
+        )),
+        "backend up: {dom}"
+    );
+    assert!(dom.contains("updated "), "{dom}");
+    drop(ws);
 }
