@@ -233,6 +233,8 @@ impl Admin {
                             "available": b.health.available() && !b.drain,
                             "ejected_for_ms": b.health.ejected_for().map(|d| d.as_millis() as u64),
                             "live_sessions": b.active(),
+                            "failures": b.failures.load(Ordering::Relaxed),
+                            "ejections": b.ejections.load(Ordering::Relaxed),
                         })
                     })
                     .collect();

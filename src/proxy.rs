@@ -152,7 +152,13 @@ where
         let r = &snapshot.routes.routes()[route];
         let stats = &snapshot.route_stats[route];
         let started = tokio::time::Instant::now();
-        let span = tracing::info_span!("ws", peer = %conn.peer, route = %r.name);
+        let span = tracing::info_span!(
+            "ws",
+            peer = %conn.peer,
+            host,
+            path = req.uri().path(),
+            route = %r.name
+        );
         let resp = match &snapshot.hubs[route] {
             Some(hub) => {
                 crate::fanout::accept(&shared, &conn, hub, r, stats, req)

@@ -118,6 +118,7 @@ pub fn spawn(
                 duration_ms = took.as_millis() as u64,
                 bytes_up = moved.map(|m| m.client_to_backend),
                 bytes_down = moved.map(|m| m.backend_to_client),
+                closed_by = moved.and_then(|m| m.closed_by),
                 end,
                 error = error.as_ref().map(tracing::field::display),
                 "session"

@@ -31,6 +31,8 @@ const POOL_MAX: usize = 64;
 pub struct Moved {
     pub client_to_backend: u64,
     pub backend_to_client: u64,
+    /// The side whose direction ended first (`client` or `backend`): who closed.
+    pub closed_by: Option<&'static str>,
 }
 
 thread_local! {
@@ -212,13 +214,22 @@ where
     let mut up = Direction::new(client_pending);
     let mut down = Direction::new(backend_pending);
     let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut closed_by = None;
     poll_fn(|cx| {
         let u = up.poll(cx, client, backend)?;
         let d = down.poll(cx, backend, client)?;
+        if closed_by.is_none() {
+            closed_by = match (&u, &d) {
+                (Poll::Ready(_), _) => Some("client"),
+                (_, Poll::Ready(_)) => Some("backend"),
+                _ => None,
+            };
+        }
         match (u, d) {
             (Poll::Ready(u), Poll::Ready(d)) => Poll::Ready(Ok(Moved {
                 client_to_backend: u,
                 backend_to_client: d,
+                closed_by,
             })),
             (Poll::Pending, Poll::Pending) => Poll::Pending,
             _ => {
@@ -228,6 +239,7 @@ where
                 Poll::Ready(Ok(Moved {
                     client_to_backend: up.total,
                     backend_to_client: down.total,
+                    closed_by,
                 }))
             }
         }
@@ -362,7 +374,8 @@ mod tests {
             moved,
             Moved {
                 client_to_backend: 10,
-                backend_to_client: 8
+                backend_to_client: 8,
+                closed_by: Some("client"),
             }
         );
     }
@@ -393,7 +406,13 @@ mod tests {
             .expect("the session must end")
             .unwrap()
             .unwrap();
-        assert_eq!(moved, Moved::default());
+        assert_eq!(
+            moved,
+            Moved {
+                closed_by: Some("client"),
+                ..Moved::default()
+            }
+        );
         assert!(t0.elapsed() >= limit);
         let mut buf = [0u8; 1];
         assert_eq!(

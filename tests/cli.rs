@@ -84,9 +84,23 @@ async fn the_binary_serves_logs_each_session_and_exits_cleanly_on_sigterm() {
         .args(["--config"])
         .arg(&file)
         .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Killed if an assertion fails before the clean exit below.
+    struct KillOnPanic(u32);
+    impl Drop for KillOnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let _ = Command::new("kill")
+                    .arg("-KILL")
+                    .arg(self.0.to_string())
+                    .status();
+            }
+        }
+    }
+    let _guard = KillOnPanic(child.id());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -120,7 +134,14 @@ async fn the_binary_serves_logs_each_session_and_exits_cleanly_on_sigterm() {
             break line;
         }
     };
-    for want in ["route=chat", "end=\"closed\"", "bytes_up=", "duration_ms="] {
+    for want in [
+        "route=chat",
+        "path=\"/chat\"",
+        "end=\"closed\"",
+        "closed_by=\"client\"",
+        "bytes_up=",
+        "duration_ms=",
+    ] {
         assert!(
             line.contains(want) || line.contains(&want.replace('"', "")),
             "missing {want} in {line}"

@@ -22,6 +22,7 @@ impl Upgate {
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start upgate");
