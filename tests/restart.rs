@@ -139,3 +139,39 @@ async fn a_new_process_takes_the_port_while_the_old_one_drains() {
     new.term();
     assert!(new.exit().await.success());
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file_and_keeps_the_session() {
+    let be = support::echo_backends(&["a", "b"]).await;
+    let dir = support::TempDir::new("sighup");
+    let file = dir.0.join("routes.yaml");
+    let port = support::free_port();
+    let config = |extra: &str| {
+        format!(
+            "server: {{ shutdown_grace: 1s, watch_interval: 0s }}\nlisten:\n  - addr: 127.0.0.1:{port}\npools:\n  p: {{ backends: [ws://{}] }}\n  q: {{ backends: [ws://{}] }}\nroutes:\n  - {{ name: chat, path: /chat, pool: p }}\n{extra}",
+            be.addrs[0], be.addrs[1]
+        )
+    };
+    std::fs::write(&file, config("")).unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut gw = Upgate::start(&file);
+    gw.wait_for("listening on").await;
+    let mut session = support::ws(addr, "h", "/chat").await;
+    assert_eq!(support::get(addr, "h", "/news").await.status, 404);
+
+    std::fs::write(&file, config("  - { name: news, path: /news, pool: q }\n")).unwrap();
+    let ok = Command::new("kill")
+        .arg("-HUP")
+        .arg(gw.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let line = gw.wait_for("config reloaded").await;
+    assert!(line.contains("route news added"), "{line}");
+    let mut news = support::ws(addr, "h", "/news").await;
+    assert_eq!(support::backend_of(&support::whoami(&mut news).await), "b");
+    assert_eq!(support::roundtrip(&mut session, "same").await, "same");
+    gw.term();
+    drop(session);
+    assert!(gw.exit().await.success());
+}
