@@ -119,6 +119,7 @@ pub fn spawn(
                 bytes_up = moved.map(|m| m.client_to_backend),
                 bytes_down = moved.map(|m| m.backend_to_client),
                 closed_by = moved.and_then(|m| m.closed_by),
+                close_code = moved.and_then(|m| m.close_code),
                 end,
                 error = error.as_ref().map(tracing::field::display),
                 "session"

@@ -126,6 +126,19 @@ async fn the_binary_serves_logs_each_session_and_exits_cleanly_on_sigterm() {
     };
     let mut ws = support::ws(addr, "h", "/chat").await;
     assert_eq!(support::roundtrip(&mut ws, "hello").await, "hello");
+    {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+        ws.send(tokio_tungstenite::tungstenite::Message::Close(Some(
+            CloseFrame {
+                code: CloseCode::Library(4001),
+                reason: "done".into(),
+            },
+        )))
+        .await
+        .unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    }
     drop(ws);
     // One access-log line for the session, with its route and how it ended.
     let line = loop {
@@ -139,6 +152,7 @@ async fn the_binary_serves_logs_each_session_and_exits_cleanly_on_sigterm() {
         "path=\"/chat\"",
         "end=\"closed\"",
         "closed_by=\"client\"",
+        "close_code=4001",
         "bytes_up=",
         "duration_ms=",
     ] {
