@@ -66,6 +66,11 @@ impl Retire {
     }
 }
 
+/// The index of the route called `name` in `s`.
+fn route_of(s: &Snapshot, name: &str) -> Option<usize> {
+    s.routes.routes().iter().position(|r| r.name == name)
+}
+
 /// Builds the snapshot for `cfg`, keeping what `old` has that still exists.
 pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
     let mut pools = Vec::with_capacity(cfg.pools.len());
@@ -107,33 +112,13 @@ pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
         }
     }
 
-    let route_tokens: Vec<CancellationToken> = cfg
-        .routes
-        .iter()
-        .map(|r| {
-            old.and_then(|o| {
-                o.routes
-                    .routes()
-                    .iter()
-                    .position(|x| x.name == r.name)
-                    .map(|i| o.route_tokens[i].clone())
-            })
-            .unwrap_or_default()
-        })
+    // Per-route state kept by route name: the drain token and the counters.
+    let kept = |name: &str| old.and_then(|o| Some((o, route_of(o, name)?)));
+    let route_tokens: Vec<CancellationToken> = (cfg.routes.iter())
+        .map(|r| kept(&r.name).map_or_else(Default::default, |(o, i)| o.route_tokens[i].clone()))
         .collect();
-    let route_stats: Vec<Arc<crate::metrics::RouteStats>> = cfg
-        .routes
-        .iter()
-        .map(|r| {
-            old.and_then(|o| {
-                o.routes
-                    .routes()
-                    .iter()
-                    .position(|x| x.name == r.name)
-                    .map(|i| o.route_stats[i].clone())
-            })
-            .unwrap_or_default()
-        })
+    let route_stats: Vec<Arc<crate::metrics::RouteStats>> = (cfg.routes.iter())
+        .map(|r| kept(&r.name).map_or_else(Default::default, |(o, i)| o.route_stats[i].clone()))
         .collect();
     let mut hubs = Vec::with_capacity(cfg.routes.len());
     for r in &cfg.routes {
@@ -141,10 +126,7 @@ pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
             hubs.push(None);
             continue;
         };
-        let prev = old.and_then(|o| {
-            let i = o.routes.routes().iter().position(|x| x.name == r.name)?;
-            o.hubs[i].clone()
-        });
+        let prev = kept(&r.name).and_then(|(o, i)| o.hubs[i].clone());
         hubs.push(Some(match prev {
             Some(h) if h.can_keep(f, &pools) => {
                 h.set_pools(f, &pools);

@@ -33,6 +33,11 @@ fn yaml(b: &[std::net::SocketAddr], extra: Option<usize>) -> String {
     y
 }
 
+async fn assert_metric(admin: std::net::SocketAddr, line: &str) {
+    let m = admin_request(admin, "GET", "/metrics", None).await;
+    assert!(m.body.contains(line), "no `{line}` in\n{}", m.body);
+}
+
 async fn reload(admin: std::net::SocketAddr) -> serde_json::Value {
     let r = admin_request(admin, "POST", "/reload", None).await;
     serde_json::from_str(&r.body).unwrap_or_else(|_| panic!("{} {}", r.status, r.body))
@@ -123,13 +128,7 @@ async fn five_hundred_sessions_survive_twenty_reloads_and_new_routes_serve_at_on
     let mut e = drained.expect("extra0 session");
     assert!(ends_within(&mut e, Duration::from_secs(3)).await);
 
-    let m = admin_request(admin, "GET", "/metrics", None).await;
-    assert!(
-        m.body
-            .contains(r#"upgate_config_reloads_total{outcome="ok"} 20"#),
-        "{}",
-        m.body
-    );
+    assert_metric(admin, r#"upgate_config_reloads_total{outcome="ok"} 20"#).await;
 }
 
 #[tokio::test]
@@ -181,13 +180,7 @@ async fn an_invalid_config_is_refused_and_the_running_one_stays() {
     assert_eq!(roundtrip(&mut s, "alive").await, "alive");
     let mut again = ws(gw.addr(), "x", "/ws").await;
     assert_eq!(roundtrip(&mut again, "served").await, "served");
-    let m = admin_request(admin, "GET", "/metrics", None).await;
-    assert!(
-        m.body
-            .contains(r#"upgate_config_reloads_total{outcome="failed"} 1"#),
-        "{}",
-        m.body
-    );
+    assert_metric(admin, r#"upgate_config_reloads_total{outcome="failed"} 1"#).await;
 }
 
 #[tokio::test]
