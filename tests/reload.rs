@@ -261,3 +261,68 @@ async fn listeners_and_certificates_change_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn fan_out_channels_and_their_clients_survive_a_reload() {
+    let feed = support::feed::Feed::start().await;
+    let be = echo_backends(&["a"]).await;
+    let dir = TempDir::new("reload-fanout");
+    let file = dir.0.join("routes.yaml");
+    let config = |extra: &str| {
+        format!(
+            "server: {{ watch_interval: 0s, drain_timeout: 200ms }}\nadmin: {{ addr: '127.0.0.1:0' }}\nlisten:\n  - addr: 127.0.0.1:0\npools:\n  feed: {{ backends: ['{}'] }}\n  echo: {{ backends: [ws://{}] }}\nroutes:\n  - {{ name: ticker, path: /ticker, pool: feed, mode: fanout, strip_prefix: true }}\n{extra}",
+            feed.url(),
+            be.addrs[0]
+        )
+    };
+    std::fs::write(&file, config("")).unwrap();
+    let gw = gateway_file(&file).await;
+    let admin = gw.admin.expect("admin");
+    let mut c = ws(gw.addr(), "x", "/ticker?pair=EURUSD").await;
+    feed.wait_open(1, T).await;
+
+    std::fs::write(
+        &file,
+        config("  - { name: chat, path: /chat, pool: echo }\n"),
+    )
+    .unwrap();
+    let v = reload(admin).await;
+    assert_eq!(v["reloaded"], true, "{v}");
+    feed.publish(Message::text("after reload"));
+    let got = tokio::time::timeout(T, async {
+        loop {
+            match c.next().await {
+                Some(Ok(Message::Text(t))) => return t.to_string(),
+                Some(Ok(_)) => continue,
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("in time");
+    assert_eq!(got, "after reload");
+    // Same channel, same upstream connection; a new client joins it.
+    let _late = ws(gw.addr(), "x", "/ticker?pair=EURUSD").await;
+    assert_eq!((feed.accepted(), feed.open()), (1, 1));
+
+    // Changing the fan-out route's settings replaces its hub: the old clients drain.
+    std::fs::write(
+        &file,
+        config("").replace("strip_prefix: true }", "strip_prefix: true, max_lag: 64 }"),
+    )
+    .unwrap();
+    let v = reload(admin).await;
+    assert_eq!(v["reloaded"], true, "{v}");
+    let code = tokio::time::timeout(T, async {
+        loop {
+            match c.next().await {
+                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("drained in time");
+    assert_eq!(code, Some(1001));
+}

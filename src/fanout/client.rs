@@ -340,7 +340,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
             _ = &mut retired => {
                 out.end = End::Drained;
                 out.close_code = Some(code::GOING_AWAY);
-                break Some(frame::close(code::GOING_AWAY, "route removed by a reload"));
+                break Some(frame::close(code::GOING_AWAY, "route removed or changed by a reload"));
             }
             r = rx.recv(), if room => {
                 let mut got = 0u64;
