@@ -121,7 +121,15 @@ fn check(file: &Path) -> Result<(), String> {
     );
     for r in &c.routes {
         let pool = &c.pools[r.pool];
-        let note = if r.strip_prefix { "strip_prefix" } else { "" };
+        let mut notes = Vec::new();
+        if r.strip_prefix {
+            notes.push("strip_prefix".to_string());
+        }
+        if let Some(f) = &r.fanout {
+            let sources: Vec<&str> = f.sources.iter().map(|&i| c.pools[i].name.as_str()).collect();
+            notes.push(format!("fanout from {}", sources.join("+")));
+        }
+        let note = notes.join(", ");
         println!(
             "{:<14} {:<24} {:<16} {:<10} {note}",
             r.name,
@@ -220,6 +228,9 @@ async fn run(config: Config, with_demo: bool) -> Result<(), String> {
         }
     }
     if with_demo {
+        if let Some(a) = gw.admin_addr() {
+            println!("status:     http://{a}/        (metrics: http://{a}/metrics)");
+        }
         println!("Ctrl-C to stop.");
     }
     #[cfg(unix)]

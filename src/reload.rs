@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
 use crate::config::Config;
 use crate::fanout::Hub;
@@ -190,7 +189,6 @@ pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
         summary.push("no change to routes or pools".into());
     }
     let summary = summary.join(", ");
-    info!(%summary, "config compiled");
     Ok(Next {
         snapshot: Snapshot {
             routes: RouteTable::new(&cfg.routes),
