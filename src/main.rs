@@ -126,7 +126,11 @@ fn check(file: &Path) -> Result<(), String> {
             notes.push("strip_prefix".to_string());
         }
         if let Some(f) = &r.fanout {
-            let sources: Vec<&str> = f.sources.iter().map(|&i| c.pools[i].name.as_str()).collect();
+            let sources: Vec<&str> = f
+                .sources
+                .iter()
+                .map(|&i| c.pools[i].name.as_str())
+                .collect();
             notes.push(format!("fanout from {}", sources.join("+")));
         }
         let note = notes.join(", ");

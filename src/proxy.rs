@@ -54,6 +54,8 @@ pub struct Shared {
     pub hard_stop: CancellationToken,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Cancelled when shutdown begins (before the grace period).
+    pub shutdown: CancellationToken,
     /// Asks the serving loop to reload the config file.
     pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
     pub stats: GatewayStats,

@@ -46,11 +46,13 @@ impl Retire {
     }
 
     /// Closes what is retired after `after` (sessions run on until then).
-    pub fn schedule(self, after: Duration, tasks: &tokio_util::task::TaskTracker) {
+    /// Not a tracked task: a pending drain must not hold up shutdown, whose
+    /// own grace period ends those sessions anyway.
+    pub fn schedule(self, after: Duration) {
         if self.is_empty() {
             return;
         }
-        tasks.spawn(async move {
+        tokio::spawn(async move {
             tokio::time::sleep(after).await;
             for t in &self.routes {
                 t.cancel();

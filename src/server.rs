@@ -144,6 +144,7 @@ impl Gateway {
                 tasks: TaskTracker::new(),
                 hard_stop: CancellationToken::new(),
                 draining: std::sync::atomic::AtomicBool::new(false),
+                shutdown: CancellationToken::new(),
                 reload: reload_tx,
                 stats: Default::default(),
                 listeners: Default::default(),
@@ -235,6 +236,7 @@ impl Gateway {
         self.shared
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.shutdown.cancel();
         stop.cancel();
         // The sockets close once their accept loops are gone: from then on a
         // new process sharing the ports (SO_REUSEPORT) gets every connection.
@@ -337,8 +339,7 @@ impl Gateway {
         for (h, r) in new_hubs {
             h.open_eager(&self.shared, &r);
         }
-        next.retire
-            .schedule(cfg.server.drain_timeout, &self.shared.tasks);
+        next.retire.schedule(cfg.server.drain_timeout);
         // Listeners: close the removed ones, swap certificates, open the new ones.
         live.retain(|addr, l| {
             let keep = cfg.listeners.iter().any(|c| c.addr == *addr);

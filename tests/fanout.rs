@@ -484,3 +484,47 @@ async fn eager_channel_opens_at_start_and_serves_over_tls() {
     drop(c);
     assert_eq!(feed.accepted(), 1);
 }
+
+#[tokio::test]
+async fn shutdown_closes_clients_with_1001_and_an_idle_eager_channel_does_not_hold_it_up() {
+    let feed = Feed::start().await;
+    let yaml = |grace: &str| {
+        format!(
+            "server: {{ shutdown_grace: {grace} }}\nlisten:\n  - addr: 127.0.0.1:0\npools:\n  feed:\n    backends: ['{}']\nroutes:\n  - {{ name: feed, path: /feed, pool: feed, mode: fanout, eager: true }}\n",
+            feed.url()
+        )
+    };
+    // No client: the drain ends at once, not after the 10 s grace.
+    let gw = gateway(&yaml("10s")).await;
+    feed.wait_open(1, T).await;
+    let t0 = std::time::Instant::now();
+    let drained = gw.shutdown().await;
+    assert!(drained.finished_in_grace, "{drained:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    feed.wait_open(0, T).await;
+
+    // A client keeps receiving through the grace period, then gets 1001.
+    let gw = gateway(&yaml("500ms")).await;
+    let mut c = ws(gw.addr(), "x", "/feed").await;
+    let mut gw = gw;
+    gw.trigger_shutdown();
+    feed.publish(Message::text("during the grace period"));
+    assert_eq!(next_text(&mut c).await, "during the grace period");
+    let code = loop {
+        match tokio::time::timeout(T, c.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1001));
+    let drained = gw.join().await.expect("gateway task");
+    assert!(!drained.finished_in_grace);
+}

@@ -41,17 +41,18 @@ pub(super) fn spawn(
     eager: bool,
 ) {
     let stop = shared.hard_stop.clone();
+    let shutdown = shared.shutdown.clone();
     let span = tracing::info_span!("fanout", route = %hub.route, channel = %ch.key);
     shared
         .tasks
-        .spawn(run(hub, ch, fwd, stop, eager).instrument(span));
+        .spawn(run(hub, ch, fwd, (stop, shutdown), eager).instrument(span));
 }
 
 async fn run(
     hub: Arc<Hub>,
     ch: Arc<Channel>,
     fwd: mpsc::Receiver<Message>,
-    stop: CancellationToken,
+    (stop, shutdown): (CancellationToken, CancellationToken),
     eager: bool,
 ) {
     // First connects: one pass over each source pool's failover order.
@@ -103,7 +104,7 @@ async fn run(
             let _ = tokio::time::timeout(Duration::from_secs(2), sources).await;
             info!("channel closed: route removed by a reload");
         }
-        _ = linger(&hub, &ch), if !eager => {
+        _ = linger(&hub, &ch, eager, &shutdown) => {
             end.cancel();
             // Sources close their upstreams with a Close frame, briefly.
             let _ = tokio::time::timeout(Duration::from_secs(2), sources).await;
@@ -113,15 +114,26 @@ async fn run(
 }
 
 /// Returns once the channel has had no client for `linger` and was removed.
-async fn linger(hub: &Hub, ch: &Arc<Channel>) {
+/// An eager channel lingers only once the gateway is shutting down, and
+/// then not at all: a channel nobody listens to must not hold up the drain.
+async fn linger(hub: &Hub, ch: &Arc<Channel>, eager: bool, shutdown: &CancellationToken) {
     loop {
-        if ch.clients.load(Ordering::Acquire) == 0 {
-            tokio::time::sleep(hub.cfg.linger).await;
+        let stopping = shutdown.is_cancelled();
+        if ch.clients.load(Ordering::Acquire) == 0 && (!eager || stopping) {
+            if !stopping {
+                tokio::select! {
+                    _ = tokio::time::sleep(hub.cfg.linger) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
             if hub.remove_if_idle(ch) {
                 return;
             }
         }
-        ch.idle.notified().await;
+        tokio::select! {
+            _ = ch.idle.notified() => {}
+            _ = shutdown.cancelled(), if !stopping => {}
+        }
     }
 }
 
