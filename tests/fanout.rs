@@ -142,6 +142,14 @@ async fn channel_keyed_by_query_parameter_with_upstream_path() {
     .await;
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     assert!(r.contains("query parameter `pair`"), "{r}");
+    // A key that could break out of a subscribe message: refused.
+    let r = raw(
+        gw.addr(),
+        b"GET /feed?pair=EUR\\USD HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("without quotes, backslashes"), "{r}");
 }
 
 #[tokio::test]

@@ -326,6 +326,14 @@ fn channel_of<B>(
             .map(str::to_string)
             .ok_or_else(|| ProxyError::NoChannel(format!("header `{name}`")))?,
     };
+    // The key goes into the upstream request and into `subscribe` messages:
+    // nothing that could break out of a JSON string or a request line.
+    if key.len() > 256 || key.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+        return Err(ProxyError::NoChannel(
+            "channel name of at most 256 characters without quotes, backslashes or control characters"
+                .into(),
+        ));
+    }
     let target = match (&cfg.upstream_path, &cfg.channel) {
         (Some(t), _) => t.replace("{channel}", &key),
         (None, ChannelKey::Path) => match uri.query() {
