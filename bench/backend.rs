@@ -3,10 +3,11 @@
 //! One thread, hand-rolled framing. On every `--listen` address it echoes
 //! data frames back unmasked and answers pings and closes (several loopback
 //! addresses let the 100k-connection scenario stay under the port range).
-//! On every `--feed` address it is a feed: each connection receives
-//! `--feed-rate` binary messages per second of `--feed-size` bytes, whose
-//! first 8 bytes are the send time (nanoseconds since the Unix epoch, little
-//! endian), so a client can measure delivery latency through a fan-out.
+//! On every `--feed` address it is a feed: one clock publishes `--feed-rate`
+//! binary messages per second of `--feed-size` bytes to every connection
+//! (as a broadcast server would), whose first 8 bytes are the publish time
+//! (nanoseconds since the Unix epoch, little endian), so a client can
+//! measure delivery latency, directly or through a fan-out.
 
 mod proto;
 
@@ -26,7 +27,28 @@ struct Feed {
     size: usize,
 }
 
-async fn serve(mut s: TcpStream, feed: Option<Feed>) -> std::io::Result<()> {
+/// The published frames every feed connection receives.
+type Frames = tokio::sync::broadcast::Sender<std::sync::Arc<Vec<u8>>>;
+
+/// The feed's clock: one frame per period, stamped when published.
+async fn publish(f: Feed, tx: Frames) {
+    let period = std::time::Duration::from_secs_f64(1.0 / f64::from(f.rate.max(1)));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut payload = vec![b'f'; f.size.max(8)];
+    loop {
+        tick.tick().await;
+        let ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        payload[..8].copy_from_slice(&ns.to_le_bytes());
+        let mut out = Vec::with_capacity(payload.len() + 10);
+        proto::put_frame(&mut out, proto::OP_BINARY, &payload, false);
+        let _ = tx.send(std::sync::Arc::new(out));
+    }
+}
+
+async fn serve(mut s: TcpStream, feed: Option<Frames>) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(4096);
     let n = proto::read_head(&mut s, &mut buf).await?;
@@ -52,7 +74,7 @@ async fn serve(mut s: TcpStream, feed: Option<Feed>) -> std::io::Result<()> {
     s.write_all(resp.as_bytes()).await?;
     buf.drain(..n);
     if let Some(f) = feed {
-        return feed_loop(s, f).await;
+        return feed_loop(s, f.subscribe()).await;
     }
     // Echo loop: read whatever is there, answer every complete frame in one write.
     let mut out = Vec::with_capacity(4096);
@@ -100,24 +122,20 @@ async fn serve(mut s: TcpStream, feed: Option<Feed>) -> std::io::Result<()> {
     }
 }
 
-/// Sends timestamped messages at the feed rate; answers pings, ends on close.
-async fn feed_loop(mut s: TcpStream, f: Feed) -> std::io::Result<()> {
-    let period = std::time::Duration::from_secs_f64(1.0 / f64::from(f.rate.max(1)));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut payload = vec![b'f'; f.size.max(8)];
+/// Sends every published message; answers pings, ends on close. A
+/// connection that falls behind the publisher skips what it missed.
+async fn feed_loop(
+    mut s: TcpStream,
+    mut rx: tokio::sync::broadcast::Receiver<std::sync::Arc<Vec<u8>>>,
+) -> std::io::Result<()> {
     let (mut out, mut inbuf, mut tmp) = (Vec::new(), Vec::new(), [0u8; 4096]);
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                let ns = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as u64);
-                payload[..8].copy_from_slice(&ns.to_le_bytes());
-                out.clear();
-                proto::put_frame(&mut out, proto::OP_BINARY, &payload, false);
-                s.write_all(&out).await?;
-            }
+            m = rx.recv() => match m {
+                Ok(frame) => s.write_all(&frame).await?,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return Ok(()),
+            },
             n = s.read(&mut tmp) => {
                 let n = n?;
                 if n == 0 {
@@ -199,10 +217,14 @@ fn main() -> std::io::Result<()> {
         .build()?;
     rt.block_on(async move {
         let mut set = tokio::task::JoinSet::new();
+        let frames: Frames = tokio::sync::broadcast::channel(1024).0;
+        if !feeds.is_empty() {
+            set.spawn(publish(feed, frames.clone()));
+        }
         let all = addrs
             .into_iter()
             .map(|a| (a, None))
-            .chain(feeds.into_iter().map(|a| (a, Some(feed))));
+            .chain(feeds.into_iter().map(|a| (a, Some(frames.clone()))));
         for (a, mode) in all {
             let l = TcpListener::bind(a).await?;
             eprintln!(
@@ -212,6 +234,7 @@ fn main() -> std::io::Result<()> {
             set.spawn(async move {
                 loop {
                     if let Ok((s, _)) = l.accept().await {
+                        let mode = mode.clone();
                         tokio::spawn(async move {
                             let _ = serve(s, mode).await;
                         });
