@@ -267,6 +267,7 @@ fn fanout_json(h: &crate::fanout::Hub) -> serde_json::Value {
         "slow_disconnects": s.slow_disconnects.load(Relaxed),
         "upstream_reconnects": s.reconnects.load(Relaxed),
         "forwarded": s.forwarded.load(Relaxed),
+        "forward_dropped": s.forward_dropped.load(Relaxed),
         "channels": channels,
     })
 }

@@ -433,6 +433,20 @@ impl Collector for GatewayCollector {
             Counter,
             &fan(&|s| s.reconnects.load(Relaxed)),
         )?;
+        family(
+            &mut enc,
+            "upgate_fanout_forwarded",
+            "Client messages sent on to the upstream (client_messages: forward).",
+            Counter,
+            &fan(&|s| s.forwarded.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_fanout_forward_dropped",
+            "Client messages dropped because the upstream queue was full.",
+            Counter,
+            &fan(&|s| s.forward_dropped.load(Relaxed)),
+        )?;
 
         let st = &sh.stats;
         family(

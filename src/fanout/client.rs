@@ -428,7 +428,9 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                             Message::Binary(payload.into())
                         };
                         // A full upstream queue drops the message rather than stall everyone.
-                        let _ = cx.ch.to_upstream.try_send(msg);
+                        if cx.ch.to_upstream.try_send(msg).is_err() {
+                            stats.forward_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     Event::Close(code) => {
                         out.end = End::ClientClose;

@@ -59,6 +59,8 @@ pub struct Stats {
     pub reconnects: AtomicU64,
     /// Client messages sent on to the upstream.
     pub forwarded: AtomicU64,
+    /// Client messages dropped because the upstream queue was full (or no upstream was connected long enough).
+    pub forward_dropped: AtomicU64,
 }
 
 /// The fan-out side of one route: its channels and counters.
