@@ -536,3 +536,30 @@ async fn shutdown_closes_clients_with_1001_and_an_idle_eager_channel_does_not_ho
     let drained = gw.join().await.expect("gateway task");
     assert!(!drained.finished_in_grace);
 }
+
+#[tokio::test]
+async fn channel_keyed_by_header() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(
+        &[&feed],
+        "    channel: header:X-Room\n    upstream_path: /rooms/{channel}\n",
+    )
+    .await;
+    let mut a = ws_with(gw.addr(), "x", "/feed/anything", &[("x-room", "blue")])
+        .await
+        .expect("upgrade");
+    let _b = ws_with(gw.addr(), "x", "/feed/else", &[("x-room", "blue")])
+        .await
+        .expect("upgrade");
+    let _c = ws_with(gw.addr(), "x", "/feed", &[("x-room", "red")])
+        .await
+        .expect("upgrade");
+    feed.wait_open(2, T).await;
+    let mut paths = feed.paths.lock().unwrap().clone();
+    paths.sort();
+    assert_eq!(paths, ["/rooms/blue", "/rooms/red"]);
+    feed.publish_to("/rooms/blue", Message::text("blue news"));
+    assert_eq!(next_text(&mut a).await, "blue news");
+    let e = ws_with(gw.addr(), "x", "/feed", &[]).await.unwrap_err();
+    assert!(e.to_string().contains("400"), "{e}");
+}
