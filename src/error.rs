@@ -106,7 +106,12 @@ impl ProxyError {
                 status.canonical_reason().unwrap_or("")
             ),
         );
-        match self {
+        // A shared error carries the headers of the one inside.
+        let own = match &self {
+            ProxyError::Shared(inner) => &**inner,
+            e => e,
+        };
+        match own {
             ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
                 resp.headers_mut().insert(
                     header::SEC_WEBSOCKET_VERSION,
@@ -118,14 +123,6 @@ impl ProxyError {
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after.as_secs().max(1)),
                 );
-            }
-            ProxyError::Shared(inner) => {
-                if let ProxyError::Unavailable { retry_after, .. } = *inner {
-                    resp.headers_mut().insert(
-                        header::RETRY_AFTER,
-                        HeaderValue::from(retry_after.as_secs().max(1)),
-                    );
-                }
             }
             _ => {}
         }

@@ -389,7 +389,10 @@ impl Collector for GatewayCollector {
             "upgate_fanout_channels",
             "Open fan-out channels (one upstream per source each).",
             Gauge,
-            &fan(&|s| s.channels.load(Relaxed)),
+            &hubs
+                .iter()
+                .map(|(n, h)| (l("route", n.to_string()), h.channel_count() as u64))
+                .collect::<Vec<_>>(),
         )?;
         family(
             &mut enc,

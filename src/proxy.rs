@@ -168,7 +168,7 @@ where
                     .await
             }
             None => {
-                upgrade(&shared, &conn, &snapshot, r, stats, req)
+                upgrade(&shared, &conn, &snapshot, route, req)
                     .instrument(span)
                     .await
             }
@@ -213,10 +213,9 @@ fn hash_key(pool: &Pool, conn: &ConnInfo, headers: &HeaderMap, uri: &Uri) -> Opt
                 let (k, v) = kv.trim().split_once('=')?;
                 (k == name).then(|| fnv1a(v.as_bytes()))
             }),
-        HashKey::Query(name) => uri.query()?.split('&').find_map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k == name).then(|| fnv1a(v.as_bytes()))
-        }),
+        HashKey::Query(name) => ws::query_values(uri, name)
+            .next()
+            .map(|v| fnv1a(v.as_bytes())),
     }
 }
 
@@ -265,15 +264,17 @@ fn set_host(h: &mut HeaderMap, route: &Route, client_host: Option<&str>, backend
     }
 }
 
+/// `index` is the matched route's place in the snapshot's table.
 async fn upgrade(
     shared: &Arc<Shared>,
     conn: &Arc<ConnInfo>,
     snapshot: &Snapshot,
-    route: &Route,
-    stats: &Arc<RouteStats>,
+    index: usize,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     ws::validate(&req)?;
+    let route = &snapshot.routes.routes()[index];
+    let stats = &snapshot.route_stats[index];
     let pool = &snapshot.pools[route.pool];
     let client_upgrade = hyper::upgrade::on(&mut req);
     let client_host = request_host(req.uri(), req.headers());
@@ -323,7 +324,6 @@ async fn upgrade(
                 let guard = BackendGuard::new(backend.clone());
                 let down =
                     (pool.on_backend_down == OnBackendDown::Close).then(|| backend.down_token());
-                let route_token = snapshot.route_tokens[route_index(snapshot, route)].clone();
                 crate::session::spawn(
                     shared,
                     conn.clone(),
@@ -332,7 +332,7 @@ async fn upgrade(
                     guard,
                     crate::session::Ends {
                         backend_down: down,
-                        route_retired: route_token,
+                        route_retired: snapshot.route_tokens[index].clone(),
                         stats: crate::metrics::SessionGuard::new(stats.clone()),
                     },
                     settings.half_close_timeout,
@@ -350,16 +350,6 @@ async fn upgrade(
         }
     }
     Err(exhausted(pool, tried, last))
-}
-
-/// The index of `route` in the snapshot's table (it is one of its entries).
-fn route_index(snapshot: &Snapshot, route: &Route) -> usize {
-    snapshot
-        .routes
-        .routes()
-        .iter()
-        .position(|r| std::ptr::eq(r, route))
-        .unwrap_or(0)
 }
 
 /// The error once the failover order is used up: 503 when nothing was even

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, ServerSettings};
 use crate::fanout::Hub;
 use crate::pool::{Backend, Pool, PoolError};
 use crate::proxy::Snapshot;
@@ -73,7 +73,17 @@ fn route_of(s: &Snapshot, name: &str) -> Option<usize> {
 }
 
 /// Builds the snapshot for `cfg`, keeping what `old` has that still exists.
+/// Of the `server:` settings a reload applies only `drain_timeout`; the
+/// others (listener limits, timeouts the HTTP stack was built with) stay as
+/// the process started, so they are never half applied.
 pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
+    let settings = match old {
+        Some(o) => ServerSettings {
+            drain_timeout: cfg.server.drain_timeout,
+            ..o.settings.clone()
+        },
+        None => cfg.server.clone(),
+    };
     let mut pools = Vec::with_capacity(cfg.pools.len());
     let mut started = Vec::new();
     for pc in &cfg.pools {
@@ -133,7 +143,7 @@ pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
                 h.set_pools(f, &pools);
                 h
             }
-            _ => Arc::new(Hub::new(r, f.clone(), &pools, &cfg.server)),
+            _ => Arc::new(Hub::new(r, f.clone(), &pools, &settings)),
         }));
     }
 
@@ -198,7 +208,7 @@ pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
             hubs,
             route_tokens,
             route_stats,
-            settings: cfg.server.clone(),
+            settings,
             config: Arc::new(cfg.clone()),
         },
         started,

@@ -369,25 +369,14 @@ impl Gateway {
                 live.insert(addr, serve_listener(l, cx));
             }
         }
-        if cfg.server.drain_timeout != old.settings.drain_timeout
-            || cfg.server.watch_interval != old.settings.watch_interval
-            || strip_reloadable(&cfg.server) != strip_reloadable(&old.settings)
-        {
-            warn!("`server:` settings changed; they take effect at the next restart");
+        if self.shared.snapshot.load().settings != cfg.server {
+            warn!("`server:` settings other than drain_timeout changed; they take effect at the next restart");
         }
         stats
             .reloads_ok
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         info!(summary = %next.summary, "config reloaded");
         Ok(next.summary)
-    }
-}
-
-/// `server:` settings with those a reload does apply (drain) left out.
-fn strip_reloadable(s: &ServerSettings) -> ServerSettings {
-    ServerSettings {
-        drain_timeout: Duration::ZERO,
-        ..s.clone()
     }
 }
 

@@ -142,6 +142,17 @@ pub fn add_forwarded(h: &mut HeaderMap, f: Forwarded<'_>) {
     }
 }
 
+/// The values of query parameter `name` in `uri`, in order (raw, not percent-decoded).
+pub fn query_values<'a>(uri: &'a http::Uri, name: &'a str) -> impl Iterator<Item = &'a str> {
+    uri.query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(move |kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == name).then_some(v)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -369,17 +369,8 @@ async fn forwarded_client_messages_reach_the_upstream_within_the_rate_limit() {
             break;
         }
     }
-    let code = loop {
-        match tokio::time::timeout(T, c.next())
-            .await
-            .expect("closed in time")
-        {
-            Some(Ok(Message::Close(f))) => break f.map(|f| f.code),
-            Some(Ok(_)) => continue,
-            other => panic!("{other:?}"),
-        }
-    };
-    assert_eq!(code, Some(CloseCode::Policy));
+    let code = close_code(&mut c, T).await;
+    assert_eq!(code, Some(u16::from(CloseCode::Policy)));
     feed.publish(Message::text("still here"));
     assert_eq!(next_text(&mut other).await, "still here");
 }
@@ -522,16 +513,7 @@ async fn shutdown_closes_clients_with_1001_and_an_idle_eager_channel_does_not_ho
     gw.trigger_shutdown();
     feed.publish(Message::text("during the grace period"));
     assert_eq!(next_text(&mut c).await, "during the grace period");
-    let code = loop {
-        match tokio::time::timeout(T, c.next())
-            .await
-            .expect("closed in time")
-        {
-            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => continue,
-            other => panic!("{other:?}"),
-        }
-    };
+    let code = close_code(&mut c, T).await;
     assert_eq!(code, Some(1001));
     let drained = gw.join().await.expect("gateway task");
     assert!(!drained.finished_in_grace);

@@ -313,16 +313,6 @@ async fn fan_out_channels_and_their_clients_survive_a_reload() {
     .unwrap();
     let v = reload(admin).await;
     assert_eq!(v["reloaded"], true, "{v}");
-    let code = tokio::time::timeout(T, async {
-        loop {
-            match c.next().await {
-                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => continue,
-                other => panic!("{other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("drained in time");
+    let code = close_code(&mut c, T).await;
     assert_eq!(code, Some(1001));
 }

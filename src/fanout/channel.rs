@@ -73,7 +73,7 @@ async fn run(
         }
     }
     if first.iter().all(Option::is_none) && !eager {
-        hub.remove(&ch);
+        hub.remove(&ch, false);
         if let Some(e) = last_err {
             ch.state.send_replace(State::Failed(Arc::new(e)));
         }
@@ -99,7 +99,7 @@ async fn run(
         _ = &mut sources => {}
         _ = stop.cancelled() => {}
         _ = hub.retired.cancelled() => {
-            hub.remove(&ch);
+            hub.remove(&ch, false);
             end.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(2), sources).await;
             info!("channel closed: route removed by a reload");
@@ -126,7 +126,7 @@ async fn linger(hub: &Hub, ch: &Arc<Channel>, eager: bool, shutdown: &Cancellati
                     _ = shutdown.cancelled() => {}
                 }
             }
-            if hub.remove_if_idle(ch) {
+            if hub.remove(ch, true) {
                 return;
             }
         }

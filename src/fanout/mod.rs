@@ -43,8 +43,6 @@ use crate::router::{self, Route};
 /// Counters of one fan-out route (atomics: clients add theirs in batches).
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Open channels (each holds one upstream connection per source).
-    pub channels: AtomicU64,
     /// Connected clients.
     pub clients: AtomicU64,
     /// Messages received from upstreams.
@@ -190,55 +188,57 @@ impl Hub {
     /// Opens the route's own channel at start (`eager: true`); it stays open.
     pub fn open_eager(self: &Arc<Self>, shared: &Arc<Shared>, route: &Route) {
         let (key, target) = route_channel(route, &self.cfg);
-        let (ch, fwd) = Channel::new(key, target, &self.cfg);
-        lock(&self.channels).insert(ch.key.clone(), ch.clone());
-        self.stats.channels.fetch_add(1, Ordering::Relaxed);
-        channel::spawn(self.clone(), shared, ch, fwd, true);
+        let mut map = lock(&self.channels);
+        self.open(shared, &mut map, key, target, true);
+    }
+
+    /// Open channels (each holds one upstream connection per source).
+    pub fn channel_count(&self) -> usize {
+        lock(&self.channels).len()
+    }
+
+    /// Creates the channel `key` in `map` and starts its task.
+    fn open(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        map: &mut HashMap<String, Arc<Channel>>,
+        key: String,
+        target: String,
+        eager: bool,
+    ) -> Arc<Channel> {
+        let (ch, fwd) = Channel::new(key.clone(), target, &self.cfg);
+        map.insert(key, ch.clone());
+        channel::spawn(self.clone(), shared, ch.clone(), fwd, eager);
+        ch
     }
 
     /// Joins (or opens) the channel `key`.
     fn join(self: &Arc<Self>, shared: &Arc<Shared>, key: String, target: String) -> Member {
         let mut map = lock(&self.channels);
         self.stats.clients.fetch_add(1, Ordering::Relaxed);
-        if let Some(ch) = map.get(&key) {
-            ch.clients.fetch_add(1, Ordering::AcqRel);
-            return Member {
-                hub: self.clone(),
-                ch: ch.clone(),
-            };
-        }
-        let (ch, fwd) = Channel::new(key.clone(), target, &self.cfg);
-        ch.clients.store(1, Ordering::Release);
-        map.insert(key, ch.clone());
-        drop(map);
-        self.stats.channels.fetch_add(1, Ordering::Relaxed);
-        channel::spawn(self.clone(), shared, ch.clone(), fwd, false);
+        let ch = match map.get(&key) {
+            Some(ch) => ch.clone(),
+            None => self.open(shared, &mut map, key, target, false),
+        };
+        // Counted under the map's lock, so a lingering channel cannot be removed meanwhile.
+        ch.clients.fetch_add(1, Ordering::AcqRel);
         Member {
             hub: self.clone(),
             ch,
         }
     }
 
-    /// Removes `ch` if it has no clients; false when one joined meanwhile.
-    fn remove_if_idle(&self, ch: &Arc<Channel>) -> bool {
+    /// Removes `ch` from the open channels, unless `only_if_idle` and a
+    /// client joined meanwhile (then false).
+    fn remove(&self, ch: &Arc<Channel>, only_if_idle: bool) -> bool {
         let mut map = lock(&self.channels);
-        if ch.clients.load(Ordering::Acquire) != 0 {
+        if only_if_idle && ch.clients.load(Ordering::Acquire) != 0 {
             return false;
         }
         if map.get(&ch.key).is_some_and(|c| Arc::ptr_eq(c, ch)) {
             map.remove(&ch.key);
-            self.stats.channels.fetch_sub(1, Ordering::Relaxed);
         }
         true
-    }
-
-    /// Removes `ch` whatever its clients (its first connect failed).
-    fn remove(&self, ch: &Arc<Channel>) {
-        let mut map = lock(&self.channels);
-        if map.get(&ch.key).is_some_and(|c| Arc::ptr_eq(c, ch)) {
-            map.remove(&ch.key);
-            self.stats.channels.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 }
 
@@ -311,14 +311,9 @@ fn channel_of<B>(
             Some(q) => format!("{rest}?{q}"),
             None => rest.to_string(),
         },
-        ChannelKey::Query(name) => uri
-            .query()
-            .and_then(|q| {
-                q.split('&').find_map(|kv| {
-                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    (k == name && !v.is_empty()).then(|| v.to_string())
-                })
-            })
+        ChannelKey::Query(name) => crate::ws::query_values(uri, name)
+            .find(|v| !v.is_empty())
+            .map(str::to_string)
             .ok_or_else(|| ProxyError::NoChannel(format!("query parameter `{name}`")))?,
         ChannelKey::Header(name) => req
             .headers()

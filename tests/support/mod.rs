@@ -238,6 +238,24 @@ pub async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut Ws<S>, text: 
     }
 }
 
+/// The code of the next Close frame (other messages skipped), within `limit`.
+pub async fn close_code<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut Ws<S>,
+    limit: std::time::Duration,
+) -> Option<u16> {
+    tokio::time::timeout(limit, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                other => panic!("no Close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed in time")
+}
+
 /// Whether the session ends (close frame, EOF or error) within `limit`.
 pub async fn ends_within<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut Ws<S>,
