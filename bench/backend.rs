@@ -8,6 +8,13 @@
 //! (as a broadcast server would), whose first 8 bytes are the publish time
 //! (nanoseconds since the Unix epoch, little endian), so a client can
 //! measure delivery latency, directly or through a fan-out.
+//!
+//! With `--floor`, feed connections are served the least costly way there
+//! is: after the handshake each socket goes to one plain thread that, once
+//! per tick, writes everything due to every connection with one write(2)
+//! each (no runtime, no task per connection, messages stamped with the time
+//! they were due). It is the benchmark's floor: what the kernel allows for
+//! this many loopback sockets on this machine, whatever the server.
 
 mod proto;
 
@@ -30,6 +37,76 @@ struct Feed {
 /// The published frames every feed connection receives.
 type Frames = tokio::sync::broadcast::Sender<std::sync::Arc<Vec<u8>>>;
 
+/// How feed connections are served after the handshake.
+#[derive(Clone)]
+enum FeedMode {
+    /// A task per connection reading a broadcast channel.
+    Tasks(Frames),
+    /// Handed to the floor thread.
+    Floor(std::sync::mpsc::Sender<std::net::TcpStream>),
+}
+
+/// One floor connection: its socket and what it has not yet taken.
+struct FloorConn {
+    s: std::net::TcpStream,
+    pending: Vec<u8>,
+}
+
+/// The floor writer: every tick, one write per connection carrying every
+/// message due since its last write. A connection more than 1 MiB behind,
+/// or failing, is dropped.
+fn floor(f: Feed, rx: std::sync::mpsc::Receiver<std::net::TcpStream>) {
+    use std::io::Write;
+    let period_ns = (1e9 / f64::from(f.rate.max(1))) as u64;
+    let wall0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let t0 = std::time::Instant::now();
+    let mut conns: Vec<FloorConn> = Vec::new();
+    let mut sent = 0u64;
+    let mut payload = vec![b'f'; f.size.max(8)];
+    let mut batch = Vec::new();
+    loop {
+        while let Ok(s) = rx.try_recv() {
+            conns.push(FloorConn {
+                s,
+                pending: Vec::new(),
+            });
+        }
+        let due = t0.elapsed().as_nanos() as u64 / period_ns + 1;
+        if due == sent {
+            let next = std::time::Duration::from_nanos(due * period_ns);
+            std::thread::sleep(next.saturating_sub(t0.elapsed()));
+            continue;
+        }
+        batch.clear();
+        for k in sent..due {
+            payload[..8].copy_from_slice(&(wall0 + k * period_ns).to_le_bytes());
+            proto::put_frame(&mut batch, proto::OP_BINARY, &payload, false);
+        }
+        sent = due;
+        conns.retain_mut(|c| {
+            let out: &[u8] = if c.pending.is_empty() {
+                &batch
+            } else {
+                c.pending.extend_from_slice(&batch);
+                &c.pending
+            };
+            let n = match (&c.s).write(out) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(_) => return false,
+            };
+            if c.pending.is_empty() {
+                c.pending.extend_from_slice(&batch[n..]);
+            } else {
+                c.pending.drain(..n);
+            }
+            c.pending.len() < 1 << 20
+        });
+    }
+}
+
 /// The feed's clock: one frame per period, stamped when published.
 async fn publish(f: Feed, tx: Frames) {
     let period = std::time::Duration::from_secs_f64(1.0 / f64::from(f.rate.max(1)));
@@ -48,7 +125,7 @@ async fn publish(f: Feed, tx: Frames) {
     }
 }
 
-async fn serve(mut s: TcpStream, feed: Option<Frames>) -> std::io::Result<()> {
+async fn serve(mut s: TcpStream, feed: Option<FeedMode>) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(4096);
     let n = proto::read_head(&mut s, &mut buf).await?;
@@ -73,8 +150,15 @@ async fn serve(mut s: TcpStream, feed: Option<Frames>) -> std::io::Result<()> {
     );
     s.write_all(resp.as_bytes()).await?;
     buf.drain(..n);
-    if let Some(f) = feed {
-        return feed_loop(s, f.subscribe()).await;
+    match feed {
+        Some(FeedMode::Tasks(f)) => return feed_loop(s, f.subscribe()).await,
+        Some(FeedMode::Floor(tx)) => {
+            let s = s.into_std()?;
+            return tx
+                .send(s)
+                .map_err(|_| std::io::Error::other("floor thread gone"));
+        }
+        None => {}
     }
     // Echo loop: read whatever is there, answer every complete frame in one write.
     let mut out = Vec::with_capacity(4096);
@@ -172,6 +256,7 @@ fn main() -> std::io::Result<()> {
         rate: 10,
         size: 100,
     };
+    let mut use_floor = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -199,10 +284,12 @@ fn main() -> std::io::Result<()> {
                     .ok_or_else(|| std::io::Error::other("--feed-size needs a number"))?;
                 feed.size = v.parse().map_err(std::io::Error::other)?;
             }
+            "--floor" => use_floor = true,
             "-h" | "--help" => {
                 println!(
-                    "upgate-bench-backend [--listen ADDR]... [--feed ADDR]... [--feed-rate MSGS_PER_S] [--feed-size BYTES]\n\
-                     Fast WebSocket backends for the benchmark: echo on --listen, a timestamped feed on --feed."
+                    "upgate-bench-backend [--listen ADDR]... [--feed ADDR]... [--feed-rate MSGS_PER_S] [--feed-size BYTES] [--floor]\n\
+                     Fast WebSocket backends for the benchmark: echo on --listen, a timestamped feed on --feed\n\
+                     (--floor: feed connections written by one plain thread, the kernel floor)."
                 );
                 return Ok(());
             }
@@ -218,13 +305,20 @@ fn main() -> std::io::Result<()> {
     rt.block_on(async move {
         let mut set = tokio::task::JoinSet::new();
         let frames: Frames = tokio::sync::broadcast::channel(1024).0;
-        if !feeds.is_empty() {
+        let mode = if feeds.is_empty() {
+            None
+        } else if use_floor {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || floor(feed, rx));
+            Some(FeedMode::Floor(tx))
+        } else {
             set.spawn(publish(feed, frames.clone()));
-        }
+            Some(FeedMode::Tasks(frames))
+        };
         let all = addrs
             .into_iter()
             .map(|a| (a, None))
-            .chain(feeds.into_iter().map(|a| (a, Some(frames.clone()))));
+            .chain(feeds.into_iter().map(|a| (a, mode.clone())));
         for (a, mode) in all {
             let l = TcpListener::bind(a).await?;
             eprintln!(

@@ -56,7 +56,13 @@ struct FanoutArgs {
     /// Measured seconds per run (after a 2 s warm-up).
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
-    #[arg(long, value_delimiter = ',', default_value = "direct,upgate,upgate-2t")]
+    /// `floor` (one plain write loop: the kernel's limit), `direct` (the
+    /// source serves every client), `upgate`, `upgate-2t`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "floor,direct,upgate,upgate-2t"
+    )]
     targets: Vec<String>,
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -600,9 +606,11 @@ async fn fanout_suite(a: FanoutArgs) -> Result<(), String> {
             for k in 0..a.targets.len() {
                 let t = &a.targets[(k + round + ri) % a.targets.len()];
                 let r = match t.as_str() {
-                    // The source serves every client itself: it gets core 0, as upgate would.
-                    "direct" => {
-                        let feed = targets::feed(&bin_dir, &work, "0", rate, a.size)?;
+                    // The source serves every client itself: it gets core 0, as upgate
+                    // would. `floor`: the same from one plain write loop.
+                    "direct" | "floor" => {
+                        let feed =
+                            targets::feed(&bin_dir, &work, "0", (rate, a.size), t == "floor")?;
                         let w = fanout::Watch {
                             server: feed.pid(),
                             source: feed.pid(),
@@ -612,7 +620,7 @@ async fn fanout_suite(a: FanoutArgs) -> Result<(), String> {
                     }
                     // One runtime thread on core 0 (as in the suite), or one per core.
                     "upgate" | "upgate-2t" => {
-                        let feed = targets::feed(&bin_dir, &work, "1", rate, a.size)?;
+                        let feed = targets::feed(&bin_dir, &work, "1", (rate, a.size), false)?;
                         let gw = if t == "upgate" {
                             targets::upgate_fanout(&bin_dir, &work, "0", 1)?
                         } else {
@@ -670,7 +678,7 @@ fn render_fanout(
     let _ = writeln!(o, "## upgate fan-out benchmark, {started}\n");
     let _ = writeln!(
         o,
-        "{}. {clients} clients subscribed to one feed of {} B messages. `direct`: every client connects to the source, which sends each its own copy (source on core 0). \
+        "{}. {clients} clients subscribed to one feed of {} B messages. `floor`: every client connects to a source that writes each message to every socket from one plain loop, one write(2) per client per tick carrying all messages due, stamped with the time they were due (core 0): the least any server can spend on this many loopback sockets here. `direct`: every client connects to the source, which sends each its own copy (source on core 0). \
          `upgate`: clients connect to a `mode: fanout` route; upgate (one runtime thread, core 0) holds one upstream connection (source on core 1). `upgate-2t`: the same with two runtime threads on both cores. Load generator on core 1. \
          {} rounds × {} s after a 2 s warm-up; medians (min–max over rounds). Latency: send timestamp in the message → client read.\n",
         machine_info(),
@@ -709,7 +717,7 @@ fn render_fanout(
             );
         }
     }
-    let _ = writeln!(o, "\nCPU is % of one core over the measured window, from /proc. For `direct` the serving process is the source itself.");
+    let _ = writeln!(o, "\nCPU is % of one core over the measured window, from /proc. For `floor` and `direct` the serving process is the source itself.");
     o
 }
 

@@ -351,13 +351,14 @@ https://localhost:18446 {{
 pub const FEED_PORT: u16 = 19101;
 
 /// The timestamped feed (`upgate-bench-backend --feed`) pinned to `core`:
-/// every connection receives `rate` messages/s of `size` bytes.
+/// every connection receives `rate` messages/s of `size` bytes. `floor`
+/// serves the connections from one plain write loop (`--floor`).
 pub fn feed(
     bin_dir: &Path,
     work: &Path,
     core: &str,
-    rate: u32,
-    size: usize,
+    (rate, size): (u32, usize),
+    floor: bool,
 ) -> Result<Proc, String> {
     let (a, r, s) = (
         format!("127.0.0.1:{FEED_PORT}"),
@@ -368,7 +369,15 @@ pub fn feed(
         FEED_PORT,
         core,
         &bin_dir.join("upgate-bench-backend"),
-        &["--feed", &a, "--feed-rate", &r, "--feed-size", &s],
+        &[
+            "--feed",
+            &a,
+            "--feed-rate",
+            &r,
+            "--feed-size",
+            &s,
+            "--floor",
+        ][..if floor { 7 } else { 6 }],
         &[],
         &work.join("feed.log"),
     )?;
