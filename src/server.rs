@@ -42,6 +42,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Pool(#[from] PoolError),
+    #[error("TLS session resumption: {0}")]
+    Resumption(#[source] Box<TlsError>),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -79,6 +81,8 @@ pub struct Gateway {
     resolver: Resolver,
     /// Reload requests (SIGHUP, `POST /reload`, the file watcher).
     reloads: tokio::sync::mpsc::Receiver<crate::proxy::ReloadRequest>,
+    /// Ticket keys and session cache, kept across reloads.
+    resumption: tls::Resumption,
 }
 
 /// What shutdown found.
@@ -107,7 +111,8 @@ impl Gateway {
         for pool in snapshot.pools.iter().filter(|p| p.discovers()) {
             pool.refresh(&resolver).await;
         }
-        let tls = tls_acceptors(config)?;
+        let resumption = tls::Resumption::new().map_err(|e| StartError::Resumption(Box::new(e)))?;
+        let tls = tls_acceptors(config, &resumption)?;
         let mut listeners = Vec::new();
         for (l, tls) in config.listeners.iter().zip(tls) {
             let listener = bind_socket(l.addr).map_err(|source| StartError::Bind {
@@ -139,6 +144,7 @@ impl Gateway {
             resolver,
             settings: config.server.clone(),
             reloads,
+            resumption,
             shared: Arc::new(Shared {
                 snapshot: ArcSwap::from_pointee(snapshot),
                 tasks: TaskTracker::new(),
@@ -299,7 +305,7 @@ impl Gateway {
             Ok(c) => c,
             Err(e) => return refused(e.to_string()),
         };
-        let tls = match tls_acceptors(&cfg) {
+        let tls = match tls_acceptors(&cfg, &self.resumption) {
             Ok(t) => t,
             Err(e) => return refused(e.to_string()),
         };
@@ -392,14 +398,17 @@ impl ReloadHandle {
 }
 
 /// A TLS acceptor per listener (None for plain ones), certificates loaded.
-fn tls_acceptors(config: &Config) -> Result<Vec<Option<TlsAcceptor>>, StartError> {
+fn tls_acceptors(
+    config: &Config,
+    resumption: &tls::Resumption,
+) -> Result<Vec<Option<TlsAcceptor>>, StartError> {
     config
         .listeners
         .iter()
         .enumerate()
         .map(|(index, l)| match &l.tls {
             None => Ok(None),
-            Some(files) => tls::server_config(files)
+            Some(files) => tls::server_config(files, resumption)
                 .map(|c| Some(TlsAcceptor::from(c)))
                 .map_err(|source| StartError::Tls {
                     file: config.source.clone(),

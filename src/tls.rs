@@ -117,8 +117,32 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+/// Session resumption state a gateway keeps for its whole life: the ticket
+/// keys (TLS 1.3 and 1.2 tickets, rotated by rustls) and the TLS 1.2
+/// session-id cache. Every listener's config, including those a reload
+/// builds, shares it, so a client that resumed before a reload (or on
+/// another listener) still resumes after it instead of paying for a full
+/// handshake.
+#[derive(Clone)]
+pub struct Resumption {
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
+}
+
+impl Resumption {
+    pub fn new() -> Result<Resumption, TlsError> {
+        Ok(Resumption {
+            ticketer: provider::Ticketer::new()?,
+            sessions: rustls::server::ServerSessionMemoryCache::new(4096),
+        })
+    }
+}
+
 /// The rustls server config of one listener.
-pub fn server_config(files: &[CertFiles]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config(
+    files: &[CertFiles],
+    resumption: &Resumption,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = files
         .iter()
         .map(|f| load_certified_key(&f.cert, &f.key).map(Arc::new))
@@ -129,8 +153,9 @@ pub fn server_config(files: &[CertFiles]) -> Result<Arc<rustls::ServerConfig>, T
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(SniResolver::new(certs)));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    // Stateless resumption: clients that come back skip the full handshake.
-    cfg.ticketer = provider::Ticketer::new()?;
+    // Resumption: clients that come back skip the full handshake.
+    cfg.ticketer = resumption.ticketer.clone();
+    cfg.session_storage = resumption.sessions.clone();
     Ok(Arc::new(cfg))
 }
 

@@ -262,6 +262,80 @@ async fn listeners_and_certificates_change_without_a_restart() {
     }
 }
 
+/// A wss session over `cfg`: how its handshake went, after one echo (which
+/// also reads the tickets the server sends after the handshake).
+async fn tls_session(
+    addr: std::net::SocketAddr,
+    cfg: &Arc<rustls::ClientConfig>,
+) -> rustls::HandshakeKind {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("site.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let mut s = ws_over(tls, "site.test", "/", &[]).await.expect("wss");
+    assert_eq!(roundtrip(&mut s, "hi").await, "hi");
+    let kind = s
+        .get_ref()
+        .get_ref()
+        .1
+        .handshake_kind()
+        .expect("handshake done");
+    let _ = s.close(None).await;
+    kind
+}
+
+#[tokio::test]
+async fn tls_sessions_resume_across_a_reload() {
+    let be = echo_backends(&["a"]).await;
+    let dir = TempDir::new("reload-resume");
+    let (_, _, ca) = cert_files(&dir.0, "site", &["site.test"]);
+    let file = dir.0.join("routes.yaml");
+    let y = |route: &str| {
+        format!(
+            "server: {{ watch_interval: 0s }}\nadmin: {{ addr: '127.0.0.1:0' }}\nlisten:\n  - addr: 127.0.0.1:0\n    tls:\n      certs:\n        - {{ cert: site.pem, key: site-key.pem }}\npools:\n  p: {{ backends: [ws://{}] }}\nroutes:\n  - {{ name: r, path: /, pool: p }}\n{route}",
+            be.addrs[0]
+        )
+    };
+    std::fs::write(&file, y("")).unwrap();
+    let gw = gateway_file(&file).await;
+    let admin = gw.admin.expect("admin");
+    let addr = gw.addrs[0];
+    for (version, label) in [
+        (&rustls::version::TLS13, "TLS 1.3"),
+        (&rustls::version::TLS12, "TLS 1.2"),
+    ] {
+        let mut store = rustls::RootCertStore::empty();
+        store.add(ca.clone()).unwrap();
+        let cfg = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(store)
+            .with_no_client_auth(),
+        );
+        use rustls::HandshakeKind::{Full, Resumed};
+        assert_eq!(tls_session(addr, &cfg).await, Full, "{label}: first");
+        assert_eq!(tls_session(addr, &cfg).await, Resumed, "{label}: second");
+        // A reload rebuilds the listener's TLS config (as a certificate
+        // renewal would); the client still resumes.
+        std::fs::write(&file, y("  - { name: x, path: /x, pool: p }\n")).unwrap();
+        let v = reload(admin).await;
+        assert_eq!(v["reloaded"], true, "{v}");
+        assert_eq!(
+            tls_session(addr, &cfg).await,
+            Resumed,
+            "{label}: after the reload"
+        );
+        std::fs::write(&file, y("")).unwrap();
+        let v = reload(admin).await;
+        assert_eq!(v["reloaded"], true, "{v}");
+    }
+}
+
 #[tokio::test]
 async fn fan_out_channels_and_their_clients_survive_a_reload() {
     let feed = support::feed::Feed::start().await;
