@@ -285,6 +285,7 @@ fn config_json(c: &crate::config::Config) -> serde_json::Value {
                     "cert": f.cert.display().to_string(),
                     "key": f.key.display().to_string(),
                 })).collect::<Vec<_>>()),
+                "proxy_protocol": l.proxy_protocol,
             })
         })
         .collect();

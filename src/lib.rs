@@ -32,6 +32,7 @@ pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod router;
 pub mod server;

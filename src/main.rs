@@ -113,7 +113,12 @@ fn check(file: &Path) -> Result<(), String> {
     println!("{}: OK", file.display());
     for l in &c.listeners {
         let scheme = if l.tls.is_some() { "https" } else { "http" };
-        println!("listen  {scheme}://{}", l.addr);
+        let pp = if l.proxy_protocol {
+            "  (PROXY protocol)"
+        } else {
+            ""
+        };
+        println!("listen  {scheme}://{}{pp}", l.addr);
     }
     println!(
         "{:<14} {:<24} {:<16} {:<10} notes",
@@ -227,6 +232,9 @@ async fn run(config: Config, with_demo: bool) -> Result<(), String> {
         let scheme = if l.tls.is_some() { "https" } else { "http" };
         let ws = if l.tls.is_some() { "wss" } else { "ws" };
         tracing::info!("listening on {scheme}://{addr}");
+        if l.proxy_protocol {
+            tracing::info!(%addr, "connections must start with a PROXY protocol header");
+        }
         if with_demo {
             println!("demo page:  {scheme}://{addr}/        chat: {ws}://{addr}/chat   ticker: {ws}://{addr}/ticker?pair=EURUSD");
         }

@@ -139,6 +139,8 @@ pub struct ListenerStats {
     pub active: AtomicU64,
     pub tls_ok: AtomicU64,
     pub tls_failed: AtomicU64,
+    /// Connections closed for a missing or malformed PROXY header.
+    pub proxy_header_failed: AtomicU64,
 }
 
 impl ListenerStats {
@@ -149,6 +151,7 @@ impl ListenerStats {
             active: AtomicU64::new(0),
             tls_ok: AtomicU64::new(0),
             tls_failed: AtomicU64::new(0),
+            proxy_header_failed: AtomicU64::new(0),
         }
     }
 }
@@ -252,6 +255,13 @@ impl Collector for GatewayCollector {
             "TLS handshakes by outcome (failed includes timeouts).",
             Counter,
             &tls,
+        )?;
+        family(
+            &mut enc,
+            "upgate_proxy_protocol_errors",
+            "Connections closed for a missing, malformed or late PROXY protocol header.",
+            Counter,
+            &by_listener(&|s| s.proxy_header_failed.load(Relaxed)),
         )?;
 
         let routes: Vec<(&str, &Arc<RouteStats>)> = snap

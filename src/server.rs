@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +61,8 @@ struct Listener {
     stats: Arc<crate::metrics::ListenerStats>,
     /// Swapped by a reload (new certificates) without touching the socket.
     tls: Arc<arc_swap::ArcSwapOption<TlsAcceptor>>,
+    /// `proxy_protocol:`, also changed by a reload.
+    proxy_protocol: Arc<AtomicBool>,
 }
 
 /// A listener being served: how to stop it and where its TLS settings live.
@@ -67,6 +70,7 @@ struct Live {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     tls: Arc<arc_swap::ArcSwapOption<TlsAcceptor>>,
+    proxy_protocol: Arc<AtomicBool>,
     stats: Arc<crate::metrics::ListenerStats>,
 }
 
@@ -125,6 +129,7 @@ impl Gateway {
                 )),
                 listener,
                 tls: Arc::new(arc_swap::ArcSwapOption::new(tls.map(Arc::new))),
+                proxy_protocol: Arc::new(AtomicBool::new(l.proxy_protocol)),
             });
         }
         let admin = match &config.admin {
@@ -362,6 +367,7 @@ impl Gateway {
             let acceptor = acceptor.map(Arc::new);
             if let Some(l) = live.get(&lc.addr) {
                 l.tls.store(acceptor);
+                l.proxy_protocol.store(lc.proxy_protocol, Ordering::Relaxed);
             } else if let Some(i) = fresh.iter().position(|(a, _)| *a == lc.addr) {
                 let (addr, listener) = fresh.swap_remove(i);
                 info!(%addr, "listener added");
@@ -371,6 +377,7 @@ impl Gateway {
                     )),
                     listener,
                     tls: Arc::new(arc_swap::ArcSwapOption::new(acceptor)),
+                    proxy_protocol: Arc::new(AtomicBool::new(lc.proxy_protocol)),
                 };
                 live.insert(addr, serve_listener(l, cx));
             }
@@ -445,6 +452,7 @@ fn serve_listener(l: Listener, cx: &Arc<AcceptCx>) -> Live {
     Live {
         stop: stop.clone(),
         tls: l.tls.clone(),
+        proxy_protocol: l.proxy_protocol.clone(),
         stats: l.stats.clone(),
         task: tokio::spawn(accept_loop(l, cx.clone(), stop)),
     }
@@ -564,22 +572,51 @@ async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
         };
         let _ = tcp.set_nodelay(true);
         let tls = l.tls.load_full();
-        l.stats
-            .accepted
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        l.stats
-            .active
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let info = Arc::new(ConnInfo {
+        let proxy_protocol = l.proxy_protocol.load(Ordering::Relaxed);
+        l.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        l.stats.active.fetch_add(1, Ordering::Relaxed);
+        let mut info = ConnInfo {
             peer,
             tls: tls.is_some(),
             _permit: Some(permit),
             listener: l.stats.clone(),
-        });
-        let span = tracing::debug_span!("conn", %peer);
+        };
+        let span = tracing::debug_span!("conn", %peer, client = tracing::field::Empty);
         let cx2 = cx.clone();
         cx.shared.tasks.spawn(
             async move {
+                let mut tcp = tcp;
+                if proxy_protocol {
+                    let header = tokio::time::timeout(
+                        cx2.handshake_timeout,
+                        crate::proxy_protocol::read(&mut tcp),
+                    )
+                    .await;
+                    match header {
+                        Ok(Ok(h)) => {
+                            if let Some(client) = h.source {
+                                info.peer = client;
+                                tracing::Span::current()
+                                    .record("client", tracing::field::display(client));
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            info.listener
+                                .proxy_header_failed
+                                .fetch_add(1, Ordering::Relaxed);
+                            debug!(error = %e, "connection closed");
+                            return;
+                        }
+                        Err(_) => {
+                            info.listener
+                                .proxy_header_failed
+                                .fetch_add(1, Ordering::Relaxed);
+                            debug!("no PROXY header within the handshake timeout");
+                            return;
+                        }
+                    }
+                }
+                let info = Arc::new(info);
                 match tls {
                     None => {
                         match tokio::time::timeout(cx2.handshake_timeout, is_h2_preface(&tcp)).await

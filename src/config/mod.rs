@@ -82,6 +82,9 @@ pub struct ListenerConfig {
     pub addr: SocketAddr,
     /// Certificates in file order; the first is served when SNI matches none.
     pub tls: Option<Vec<CertFiles>>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2)
+    /// giving the client's address.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -365,7 +368,11 @@ impl Config {
                         .collect(),
                 ),
             };
-            listeners.push(ListenerConfig { addr: l.addr, tls });
+            listeners.push(ListenerConfig {
+                addr: l.addr,
+                tls,
+                proxy_protocol: l.proxy_protocol,
+            });
         }
 
         let mut pools = Vec::new();

@@ -50,6 +50,8 @@ pub struct RawServer {
 pub struct RawListener {
     pub addr: SocketAddr,
     pub tls: Option<RawTls>,
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
