@@ -322,6 +322,7 @@ fn config_json(c: &crate::config::Config) -> serde_json::Value {
                 "pool": c.pools[r.pool].name,
                 "strip_prefix": r.strip_prefix,
                 "preserve_host": r.preserve_host,
+                "origins": r.origins.as_ref().map(|o| o.iter().map(|p| p.to_string()).collect::<Vec<_>>()),
                 "fanout": r.fanout.as_ref().map(|f| format!("{f:?}")),
             })
         })

@@ -61,6 +61,9 @@ pub enum ProxyError {
     /// A fan-out request without the value that names its channel.
     #[error("no channel: the request has no {0}")]
     NoChannel(String),
+    /// A browser page from an origin the route does not allow.
+    #[error("origin `{0}` may not open WebSockets on this route")]
+    Origin(String),
     /// One failure answered to every client waiting for the same fan-out channel.
     #[error(transparent)]
     Shared(std::sync::Arc<ProxyError>),
@@ -72,6 +75,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoChannel(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Origin(_) => StatusCode::FORBIDDEN,
             ProxyError::Shared(inner) => inner.status(),
             ProxyError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {

@@ -30,6 +30,7 @@ pub mod error;
 pub mod fanout;
 pub mod health;
 pub mod metrics;
+pub mod origin;
 pub mod pool;
 pub mod proxy;
 pub mod proxy_protocol;

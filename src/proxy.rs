@@ -162,6 +162,13 @@ where
             route = %r.name
         );
         let resp = match &snapshot.hubs[route] {
+            _ if !origin_ok(r, req.headers()) => {
+                let o = req.headers().get(header::ORIGIN).map(|o| {
+                    let o = String::from_utf8_lossy(o.as_bytes());
+                    o.chars().take(200).collect::<String>()
+                });
+                Err(ProxyError::Origin(o.unwrap_or_default()))
+            }
             Some(hub) => {
                 crate::fanout::accept(&shared, &conn, hub, r, stats, req)
                     .instrument(span)
@@ -192,6 +199,16 @@ where
         conn,
     });
     tower::ServiceExt::oneshot(http, req).await
+}
+
+/// Whether the route lets the request's `Origin` (if any) open a WebSocket.
+fn origin_ok(r: &crate::config::RouteConfig, headers: &HeaderMap) -> bool {
+    let (Some(allowed), Some(origin)) = (&r.origins, headers.get(header::ORIGIN)) else {
+        return true;
+    };
+    origin
+        .to_str()
+        .is_ok_and(|o| crate::origin::allowed(allowed, o))
 }
 
 /// The request's key for `balance: hash`; `None` (a missing header, cookie

@@ -145,6 +145,7 @@ mod tests {
                 strip_prefix: false,
                 preserve_host: true,
                 fanout: None,
+                origins: None,
             })
             .collect();
         RouteTable::new(&cfgs)

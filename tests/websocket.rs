@@ -343,3 +343,89 @@ async fn hash_balancing_agrees_across_gateways() {
     }
     assert!(spread.len() >= 2, "12 users all on one backend: {spread:?}");
 }
+
+/// The status and body of a refused handshake.
+fn refusal(e: tokio_tungstenite::tungstenite::Error) -> (u16, String) {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => (
+            resp.status().as_u16(),
+            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string(),
+        ),
+        e => panic!("expected an HTTP refusal, got {e}"),
+    }
+}
+
+#[tokio::test]
+async fn origins_limit_which_pages_may_open_websockets_on_splice_and_fanout_routes() {
+    let be = echo_backends(&["a"]).await;
+    let feed = support::feed::Feed::start().await;
+    let gw = gateway(&format!(
+        "admin: {{ addr: '127.0.0.1:0' }}\nlisten:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: [ws://{}] }}\n  feed: {{ backends: ['{}'] }}\nroutes:\n  - name: r\n    path: /chat\n    pool: p\n    origins: [https://app.example.com, 'https://*.example.org', 'http://localhost:8080']\n  - name: open\n    path: /open\n    pool: p\n  - name: f\n    path: /feed\n    pool: feed\n    mode: fanout\n    origins: [https://app.example.com]\n",
+        be.addrs[0],
+        feed.url()
+    ))
+    .await;
+    let addr = gw.addr();
+    for ok in [
+        Some("https://app.example.com"),
+        Some("HTTPS://App.Example.COM"),
+        Some("https://eu.example.org"),
+        Some("http://localhost:8080"),
+        None, // not a browser
+    ] {
+        let h: Vec<(&str, &str)> = ok.iter().map(|o| ("origin", *o)).collect();
+        let mut s = ws_with(addr, "h", "/chat", &h)
+            .await
+            .unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        assert_eq!(roundtrip(&mut s, "hi").await, "hi");
+    }
+    for bad in [
+        "https://evil.example.net",
+        "https://app.example.com.evil.net",
+        "http://app.example.com",
+        "https://example.org",
+        "http://localhost:8081",
+        "null",
+    ] {
+        let (status, body) = refusal(
+            ws_with(addr, "h", "/chat", &[("origin", bad)])
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(status, 403, "{bad}: {body}");
+        assert!(
+            body.contains(&format!("origin `{bad}` may not open WebSockets")),
+            "{body}"
+        );
+    }
+    // A route without `origins` takes any page.
+    let mut s = ws_with(
+        addr,
+        "h",
+        "/open",
+        &[("origin", "https://evil.example.net")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(roundtrip(&mut s, "open").await, "open");
+    // Fan-out routes check before joining a channel (no upstream is opened).
+    let (status, _) = refusal(
+        ws_with(
+            addr,
+            "h",
+            "/feed",
+            &[("origin", "https://evil.example.net")],
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(status, 403);
+    assert_eq!(feed.accepted(), 0, "a refused client opened the upstream");
+    ws_with(addr, "h", "/feed", &[("origin", "https://app.example.com")])
+        .await
+        .expect("allowed origin joins the feed");
+    // Counted as rejected upgrades.
+    let m = admin_request(gw.admin.expect("admin"), "GET", "/metrics", None).await;
+    let line = "upgate_upgrades_total{route=\"r\",outcome=\"rejected\"} 6";
+    assert!(m.body.contains(line), "no `{line}` in\n{}", m.body);
+}

@@ -161,6 +161,9 @@ pub struct RouteConfig {
     pub preserve_host: bool,
     /// Set on `mode: fanout` routes.
     pub fanout: Option<std::sync::Arc<FanoutConfig>>,
+    /// Origins whose pages may open WebSockets here (a handshake with
+    /// another `Origin` gets 403); `None`: any.
+    pub origins: Option<Vec<crate::origin::OriginPattern>>,
 }
 
 /// A `mode: fanout` route: one upstream connection per channel, broadcast to its clients.
@@ -583,6 +586,33 @@ impl Config {
                     ),
                 ));
             }
+            let origins = match &r.origins {
+                None => None,
+                Some(list) if list.is_empty() => {
+                    return Err(cx.err(
+                        &at("origins"),
+                        "list at least one origin, or remove the key to allow any",
+                    ))
+                }
+                Some(list) => Some(
+                    list.iter()
+                        .enumerate()
+                        .map(|(k, o)| {
+                            crate::origin::OriginPattern::parse(o).map_err(|e| {
+                                cx.err(
+                                    &[
+                                        Seg::Key("routes"),
+                                        Seg::Index(i),
+                                        Seg::Key("origins"),
+                                        Seg::Index(k),
+                                    ],
+                                    e,
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
             routes.push(RouteConfig {
                 name: r.name,
                 host: r.host,
@@ -591,6 +621,7 @@ impl Config {
                 strip_prefix: r.strip_prefix,
                 preserve_host: r.preserve_host.unwrap_or(true),
                 fanout,
+                origins,
             });
         }
         if routes.is_empty() {
@@ -789,6 +820,42 @@ routes:
     pool: ticker
     strip_prefix: true
 ";
+
+    #[test]
+    fn origins_and_proxy_protocol() {
+        let y = OK
+            .replace(
+                "    pool: ticker\n",
+                "    pool: ticker\n    origins:\n      - https://*.example.com\n      - app.example.com\n",
+            );
+        let e = parse(&y).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "t/routes.yaml:21: routes[1].origins[1]: `app.example.com` has no scheme"
+            ),
+            "{e}"
+        );
+        let c = parse(&y.replace("      - app.example.com\n", "")).unwrap();
+        assert_eq!(
+            c.routes[1].origins.as_ref().map(|o| o[0].to_string()),
+            Some("https://*.example.com".to_string())
+        );
+        assert_eq!(c.routes[0].origins, None);
+        let e = parse(&OK.replace("    pool: ticker\n", "    pool: ticker\n    origins: []\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("routes[1].origins: list at least one origin"),
+            "{e}"
+        );
+        let c = parse(&OK.replace(
+            "  - addr: 127.0.0.1:0\n",
+            "  - { addr: 127.0.0.1:0, proxy_protocol: true }\n",
+        ))
+        .unwrap();
+        assert!(c.listeners[0].proxy_protocol);
+        assert!(!parse(OK).unwrap().listeners[0].proxy_protocol);
+    }
 
     #[test]
     fn parses_a_full_config() {

@@ -134,6 +134,8 @@ pub struct RawRoute {
     pub preserve_host: Option<bool>,
     #[serde(default)]
     pub mode: Mode,
+    /// Web origins allowed to open WebSockets; absent: any.
+    pub origins: Option<Vec<String>>,
     // The keys below are for `mode: fanout` only (an error on a splice route).
     pub sources: Option<Vec<String>>,
     pub tag: Option<bool>,
