@@ -6,7 +6,6 @@ mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
@@ -115,18 +114,7 @@ async fn the_client_address_comes_from_v1_and_v2_headers_over_plain_and_tls() {
 
     // Before TLS: the handshake follows the header on the same connection.
     let tcp = behind_balancer(tls, &v2(Some("[2001:db8::9]:4000".parse().unwrap()))).await;
-    let mut store = rustls::RootCertStore::empty();
-    store.add(ca).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(store)
-    .with_no_client_auth();
-    let name = rustls_pki_types::ServerName::try_from("site.test").unwrap();
-    let s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
+    let s = tls_over(tcp, "site.test", client_config(&[ca], &[]))
         .await
         .expect("TLS after the PROXY header");
     assert_eq!(forwarded_for(s).await, "2001:db8::9");

@@ -229,21 +229,8 @@ async fn listeners_and_certificates_change_without_a_restart() {
     let t0 = std::time::Instant::now();
     loop {
         let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("site.test").unwrap();
-        let mut store = rustls::RootCertStore::empty();
-        store.add(new_ca.clone()).unwrap();
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(store)
-        .with_no_client_auth();
-        if tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(name, tcp)
-            .await
-            .is_ok()
-        {
+        let cfg = client_config(std::slice::from_ref(&new_ca), &[]);
+        if tls_over(tcp, "site.test", cfg).await.is_ok() {
             break;
         }
         assert!(t0.elapsed() < T, "new certificate never served");

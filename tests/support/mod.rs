@@ -349,13 +349,11 @@ pub fn cert_files(
     (cp, kp, der)
 }
 
-/// TLS-connects to `addr` with `sni`, trusting only `roots`, with the given ALPN list.
-pub async fn tls_connect(
-    addr: SocketAddr,
-    sni: &str,
+/// A TLS client config trusting only `roots`, with the given ALPN list.
+pub fn client_config(
     roots: &[CertificateDer<'static>],
     alpn: &[&[u8]],
-) -> tokio_rustls::client::TlsStream<TcpStream> {
+) -> Arc<rustls::ClientConfig> {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(r.clone()).expect("root");
@@ -367,10 +365,30 @@ pub async fn tls_connect(
         .with_root_certificates(store)
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-    let tcp = TcpStream::connect(addr).await.expect("connect");
+    Arc::new(cfg)
+}
+
+/// TLS over `tcp` with `sni`, or the handshake's error.
+pub async fn tls_over(
+    tcp: TcpStream,
+    sni: &str,
+    cfg: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let name = ServerName::try_from(sni.to_string()).expect("sni");
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(cfg)
         .connect(name, tcp)
+        .await
+}
+
+/// TLS-connects to `addr` with `sni`, trusting only `roots`, with the given ALPN list.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    roots: &[CertificateDer<'static>],
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    tls_over(tcp, sni, client_config(roots, alpn))
         .await
         .expect("TLS handshake")
 }
