@@ -84,8 +84,10 @@ impl OriginPattern {
                     None => port.is_empty(),
                 };
                 let h_ok = if *wildcard {
+                    // Bytes, not str slices: `h` may hold multi-byte characters.
+                    let (h, host) = (h.as_bytes(), host.as_bytes());
                     h.len() > host.len() + 1
-                        && h.as_bytes()[h.len() - host.len() - 1] == b'.'
+                        && h[h.len() - host.len() - 1] == b'.'
                         && h[h.len() - host.len()..].eq_ignore_ascii_case(host)
                 } else {
                     h.eq_ignore_ascii_case(host)
@@ -142,6 +144,42 @@ fn split_port(s: &str) -> (&str, Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A small deterministic generator (xorshift64*), so failures repeat.
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed | 1;
+        move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    #[test]
+    fn arbitrary_strings_never_panic() {
+        let mut r = rng(3);
+        let alphabet: Vec<char> = "ahtps:/.*[]0123456789-é€😀 null".chars().collect();
+        let pats: Vec<OriginPattern> = ["https://*.é.com", "http://*.a", "null", "https://a:1"]
+            .iter()
+            .filter_map(|s| OriginPattern::parse(s).ok())
+            .collect();
+        for _ in 0..20_000 {
+            let n = (r() % 30) as usize;
+            let mut s: String = (0..n)
+                .map(|_| alphabet[(r() as usize) % alphabet.len()])
+                .collect();
+            if r() % 2 == 0 {
+                s.insert_str(0, ["http://", "https://"][(r() % 2) as usize]);
+            }
+            if let Ok(p) = OriginPattern::parse(&s) {
+                let _ = p.matches(&s);
+            }
+            for p in &pats {
+                let _ = p.matches(&s);
+            }
+        }
+    }
 
     fn p(s: &str) -> OriginPattern {
         OriginPattern::parse(s).unwrap_or_else(|e| panic!("{e}"))

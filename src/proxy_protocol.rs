@@ -194,6 +194,45 @@ pub async fn read(tcp: &mut TcpStream) -> Result<Header, ProxyHeaderError> {
 mod tests {
     use super::*;
 
+    /// A small deterministic generator (xorshift64*), so failures repeat.
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed | 1;
+        move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_lengths_stay_inside() {
+        let mut r = rng(7);
+        let mut valid = v2(1, 0x21, &[0; 36]);
+        valid.extend_from_slice(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n");
+        for _ in 0..50_000 {
+            let n = (r() % 300) as usize;
+            let mut b: Vec<u8> = (0..n).map(|_| r() as u8).collect();
+            match r() % 4 {
+                0 => b.splice(0..0, V2_SIG.iter().copied()).for_each(drop),
+                1 => b.splice(0..0, b"PROXY ".iter().copied()).for_each(drop),
+                2 => {
+                    // A valid header with a few bytes changed.
+                    b = valid.clone();
+                    for _ in 0..3 {
+                        let i = (r() as usize) % b.len();
+                        b[i] = r() as u8;
+                    }
+                    b.truncate((r() as usize) % (b.len() + 1));
+                }
+                _ => {}
+            }
+            if let Ok(Parsed::Complete(h)) = parse(&b) {
+                assert!(h.len <= b.len(), "{b:?}");
+            }
+        }
+    }
+
     fn complete(b: &[u8]) -> Header {
         match parse(b) {
             Ok(Parsed::Complete(h)) => h,

@@ -407,6 +407,29 @@ mod tests {
         w.feed(&wire[..wire.len() - 4]);
         assert_eq!(w.seen, None, "no close until its code is complete");
     }
+
+    #[test]
+    fn frame_watch_takes_arbitrary_bytes_in_arbitrary_pieces() {
+        // xorshift64*: deterministic, so a failure repeats.
+        let mut x = 5u64;
+        let mut r = move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        };
+        for _ in 0..5_000 {
+            let mut w = FrameWatch::default();
+            let n = (r() % 400) as usize;
+            let b: Vec<u8> = (0..n).map(|_| r() as u8).collect();
+            let mut at = 0;
+            while at < b.len() {
+                let k = 1 + (r() as usize) % 20;
+                w.feed(&b[at..(at + k).min(b.len())]);
+                at += k;
+            }
+        }
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 

@@ -165,6 +165,32 @@ pub fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 mod tests {
     use super::*;
 
+    /// A small deterministic generator (xorshift64*), so failures repeat.
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed | 1;
+        move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_frames_stay_inside() {
+        let mut r = rng(11);
+        for _ in 0..50_000 {
+            let n = (r() % 200) as usize;
+            let mut b: Vec<u8> = (0..n).map(|_| r() as u8).collect();
+            if let Some(x) = b.get_mut(1) {
+                *x |= 0x80; // mostly masked, to get past the first checks
+            }
+            if let Ok(Some(f)) = parse(&b, (r() % 300) as usize) {
+                assert!(f.end() <= b.len() && f.start <= f.end(), "{b:?}");
+            }
+        }
+    }
+
     fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
         let mask = [1, 2, 3, 4];
         let mut v = vec![if fin { 0x80 } else { 0 } | opcode];
