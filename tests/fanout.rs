@@ -182,6 +182,19 @@ async fn last_client_leaving_closes_the_upstream_after_linger() {
 }
 
 #[tokio::test]
+async fn a_client_that_vanishes_without_a_close_frame_leaves_at_once() {
+    let feed = Feed::start().await;
+    // A long pong_timeout: leaving must not wait for it.
+    let gw = gateway_for(&[&feed], "    linger: 100ms\n    pong_timeout: 30s\n").await;
+    let c = ws(gw.addr(), "x", "/feed").await;
+    feed.wait_open(1, T).await;
+    drop(c); // TCP closed, no Close frame
+    let left = std::time::Instant::now();
+    feed.wait_open(0, Duration::from_secs(5)).await;
+    assert!(left.elapsed() >= Duration::from_millis(90), "before linger");
+}
+
+#[tokio::test]
 async fn unreachable_feed_is_a_502_to_the_first_client() {
     let dead = dead_addr().await;
     let gw = gateway(&format!(

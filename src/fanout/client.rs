@@ -250,7 +250,11 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
     async fn finish(&mut self, last: Option<Bytes>, limit: Duration) {
         self.out.extend(last);
         let _ = tokio::time::timeout(limit, async {
+            // Nothing left to send (a client that just went away): close at once.
             poll_fn(|cx| loop {
+                if self.out.is_empty() {
+                    return Poll::Ready(());
+                }
                 match self.poll_write_out(cx) {
                     Poll::Ready(Ok(true)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
                     Poll::Ready(Ok(false)) => continue,
