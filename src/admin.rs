@@ -205,6 +205,9 @@ impl Admin {
                     "strip_prefix": r.strip_prefix,
                     "mode": if hub.is_some() { "fanout" } else { "splice" },
                     "sessions_active": stats.sessions_active.load(Ordering::Relaxed),
+                    "clients": stats.admitted.clients(),
+                    "max_sessions": r.limits.max_sessions,
+                    "max_sessions_per_ip": r.limits.max_sessions_per_ip,
                 });
                 if let Some(h) = hub {
                     v["fanout"] = fanout_json(h);
@@ -323,6 +326,8 @@ fn config_json(c: &crate::config::Config) -> serde_json::Value {
                 "strip_prefix": r.strip_prefix,
                 "preserve_host": r.preserve_host,
                 "origins": r.origins.as_ref().map(|o| o.iter().map(|p| p.to_string()).collect::<Vec<_>>()),
+                "max_sessions": r.limits.max_sessions,
+                "max_sessions_per_ip": r.limits.max_sessions_per_ip,
                 "fanout": r.fanout.as_ref().map(|f| format!("{f:?}")),
             })
         })

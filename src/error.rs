@@ -61,6 +61,16 @@ pub enum ProxyError {
     /// A fan-out request without the value that names its channel.
     #[error("no channel: the request has no {0}")]
     NoChannel(String),
+    /// The route holds `max_sessions` sessions already.
+    #[error("route `{route}` is at its limit of {limit} sessions")]
+    RouteFull { route: String, limit: u64 },
+    /// This client address holds `max_sessions_per_ip` sessions on the route already.
+    #[error("{ip} already has {limit} sessions on route `{route}`, its limit")]
+    ClientFull {
+        ip: std::net::IpAddr,
+        route: String,
+        limit: u32,
+    },
     /// A browser page from an origin the route does not allow.
     #[error("origin `{0}` may not open WebSockets on this route")]
     Origin(String),
@@ -76,6 +86,8 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoChannel(_) => StatusCode::BAD_REQUEST,
             ProxyError::Origin(_) => StatusCode::FORBIDDEN,
+            ProxyError::RouteFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ClientFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Shared(inner) => inner.status(),
             ProxyError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
@@ -127,6 +139,11 @@ impl ProxyError {
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after.as_secs().max(1)),
                 );
+            }
+            // A place frees when any session ends: worth trying again soon.
+            ProxyError::RouteFull { .. } | ProxyError::ClientFull { .. } => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

@@ -29,6 +29,7 @@ pub mod demo;
 pub mod error;
 pub mod fanout;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod origin;
 pub mod pool;

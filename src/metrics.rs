@@ -88,6 +88,8 @@ pub struct RouteStats {
     pub bytes_down: AtomicU64,
     pub session_duration: Histogram,
     pub handshake: Histogram,
+    /// Sessions admitted under the route's limits.
+    pub admitted: crate::limits::Admitted,
 }
 
 impl Default for RouteStats {
@@ -100,6 +102,7 @@ impl Default for RouteStats {
             bytes_down: AtomicU64::new(0),
             session_duration: Histogram::new(&SESSION_BUCKETS),
             handshake: Histogram::new(&HANDSHAKE_BUCKETS),
+            admitted: Default::default(),
         }
     }
 }
@@ -280,7 +283,26 @@ impl Collector for GatewayCollector {
                 ));
             }
         }
-        family(&mut enc, "upgate_upgrades", "WebSocket upgrades by route and outcome (ok = 101; refused = the backend's own non-101 answer; rejected = bad client request; failed = no backend).", Counter, &up)?;
+        family(&mut enc, "upgate_upgrades", "WebSocket upgrades by route and outcome (ok = 101; refused = the backend's own non-101 answer; rejected = bad client request or a session limit; failed = no backend).", Counter, &up)?;
+        let mut refused = Vec::new();
+        for (name, s) in &routes {
+            for (limit, n) in [
+                ("route", &s.admitted.refused_route),
+                ("client", &s.admitted.refused_ip),
+            ] {
+                refused.push((
+                    vec![("route", name.to_string()), ("limit", limit.to_string())],
+                    n.load(Relaxed),
+                ));
+            }
+        }
+        family(
+            &mut enc,
+            "upgate_sessions_refused",
+            "Upgrades refused by a route's max_sessions (limit=route, 503) or max_sessions_per_ip (limit=client, 429).",
+            Counter,
+            &refused,
+        )?;
         let per_route = |f: &dyn Fn(&RouteStats) -> u64| -> Vec<(Labels, u64)> {
             routes
                 .iter()

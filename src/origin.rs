@@ -169,7 +169,7 @@ mod tests {
             let mut s: String = (0..n)
                 .map(|_| alphabet[(r() as usize) % alphabet.len()])
                 .collect();
-            if r() % 2 == 0 {
+            if r().is_multiple_of(2) {
                 s.insert_str(0, ["http://", "https://"][(r() % 2) as usize]);
             }
             if let Ok(p) = OriginPattern::parse(&s) {

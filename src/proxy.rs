@@ -161,21 +161,24 @@ where
             path = req.uri().path(),
             route = %r.name
         );
-        let resp = match &snapshot.hubs[route] {
-            _ if !origin_ok(r, req.headers()) => {
-                let o = req.headers().get(header::ORIGIN).map(|o| {
-                    let o = String::from_utf8_lossy(o.as_bytes());
-                    o.chars().take(200).collect::<String>()
-                });
-                Err(ProxyError::Origin(o.unwrap_or_default()))
-            }
-            Some(hub) => {
-                crate::fanout::accept(&shared, &conn, hub, r, stats, req)
+        let admitted = if origin_ok(r, req.headers()) {
+            crate::limits::admit(stats, r.limits, conn.peer.ip(), &r.name)
+        } else {
+            let o = req.headers().get(header::ORIGIN).map(|o| {
+                let o = String::from_utf8_lossy(o.as_bytes());
+                o.chars().take(200).collect::<String>()
+            });
+            Err(ProxyError::Origin(o.unwrap_or_default()))
+        };
+        let resp = match (admitted, &snapshot.hubs[route]) {
+            (Err(e), _) => Err(e),
+            (Ok(admission), Some(hub)) => {
+                crate::fanout::accept(&shared, &conn, hub, (r, stats, admission), req)
                     .instrument(span)
                     .await
             }
-            None => {
-                upgrade(&shared, &conn, &snapshot, route, req)
+            (Ok(admission), None) => {
+                upgrade(&shared, &conn, &snapshot, (route, admission), req)
                     .instrument(span)
                     .await
             }
@@ -183,6 +186,7 @@ where
         let outcome = match &resp {
             Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => Outcome::Ok,
             Ok(_) => Outcome::Refused,
+            Err(ProxyError::RouteFull { .. }) => Outcome::Rejected,
             Err(e) if e.status().is_client_error() => Outcome::Rejected,
             Err(_) => Outcome::Failed,
         };
@@ -281,12 +285,13 @@ fn set_host(h: &mut HeaderMap, route: &Route, client_host: Option<&str>, backend
     }
 }
 
-/// `index` is the matched route's place in the snapshot's table.
+/// `index` is the matched route's place in the snapshot's table; the
+/// session keeps `admission` for its life.
 async fn upgrade(
     shared: &Arc<Shared>,
     conn: &Arc<ConnInfo>,
     snapshot: &Snapshot,
-    index: usize,
+    (index, admission): (usize, crate::limits::Admission),
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     ws::validate(&req)?;
@@ -351,6 +356,7 @@ async fn upgrade(
                         backend_down: down,
                         route_retired: snapshot.route_tokens[index].clone(),
                         stats: crate::metrics::SessionGuard::new(stats.clone()),
+                        admission,
                     },
                     settings.half_close_timeout,
                 );

@@ -146,6 +146,7 @@ mod tests {
                 preserve_host: true,
                 fanout: None,
                 origins: None,
+                limits: Default::default(),
             })
             .collect();
         RouteTable::new(&cfgs)

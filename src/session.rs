@@ -59,6 +59,8 @@ pub struct Ends {
     pub route_retired: CancellationToken,
     /// The route's live-session count and where duration and bytes are added.
     pub stats: crate::metrics::SessionGuard,
+    /// The session's place under the route's limits.
+    pub admission: crate::limits::Admission,
 }
 
 /// Spawns the session on the gateway's task tracker. `backend` is the
@@ -76,6 +78,7 @@ pub fn spawn(
     let down = ends.backend_down.unwrap_or_default();
     let route_retired = ends.route_retired;
     let stats = ends.stats;
+    let admission = ends.admission;
     let span = tracing::Span::current();
     shared.tasks.spawn(
         async move {
@@ -124,8 +127,10 @@ pub fn spawn(
                 error = error.as_ref().map(tracing::field::display),
                 "session"
             );
-            // `conn` (the connection-limit slot) and `guard` (the backend's live count) drop here.
+            // `conn` (the connection-limit slot), `guard` (the backend's live
+            // count) and the session's place under the route's limits drop here.
             drop(conn);
+            drop(admission);
         }
         .instrument(span),
     );

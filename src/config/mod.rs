@@ -164,6 +164,8 @@ pub struct RouteConfig {
     /// Origins whose pages may open WebSockets here (a handshake with
     /// another `Origin` gets 403); `None`: any.
     pub origins: Option<Vec<crate::origin::OriginPattern>>,
+    /// `max_sessions`, `max_sessions_per_ip`.
+    pub limits: crate::limits::Limits,
 }
 
 /// A `mode: fanout` route: one upstream connection per channel, broadcast to its clients.
@@ -613,6 +615,22 @@ impl Config {
                         .collect::<Result<Vec<_>, _>>()?,
                 ),
             };
+            if r.max_sessions == Some(0) {
+                return Err(cx.err(
+                    &at("max_sessions"),
+                    "must be at least 1 (remove the key for no limit)",
+                ));
+            }
+            if r.max_sessions_per_ip == Some(0) {
+                return Err(cx.err(
+                    &at("max_sessions_per_ip"),
+                    "must be at least 1 (remove the key for no limit)",
+                ));
+            }
+            let limits = crate::limits::Limits {
+                max_sessions: r.max_sessions,
+                max_sessions_per_ip: r.max_sessions_per_ip,
+            };
             routes.push(RouteConfig {
                 name: r.name,
                 host: r.host,
@@ -622,6 +640,7 @@ impl Config {
                 preserve_host: r.preserve_host.unwrap_or(true),
                 fanout,
                 origins,
+                limits,
             });
         }
         if routes.is_empty() {
@@ -855,6 +874,25 @@ routes:
         .unwrap();
         assert!(c.listeners[0].proxy_protocol);
         assert!(!parse(OK).unwrap().listeners[0].proxy_protocol);
+        let e = parse(&OK.replace("    pool: chat\n", "    pool: chat\n    max_sessions: 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("routes[0].max_sessions: must be at least 1"),
+            "{e}"
+        );
+        let c = parse(&OK.replace(
+            "    pool: chat\n",
+            "    pool: chat\n    max_sessions: 500\n    max_sessions_per_ip: 5\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.routes[0].limits,
+            crate::limits::Limits {
+                max_sessions: Some(500),
+                max_sessions_per_ip: Some(5)
+            }
+        );
     }
 
     #[test]

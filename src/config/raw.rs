@@ -136,6 +136,8 @@ pub struct RawRoute {
     pub mode: Mode,
     /// Web origins allowed to open WebSockets; absent: any.
     pub origins: Option<Vec<String>>,
+    pub max_sessions: Option<u64>,
+    pub max_sessions_per_ip: Option<u32>,
     // The keys below are for `mode: fanout` only (an error on a splice route).
     pub sources: Option<Vec<String>>,
     pub tag: Option<bool>,

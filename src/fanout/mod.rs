@@ -358,8 +358,11 @@ pub async fn accept(
     shared: &Arc<Shared>,
     conn: &Arc<ConnInfo>,
     hub: &Arc<Hub>,
-    route: &Route,
-    stats: &Arc<crate::metrics::RouteStats>,
+    (route, stats, admission): (
+        &Route,
+        &Arc<crate::metrics::RouteStats>,
+        crate::limits::Admission,
+    ),
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     crate::ws::validate(&req)?;
@@ -432,6 +435,7 @@ pub async fn accept(
         session.stats().session_duration.observe(started.elapsed());
         drop(member);
         drop(conn);
+        drop(admission);
     });
     let mut resp = Response::new(crate::error::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
