@@ -2,7 +2,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use support::*;
@@ -169,49 +168,11 @@ async fn metrics_config_and_methods() {
 /// scripts ran, shows the route, the backend as up and the live session.
 #[tokio::test]
 async fn the_status_page_shows_routes_backends_and_live_sessions_in_a_browser() {
-    let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
-        .iter()
-        .find(|b| {
-            Command::new(b)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-    else {
-        assert!(
-            std::env::var_os("UPGATE_REQUIRE_BROWSER").is_none(),
-            "UPGATE_REQUIRE_BROWSER is set but no chromium is installed"
-        );
-        eprintln!("SKIPPED: no chromium installed (apt-get install chromium); .ci/run installs it");
-        return;
-    };
     let (gw, be, ws) = with_a_session().await;
     let admin = gw.admin.expect("admin");
-    let profile = TempDir::new("chromium");
-    let url = format!("http://{admin}/?token=s3cret");
-    let out = tokio::process::Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--virtual-time-budget=5000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.0.display()))
-        .arg("--dump-dom")
-        .arg(&url)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("chromium finished in time")
-        .expect("chromium ran");
-    let dom = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{dom}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let Some(dom) = browser_dom(&format!("http://{admin}/?token=s3cret")).await else {
+        return;
+    };
     assert!(
         dom.contains("<td>r</td><td>*</td><td>/ws</td><td>p</td><td>splice</td>"),
         "{dom}"

@@ -558,3 +558,281 @@ async fn channel_keyed_by_header() {
     let e = ws_with(gw.addr(), "x", "/feed", &[]).await.unwrap_err();
     assert!(e.to_string().contains("400"), "{e}");
 }
+
+/// A client speaking raw frames, so the test sees RSV1 and the exact bytes.
+struct RawClient {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    /// Handshakes on `path` offering `extensions`; the response head.
+    async fn connect(
+        addr: std::net::SocketAddr,
+        path: &str,
+        extensions: Option<&str>,
+    ) -> (RawClient, String) {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let ext = extensions.map_or(String::new(), |e| {
+            format!("Sec-WebSocket-Extensions: {e}\r\n")
+        });
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut c = RawClient { s, buf: Vec::new() };
+        let end = loop {
+            if let Some(i) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            c.fill().await;
+        };
+        let head = String::from_utf8_lossy(&c.buf[..end]).to_string();
+        c.buf.drain(..end);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        (c, head)
+    }
+
+    async fn fill(&mut self) {
+        let mut tmp = [0u8; 65536];
+        let n = tokio::time::timeout(T, self.s.read(&mut tmp))
+            .await
+            .expect("data in time")
+            .expect("read");
+        assert!(n > 0, "connection closed");
+        self.buf.extend_from_slice(&tmp[..n]);
+    }
+
+    /// The next server frame: its first byte (FIN, RSV1, opcode) and payload.
+    async fn frame(&mut self) -> (u8, Vec<u8>) {
+        loop {
+            if self.buf.len() >= 2 {
+                let (len, at) = match self.buf[1] & 0x7f {
+                    126 if self.buf.len() >= 4 => (
+                        usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
+                        4,
+                    ),
+                    127 if self.buf.len() >= 10 => {
+                        let mut a = [0u8; 8];
+                        a.copy_from_slice(&self.buf[2..10]);
+                        (u64::from_be_bytes(a) as usize, 10)
+                    }
+                    n if n < 126 => (usize::from(n), 2),
+                    _ => (usize::MAX, 0),
+                };
+                if len != usize::MAX && self.buf.len() >= at + len {
+                    let first = self.buf[0];
+                    let payload = self.buf[at..at + len].to_vec();
+                    self.buf.drain(..at + len);
+                    return (first, payload);
+                }
+            }
+            self.fill().await;
+        }
+    }
+
+    /// The next data frame (pings skipped).
+    async fn data(&mut self) -> (u8, Vec<u8>) {
+        loop {
+            let f = self.frame().await;
+            if f.0 & 0x0f != 0x9 {
+                return f;
+            }
+        }
+    }
+
+    /// Sends one masked frame whose first byte is `first`.
+    async fn send(&mut self, first: u8, payload: &[u8]) {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let mut f = vec![first];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 65535 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        self.s.write_all(&f).await.expect("send");
+    }
+}
+
+/// Raw deflate with a sync flush, its 4-byte tail removed (RFC 7692 §7.2.1).
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut out = Vec::with_capacity(data.len() + 1024);
+    c.compress_vec(data, &mut out, flate2::FlushCompress::Sync)
+        .expect("compress");
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+fn inflate(z: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::DeflateDecoder::new([z, &[0, 0, 0xff, 0xff][..]].concat().as_slice())
+        .read_to_end(&mut out)
+        .ok();
+    out
+}
+
+const DEFLATE_ANSWER: &str =
+    "sec-websocket-extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+#[tokio::test]
+async fn compression_is_done_once_for_every_deflate_client_and_plain_clients_get_plain() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(&[&feed], "    compression: true\n").await;
+    let (mut z1, head) = RawClient::connect(
+        gw.addr(),
+        "/feed",
+        Some("permessage-deflate; client_max_window_bits"),
+    )
+    .await;
+    assert!(head.to_ascii_lowercase().contains(DEFLATE_ANSWER), "{head}");
+    let (mut z2, _) = RawClient::connect(gw.addr(), "/feed", Some("permessage-deflate")).await;
+    let (mut plain, head) = RawClient::connect(gw.addr(), "/feed", None).await;
+    assert!(!head.to_ascii_lowercase().contains("extensions"), "{head}");
+    feed.wait_open(1, T).await;
+
+    let tick = r#"{"pair":"EURUSD","bid":1.08412,"ask":1.08415}"#.repeat(50);
+    feed.publish(Message::text(tick.clone()));
+    let (f1, p1) = z1.data().await;
+    let (f2, p2) = z2.data().await;
+    assert_eq!((f1, f2), (0xC1, 0xC1), "FIN + RSV1 + text");
+    assert_eq!(p1, p2, "the same compressed bytes for both");
+    assert!(p1.len() * 10 < tick.len(), "{} of {}", p1.len(), tick.len());
+    assert_eq!(inflate(&p1), tick.as_bytes());
+    assert_eq!(plain.data().await, (0x81, tick.clone().into_bytes()));
+
+    // What compression would not shrink goes out as it is, in order.
+    feed.publish(Message::binary(vec![7u8, 1, 3]));
+    feed.publish(Message::text(tick.clone()));
+    for c in [&mut z1, &mut z2] {
+        assert_eq!(c.data().await, (0x82, vec![7, 1, 3]));
+        let (f, p) = c.data().await;
+        assert_eq!((f, inflate(&p)), (0xC1, tick.clone().into_bytes()));
+    }
+}
+
+#[tokio::test]
+async fn offers_are_declined_without_compression_or_with_a_small_server_window() {
+    let feed = Feed::start().await;
+    let off = gateway_for(&[&feed], "").await;
+    let (mut c, head) = RawClient::connect(off.addr(), "/feed", Some("permessage-deflate")).await;
+    assert!(!head.to_ascii_lowercase().contains("extensions"), "{head}");
+    let on = gateway_for(&[&feed], "    compression: true\n").await;
+    let (mut d, head) = RawClient::connect(
+        on.addr(),
+        "/feed",
+        Some("permessage-deflate; server_max_window_bits=10"),
+    )
+    .await;
+    assert!(!head.to_ascii_lowercase().contains("extensions"), "{head}");
+    feed.wait_open(2, T).await;
+    let tick = "abc".repeat(500);
+    feed.publish(Message::text(tick.clone()));
+    assert_eq!(c.data().await, (0x81, tick.clone().into_bytes()));
+    assert_eq!(d.data().await, (0x81, tick.into_bytes()));
+    // RSV1 from a client that did not negotiate compression: 1002.
+    c.send(0xC1, &deflate(b"hello")).await;
+    let (f, p) = c.frame().await;
+    assert_eq!((f, &p[..2]), (0x88, &1002u16.to_be_bytes()[..]));
+}
+
+#[tokio::test]
+async fn compressed_client_messages_are_inflated_before_forwarding_and_bombs_are_refused() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(
+        &[&feed],
+        "    compression: true\n    client_messages: forward\n    max_message: 65536\n",
+    )
+    .await;
+    let (mut c, _) = RawClient::connect(gw.addr(), "/feed/room", Some("permessage-deflate")).await;
+    let hello = "hello ".repeat(200);
+    c.send(0xC1, &deflate(hello.as_bytes())).await;
+    // Fragmented: RSV1 on the first frame only.
+    let z = deflate(b"fragmented and compressed");
+    c.send(0x41, &z[..3]).await;
+    c.send(0x80, &z[3..]).await;
+    c.send(0x81, b"plain").await;
+    for want in [hello.as_str(), "fragmented and compressed", "plain"] {
+        let (path, m) = feed.next_received(T).await;
+        assert_eq!((path.as_str(), m), ("/room", Message::text(want)));
+    }
+    // 1 MiB of zeros in a few KiB: cut off at max_message with 1009.
+    c.send(0xC2, &deflate(&vec![0u8; 1 << 20])).await;
+    let (f, p) = c.data().await;
+    assert_eq!((f, &p[..2]), (0x88, &1009u16.to_be_bytes()[..]));
+}
+
+/// A real browser (headless Chromium) negotiates compression with upgate's
+/// answer and reads the compressed messages.
+#[tokio::test]
+async fn a_browser_reads_compressed_messages() {
+    let feed = std::sync::Arc::new(Feed::start().await);
+    let gw = gateway_for(&[&*feed], "    compression: true\n").await;
+    let tick = r#"{"pair":"EURUSD","bid":1.08412}"#.repeat(20);
+    // The feed publishes while the browser runs (its clock is its own).
+    let publisher = {
+        let feed = feed.clone();
+        let tick = tick.clone();
+        tokio::spawn(async move {
+            feed.wait_open(1, T).await;
+            for i in 0..200 {
+                feed.publish(Message::text(format!("{i}:{tick}")));
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    let page = format!(
+        "<body><script>\
+         const ws = new WebSocket('ws://{}/feed');\
+         let n = 0;\
+         ws.onclose = e => {{ document.body.dataset.closed = e.code; }};\
+         ws.onopen = () => {{ document.body.dataset.open = 'yes'; }};\
+         const keep = setInterval(() => fetch('http://{}/busy', {{mode: 'no-cors'}}).catch(() => {{}}), 50);\
+         ws.onmessage = e => {{\
+           const [i, data] = [e.data.split(':')[0], e.data.slice(e.data.indexOf(':') + 1)];\
+           if (++n === 3) {{\
+             document.body.dataset.ext = ws.extensions;\
+             document.body.dataset.ok = String(data === {tick:?});\
+             ws.close();\
+             clearInterval(keep);\
+           }}\
+         }};\
+         </script></body>",
+        gw.addr(),
+        gw.addr()
+    );
+    // The page comes from a loopback HTTP server of its own (a `data:` page
+    // may not open connections to loopback addresses).
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let page = page.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}", page.len()).as_bytes())
+                    .await;
+            });
+        }
+    });
+    let Some(dom) = browser_dom(&url).await else {
+        return;
+    };
+    publisher.abort();
+    assert!(
+        dom.contains(r#"data-ext="permessage-deflate; server_no_context_takeover; client_no_context_takeover""#),
+        "{dom}"
+    );
+    assert!(dom.contains(r#"data-ok="true""#), "{dom}");
+}

@@ -196,6 +196,8 @@ pub struct FanoutConfig {
     pub client_messages: ClientMessages,
     /// Forwarded messages per second per client (also the burst).
     pub client_rate: u32,
+    /// Offer permessage-deflate to clients (each message compressed once for all).
+    pub compression: bool,
     /// Largest message a client may send.
     pub max_message: usize,
     /// Clients and the upstream are pinged this often...
@@ -787,6 +789,7 @@ fn fanout_config(
         subscribe: r.subscribe.clone().unwrap_or_default(),
         client_messages: r.client_messages.unwrap_or_default(),
         client_rate,
+        compression: r.compression.unwrap_or(false),
         max_message,
         ping_interval,
         pong_timeout,

@@ -194,7 +194,7 @@ async fn source(
             Lost::Error(why) => {
                 warn!(pool = %pool.name, backend = %u.guard.backend().url, why, "upstream lost; reconnecting");
                 if let Some(text) = &hub.cfg.on_upstream_lost {
-                    ch.publish(frame::encode(frame::OP_TEXT, text.as_bytes()), 0);
+                    ch.publish(frame::encode(frame::OP_TEXT, text.as_bytes()), None, 0);
                 }
                 reconnecting = true;
             }
@@ -280,12 +280,29 @@ async fn pump(
 /// Frames one upstream message (tagging it with its source when asked) and publishes it.
 fn publish(hub: &Hub, ch: &Channel, idx: usize, opcode: u8, payload: &[u8]) {
     hub.stats.messages_in.fetch_add(1, Ordering::Relaxed);
-    let frame = if hub.cfg.tag && opcode == frame::OP_TEXT {
-        frame::encode(opcode, tagged(&hub.pool(idx).name, payload).as_bytes())
+    let tagged_text;
+    let body = if hub.cfg.tag && opcode == frame::OP_TEXT {
+        tagged_text = tagged(&hub.pool(idx).name, payload);
+        tagged_text.as_bytes()
     } else {
-        frame::encode(opcode, payload)
+        payload
     };
-    ch.publish(frame, hub.cfg.replay_last);
+    let frame = frame::encode(opcode, body);
+    // Compressed once for every client that negotiated it, and only then.
+    let compressed = if ch.wants_compressed() {
+        DEFLATER
+            .with(|d| d.borrow_mut().compress(body))
+            .map(|z| frame::encode_compressed(opcode, &z))
+    } else {
+        None
+    };
+    ch.publish(frame, compressed, hub.cfg.replay_last);
+}
+
+thread_local! {
+    /// One compressor per runtime thread (its state is a few hundred KiB),
+    /// reset for every message.
+    static DEFLATER: std::cell::RefCell<super::deflate::Deflater> = Default::default();
 }
 
 /// `{"source": NAME, "data": ...}`: the message itself when it is JSON, else as a string.

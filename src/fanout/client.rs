@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{protocol::frame::Utf8Bytes, Message};
 use tokio_util::sync::CancellationToken;
 
+use super::deflate::InflateError;
 use super::frame::{self, code, FrameError};
 use super::{Channel, Hub};
 use crate::config::{ClientMessages, SlowClient};
@@ -39,6 +40,8 @@ pub(super) struct Cx<'a> {
     pub stop: &'a CancellationToken,
     /// The route was removed by a reload and its drain period is over.
     pub retired: &'a CancellationToken,
+    /// The client negotiated permessage-deflate.
+    pub deflate: bool,
 }
 
 /// How a client's session ended, for the access log.
@@ -89,8 +92,8 @@ pub(super) struct Outcome {
 enum Event {
     /// Frames were written while the queue was full: receive more.
     Wrote,
-    /// A whole data message.
-    Message(u8, Vec<u8>),
+    /// A whole data message: opcode, payload, compressed (RSV1 on its first frame).
+    Message(u8, Vec<u8>, bool),
     Close(Option<u16>),
     Eof,
     Io(io::Error),
@@ -104,10 +107,12 @@ struct Conn<S> {
     /// Bytes of an incomplete client frame (empty, unallocated, when idle).
     inbuf: Vec<u8>,
     /// A fragmented message being assembled.
-    partial: Option<(u8, Vec<u8>)>,
+    partial: Option<(u8, bool, Vec<u8>)>,
     /// Something arrived from the client since the flag was last cleared.
     heard: bool,
     max_message: usize,
+    /// RSV1 may mark compressed messages.
+    deflate: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
@@ -190,7 +195,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
     /// The next event in the read buffer, handling control frames inline.
     fn next_event(&mut self) -> Option<Event> {
         loop {
-            let f = match frame::parse(&self.inbuf, self.max_message) {
+            let f = match frame::parse(&self.inbuf, self.max_message, self.deflate) {
                 Ok(Some(f)) => f,
                 Ok(None) => {
                     if self.inbuf.is_empty() && self.inbuf.capacity() > 0 {
@@ -217,13 +222,15 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
                 )),
                 frame::OP_CONT => match &mut self.partial {
                     None => Some(Event::Bad(FrameError::Opcode)),
-                    Some((_, buf)) if buf.len() + payload.len() > self.max_message => {
+                    Some((_, _, buf)) if buf.len() + payload.len() > self.max_message => {
                         Some(Event::Bad(FrameError::TooBig))
                     }
-                    Some((_, buf)) => {
+                    Some((_, _, buf)) => {
                         buf.extend_from_slice(payload);
                         if f.fin {
-                            self.partial.take().map(|(op, b)| Event::Message(op, b))
+                            self.partial
+                                .take()
+                                .map(|(op, z, b)| Event::Message(op, b, z))
                         } else {
                             None
                         }
@@ -233,9 +240,9 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
                     let _ = op;
                     Some(Event::Bad(FrameError::Opcode))
                 }
-                op if f.fin => Some(Event::Message(op, payload.to_vec())),
+                op if f.fin => Some(Event::Message(op, payload.to_vec(), f.compressed)),
                 op => {
-                    self.partial = Some((op, payload.to_vec()));
+                    self.partial = Some((op, f.compressed, payload.to_vec()));
                     None
                 }
             };
@@ -305,6 +312,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
         out: replay.into(),
         inbuf: pending.to_vec(),
         partial: None,
+        deflate: cx.deflate,
         heard: false,
         max_message: cfg.max_message,
     };
@@ -410,10 +418,26 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                 }
                 match ev {
                     Event::Wrote => {}
-                    Event::Message(op, payload) => {
+                    Event::Message(op, payload, compressed) => {
                         if cfg.client_messages == ClientMessages::Ignore {
                             continue;
                         }
+                        let payload = if compressed {
+                            match super::deflate::inflate(&payload, cfg.max_message) {
+                                Ok(p) => p,
+                                Err(e) => {
+                                    let code = match e {
+                                        InflateError::TooBig => code::TOO_BIG,
+                                        InflateError::Corrupt => code::INVALID_DATA,
+                                    };
+                                    out.end = End::Protocol;
+                                    out.close_code = Some(code);
+                                    break Some(frame::close(code, &e.to_string()));
+                                }
+                            }
+                        } else {
+                            payload
+                        };
                         if !bucket.take() {
                             out.end = End::RateLimited;
                             out.close_code = Some(code::POLICY);

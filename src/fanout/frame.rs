@@ -23,8 +23,17 @@ pub mod code {
 
 /// One complete server frame (FIN set, unmasked).
 pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
+    encode_with(0x80 | opcode, payload)
+}
+
+/// One complete server frame whose payload is permessage-deflate data (RSV1 set).
+pub fn encode_compressed(opcode: u8, payload: &[u8]) -> Bytes {
+    encode_with(0xC0 | opcode, payload)
+}
+
+fn encode_with(first: u8, payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(payload.len() + 10);
-    out.put_u8(0x80 | opcode);
+    out.put_u8(first);
     let n = payload.len();
     if n < 126 {
         out.put_u8(n as u8);
@@ -55,6 +64,8 @@ pub fn close(code: u16, reason: &str) -> Bytes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame {
     pub fin: bool,
+    /// RSV1: the message this frame starts is compressed (permessage-deflate).
+    pub compressed: bool,
     pub opcode: u8,
     pub start: usize,
     pub len: usize,
@@ -98,13 +109,15 @@ impl FrameError {
 }
 
 /// Parses the client frame at the start of `buf`: `Ok(None)` until it is
-/// complete. `max` bounds a data frame's payload.
-pub fn parse(buf: &[u8], max: usize) -> Result<Option<Frame>, FrameError> {
+/// complete. `max` bounds a data frame's payload. `deflate`: the client
+/// negotiated permessage-deflate, so RSV1 may mark a message's first frame.
+pub fn parse(buf: &[u8], max: usize, deflate: bool) -> Result<Option<Frame>, FrameError> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
-    if b0 & 0x70 != 0 {
+    let opcode = b0 & 0x0f;
+    let compressed = b0 & 0x40 != 0;
+    if b0 & 0x30 != 0 || (compressed && !(deflate && matches!(opcode, OP_TEXT | OP_BINARY))) {
         return Err(FrameError::Reserved);
     }
-    let opcode = b0 & 0x0f;
     let fin = b0 & 0x80 != 0;
     if !matches!(
         opcode,
@@ -147,6 +160,7 @@ pub fn parse(buf: &[u8], max: usize) -> Result<Option<Frame>, FrameError> {
     }
     Ok(Some(Frame {
         fin,
+        compressed,
         opcode,
         start: i,
         len,
@@ -185,9 +199,38 @@ mod tests {
             if let Some(x) = b.get_mut(1) {
                 *x |= 0x80; // mostly masked, to get past the first checks
             }
-            if let Ok(Some(f)) = parse(&b, (r() % 300) as usize) {
+            if let Ok(Some(f)) = parse(&b, (r() % 300) as usize, r().is_multiple_of(2)) {
                 assert!(f.end() <= b.len() && f.start <= f.end(), "{b:?}");
             }
+        }
+    }
+
+    #[test]
+    fn rsv1_marks_compressed_messages_only_when_negotiated() {
+        let mut z = masked(OP_TEXT, true, b"abc");
+        z[0] |= 0x40;
+        assert_eq!(parse(&z, 100, false), Err(FrameError::Reserved));
+        let f = parse(&z, 100, true).unwrap().unwrap();
+        assert!(f.compressed && f.fin && f.opcode == OP_TEXT);
+        assert!(
+            !parse(&masked(OP_TEXT, true, b"abc"), 100, true)
+                .unwrap()
+                .unwrap()
+                .compressed
+        );
+        for (op, bits) in [
+            (OP_CONT, 0x40),
+            (OP_PING, 0x40),
+            (OP_TEXT, 0x20),
+            (OP_TEXT, 0x10),
+        ] {
+            let mut f = masked(op, true, b"x");
+            f[0] |= bits;
+            assert_eq!(
+                parse(&f, 100, true),
+                Err(FrameError::Reserved),
+                "op {op} bits {bits:#x}"
+            );
         }
     }
 
@@ -241,10 +284,14 @@ mod tests {
             let payload: Vec<u8> = (0..n).map(|i| i as u8).collect();
             let wire = masked(OP_TEXT, true, &payload);
             for cut in [0, 1, wire.len() / 2, wire.len() - 1] {
-                assert_eq!(parse(&wire[..cut], 1 << 20), Ok(None), "n={n} cut={cut}");
+                assert_eq!(
+                    parse(&wire[..cut], 1 << 20, false),
+                    Ok(None),
+                    "n={n} cut={cut}"
+                );
             }
             let mut wire2 = wire.clone();
-            let f = parse(&wire2, 1 << 20).unwrap().unwrap();
+            let f = parse(&wire2, 1 << 20, false).unwrap().unwrap();
             assert_eq!((f.fin, f.opcode, f.end()), (true, OP_TEXT, wire.len()));
             unmask(&mut wire2[f.start..f.end()], f.mask);
             assert_eq!(&wire2[f.start..f.end()], &payload[..]);
@@ -253,19 +300,19 @@ mod tests {
 
     #[test]
     fn refuses_what_the_rfc_refuses() {
-        assert_eq!(parse(&[0x81, 0x00], 100), Err(FrameError::Unmasked));
-        assert_eq!(parse(&[0xC1, 0x80], 100), Err(FrameError::Reserved));
-        assert_eq!(parse(&[0x83, 0x80], 100), Err(FrameError::Opcode));
+        assert_eq!(parse(&[0x81, 0x00], 100, false), Err(FrameError::Unmasked));
+        assert_eq!(parse(&[0xC1, 0x80], 100, false), Err(FrameError::Reserved));
+        assert_eq!(parse(&[0x83, 0x80], 100, false), Err(FrameError::Opcode));
         assert_eq!(
-            parse(&masked(OP_PING, false, b"x"), 100),
+            parse(&masked(OP_PING, false, b"x"), 100, false),
             Err(FrameError::Control)
         );
         assert_eq!(
-            parse(&masked(OP_PING, true, &[0; 126]), 1000),
+            parse(&masked(OP_PING, true, &[0; 126]), 1000, false),
             Err(FrameError::Control)
         );
         assert_eq!(
-            parse(&masked(OP_BINARY, true, &[0; 101]), 100),
+            parse(&masked(OP_BINARY, true, &[0; 101]), 100, false),
             Err(FrameError::TooBig)
         );
         assert_eq!(FrameError::TooBig.code(), 1009);

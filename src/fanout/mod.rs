@@ -20,6 +20,7 @@
 
 mod channel;
 mod client;
+mod deflate;
 pub mod frame;
 
 use std::collections::{HashMap, VecDeque};
@@ -89,6 +90,9 @@ pub struct Channel {
     /// The upstream request target (before the backend's base path).
     target: String,
     tx: broadcast::Sender<Bytes>,
+    /// The same messages for clients that negotiated permessage-deflate,
+    /// compressed once each (only while such a client is subscribed).
+    tx_z: broadcast::Sender<Bytes>,
     /// The last `replay_last` messages; publishing and subscribing both hold
     /// the lock so a late joiner gets each message exactly once.
     replay: Mutex<VecDeque<Bytes>>,
@@ -253,6 +257,13 @@ impl Channel {
             key,
             target,
             tx: broadcast::channel(cfg.max_lag.max(2)).0,
+            // Unused (never subscribed) without `compression`: keep it small.
+            tx_z: broadcast::channel(if cfg.compression {
+                cfg.max_lag.max(2)
+            } else {
+                2
+            })
+            .0,
             replay: Mutex::new(VecDeque::with_capacity(cfg.replay_last)),
             clients: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -262,10 +273,24 @@ impl Channel {
         (ch, fwd_rx)
     }
 
-    /// Publishes one framed message to every client.
-    fn publish(&self, frame: Bytes, replay_last: usize) {
-        if replay_last == 0 {
+    /// Whether a client that negotiated compression is subscribed.
+    fn wants_compressed(&self) -> bool {
+        self.tx_z.receiver_count() > 0
+    }
+
+    /// Publishes one framed message to every client: `frame` to plain
+    /// clients, `compressed` (or `frame`) to those with permessage-deflate.
+    fn publish(&self, frame: Bytes, compressed: Option<Bytes>, replay_last: usize) {
+        let send = |frame: Bytes| {
+            if let Some(z) = compressed {
+                let _ = self.tx_z.send(z);
+            } else if self.wants_compressed() {
+                let _ = self.tx_z.send(frame.clone());
+            }
             let _ = self.tx.send(frame);
+        };
+        if replay_last == 0 {
+            send(frame);
             return;
         }
         let mut r = lock(&self.replay);
@@ -273,16 +298,22 @@ impl Channel {
             r.pop_front();
         }
         r.push_back(frame.clone());
-        let _ = self.tx.send(frame);
+        send(frame);
     }
 
-    /// A receiver, and the messages a late joiner gets first.
-    fn subscribe(&self, replay_last: usize) -> (broadcast::Receiver<Bytes>, Vec<Bytes>) {
+    /// A receiver (of compressed messages with `deflate`), and the messages
+    /// a late joiner gets first (uncompressed, which a deflate client takes too).
+    fn subscribe(
+        &self,
+        replay_last: usize,
+        deflate: bool,
+    ) -> (broadcast::Receiver<Bytes>, Vec<Bytes>) {
+        let tx = if deflate { &self.tx_z } else { &self.tx };
         if replay_last == 0 {
-            return (self.tx.subscribe(), Vec::new());
+            return (tx.subscribe(), Vec::new());
         }
         let r = lock(&self.replay);
-        (self.tx.subscribe(), r.iter().cloned().collect())
+        (tx.subscribe(), r.iter().cloned().collect())
     }
 }
 
@@ -384,7 +415,14 @@ pub async fn accept(
             })
         }
     }
-    let (rx, replay) = member.ch.subscribe(hub.cfg.replay_last);
+    let extension = if hub.cfg.compression {
+        deflate::negotiate(req.headers())
+    } else {
+        None
+    };
+    let (rx, replay) = member
+        .ch
+        .subscribe(hub.cfg.replay_last, extension.is_some());
     let accept_key = req
         .headers()
         .get(header::SEC_WEBSOCKET_KEY)
@@ -412,6 +450,7 @@ pub async fn accept(
             ch: &member.ch,
             stop: &stop,
             retired: &member.hub.retired,
+            deflate: extension.is_some(),
         };
         let out = match crate::session::client_leg(up, conn.tls) {
             crate::session::Leg::Tcp(s, pending) => client::run(s, pending, rx, replay, cx).await,
@@ -442,6 +481,12 @@ pub async fn accept(
     let h = resp.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(e) = extension {
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(e),
+        );
+    }
     if let Ok(v) = HeaderValue::from_str(&accept_key) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }

@@ -393,6 +393,55 @@ pub async fn tls_connect(
         .expect("TLS handshake")
 }
 
+/// The DOM of `url` after its scripts ran, from headless Chromium (Debian's
+/// `chromium`); `None` (test skipped) when no browser is installed, unless
+/// `UPGATE_REQUIRE_BROWSER` is set (as `.ci/run` does), which makes that a failure.
+pub async fn browser_dom(url: &str) -> Option<String> {
+    let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    else {
+        assert!(
+            std::env::var_os("UPGATE_REQUIRE_BROWSER").is_none(),
+            "UPGATE_REQUIRE_BROWSER is set but no chromium is installed"
+        );
+        eprintln!("SKIPPED: no chromium installed (apt-get install chromium); .ci/run installs it");
+        return None;
+    };
+    let profile = TempDir::new("chromium");
+    let out = tokio::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.0.display()))
+        .arg("--dump-dom")
+        .arg(url)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), out)
+        .await
+        .expect("chromium finished in time")
+        .expect("chromium ran");
+    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{dom}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(dom)
+}
+
 /// The empty body type for hyper requests that send none.
 pub fn empty() -> Empty<bytes::Bytes> {
     Empty::new()
