@@ -69,6 +69,10 @@ struct FanoutArgs {
     /// Directory holding upgate and upgate-bench-backend (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Directory holding another upgate build, run as target `upgate-base`
+    /// (one runtime thread, as `upgate`) for before/after in the same run.
+    #[arg(long)]
+    base_bin_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -619,12 +623,18 @@ async fn fanout_suite(a: FanoutArgs) -> Result<(), String> {
                         fanout::run(feed.plain, "/", clients, (warm, dur), w).await
                     }
                     // One runtime thread on core 0 (as in the suite), or one per core.
-                    "upgate" | "upgate-2t" => {
+                    "upgate" | "upgate-2t" | "upgate-base" => {
                         let feed = targets::feed(&bin_dir, &work, "1", (rate, a.size), false)?;
-                        let gw = if t == "upgate" {
-                            targets::upgate_fanout(&bin_dir, &work, "0", 1)?
-                        } else {
-                            targets::upgate_fanout(&bin_dir, &work, "0,1", 2)?
+                        let gw = match t.as_str() {
+                            "upgate" => targets::upgate_fanout(&bin_dir, &work, "0", 1)?,
+                            "upgate-2t" => targets::upgate_fanout(&bin_dir, &work, "0,1", 2)?,
+                            _ => {
+                                let base = a
+                                    .base_bin_dir
+                                    .as_deref()
+                                    .ok_or("upgate-base needs --base-bin-dir")?;
+                                targets::upgate_fanout(base, &work, "0", 1)?
+                            }
                         };
                         let w = fanout::Watch {
                             server: gw.pid(),
