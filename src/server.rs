@@ -193,6 +193,7 @@ impl Gateway {
             builders: Arc::new(http_builders(&self.settings)),
             http: http_service(&self.settings),
             handshake_timeout: self.settings.handshake_timeout,
+            keepalive: self.settings.tcp_keepalive,
         });
         let snap = self.shared.snapshot.load_full();
         for pool in &snap.pools {
@@ -550,6 +551,8 @@ struct AcceptCx {
     builders: Arc<HttpBuilders>,
     http: HttpService,
     handshake_timeout: Duration,
+    /// `server.tcp_keepalive`.
+    keepalive: Duration,
 }
 
 async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
@@ -571,6 +574,7 @@ async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
         };
         let _ = tcp.set_nodelay(true);
+        crate::upstream::keepalive(&tcp, cx.keepalive);
         let tls = l.tls.load_full();
         let proxy_protocol = l.proxy_protocol.load(Ordering::Relaxed);
         l.stats.accepted.fetch_add(1, Ordering::Relaxed);

@@ -42,6 +42,34 @@ pub enum BackendIo {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
+impl BackendIo {
+    /// The TCP socket under the stream.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            BackendIo::Tcp(s) => s,
+            BackendIo::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+/// Turns on TCP keepalive (`server.tcp_keepalive`): the first probe after
+/// `idle` without traffic, then every quarter of it (1–30 s), 3 probes, so a
+/// peer that vanished without a FIN is noticed within about `idle` + 3
+/// intervals instead of never. Zero leaves the socket as it is.
+pub fn keepalive(tcp: &TcpStream, idle: Duration) {
+    if idle.is_zero() {
+        return;
+    }
+    let every = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(every)
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "setting TCP keepalive failed");
+    }
+}
+
 /// What `connect` needs to reach one backend.
 #[derive(Clone, Copy)]
 pub struct Target<'a> {

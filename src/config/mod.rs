@@ -59,6 +59,9 @@ pub struct ServerSettings {
     pub drain_timeout: Duration,
     /// How often the config and certificate files are checked for changes (zero: never).
     pub watch_interval: Duration,
+    /// TCP keepalive on client and backend sockets: idle time before the
+    /// first probe (zero: off). Finds peers that vanished without a FIN.
+    pub tcp_keepalive: Duration,
 }
 
 impl Default for ServerSettings {
@@ -73,6 +76,7 @@ impl Default for ServerSettings {
             half_close_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             watch_interval: Duration::from_secs(2),
+            tcp_keepalive: Duration::from_secs(120),
         }
     }
 }
@@ -310,7 +314,14 @@ impl Config {
             half_close_timeout: s.half_close_timeout.map_or(d.half_close_timeout, |x| x.0),
             drain_timeout: s.drain_timeout.map_or(d.drain_timeout, |x| x.0),
             watch_interval: s.watch_interval.map_or(d.watch_interval, |x| x.0),
+            tcp_keepalive: s.tcp_keepalive.map_or(d.tcp_keepalive, |x| x.0),
         };
+        if !server.tcp_keepalive.is_zero() && server.tcp_keepalive < Duration::from_secs(1) {
+            return Err(cx.err(
+                &[Seg::Key("server"), Seg::Key("tcp_keepalive")],
+                "must be at least 1s (or 0s for off)",
+            ));
+        }
         if server.max_connections == 0 {
             return Err(cx.err(
                 &[Seg::Key("server"), Seg::Key("max_connections")],

@@ -43,6 +43,7 @@ pub struct RawServer {
     pub half_close_timeout: Option<Dur>,
     pub drain_timeout: Option<Dur>,
     pub watch_interval: Option<Dur>,
+    pub tcp_keepalive: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
