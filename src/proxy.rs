@@ -331,7 +331,7 @@ async fn upgrade(
         };
         match attempt.await {
             Ok((io, answer)) => {
-                crate::upstream::keepalive(io.tcp(), settings.tcp_keepalive);
+                crate::upstream::keepalive(io.tcp().into(), settings.tcp_keepalive);
                 // A 5xx answer to the upgrade counts against the backend (it is still relayed).
                 note_outcome(pool, backend, !answer.status.is_server_error());
                 let mut headers = answer.headers;

@@ -119,9 +119,11 @@ impl Gateway {
         let tls = tls_acceptors(config, &resumption)?;
         let mut listeners = Vec::new();
         for (l, tls) in config.listeners.iter().zip(tls) {
-            let listener = bind_socket(l.addr).map_err(|source| StartError::Bind {
-                addr: l.addr,
-                source,
+            let listener = bind_socket(l.addr, config.server.tcp_keepalive).map_err(|source| {
+                StartError::Bind {
+                    addr: l.addr,
+                    source,
+                }
             })?;
             listeners.push(Listener {
                 stats: Arc::new(crate::metrics::ListenerStats::new(
@@ -135,9 +137,11 @@ impl Gateway {
         let admin = match &config.admin {
             None => None,
             Some(a) => Some((
-                bind_socket(a.addr).map_err(|source| StartError::Bind {
-                    addr: a.addr,
-                    source,
+                bind_socket(a.addr, config.server.tcp_keepalive).map_err(|source| {
+                    StartError::Bind {
+                        addr: a.addr,
+                        source,
+                    }
                 })?,
                 a.token.clone(),
             )),
@@ -193,7 +197,6 @@ impl Gateway {
             builders: Arc::new(http_builders(&self.settings)),
             http: http_service(&self.settings),
             handshake_timeout: self.settings.handshake_timeout,
-            keepalive: self.settings.tcp_keepalive,
         });
         let snap = self.shared.snapshot.load_full();
         for pool in &snap.pools {
@@ -317,7 +320,7 @@ impl Gateway {
         };
         let mut fresh = Vec::new();
         for l in cfg.listeners.iter().filter(|l| !live.contains_key(&l.addr)) {
-            match bind_socket(l.addr) {
+            match bind_socket(l.addr, self.settings.tcp_keepalive) {
                 Ok(s) => fresh.push((l.addr, s)),
                 Err(e) => return refused(format!("cannot listen on {}: {e}", l.addr)),
             }
@@ -459,7 +462,9 @@ fn serve_listener(l: Listener, cx: &Arc<AcceptCx>) -> Live {
     }
 }
 
-fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A listening socket. `keepalive` is set on it once: Linux copies it to
+/// every accepted connection, so it costs nothing per connection.
+fn bind_socket(addr: SocketAddr, keepalive: Duration) -> std::io::Result<TcpListener> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -475,6 +480,7 @@ fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
         sock.set_only_v6(true)?;
     }
     sock.set_nonblocking(true)?;
+    crate::upstream::keepalive((&sock).into(), keepalive);
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
     TcpListener::from_std(sock.into())
@@ -551,8 +557,6 @@ struct AcceptCx {
     builders: Arc<HttpBuilders>,
     http: HttpService,
     handshake_timeout: Duration,
-    /// `server.tcp_keepalive`.
-    keepalive: Duration,
 }
 
 async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
@@ -574,7 +578,6 @@ async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
         };
         let _ = tcp.set_nodelay(true);
-        crate::upstream::keepalive(&tcp, cx.keepalive);
         let tls = l.tls.load_full();
         let proxy_protocol = l.proxy_protocol.load(Ordering::Relaxed);
         l.stats.accepted.fetch_add(1, Ordering::Relaxed);

@@ -56,7 +56,7 @@ impl BackendIo {
 /// `idle` without traffic, then every quarter of it (1–30 s), 3 probes, so a
 /// peer that vanished without a FIN is noticed within about `idle` + 3
 /// intervals instead of never. Zero leaves the socket as it is.
-pub fn keepalive(tcp: &TcpStream, idle: Duration) {
+pub fn keepalive(sock: socket2::SockRef<'_>, idle: Duration) {
     if idle.is_zero() {
         return;
     }
@@ -65,7 +65,7 @@ pub fn keepalive(tcp: &TcpStream, idle: Duration) {
         .with_time(idle)
         .with_interval(every)
         .with_retries(3);
-    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
         tracing::debug!(error = %e, "setting TCP keepalive failed");
     }
 }
