@@ -83,6 +83,8 @@ pub enum Outcome {
 pub struct RouteStats {
     upgrades: [AtomicU64; 4],
     pub failovers: AtomicU64,
+    /// Upgrades (of any outcome) that came as HTTP/2 extended CONNECTs.
+    pub http2_upgrades: AtomicU64,
     pub sessions_active: AtomicU64,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
@@ -97,6 +99,7 @@ impl Default for RouteStats {
         RouteStats {
             upgrades: Default::default(),
             failovers: AtomicU64::new(0),
+            http2_upgrades: AtomicU64::new(0),
             sessions_active: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
@@ -315,6 +318,13 @@ impl Collector for GatewayCollector {
             "Live WebSocket sessions by route (fan-out clients included).",
             Gauge,
             &per_route(&|s| s.sessions_active.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_upgrades_http2",
+            "WebSocket upgrades that came over HTTP/2 (RFC 8441 extended CONNECT), all outcomes; also counted in upgate_upgrades_total.",
+            Counter,
+            &per_route(&|s| s.http2_upgrades.load(Relaxed)),
         )?;
         family(
             &mut enc,

@@ -151,8 +151,12 @@ where
         return Ok(e.into_response());
     };
     if ws::wants_websocket(&req) {
+        let h2 = ws::is_h2_websocket(&req);
         let r = &snapshot.routes.routes()[route];
         let stats = &snapshot.route_stats[route];
+        if h2 {
+            stats.http2_upgrades.fetch_add(1, Ordering::Relaxed);
+        }
         let started = tokio::time::Instant::now();
         let span = tracing::info_span!(
             "ws",
@@ -185,6 +189,7 @@ where
         };
         let outcome = match &resp {
             Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => Outcome::Ok,
+            Ok(r) if h2 && r.status() == StatusCode::OK => Outcome::Ok,
             Ok(_) => Outcome::Refused,
             Err(ProxyError::RouteFull { .. }) => Outcome::Rejected,
             Err(e) if e.status().is_client_error() => Outcome::Rejected,
@@ -303,6 +308,19 @@ async fn upgrade(
     let mut headers = forward_headers(req.headers(), conn, client_host);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    // An HTTP/2 client (RFC 8441) sends no key: the gateway is the
+    // WebSocket client of the backend leg, and checks the answer itself.
+    let own_key = ws::is_h2_websocket(&req).then(ws::new_key);
+    if let Some(k) = own_key
+        .as_deref()
+        .and_then(|k| HeaderValue::from_str(k).ok())
+    {
+        headers.insert(header::SEC_WEBSOCKET_KEY, k);
+        headers.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+    }
     let settings = &snapshot.settings;
 
     let key = hash_key(pool, conn, req.headers(), req.uri());
@@ -335,6 +353,13 @@ async fn upgrade(
                 // A 5xx answer to the upgrade counts against the backend (it is still relayed).
                 note_outcome(pool, backend, !answer.status.is_server_error());
                 let mut headers = answer.headers;
+                if own_key.is_some() && answer.status.is_success() {
+                    // A 2xx would tell an HTTP/2 client its WebSocket is open.
+                    warn!(backend = %backend.url, status = answer.status.as_u16(), "backend answered the upgrade without switching");
+                    return Err(ProxyError::Backend(BackendError::Protocol(
+                        "the backend answered the WebSocket upgrade without switching protocols",
+                    )));
+                }
                 if answer.status != StatusCode::SWITCHING_PROTOCOLS {
                     info!(backend = %backend.url, status = answer.status.as_u16(), "backend refused the upgrade");
                     ws::strip_hop_by_hop(&mut headers);
@@ -362,7 +387,27 @@ async fn upgrade(
                     settings.half_close_timeout,
                 );
                 let mut out = Response::new(crate::error::empty());
-                *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                match own_key {
+                    None => *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS,
+                    Some(k) => {
+                        let want = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                            k.as_bytes(),
+                        );
+                        if headers
+                            .get(header::SEC_WEBSOCKET_ACCEPT)
+                            .is_none_or(|a| a.as_bytes() != want.as_bytes())
+                        {
+                            return Err(ProxyError::Backend(BackendError::Protocol(
+                                "the backend's Sec-WebSocket-Accept does not match",
+                            )));
+                        }
+                        // HTTP/2: `200` opens the stream; no connection-level headers.
+                        ws::strip_hop_by_hop(&mut headers);
+                        headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+                        headers.remove(header::CONTENT_LENGTH);
+                        *out.status_mut() = StatusCode::OK;
+                    }
+                }
                 *out.headers_mut() = headers;
                 return Ok(out);
             }

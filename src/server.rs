@@ -509,7 +509,9 @@ fn http_builders(s: &ServerSettings) -> HttpBuilders {
         .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256)
         .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .keep_alive_timeout(Duration::from_secs(20))
+        // WebSockets over HTTP/2 (RFC 8441).
+        .enable_connect_protocol();
     HttpBuilders { h1, h2 }
 }
 

@@ -22,10 +22,41 @@ pub enum HandshakeError {
     UnsupportedVersion,
 }
 
-/// Whether the request asks to switch to WebSocket. Other upgrades (such as
-/// `h2c`) are ignored, as RFC 9110 allows, and the request is proxied as plain HTTP.
+/// Whether the request asks to switch to WebSocket: an HTTP/1.1 upgrade, or
+/// an HTTP/2 extended CONNECT with `:protocol websocket` (RFC 8441). Other
+/// upgrades (such as `h2c`) are ignored, as RFC 9110 allows, and the request
+/// is proxied as plain HTTP.
 pub fn wants_websocket<B>(req: &Request<B>) -> bool {
-    has_token(req.headers(), header::UPGRADE, "websocket")
+    is_h2_websocket(req) || has_token(req.headers(), header::UPGRADE, "websocket")
+}
+
+/// An HTTP/2 extended CONNECT for a WebSocket (RFC 8441): answered with
+/// `200` instead of `101`, with no `Sec-WebSocket-Key`/`-Accept`.
+pub fn is_h2_websocket<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// A fresh `Sec-WebSocket-Key` for the backend leg of an HTTP/2 client's
+/// WebSocket (the client sends none). It only has to differ between
+/// connections (RFC 6455 §4.1), so no cryptographic source is needed.
+pub fn new_key() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let s = std::collections::hash_map::RandomState::new();
+    let mut bytes = [0u8; 16];
+    for (i, half) in bytes.chunks_mut(8).enumerate() {
+        let mut h = s.build_hasher();
+        h.write_u64(n);
+        h.write_usize(i);
+        half.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -35,9 +66,13 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     })
 }
 
-/// Checks an HTTP/1.1 upgrade request against RFC 6455.
+/// Checks an HTTP/1.1 upgrade request against RFC 6455, or an HTTP/2
+/// extended CONNECT against RFC 8441 (only the version header applies).
 pub fn validate<B>(req: &Request<B>) -> Result<(), HandshakeError> {
     let h = req.headers();
+    if is_h2_websocket(req) {
+        return version_13(h);
+    }
     if req.method() != Method::GET {
         return Err(HandshakeError::NotGet);
     }
@@ -57,6 +92,10 @@ pub fn validate<B>(req: &Request<B>) -> Result<(), HandshakeError> {
     if !key_ok {
         return Err(HandshakeError::BadKey);
     }
+    version_13(h)
+}
+
+fn version_13(h: &HeaderMap) -> Result<(), HandshakeError> {
     if h.get(header::SEC_WEBSOCKET_VERSION)
         .map(HeaderValue::as_bytes)
         != Some(b"13")

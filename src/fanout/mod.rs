@@ -477,18 +477,26 @@ pub async fn accept(
         drop(admission);
     });
     let mut resp = Response::new(crate::error::empty());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h2 = crate::ws::is_h2_websocket(&req);
     let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if !h2 {
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&accept_key) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+    }
     if let Some(e) = extension {
         h.insert(
             header::SEC_WEBSOCKET_EXTENSIONS,
             HeaderValue::from_static(e),
         );
     }
-    if let Ok(v) = HeaderValue::from_str(&accept_key) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
+    // HTTP/2 (RFC 8441): `200` opens the stream.
+    *resp.status_mut() = if h2 {
+        StatusCode::OK
+    } else {
+        StatusCode::SWITCHING_PROTOCOLS
+    };
     Ok(resp)
 }

@@ -422,6 +422,7 @@ pub async fn browser_dom(url: &str) -> Option<String> {
             "--disable-dev-shm-usage",
             "--no-first-run",
             "--disable-background-networking",
+            "--ignore-certificate-errors",
             "--virtual-time-budget=5000",
         ])
         .arg(format!("--user-data-dir={}", profile.0.display()))
