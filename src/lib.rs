@@ -48,3 +48,16 @@ pub mod ws;
 
 pub use config::Config;
 pub use server::Gateway;
+
+/// A small deterministic generator (xorshift64*) for randomized tests, so a
+/// failure repeats with the same seed.
+#[cfg(test)]
+pub(crate) fn test_rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}

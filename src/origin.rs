@@ -145,16 +145,7 @@ fn split_port(s: &str) -> (&str, Option<&str>) {
 mod tests {
     use super::*;
 
-    /// A small deterministic generator (xorshift64*), so failures repeat.
-    fn rng(seed: u64) -> impl FnMut() -> u64 {
-        let mut x = seed | 1;
-        move || {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
+    use crate::test_rng as rng;
 
     #[test]
     fn arbitrary_strings_never_panic() {

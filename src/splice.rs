@@ -410,14 +410,7 @@ mod tests {
 
     #[test]
     fn frame_watch_takes_arbitrary_bytes_in_arbitrary_pieces() {
-        // xorshift64*: deterministic, so a failure repeats.
-        let mut x = 5u64;
-        let mut r = move || {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        };
+        let mut r = crate::test_rng(5);
         for _ in 0..5_000 {
             let mut w = FrameWatch::default();
             let n = (r() % 400) as usize;

@@ -812,20 +812,7 @@ async fn a_browser_reads_compressed_messages() {
     );
     // The page comes from a loopback HTTP server of its own (a `data:` page
     // may not open connections to loopback addresses).
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", l.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let page = page.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}", page.len()).as_bytes())
-                    .await;
-            });
-        }
-    });
+    let url = format!("http://{}/", static_http("text/html", page).await);
     let Some(dom) = browser_dom(&url).await else {
         return;
     };

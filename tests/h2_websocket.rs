@@ -165,20 +165,7 @@ async fn subprotocols_and_close_codes_pass_over_http2() {
 async fn refusals_over_http2_are_http_answers() {
     let be = echo_backends(&["a"]).await;
     // A backend that answers the upgrade with a plain 200.
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let plain = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-            });
-        }
-    });
+    let plain = static_http("text/plain", "ok".into()).await;
     let dir = TempDir::new("h2ws-bad");
     let _ = cert_files(&dir.0, "site", &["site.test"]);
     let extra = format!("  plain: {{ backends: [ws://{plain}] }}\n");
@@ -244,25 +231,7 @@ async fn a_browser_opens_its_websocket_on_the_pages_http2_connection() {
         ws.onmessage = e => { document.body.dataset.got = e.data; ws.close(); clearInterval(keep); };\
         ws.onclose = e => { document.body.dataset.closed = e.code; };\
         </script></body>";
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let web = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    let reply = format!("HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{page}", page.len());
-                    if s.write_all(reply.as_bytes()).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let web = static_http("text/html", page.into()).await;
     let dir = TempDir::new("h2ws-browser");
     let _ = cert_files(&dir.0, "site", &["localhost"]);
     let extra = format!("  web: {{ backends: [http://{web}] }}\n");

@@ -12,22 +12,6 @@ use tokio::io::AsyncWriteExt;
 
 const T: Duration = Duration::from_secs(10);
 
-/// Status, Retry-After and body of a refused handshake.
-fn refusal(e: tokio_tungstenite::tungstenite::Error) -> (u16, String, String) {
-    match e {
-        tokio_tungstenite::tungstenite::Error::Http(resp) => (
-            resp.status().as_u16(),
-            resp.headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string(),
-            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string(),
-        ),
-        e => panic!("expected an HTTP refusal, got {e}"),
-    }
-}
-
 /// Retries an upgrade until it is admitted (a place frees when the session
 /// that held it has ended on the gateway's side).
 async fn admitted_within(addr: std::net::SocketAddr, path: &str) -> Ws<tokio::net::TcpStream> {

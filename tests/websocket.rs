@@ -344,17 +344,6 @@ async fn hash_balancing_agrees_across_gateways() {
     assert!(spread.len() >= 2, "12 users all on one backend: {spread:?}");
 }
 
-/// The status and body of a refused handshake.
-fn refusal(e: tokio_tungstenite::tungstenite::Error) -> (u16, String) {
-    match e {
-        tokio_tungstenite::tungstenite::Error::Http(resp) => (
-            resp.status().as_u16(),
-            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string(),
-        ),
-        e => panic!("expected an HTTP refusal, got {e}"),
-    }
-}
-
 #[tokio::test]
 async fn origins_limit_which_pages_may_open_websockets_on_splice_and_fanout_routes() {
     let be = echo_backends(&["a"]).await;
@@ -387,7 +376,7 @@ async fn origins_limit_which_pages_may_open_websockets_on_splice_and_fanout_rout
         "http://localhost:8081",
         "null",
     ] {
-        let (status, body) = refusal(
+        let (status, _, body) = refusal(
             ws_with(addr, "h", "/chat", &[("origin", bad)])
                 .await
                 .unwrap_err(),
@@ -409,7 +398,7 @@ async fn origins_limit_which_pages_may_open_websockets_on_splice_and_fanout_rout
     .unwrap();
     assert_eq!(roundtrip(&mut s, "open").await, "open");
     // Fan-out routes check before joining a channel (no upstream is opened).
-    let (status, _) = refusal(
+    let (status, _, _) = refusal(
         ws_with(
             addr,
             "h",

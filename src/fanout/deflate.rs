@@ -219,18 +219,12 @@ mod tests {
 
     #[test]
     fn arbitrary_input_ends_in_a_result() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut r = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut r = crate::test_rng(0x9e37_79b9_7f4a_7c15);
         let valid = Deflater::default()
             .compress(&b"market data ".repeat(100))
             .unwrap();
         for _ in 0..5_000 {
-            let mut b: Vec<u8> = if r() % 2 == 0 {
+            let mut b: Vec<u8> = if r().is_multiple_of(2) {
                 valid.clone()
             } else {
                 (0..r() % 300).map(|_| r() as u8).collect()
@@ -259,15 +253,8 @@ mod tests {
         assert_eq!(inflate(&z, msg.len() - 1), Err(InflateError::TooBig));
         // Incompressible or tiny input stays as it is.
         assert_eq!(d.compress(b"ab"), None);
-        let mut x = 88172645463325252u64;
-        let noise: Vec<u8> = (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect();
+        let mut r = crate::test_rng(88172645463325252);
+        let noise: Vec<u8> = (0..4096).map(|_| (r() >> 24) as u8).collect();
         assert_eq!(d.compress(&noise), None);
         // Large output crosses buffer growth in both directions.
         let big = b"0123456789abcdef".repeat(100_000);

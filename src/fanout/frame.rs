@@ -179,16 +179,7 @@ pub fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 mod tests {
     use super::*;
 
-    /// A small deterministic generator (xorshift64*), so failures repeat.
-    fn rng(seed: u64) -> impl FnMut() -> u64 {
-        let mut x = seed | 1;
-        move || {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
+    use crate::test_rng as rng;
 
     #[test]
     fn arbitrary_bytes_never_panic_and_frames_stay_inside() {

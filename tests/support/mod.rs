@@ -443,6 +443,54 @@ pub async fn browser_dom(url: &str) -> Option<String> {
     Some(dom)
 }
 
+/// A loopback HTTP/1.1 server answering every request with `200` and `body`
+/// (`content-type` as given), keeping connections open; its address.
+pub async fn static_http(content_type: &'static str, body: String) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let body: Arc<str> = body.into();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The status, `Retry-After` and body of a refused WebSocket handshake.
+pub fn refusal(e: tokio_tungstenite::tungstenite::Error) -> (u16, String, String) {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => (
+            resp.status().as_u16(),
+            resp.headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).to_string(),
+        ),
+        e => panic!("expected an HTTP refusal, got {e}"),
+    }
+}
+
 /// The empty body type for hyper requests that send none.
 pub fn empty() -> Empty<bytes::Bytes> {
     Empty::new()
