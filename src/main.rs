@@ -137,6 +137,19 @@ fn check(file: &Path) -> Result<(), String> {
                 .map(|&i| c.pools[i].name.as_str())
                 .collect();
             notes.push(format!("fanout from {}", sources.join("+")));
+            if f.compression {
+                notes.push("compression".to_string());
+            }
+        }
+        if let Some(o) = &r.origins {
+            let o: Vec<String> = o.iter().map(|p| p.to_string()).collect();
+            notes.push(format!("origins {}", o.join(" ")));
+        }
+        if let Some(n) = r.limits.max_sessions {
+            notes.push(format!("max_sessions {n}"));
+        }
+        if let Some(n) = r.limits.max_sessions_per_ip {
+            notes.push(format!("max_sessions_per_ip {n}"));
         }
         let note = notes.join(", ");
         println!(

@@ -27,6 +27,27 @@ fn check_prints_the_route_table_of_the_repository_config() {
 }
 
 #[test]
+fn check_shows_listener_and_route_settings() {
+    let dir = support::TempDir::new("cli-settings");
+    let file = dir.0.join("routes.yaml");
+    std::fs::write(
+        &file,
+        "listen:\n  - { addr: 127.0.0.1:8080, proxy_protocol: true }\npools:\n  p: { backends: [ws://127.0.0.1:9001] }\nroutes:\n  - { name: chat, path: /chat, pool: p, origins: ['https://*.example.com'], max_sessions: 1000, max_sessions_per_ip: 20 }\n  - { name: feed, path: /feed, pool: p, mode: fanout, compression: true }\n",
+    )
+    .unwrap();
+    let out = upgate().arg("check").arg(&file).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for want in [
+        "listen  http://127.0.0.1:8080  (PROXY protocol)",
+        "origins https://*.example.com, max_sessions 1000, max_sessions_per_ip 20",
+        "fanout from p, compression",
+    ] {
+        assert!(stdout.contains(want), "`{want}` not in\n{stdout}");
+    }
+}
+
+#[test]
 fn check_reports_a_config_error_with_file_line_and_key() {
     let dir = support::TempDir::new("cli");
     let file = dir.0.join("bad.yaml");
