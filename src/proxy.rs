@@ -163,7 +163,8 @@ where
             peer = %conn.peer,
             host,
             path = req.uri().path(),
-            route = %r.name
+            route = %r.name,
+            http = if h2 { "2" } else { "1.1" }
         );
         let admitted = if origin_ok(r, req.headers()) {
             crate::limits::admit(stats, r.limits, conn.peer.ip(), &r.name)

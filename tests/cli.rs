@@ -170,6 +170,7 @@ async fn the_binary_serves_logs_each_session_and_exits_cleanly_on_sigterm() {
     };
     for want in [
         "route=chat",
+        "http=\"1.1\"",
         "path=\"/chat\"",
         "end=\"closed\"",
         "closed_by=\"client\"",
