@@ -418,3 +418,43 @@ async fn origins_limit_which_pages_may_open_websockets_on_splice_and_fanout_rout
     let line = "upgate_upgrades_total{route=\"r\",outcome=\"rejected\"} 6";
     assert!(m.body.contains(line), "no `{line}` in\n{}", m.body);
 }
+
+/// A real browser's `Origin` (headless Chromium, page on a loopback port)
+/// matches an `origins` entry written the way the README says, and is
+/// refused by a route that lists another origin.
+#[tokio::test]
+async fn a_browsers_origin_is_matched_as_written() {
+    let be = echo_backends(&["a"]).await;
+    let page = "<body><script>\
+        const keep = setInterval(() => fetch('/busy').catch(() => {}), 50);\
+        let done = 0;\
+        for (const name of ['allowed', 'denied']) {\
+          const ws = new WebSocket('ws://' + GATEWAY + '/' + name);\
+          ws.onopen = () => ws.send('hi');\
+          ws.onmessage = e => { document.body.dataset[name] = 'echo:' + e.data; ws.close(); };\
+          ws.onclose = e => {\
+            if (!document.body.dataset[name]) document.body.dataset[name] = 'closed:' + e.code;\
+            if (++done === 2) clearInterval(keep);\
+          };\
+        }\
+        </script></body>";
+    // The gateway's address goes into the page, the page's origin into the config.
+    let gw_port = free_port();
+    let web = static_http(
+        "text/html",
+        page.replace("GATEWAY", &format!("'127.0.0.1:{gw_port}'")),
+    )
+    .await;
+    let gw = gateway(&format!(
+        "listen:\n  - addr: 127.0.0.1:{gw_port}\npools:\n  p: {{ backends: [ws://{}] }}\nroutes:\n  - {{ name: allowed, path: /allowed, pool: p, origins: ['http://127.0.0.1:{}'] }}\n  - {{ name: denied, path: /denied, pool: p, origins: ['https://app.example.com'] }}\n",
+        be.addrs[0],
+        web.port()
+    ))
+    .await;
+    let Some(dom) = browser_dom(&format!("http://127.0.0.1:{}/", web.port())).await else {
+        return;
+    };
+    assert!(dom.contains(r#"data-allowed="echo:hi""#), "{dom}");
+    assert!(dom.contains(r#"data-denied="closed:1006""#), "{dom}");
+    drop(gw);
+}
