@@ -125,3 +125,35 @@ async fn max_sessions_per_ip_refuses_with_429_per_client_address() {
     let line = "upgate_sessions_refused_total{route=\"r\",limit=\"client\"} 1";
     assert!(m.body.contains(line), "no `{line}` in\n{}", m.body);
 }
+
+#[tokio::test]
+async fn limits_count_sessions_across_reloads_and_take_new_values_at_once() {
+    let be = echo_backends(&["a"]).await;
+    let dir = TempDir::new("limits-reload");
+    let file = dir.0.join("routes.yaml");
+    let y = |max: u32, extra: &str| {
+        format!(
+            "server: {{ watch_interval: 0s }}\nadmin: {{ addr: '127.0.0.1:0' }}\nlisten:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: [ws://{}] }}\nroutes:\n  - {{ name: r, path: /r, pool: p, max_sessions: {max} }}\n{extra}",
+            be.addrs[0]
+        )
+    };
+    std::fs::write(&file, y(1, "")).unwrap();
+    let gw = gateway_file(&file).await;
+    let (addr, admin) = (gw.addr(), gw.admin.expect("admin"));
+    let mut first = ws(addr, "h", "/r").await;
+    // A reload that leaves the route as it is: the live session still counts.
+    std::fs::write(&file, y(1, "  - { name: other, path: /o, pool: p }\n")).unwrap();
+    let r = admin_request(admin, "POST", "/reload", None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (status, _, body) = refusal(ws_with(addr, "h", "/r", &[]).await.unwrap_err());
+    assert_eq!(status, 503, "{body}");
+    // A higher limit applies to the next upgrade.
+    std::fs::write(&file, y(2, "")).unwrap();
+    let r = admin_request(admin, "POST", "/reload", None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut second = ws(addr, "h", "/r").await;
+    assert_eq!(roundtrip(&mut second, "2").await, "2");
+    assert_eq!(roundtrip(&mut first, "1").await, "1");
+    let (status, _, _) = refusal(ws_with(addr, "h", "/r", &[]).await.unwrap_err());
+    assert_eq!(status, 503, "two sessions fill a limit of 2");
+}
