@@ -783,7 +783,8 @@ async fn a_browser_reads_compressed_messages() {
         let feed = feed.clone();
         let tick = tick.clone();
         tokio::spawn(async move {
-            feed.wait_open(1, T).await;
+            // As long as the browser may take to start (a cold start on a fresh machine).
+            feed.wait_open(1, Duration::from_secs(60)).await;
             for i in 0..200 {
                 feed.publish(Message::text(format!("{i}:{tick}")));
                 tokio::time::sleep(Duration::from_millis(25)).await;
