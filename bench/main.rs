@@ -66,13 +66,8 @@ struct FanoutArgs {
     targets: Vec<String>,
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
-    /// Directory holding upgate and upgate-bench-backend (default: next to this binary).
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    /// Directory holding another upgate build, run as target `upgate-base`
-    /// (one runtime thread, as `upgate`) for before/after in the same run.
-    #[arg(long)]
-    base_bin_dir: Option<PathBuf>,
+    #[command(flatten)]
+    bins: Bins,
 }
 
 #[derive(clap::Args)]
@@ -102,11 +97,18 @@ struct SuiteArgs {
     /// Directory for the results file.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+    #[command(flatten)]
+    bins: Bins,
+}
+
+/// Where the binaries under test are.
+#[derive(clap::Args)]
+struct Bins {
     /// Directory holding upgate and upgate-bench-backend (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// Directory holding an upgate build of another commit, measured as target `upgate-base`
-    /// for before/after comparisons in the same run.
+    /// (as `upgate`) for before/after comparisons in the same run.
     #[arg(long)]
     base_bin_dir: Option<PathBuf>,
 }
@@ -361,14 +363,7 @@ fn min_max(v: &[f64]) -> (f64, f64) {
 }
 
 async fn suite(a: SuiteArgs) -> Result<(), String> {
-    let bin_dir = match a.bin_dir.clone() {
-        Some(d) => d,
-        None => std::env::current_exe()
-            .map_err(|e| e.to_string())?
-            .parent()
-            .ok_or("no binary dir")?
-            .to_path_buf(),
-    };
+    let bin_dir = a.bins.dir()?;
     let work = std::env::temp_dir().join(format!("upgate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
     let certs = targets::certs(&work)?;
@@ -395,7 +390,7 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
     let start = |name: &str, ips: usize| -> Result<Proc, String> {
         match name {
             "upgate" => targets::upgate("upgate", &bin_dir, 18080, &work, &certs, ips),
-            "upgate-base" => match &a.base_bin_dir {
+            "upgate-base" => match &a.bins.base_bin_dir {
                 Some(d) => targets::upgate("upgate-base", d, 18090, &work, &certs, ips),
                 None => Err("upgate-base needs --base-bin-dir".into()),
             },
@@ -577,20 +572,23 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn bin_dir_or_exe(d: Option<PathBuf>) -> Result<PathBuf, String> {
-    match d {
-        Some(d) => Ok(d),
-        None => Ok(std::env::current_exe()
-            .map_err(|e| e.to_string())?
-            .parent()
-            .ok_or("no binary dir")?
-            .to_path_buf()),
+impl Bins {
+    /// `--bin-dir`, or the directory of this binary.
+    fn dir(&self) -> Result<PathBuf, String> {
+        match &self.bin_dir {
+            Some(d) => Ok(d.clone()),
+            None => Ok(std::env::current_exe()
+                .map_err(|e| e.to_string())?
+                .parent()
+                .ok_or("no binary dir")?
+                .to_path_buf()),
+        }
     }
 }
 
 /// Fan-out: for each rate, every target, rounds interleaved; fresh processes per run.
 async fn fanout_suite(a: FanoutArgs) -> Result<(), String> {
-    let bin_dir = bin_dir_or_exe(a.bin_dir.clone())?;
+    let bin_dir = a.bins.dir()?;
     let work = std::env::temp_dir().join(format!("upgate-bench-fanout-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
     let fd_limit = open_file_limit();
@@ -630,6 +628,7 @@ async fn fanout_suite(a: FanoutArgs) -> Result<(), String> {
                             "upgate-2t" => targets::upgate_fanout(&bin_dir, &work, "0,1", 2)?,
                             _ => {
                                 let base = a
+                                    .bins
                                     .base_bin_dir
                                     .as_deref()
                                     .ok_or("upgate-base needs --base-bin-dir")?;

@@ -277,34 +277,43 @@ impl Collector for GatewayCollector {
             .map(|r| r.name.as_str())
             .zip(snap.route_stats.iter())
             .collect();
-        let mut up = Vec::new();
-        for (name, s) in &routes {
-            for (i, o) in ["ok", "refused", "rejected", "failed"].iter().enumerate() {
-                up.push((
-                    vec![("route", name.to_string()), ("outcome", o.to_string())],
-                    s.upgrades[i].load(Relaxed),
-                ));
-            }
-        }
-        family(&mut enc, "upgate_upgrades", "WebSocket upgrades by route and outcome (ok = 101; refused = the backend's own non-101 answer; rejected = bad client request or a session limit; failed = no backend).", Counter, &up)?;
-        let mut refused = Vec::new();
-        for (name, s) in &routes {
-            for (limit, n) in [
-                ("route", &s.admitted.refused_route),
-                ("client", &s.admitted.refused_ip),
-            ] {
-                refused.push((
-                    vec![("route", name.to_string()), ("limit", limit.to_string())],
-                    n.load(Relaxed),
-                ));
-            }
-        }
+        // One series per route and per value of a second label.
+        type Part<'a> = (&'a str, &'a dyn Fn(&RouteStats) -> u64);
+        let per_route_by = |key: &'static str, parts: &[Part]| -> Vec<(Labels, u64)> {
+            routes
+                .iter()
+                .flat_map(|(n, s)| {
+                    parts.iter().map(move |(v, f)| {
+                        (vec![("route", n.to_string()), (key, v.to_string())], f(s))
+                    })
+                })
+                .collect()
+        };
+        let outcomes: [Part; 4] = [
+            ("ok", &|s| s.upgrades[Outcome::Ok as usize].load(Relaxed)),
+            ("refused", &|s| {
+                s.upgrades[Outcome::Refused as usize].load(Relaxed)
+            }),
+            ("rejected", &|s| {
+                s.upgrades[Outcome::Rejected as usize].load(Relaxed)
+            }),
+            ("failed", &|s| {
+                s.upgrades[Outcome::Failed as usize].load(Relaxed)
+            }),
+        ];
+        family(&mut enc, "upgate_upgrades", "WebSocket upgrades by route and outcome (ok = 101; refused = the backend's own non-101 answer; rejected = bad client request or a session limit; failed = no backend).", Counter, &per_route_by("outcome", &outcomes))?;
         family(
             &mut enc,
             "upgate_sessions_refused",
             "Upgrades refused by a route's max_sessions (limit=route, 503) or max_sessions_per_ip (limit=client, 429).",
             Counter,
-            &refused,
+            &per_route_by(
+                "limit",
+                &[
+                    ("route", &|s| s.admitted.refused_route.load(Relaxed)),
+                    ("client", &|s| s.admitted.refused_ip.load(Relaxed)),
+                ],
+            ),
         )?;
         let per_route = |f: &dyn Fn(&RouteStats) -> u64| -> Vec<(Labels, u64)> {
             routes
@@ -333,23 +342,18 @@ impl Collector for GatewayCollector {
             Counter,
             &per_route(&|s| s.failovers.load(Relaxed)),
         )?;
-        let mut bytes = Vec::new();
-        for (n, s) in &routes {
-            bytes.push((
-                vec![("route", n.to_string()), ("direction", "up".into())],
-                s.bytes_up.load(Relaxed),
-            ));
-            bytes.push((
-                vec![("route", n.to_string()), ("direction", "down".into())],
-                s.bytes_down.load(Relaxed),
-            ));
-        }
         family(
             &mut enc,
             "upgate_session_bytes",
             "Bytes moved by spliced sessions that ended (up = client to backend).",
             Counter,
-            &bytes,
+            &per_route_by(
+                "direction",
+                &[
+                    ("up", &|s| s.bytes_up.load(Relaxed)),
+                    ("down", &|s| s.bytes_down.load(Relaxed)),
+                ],
+            ),
         )?;
         let hist: Vec<(Labels, &Histogram)> = routes
             .iter()

@@ -194,7 +194,7 @@ async fn source(
             Lost::Error(why) => {
                 warn!(pool = %pool.name, backend = %u.guard.backend().url, why, "upstream lost; reconnecting");
                 if let Some(text) = &hub.cfg.on_upstream_lost {
-                    ch.publish(frame::encode(frame::OP_TEXT, text.as_bytes()), None, 0);
+                    ch.publish(frame::OP_TEXT, text.as_bytes(), 0);
                 }
                 reconnecting = true;
             }
@@ -287,22 +287,7 @@ fn publish(hub: &Hub, ch: &Channel, idx: usize, opcode: u8, payload: &[u8]) {
     } else {
         payload
     };
-    let frame = frame::encode(opcode, body);
-    // Compressed once for every client that negotiated it, and only then.
-    let compressed = if ch.wants_compressed() {
-        DEFLATER
-            .with(|d| d.borrow_mut().compress(body))
-            .map(|z| frame::encode_compressed(opcode, &z))
-    } else {
-        None
-    };
-    ch.publish(frame, compressed, hub.cfg.replay_last);
-}
-
-thread_local! {
-    /// One compressor per runtime thread (its state is a few hundred KiB),
-    /// reset for every message.
-    static DEFLATER: std::cell::RefCell<super::deflate::Deflater> = Default::default();
+    ch.publish(opcode, body, hub.cfg.replay_last);
 }
 
 /// `{"source": NAME, "data": ...}`: the message itself when it is JSON, else as a string.

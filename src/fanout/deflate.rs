@@ -120,6 +120,18 @@ impl Deflater {
     }
 }
 
+thread_local! {
+    /// One compressor per runtime thread (its state is a few hundred KiB,
+    /// too much for every channel), reset for every message.
+    static DEFLATER: std::cell::RefCell<Deflater> = Default::default();
+}
+
+/// Compresses one message with this thread's compressor; `None` when that
+/// would not make it smaller.
+pub fn compress(payload: &[u8]) -> Option<Vec<u8>> {
+    DEFLATER.with(|d| d.borrow_mut().compress(payload))
+}
+
 /// Why a compressed client message is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum InflateError {

@@ -273,19 +273,19 @@ impl Channel {
         (ch, fwd_rx)
     }
 
-    /// Whether a client that negotiated compression is subscribed.
-    fn wants_compressed(&self) -> bool {
-        self.tx_z.receiver_count() > 0
-    }
-
-    /// Publishes one framed message to every client: `frame` to plain
-    /// clients, `compressed` (or `frame`) to those with permessage-deflate.
-    fn publish(&self, frame: Bytes, compressed: Option<Bytes>, replay_last: usize) {
+    /// Frames one message once for every plain client and, only while a
+    /// client that negotiated permessage-deflate is subscribed, compresses it
+    /// once for all of those (a message that would not shrink goes to them
+    /// as it is).
+    fn publish(&self, opcode: u8, body: &[u8], replay_last: usize) {
+        let frame = frame::encode(opcode, body);
+        // Decided under the replay lock (when there is one), so a deflate
+        // client joining right now gets this message either replayed or live.
         let send = |frame: Bytes| {
-            if let Some(z) = compressed {
+            if self.tx_z.receiver_count() > 0 {
+                let z = deflate::compress(body)
+                    .map_or_else(|| frame.clone(), |z| frame::encode_compressed(opcode, &z));
                 let _ = self.tx_z.send(z);
-            } else if self.wants_compressed() {
-                let _ = self.tx_z.send(frame.clone());
             }
             let _ = self.tx.send(frame);
         };
