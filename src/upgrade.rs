@@ -153,10 +153,13 @@ where
                     if size == 0 {
                         return Ok(body.freeze()); // trailers, if any, are not relayed
                     }
-                    if body.len() + size > MAX_REFUSAL_BODY {
+                    // `size` is the peer's number: compare without adding to it.
+                    if size > MAX_REFUSAL_BODY.saturating_sub(body.len()) {
                         return Err(too_big());
                     }
-                    while buf.len() < used + size + 2 {
+                    // Bounded now: `used` <= buf.len() (what was read), `size` <= the limit.
+                    let need = used + size + 2;
+                    while buf.len() < need {
                         if io.read_buf(&mut buf).await.map_err(BackendError::Io)? == 0 {
                             return Err(BackendError::Protocol("truncated chunked body"));
                         }
@@ -283,5 +286,26 @@ mod tests {
             answer(b"HTTP/1.1 403 No\r\nContent-Length: 99999999\r\n\r\n").await,
             Err(BackendError::Protocol(_))
         ));
+    }
+
+    /// A chunk size near 2^64 once overflowed `body.len() + size` (a panic in
+    /// debug builds, a wrapped bound in release ones).
+    #[tokio::test]
+    async fn huge_chunk_sizes_are_refused_not_added() {
+        for size in [
+            "ffffffffffffffff",
+            "fffffffffffffffe",
+            "fffffffffff00000",
+            "100001",
+        ] {
+            let reply = format!(
+                "HTTP/1.1 403 No\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n{size}\r\nxyz"
+            );
+            let reply: &'static [u8] = Box::leak(reply.into_bytes().into_boxed_slice());
+            assert!(
+                matches!(answer(reply).await, Err(BackendError::Protocol(_))),
+                "chunk size {size}"
+            );
+        }
     }
 }

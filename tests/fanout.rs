@@ -824,3 +824,77 @@ async fn a_browser_reads_compressed_messages() {
     );
     assert!(dom.contains(r#"data-ok="true""#), "{dom}");
 }
+
+impl RawClient {
+    /// Reads frames until a Close; its code (None for an empty payload).
+    async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            let (first, payload) = self.frame().await;
+            if first & 0x0f == 0x8 {
+                return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn invalid_utf8_is_closed_with_1007_even_when_client_messages_are_ignored() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(&[&feed], "").await;
+    let (mut c, _) = RawClient::connect(gw.addr(), "/feed", None).await;
+    c.send(0x81, b"fine").await;
+    c.send(0x81, b"\xce\xba\xff").await;
+    assert_eq!(c.close_code().await, Some(1007));
+}
+
+#[tokio::test]
+async fn close_frames_the_rfc_forbids_are_answered_with_1002_or_1007() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(&[&feed], "").await;
+    let cases: [(&[u8], Option<u16>); 7] = [
+        (b"\x03", Some(1002)),                // a 1-byte payload
+        (&999u16.to_be_bytes(), Some(1002)),  // below 1000
+        (&1005u16.to_be_bytes(), Some(1002)), // reserved: never on the wire
+        (&2999u16.to_be_bytes(), Some(1002)),
+        (b"\x03\xe8\xce\xba\xe1\xbd", Some(1007)), // reason not UTF-8
+        (&4001u16.to_be_bytes(), Some(4001)),      // a valid code is echoed
+        (b"", Some(1000)),
+    ];
+    for (payload, want) in cases {
+        let (mut c, _) = RawClient::connect(gw.addr(), "/feed", None).await;
+        c.send(0x88, payload).await;
+        assert_eq!(c.close_code().await, want, "close payload {payload:?}");
+    }
+}
+
+#[tokio::test]
+async fn fragmented_text_fails_at_the_fragment_that_breaks_utf8() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(&[&feed], "    client_messages: forward\n").await;
+    let (mut c, _) = RawClient::connect(gw.addr(), "/feed", None).await;
+    // First fragment valid (ends inside a code point), the second makes it invalid; no final fragment.
+    c.send(0x01, b"\xce\xba\xe1").await;
+    c.send(0x00, b"\xbd\xb9\xf4\x90\x80\x80").await;
+    assert_eq!(c.close_code().await, Some(1007));
+    // Reserved opcode, continuation without a message, reserved bits: 1002.
+    for (first, payload) in [(0x85u8, &b""[..]), (0x80, b"x"), (0xA1, b"x")] {
+        let (mut c, _) = RawClient::connect(gw.addr(), "/feed", None).await;
+        c.send(first, payload).await;
+        assert_eq!(c.close_code().await, Some(1002), "first byte {first:#x}");
+    }
+}
+
+#[tokio::test]
+async fn the_answer_to_a_forwarded_message_goes_out_before_a_protocol_close() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(&[&feed], "    client_messages: forward\n").await;
+    let (mut c, _) = RawClient::connect(gw.addr(), "/feed", None).await;
+    feed.wait_open(1, T).await;
+    c.send(0x81, b"question").await;
+    c.send(0xA1, b"bad rsv").await; // RSV2 without an extension
+    let (_, m) = feed.next_received(T).await;
+    assert_eq!(m, Message::text("question"));
+    feed.publish(Message::text("answer"));
+    assert_eq!(c.data().await, (0x81, b"answer".to_vec()));
+    assert_eq!(c.close_code().await, Some(1002));
+}

@@ -33,6 +33,10 @@ use crate::splice::ReadReady;
 const BATCH: usize = 64;
 /// Delivery counts are added to the route's counters this often.
 const FLUSH_STATS: u64 = 1024;
+/// How long a client that broke the protocol right after forwarding a
+/// message may still receive what the channel publishes (the upstream's
+/// answer, for an echo or request/response feed) before its Close.
+const ANSWER_GRACE: Duration = Duration::from_millis(250);
 
 pub(super) struct Cx<'a> {
     pub hub: &'a Hub,
@@ -100,6 +104,16 @@ enum Event {
     Bad(FrameError),
 }
 
+/// A fragmented client message being assembled.
+struct Partial {
+    opcode: u8,
+    /// RSV1 on its first frame (permessage-deflate): checked once inflated.
+    compressed: bool,
+    buf: Vec<u8>,
+    /// Plain text is checked fragment by fragment (fail fast).
+    utf8: frame::Utf8Check,
+}
+
 /// The client's socket with its write queue and read buffer.
 struct Conn<S> {
     io: S,
@@ -107,7 +121,7 @@ struct Conn<S> {
     /// Bytes of an incomplete client frame (empty, unallocated, when idle).
     inbuf: Vec<u8>,
     /// A fragmented message being assembled.
-    partial: Option<(u8, bool, Vec<u8>)>,
+    partial: Option<Partial>,
     /// Something arrived from the client since the flag was last cleared.
     heard: bool,
     max_message: usize,
@@ -217,33 +231,54 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
                     None
                 }
                 frame::OP_PONG => None,
-                frame::OP_CLOSE => Some(Event::Close(
-                    payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])),
-                )),
+                frame::OP_CLOSE => Some(match frame::parse_close(payload) {
+                    Ok(code) => Event::Close(code),
+                    Err(e) => Event::Bad(e),
+                }),
                 frame::OP_CONT => match &mut self.partial {
-                    None => Some(Event::Bad(FrameError::Opcode)),
-                    Some((_, _, buf)) if buf.len() + payload.len() > self.max_message => {
+                    None => Some(Event::Bad(FrameError::Continuation)),
+                    // `buf` never exceeds `max_message`: no overflow in the subtraction.
+                    Some(p) if payload.len() > self.max_message - p.buf.len() => {
                         Some(Event::Bad(FrameError::TooBig))
                     }
-                    Some((_, _, buf)) => {
-                        buf.extend_from_slice(payload);
-                        if f.fin {
-                            self.partial
-                                .take()
-                                .map(|(op, z, b)| Event::Message(op, b, z))
+                    Some(p) => {
+                        p.buf.extend_from_slice(payload);
+                        let check = if p.opcode == frame::OP_TEXT && !p.compressed {
+                            p.utf8.feed(&p.buf, f.fin)
                         } else {
-                            None
+                            Ok(())
+                        };
+                        match check {
+                            Err(e) => Some(Event::Bad(e)),
+                            Ok(()) if f.fin => self
+                                .partial
+                                .take()
+                                .map(|p| Event::Message(p.opcode, p.buf, p.compressed)),
+                            Ok(()) => None,
                         }
                     }
                 },
-                op if self.partial.is_some() => {
-                    let _ = op;
-                    Some(Event::Bad(FrameError::Opcode))
-                }
-                op if f.fin => Some(Event::Message(op, payload.to_vec(), f.compressed)),
+                _ if self.partial.is_some() => Some(Event::Bad(FrameError::Continuation)),
                 op => {
-                    self.partial = Some((op, f.compressed, payload.to_vec()));
-                    None
+                    let mut utf8 = frame::Utf8Check::default();
+                    let check = if op == frame::OP_TEXT && !f.compressed {
+                        utf8.feed(payload, f.fin)
+                    } else {
+                        Ok(())
+                    };
+                    match check {
+                        Err(e) => Some(Event::Bad(e)),
+                        Ok(()) if f.fin => Some(Event::Message(op, payload.to_vec(), f.compressed)),
+                        Ok(()) => {
+                            self.partial = Some(Partial {
+                                opcode: op,
+                                compressed: f.compressed,
+                                buf: payload.to_vec(),
+                                utf8,
+                            });
+                            None
+                        }
+                    }
                 }
             };
             self.inbuf.drain(..end);
@@ -273,6 +308,30 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
         })
         .await;
     }
+}
+
+/// Waits up to `limit` for the channel's next message and queues it with
+/// whatever follows it at once; returns how many were queued.
+async fn answers_first<S>(
+    c: &mut Conn<S>,
+    rx: &mut broadcast::Receiver<Bytes>,
+    limit: Duration,
+) -> u64 {
+    let Ok(Ok(first)) = tokio::time::timeout(limit, rx.recv()).await else {
+        return 0;
+    };
+    c.out.push_back(first);
+    let mut n = 1;
+    while c.out.len() < BATCH {
+        match rx.try_recv() {
+            Ok(b) => {
+                c.out.push_back(b);
+                n += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    n
 }
 
 /// A token bucket for forwarded messages: `rate` per second, burst `rate`.
@@ -332,6 +391,8 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
     let lag_check = cfg.max_lag.min(BATCH);
     let mut last_heard = Instant::now();
     let mut pinged = false;
+    // When the client last had a message forwarded upstream.
+    let mut forwarded_at: Option<Instant> = None;
     let keepalive = tokio::time::sleep(cfg.ping_interval);
     tokio::pin!(keepalive);
     // Registered once, not on every turn of the loop.
@@ -419,9 +480,6 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                 match ev {
                     Event::Wrote => {}
                     Event::Message(op, payload, compressed) => {
-                        if cfg.client_messages == ClientMessages::Ignore {
-                            continue;
-                        }
                         let payload = if compressed {
                             match super::deflate::inflate(&payload, cfg.max_message) {
                                 Ok(p) => p,
@@ -438,11 +496,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                         } else {
                             payload
                         };
-                        if !bucket.take() {
-                            out.end = End::RateLimited;
-                            out.close_code = Some(code::POLICY);
-                            break Some(frame::close(code::POLICY, "message rate limit exceeded"));
-                        }
+                        // Plain text was checked as it arrived; inflated text is checked here.
                         let msg = if op == frame::OP_TEXT {
                             match Utf8Bytes::try_from(payload) {
                                 Ok(t) => Message::Text(t),
@@ -455,14 +509,24 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                         } else {
                             Message::Binary(payload.into())
                         };
+                        if cfg.client_messages == ClientMessages::Ignore {
+                            continue;
+                        }
+                        if !bucket.take() {
+                            out.end = End::RateLimited;
+                            out.close_code = Some(code::POLICY);
+                            break Some(frame::close(code::POLICY, "message rate limit exceeded"));
+                        }
                         // A full upstream queue drops the message rather than stall everyone.
                         if cx.ch.to_upstream.try_send(msg).is_err() {
                             stats.forward_dropped.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            forwarded_at = Some(Instant::now());
                         }
                     }
                     Event::Close(code) => {
                         out.end = End::ClientClose;
-                        let echo = code.filter(|c| (1000..5000).contains(c)).unwrap_or(code::NORMAL);
+                        let echo = code.unwrap_or(code::NORMAL);
                         out.close_code = Some(echo);
                         break Some(frame::close(echo, ""));
                     }
@@ -478,6 +542,11 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                     Event::Bad(e) => {
                         out.end = End::Protocol;
                         out.close_code = Some(e.code());
+                        // Nothing more is read; answers to what the client
+                        // forwarded just before may still go out first.
+                        if forwarded_at.is_some_and(|t| t.elapsed() < ANSWER_GRACE) {
+                            out.delivered += answers_first(&mut c, &mut rx, ANSWER_GRACE).await;
+                        }
                         break Some(frame::close(e.code(), &e.to_string()));
                     }
                 }

@@ -94,16 +94,28 @@ pub enum FrameError {
     Control,
     #[error("message too big")]
     TooBig,
+    #[error("continuation frame without a message to continue, or a new message inside one")]
+    Continuation,
+    #[error("close frame with a 1-byte payload")]
+    CloseLength,
+    #[error("close code not allowed on the wire")]
+    CloseCode,
+    #[error("text is not valid UTF-8")]
+    Utf8,
 }
 
 impl FrameError {
     pub fn code(self) -> u16 {
         match self {
             FrameError::TooBig => code::TOO_BIG,
+            FrameError::Utf8 => code::INVALID_DATA,
             FrameError::Unmasked
             | FrameError::Reserved
             | FrameError::Opcode
-            | FrameError::Control => code::PROTOCOL,
+            | FrameError::Control
+            | FrameError::Continuation
+            | FrameError::CloseLength
+            | FrameError::CloseCode => code::PROTOCOL,
         }
     }
 }
@@ -166,6 +178,58 @@ pub fn parse(buf: &[u8], max: usize, deflate: bool) -> Result<Option<Frame>, Fra
         len,
         mask,
     }))
+}
+
+/// Whether a peer may send close code `c` (RFC 6455 §7.4, IANA registry):
+/// 1004–1006 and 1015 are reserved, below 1000 and 1016–2999 unassigned.
+pub fn close_code_allowed(c: u16) -> bool {
+    matches!(c, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Reads a Close frame's payload: no code, or a code the peer may send and
+/// a UTF-8 reason.
+pub fn parse_close(payload: &[u8]) -> Result<Option<u16>, FrameError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(FrameError::CloseLength),
+        [a, b, reason @ ..] => {
+            let c = u16::from_be_bytes([*a, *b]);
+            if !close_code_allowed(c) {
+                return Err(FrameError::CloseCode);
+            }
+            std::str::from_utf8(reason).map_err(|_| FrameError::Utf8)?;
+            Ok(Some(c))
+        }
+    }
+}
+
+/// Checks a text message's UTF-8 fragment by fragment, so a message that
+/// can no longer become valid is refused at the fragment that breaks it,
+/// not when it ends.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Utf8Check {
+    /// Bytes of the message known to be valid (a code point cut by a
+    /// fragment boundary stays after it).
+    valid: usize,
+}
+
+impl Utf8Check {
+    /// `text` is the message so far; `fin`: nothing more will follow.
+    pub fn feed(&mut self, text: &[u8], fin: bool) -> Result<(), FrameError> {
+        let rest = text.get(self.valid..).unwrap_or_default();
+        match std::str::from_utf8(rest) {
+            Ok(_) => {
+                self.valid = text.len();
+                Ok(())
+            }
+            // Cut short by the fragment's end: valid so far, if more follows.
+            Err(e) if e.error_len().is_none() && !fin => {
+                self.valid += e.valid_up_to();
+                Ok(())
+            }
+            Err(_) => Err(FrameError::Utf8),
+        }
+    }
 }
 
 /// Removes the client's mask in place.
@@ -241,6 +305,62 @@ mod tests {
         v.extend_from_slice(&mask);
         v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
         v
+    }
+
+    #[test]
+    fn close_payloads_follow_the_rfc() {
+        assert_eq!(parse_close(b""), Ok(None));
+        assert_eq!(parse_close(b"\x03"), Err(FrameError::CloseLength));
+        for ok in [
+            1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999,
+        ] {
+            assert_eq!(parse_close(&ok.to_be_bytes()), Ok(Some(ok)), "{ok}");
+        }
+        for bad in [
+            0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            assert_eq!(
+                parse_close(&bad.to_be_bytes()),
+                Err(FrameError::CloseCode),
+                "{bad}"
+            );
+        }
+        assert_eq!(parse_close(b"\x03\xe8bye"), Ok(Some(1000)));
+        assert_eq!(
+            parse_close(b"\x03\xe8\xce\xba\xe1\xbd"),
+            Err(FrameError::Utf8)
+        );
+        assert_eq!(FrameError::Utf8.code(), 1007);
+        assert_eq!(FrameError::CloseCode.code(), 1002);
+    }
+
+    #[test]
+    fn utf8_fails_at_the_fragment_that_breaks_it() {
+        // "κόσμε" cut inside a code point: fine until the message ends.
+        let text = "κόσμε".as_bytes();
+        let mut c = Utf8Check::default();
+        assert_eq!(c.feed(&text[..3], false), Ok(()));
+        assert_eq!(c.feed(&text[..7], false), Ok(()));
+        assert_eq!(c.feed(text, true), Ok(()));
+        // A cut code point at the end of the message.
+        let mut c = Utf8Check::default();
+        assert_eq!(c.feed(&text[..3], false), Ok(()));
+        assert_eq!(c.feed(&text[..3], true), Err(FrameError::Utf8));
+        // An invalid sequence fails before the message ends (Autobahn 6.4).
+        let mut c = Utf8Check::default();
+        assert_eq!(
+            c.feed(b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5", false),
+            Ok(())
+        );
+        let mut so_far = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5".to_vec();
+        so_far.extend_from_slice(b"\xf4\x90\x80\x80");
+        assert_eq!(c.feed(&so_far, false), Err(FrameError::Utf8));
+        // Byte by byte, every prefix of a valid text passes.
+        let long = "héllo wörld ∑ 😀 end".as_bytes();
+        let mut c = Utf8Check::default();
+        for i in 1..=long.len() {
+            assert_eq!(c.feed(&long[..i], i == long.len()), Ok(()), "at {i}");
+        }
     }
 
     #[test]
