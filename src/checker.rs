@@ -37,6 +37,8 @@ async fn run(pool: Arc<Pool>, check: HealthCheck, stop: CancellationToken) {
             .map(|b| probe(&pool, b, &check.kind, check.timeout));
         let results = futures_util::future::join_all(probes).await;
         for (b, ok) in members.iter().zip(results) {
+            // No verdict (the gateway itself was out of resources): nothing to record.
+            let Some(ok) = ok else { continue };
             match b.health.record_check(ok, check.thresholds) {
                 Some(Flip::Down) => {
                     let close = pool.on_backend_down == OnBackendDown::Close;
@@ -54,10 +56,16 @@ async fn run(pool: Arc<Pool>, check: HealthCheck, stop: CancellationToken) {
     }
 }
 
-/// One probe: true when the backend answered as the check expects, in time.
-pub async fn probe(pool: &Pool, b: &Backend, kind: &CheckKind, timeout: Duration) -> bool {
+/// One probe: true when the backend answered as the check expects, in
+/// time; `None` when the gateway could not even try (out of descriptors or
+/// memory), which says nothing about the backend.
+pub async fn probe(pool: &Pool, b: &Backend, kind: &CheckKind, timeout: Duration) -> Option<bool> {
     let attempt = async {
-        let mut io = pool.connect_within(b, timeout).await.ok()?;
+        let mut io = match pool.connect_within(b, timeout).await {
+            Ok(io) => io,
+            Err(e) if e.is_local() => return None,
+            Err(_) => return Some(false),
+        };
         let head = match kind {
             CheckKind::Connect => return Some(true),
             CheckKind::Http(path) => format!(
@@ -69,9 +77,11 @@ pub async fn probe(pool: &Pool, b: &Backend, kind: &CheckKind, timeout: Duration
                 b.authority
             ),
         };
-        let answer = crate::upgrade::exchange(&mut io, head.as_bytes(), timeout, 16 * 1024)
-            .await
-            .ok()?;
+        let Ok(answer) =
+            crate::upgrade::exchange(&mut io, head.as_bytes(), timeout, 16 * 1024).await
+        else {
+            return Some(false);
+        };
         Some(match kind {
             CheckKind::WebSocket(_) => answer.status == http::StatusCode::SWITCHING_PROTOCOLS,
             _ => answer.status.is_success(),
@@ -79,7 +89,5 @@ pub async fn probe(pool: &Pool, b: &Backend, kind: &CheckKind, timeout: Duration
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+        .unwrap_or(Some(false))
 }

@@ -33,10 +33,22 @@ impl BackendError {
     pub fn kind(&self) -> &'static str {
         match self {
             BackendError::Connect(ConnectError::Timeout(_)) => "connect_timeout",
+            BackendError::Connect(ConnectError::Local(_)) => "local_resources",
             BackendError::Connect(_) => "connect",
             BackendError::Io(_) => "io",
             BackendError::Protocol(_) | BackendError::Client(_) => "protocol",
             BackendError::Timeout(_) => "response_timeout",
+        }
+    }
+
+    /// The gateway's own resources failed, not the backend (see
+    /// [`crate::upstream::is_local`]): not a backend failure, not worth a failover.
+    pub fn is_local(&self) -> bool {
+        match self {
+            BackendError::Connect(c) => c.is_local(),
+            BackendError::Client(e) => crate::upstream::chain_is_local(e),
+            BackendError::Io(e) => crate::upstream::is_local(e),
+            BackendError::Protocol(_) | BackendError::Timeout(_) => false,
         }
     }
 }
@@ -74,6 +86,9 @@ pub enum ProxyError {
     /// A browser page from an origin the route does not allow.
     #[error("origin `{0}` may not open WebSockets on this route")]
     Origin(String),
+    /// The gateway ran out of descriptors, ports or memory reaching a backend.
+    #[error("the gateway is short of local resources (file descriptors, ports or memory); try again shortly")]
+    Local(#[source] BackendError),
     /// One failure answered to every client waiting for the same fan-out channel.
     #[error(transparent)]
     Shared(std::sync::Arc<ProxyError>),
@@ -87,6 +102,7 @@ impl ProxyError {
             ProxyError::NoChannel(_) => StatusCode::BAD_REQUEST,
             ProxyError::Origin(_) => StatusCode::FORBIDDEN,
             ProxyError::RouteFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Local(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ClientFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Shared(inner) => inner.status(),
             ProxyError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -97,7 +113,8 @@ impl ProxyError {
                 HandshakeError::NotGet
                 | HandshakeError::NotWebSocket
                 | HandshakeError::NoConnectionUpgrade
-                | HandshakeError::BadKey,
+                | HandshakeError::BadKey
+                | HandshakeError::OldHttp,
             ) => StatusCode::BAD_REQUEST,
             ProxyError::NoBackend { last, .. } | ProxyError::Backend(last) => match last {
                 BackendError::Timeout(_) | BackendError::Connect(ConnectError::Timeout(_)) => {
@@ -141,7 +158,7 @@ impl ProxyError {
                 );
             }
             // A place frees when any session ends: worth trying again soon.
-            ProxyError::RouteFull { .. } | ProxyError::ClientFull { .. } => {
+            ProxyError::RouteFull { .. } | ProxyError::ClientFull { .. } | ProxyError::Local(_) => {
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }

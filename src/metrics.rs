@@ -147,6 +147,13 @@ pub struct ListenerStats {
     pub tls_failed: AtomicU64,
     /// Connections closed for a missing or malformed PROXY header.
     pub proxy_header_failed: AtomicU64,
+    /// Connections closed because no complete request head came within
+    /// `handshake_timeout` of the accept (TLS handshake included).
+    pub handshake_timeouts: AtomicU64,
+    /// Connections closed after `idle_timeout` with nothing in flight.
+    pub idle_closed: AtomicU64,
+    /// Failed `accept` calls (out of descriptors or memory, and the like).
+    pub accept_errors: AtomicU64,
 }
 
 impl ListenerStats {
@@ -158,6 +165,9 @@ impl ListenerStats {
             tls_ok: AtomicU64::new(0),
             tls_failed: AtomicU64::new(0),
             proxy_header_failed: AtomicU64::new(0),
+            handshake_timeouts: AtomicU64::new(0),
+            idle_closed: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
         }
     }
 }
@@ -268,6 +278,32 @@ impl Collector for GatewayCollector {
             "Connections closed for a missing, malformed or late PROXY protocol header.",
             Counter,
             &by_listener(&|s| s.proxy_header_failed.load(Relaxed)),
+        )?;
+        let mut closed = Vec::new();
+        for s in &listeners {
+            for (reason, v) in [
+                ("handshake_timeout", &s.handshake_timeouts),
+                ("idle", &s.idle_closed),
+            ] {
+                closed.push((
+                    vec![("listener", s.addr.to_string()), ("reason", reason.into())],
+                    v.load(Relaxed),
+                ));
+            }
+        }
+        family(
+            &mut enc,
+            "upgate_connections_closed_by_timeout",
+            "Client connections closed by the gateway: no complete request head within handshake_timeout of the accept, or idle for idle_timeout.",
+            Counter,
+            &closed,
+        )?;
+        family(
+            &mut enc,
+            "upgate_accept_errors",
+            "Failed accept calls (out of file descriptors or memory); the accept loop backs off.",
+            Counter,
+            &by_listener(&|s| s.accept_errors.load(Relaxed)),
         )?;
 
         let routes: Vec<(&str, &Arc<RouteStats>)> = snap

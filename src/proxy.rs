@@ -107,6 +107,53 @@ pub struct ConnInfo {
     pub _permit: Option<OwnedSemaphorePermit>,
     /// The listener's counters; `active` counts this connection until it drops.
     pub listener: Arc<ListenerStats>,
+    /// Requests started on this connection (read by its idle watchdog).
+    pub requests: std::sync::atomic::AtomicU64,
+    /// Requests in flight plus live sessions on this connection.
+    pub busy: std::sync::atomic::AtomicU32,
+}
+
+impl ConnInfo {
+    pub fn new(
+        peer: SocketAddr,
+        tls: bool,
+        permit: Option<OwnedSemaphorePermit>,
+        listener: Arc<ListenerStats>,
+    ) -> ConnInfo {
+        ConnInfo {
+            peer,
+            tls,
+            _permit: permit,
+            listener,
+            requests: Default::default(),
+            busy: Default::default(),
+        }
+    }
+
+    /// Marks the connection busy until the guard drops.
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+}
+
+/// Keeps a connection from counting as idle: held by each request being
+/// handled and by each WebSocket session (an HTTP/2 stream keeps its
+/// connection open).
+#[derive(Debug)]
+pub struct Busy(Arc<ConnInfo>);
+
+impl std::ops::Deref for Busy {
+    type Target = Arc<ConnInfo>;
+    fn deref(&self) -> &Arc<ConnInfo> {
+        &self.0
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for ConnInfo {
@@ -140,6 +187,8 @@ pub async fn handle<S>(
 where
     S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
 {
+    conn.requests.fetch_add(1, Ordering::Relaxed);
+    let _busy = conn.busy();
     let snapshot = shared.snapshot.load_full();
     let host = request_host(req.uri(), req.headers()).unwrap_or("");
     let Some(route) = snapshot.routes.find_index(host, req.uri().path()) else {
@@ -375,7 +424,7 @@ async fn upgrade(
                     (pool.on_backend_down == OnBackendDown::Close).then(|| backend.down_token());
                 crate::session::spawn(
                     shared,
-                    conn.clone(),
+                    conn.busy(),
                     client_upgrade,
                     (io, answer.rest),
                     guard,
@@ -411,6 +460,10 @@ async fn upgrade(
                 }
                 *out.headers_mut() = headers;
                 return Ok(out);
+            }
+            Err(e) if e.is_local() => {
+                warn!(error = %e, "out of local resources: the upgrade fails, the backend is not blamed");
+                return Err(ProxyError::Local(e));
             }
             Err(e) => {
                 warn!(backend = %backend.url, failure = e.kind(), error = %e, "backend failed, trying the next");
@@ -510,6 +563,10 @@ async fn forward(
                 note_outcome(pool, backend, true);
                 ws::strip_hop_by_hop(resp.headers_mut());
                 return Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync()));
+            }
+            Err(e) if crate::upstream::chain_is_local(&e) => {
+                warn!(error = %e, "out of local resources: the request fails, the backend is not blamed");
+                return Err(ProxyError::Local(BackendError::Client(e)));
             }
             Err(e) if e.is_connect() && retryable => {
                 warn!(backend = %backend.url, error = %e, "backend unreachable, trying the next");

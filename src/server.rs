@@ -197,6 +197,7 @@ impl Gateway {
             builders: Arc::new(http_builders(&self.settings)),
             http: http_service(&self.settings),
             handshake_timeout: self.settings.handshake_timeout,
+            idle_timeout: self.settings.idle_timeout,
         });
         let snap = self.shared.snapshot.load_full();
         for pool in &snap.pools {
@@ -517,18 +518,44 @@ fn http_builders(s: &ServerSettings) -> HttpBuilders {
 
 /// Whether a plain-TCP client opens with the HTTP/2 preface (`PRI * HTTP/2.0`).
 /// No HTTP/1.1 method starts with `PRI`, so three bytes decide.
+///
+/// Waits on readiness only: when fewer bytes are there than it takes to
+/// decide, the peek runs inside `try_io` and answers `WouldBlock`, which
+/// clears the readiness seen before the peek, so the next `readable()`
+/// waits for new bytes instead of returning at once (no timer, no spin; a
+/// byte arriving after the peek sets readiness again and is not missed;
+/// the end of the stream stays ready, and decides).
 async fn is_h2_preface(tcp: &TcpStream) -> std::io::Result<bool> {
+    use futures_util::FutureExt;
+    use std::io::ErrorKind::WouldBlock;
     let mut buf = [0u8; 3];
     loop {
-        let n = tcp.peek(&mut buf).await?;
-        if n == 0 || buf[0] != b'P' || (n >= 2 && buf[1] != b'R') {
-            return Ok(false);
+        let ready = tcp.ready(tokio::io::Interest::READABLE).await?;
+        let peeked = tcp.try_io(tokio::io::Interest::READABLE, || {
+            let n = tcp
+                .peek(&mut buf)
+                .now_or_never()
+                .unwrap_or(Err(WouldBlock.into()))?;
+            preface_decided(&buf[..n]).ok_or_else(|| WouldBlock.into())
+        });
+        match peeked {
+            Ok(h2) => return Ok(h2),
+            // The peer closed after a partial `PR`: not HTTP/2; hyper reads the rest.
+            Err(e) if e.kind() == WouldBlock && ready.is_read_closed() => return Ok(false),
+            Err(e) if e.kind() == WouldBlock => continue,
+            Err(e) => return Err(e),
         }
-        if n >= 3 {
-            return Ok(buf[2] == b'I');
-        }
-        // A client that trickles its first bytes: look again shortly (bounded by the caller's timeout).
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `Some(true)` for the start of `PRI`, `Some(false)` for anything else
+/// (end of stream included: hyper will see it), `None` until it is clear.
+fn preface_decided(b: &[u8]) -> Option<bool> {
+    match b {
+        [] => Some(false),
+        [b'P'] | [b'P', b'R'] => None,
+        [b'P', b'R', c, ..] => Some(*c == b'I'),
+        _ => Some(false),
     }
 }
 
@@ -559,9 +586,11 @@ struct AcceptCx {
     builders: Arc<HttpBuilders>,
     http: HttpService,
     handshake_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
+    let mut failing = AcceptErrors::default();
     loop {
         let permit = tokio::select! {
             p = cx.limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -571,36 +600,42 @@ async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
             r = l.listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    l.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    let pause = failing.note(&e, l.stats.addr);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.cancelled() => return,
+                    }
                     continue;
                 }
             },
             _ = stop.cancelled() => return,
         };
+        failing.recovered(l.stats.addr);
+        // One deadline from here to a complete first request head: PROXY
+        // header, TLS handshake and the head share `handshake_timeout`.
+        let deadline = tokio::time::Instant::now() + cx.handshake_timeout;
         let _ = tcp.set_nodelay(true);
         let tls = l.tls.load_full();
         let proxy_protocol = l.proxy_protocol.load(Ordering::Relaxed);
         l.stats.accepted.fetch_add(1, Ordering::Relaxed);
         l.stats.active.fetch_add(1, Ordering::Relaxed);
-        let mut info = ConnInfo {
-            peer,
-            tls: tls.is_some(),
-            _permit: Some(permit),
-            listener: l.stats.clone(),
-        };
+        let mut info = ConnInfo::new(peer, tls.is_some(), Some(permit), l.stats.clone());
         let span = tracing::debug_span!("conn", %peer, client = tracing::field::Empty);
         let cx2 = cx.clone();
         cx.shared.tasks.spawn(
             async move {
                 let mut tcp = tcp;
+                let timed_out = |info: &ConnInfo, what: &str| {
+                    info.listener
+                        .handshake_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!("{what} within the handshake timeout");
+                };
                 if proxy_protocol {
-                    let header = tokio::time::timeout(
-                        cx2.handshake_timeout,
-                        crate::proxy_protocol::read(&mut tcp),
-                    )
-                    .await;
+                    let header =
+                        tokio::time::timeout_at(deadline, crate::proxy_protocol::read(&mut tcp))
+                            .await;
                     match header {
                         Ok(Ok(h)) => {
                             if let Some(client) = h.source {
@@ -627,21 +662,18 @@ async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
                 }
                 let info = Arc::new(info);
                 match tls {
-                    None => {
-                        match tokio::time::timeout(cx2.handshake_timeout, is_h2_preface(&tcp)).await
-                        {
-                            Ok(Ok(h2)) => serve(cx2, info, tcp, h2).await,
-                            Ok(Err(e)) => {
-                                debug!(error = %e, "connection failed before its first request")
-                            }
-                            Err(_) => debug!("no request within the handshake timeout"),
+                    None => match tokio::time::timeout_at(deadline, is_h2_preface(&tcp)).await {
+                        Ok(Ok(h2)) => serve(cx2, info, tcp, h2, deadline).await,
+                        Ok(Err(e)) => {
+                            debug!(error = %e, "connection failed before its first request")
                         }
-                    }
+                        Err(_) => timed_out(&info, "no request"),
+                    },
                     // Boxed: the TLS state is large, and this keeps it out of
                     // the task of every connection, plain ones included.
                     Some(acceptor) => {
                         let handshake = Box::pin(acceptor.accept(tcp));
-                        let r = tokio::time::timeout(cx2.handshake_timeout, handshake).await;
+                        let r = tokio::time::timeout_at(deadline, handshake).await;
                         let counter = if matches!(r, Ok(Ok(_))) {
                             &info.listener.tls_ok
                         } else {
@@ -651,10 +683,10 @@ async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
                         match r {
                             Ok(Ok(s)) => {
                                 let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                                Box::pin(serve(cx2, info, s, h2)).await
+                                Box::pin(serve(cx2, info, s, h2, deadline)).await
                             }
                             Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                            Err(_) => debug!("TLS handshake timed out"),
+                            Err(_) => timed_out(&info, "no TLS handshake"),
                         }
                     }
                 }
@@ -664,40 +696,152 @@ async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
     }
 }
 
-/// Drives a hyper connection until it ends; on shutdown asks it to finish
-/// gracefully and keeps polling it, until the hard stop.
-macro_rules! drive {
-    ($cx:expr, $conn:expr) => {{
-        // Boxed: the connection's state is freed as soon as it ends (at an
-        // upgrade), while the task itself may be referenced a little longer.
-        let mut conn = Box::pin($conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            _ = $cx.stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = $cx.shared.hard_stop.cancelled() => Ok(()),
-                }
-            }
-        }
-    }};
+/// Failed accepts: out of file descriptors (EMFILE/ENFILE) or kernel memory,
+/// or a connection reset before it was taken. The loop backs off (doubling,
+/// up to a second) and logs once per interval with a count, instead of
+/// spinning and logging every attempt.
+#[derive(Default)]
+struct AcceptErrors {
+    /// Failures since the last log line.
+    unlogged: u64,
+    last_log: Option<tokio::time::Instant>,
+    pause: Duration,
 }
 
-async fn serve<I>(cx: Arc<AcceptCx>, info: Arc<ConnInfo>, io: I, h2: bool)
-where
+impl AcceptErrors {
+    const LOG_EVERY: Duration = Duration::from_secs(5);
+
+    /// Records a failure; returns how long to pause before the next accept.
+    fn note(&mut self, e: &std::io::Error, addr: SocketAddr) -> Duration {
+        self.unlogged += 1;
+        let now = tokio::time::Instant::now();
+        if self.last_log.is_none_or(|t| now - t >= Self::LOG_EVERY) {
+            warn!(listener = %addr, error = %e, failures = self.unlogged, "accept failed; backing off");
+            self.unlogged = 0;
+            self.last_log = Some(now);
+        }
+        self.pause = (self.pause * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        self.pause
+    }
+
+    fn recovered(&mut self, addr: SocketAddr) {
+        if self.pause.is_zero() {
+            return;
+        }
+        if self.unlogged > 0 {
+            warn!(listener = %addr, failures = self.unlogged, "accept failed (since the last report)");
+        }
+        info!(listener = %addr, "accepting again");
+        *self = AcceptErrors::default();
+    }
+}
+
+/// Why a connection's watchdog fired.
+enum Watch {
+    /// No complete first request head by the deadline.
+    Deadline,
+    /// Nothing in flight for `idle_timeout`.
+    Idle,
+}
+
+/// Watches one connection: its first request head must arrive by
+/// `deadline`; after that it may stay idle (no request in flight, no
+/// session) for at most `idle` (zero: forever). Checked four times per
+/// `idle`, so an idle connection is closed between 1 and 1.25 × `idle`
+/// after its last activity.
+async fn watchdog(info: &ConnInfo, deadline: tokio::time::Instant, idle: Duration) -> Watch {
+    let step = (!idle.is_zero()).then(|| idle / 4);
+    let (mut seen, mut quiet) = (0, 0);
+    loop {
+        let now = tokio::time::Instant::now();
+        let wake = match step {
+            Some(step) if seen == 0 => deadline.min(now + step),
+            Some(step) => now + step,
+            None => deadline,
+        };
+        tokio::time::sleep_until(wake).await;
+        let n = info.requests.load(Ordering::Relaxed);
+        if n == 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return Watch::Deadline;
+            }
+            continue;
+        }
+        if step.is_none() {
+            return std::future::pending().await;
+        }
+        if n == seen && info.busy.load(Ordering::Relaxed) == 0 {
+            quiet += 1;
+            if quiet >= 4 {
+                return Watch::Idle;
+            }
+        } else {
+            (seen, quiet) = (n, 0);
+        }
+    }
+}
+
+/// Drives a hyper connection until it ends, under its watchdog; on
+/// shutdown (or idleness) asks it to finish gracefully and keeps polling
+/// it, until the hard stop.
+macro_rules! drive {
+    ($cx:expr, $info:expr, $deadline:expr, $conn:expr) => {
+        async {
+            // Boxed: the connection's state is freed as soon as it ends (at an
+            // upgrade), while the task itself may be referenced a little longer.
+            let mut conn = Box::pin($conn);
+            let watch = watchdog(&$info, $deadline, $cx.idle_timeout);
+            tokio::pin!(watch);
+            tokio::select! {
+                r = conn.as_mut() => return r,
+                w = &mut watch => match w {
+                    Watch::Deadline => {
+                        $info.listener.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                        debug!("no complete request head within the handshake timeout");
+                        return Ok(());
+                    }
+                    Watch::Idle => {
+                        $info.listener.idle_closed.fetch_add(1, Ordering::Relaxed);
+                        debug!("idle connection closed");
+                    }
+                },
+                _ = $cx.stop.cancelled() => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = $cx.shared.hard_stop.cancelled() => Ok(()),
+            }
+        }
+        .await
+    };
+}
+
+async fn serve<I>(
+    cx: Arc<AcceptCx>,
+    info: Arc<ConnInfo>,
+    io: I,
+    h2: bool,
+    deadline: tokio::time::Instant,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let shared = cx.shared.clone();
     let http = cx.http.clone();
+    let conn_info = info.clone();
     let svc = hyper::service::service_fn(move |req| {
-        proxy::handle(shared.clone(), info.clone(), http.clone(), req)
+        proxy::handle(shared.clone(), conn_info.clone(), http.clone(), req)
     });
     let io = TokioIo::new(io);
     let res = if h2 {
-        drive!(cx, cx.builders.h2.serve_connection(io, svc))
+        drive!(cx, info, deadline, cx.builders.h2.serve_connection(io, svc))
     } else {
-        drive!(cx, cx.builders.h1.serve_connection(io, svc).with_upgrades())
+        drive!(
+            cx,
+            info,
+            deadline,
+            cx.builders.h1.serve_connection(io, svc).with_upgrades()
+        )
     };
     if let Err(e) = res {
         debug!(error = %e, "connection ended with an error");

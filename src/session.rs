@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
 use crate::pool::BackendGuard;
-use crate::proxy::{ConnInfo, Shared};
+use crate::proxy::{Busy, Shared};
 use crate::splice::{self, Io};
 use crate::upstream::BackendIo;
 
@@ -67,7 +67,7 @@ pub struct Ends {
 /// connected socket and any bytes the backend sent right behind its 101.
 pub fn spawn(
     shared: &Arc<Shared>,
-    conn: Arc<ConnInfo>,
+    conn: Busy,
     client: OnUpgrade,
     backend: (BackendIo, Bytes),
     guard: BackendGuard,

@@ -29,10 +29,53 @@ pub enum ConnectError {
     Timeout(Duration),
     #[error("connect failed: {0}")]
     Tcp(#[source] io::Error),
+    /// The gateway itself is out of descriptors, ports or memory: says
+    /// nothing about the backend, so it never counts against its health.
+    #[error("the gateway is out of local resources: {0}")]
+    Local(#[source] io::Error),
     #[error("TLS handshake failed: {0}")]
     Tls(#[source] io::Error),
     #[error("`{0}` is not a valid TLS server name")]
     ServerName(String),
+}
+
+impl ConnectError {
+    /// Whether the failure is the gateway's own (see [`is_local`]).
+    pub fn is_local(&self) -> bool {
+        matches!(self, ConnectError::Local(_))
+    }
+}
+
+/// Errors that come from this machine running out of something (file
+/// descriptors, ephemeral ports, buffer or kernel memory), not from the peer.
+pub fn is_local(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// Whether anything in an error's source chain is a local resource error.
+pub fn chain_is_local(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(c) = e.downcast_ref::<ConnectError>() {
+            return c.is_local();
+        }
+        if e.downcast_ref::<io::Error>().is_some_and(is_local) {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+fn tcp_error(e: io::Error) -> ConnectError {
+    if is_local(&e) {
+        ConnectError::Local(e)
+    } else {
+        ConnectError::Tcp(e)
+    }
 }
 
 /// A connected backend stream, plain or TLS.
@@ -89,9 +132,7 @@ pub async fn connect(t: Target<'_>, timeout: Duration) -> Result<BackendIo, Conn
 
 async fn connect_inner(t: Target<'_>) -> Result<BackendIo, ConnectError> {
     let tcp = match t.host.parse::<std::net::IpAddr>() {
-        Ok(ip) => TcpStream::connect((ip, t.port))
-            .await
-            .map_err(ConnectError::Tcp)?,
+        Ok(ip) => TcpStream::connect((ip, t.port)).await.map_err(tcp_error)?,
         Err(_) => {
             let addrs = tokio::net::lookup_host((t.host, t.port))
                 .await
@@ -112,7 +153,7 @@ async fn connect_inner(t: Target<'_>) -> Result<BackendIo, ConnectError> {
             }
             match (stream, last) {
                 (Some(s), _) => s,
-                (None, Some(e)) => return Err(ConnectError::Tcp(e)),
+                (None, Some(e)) => return Err(tcp_error(e)),
                 (None, None) => {
                     return Err(ConnectError::NoAddress {
                         host: t.host.into(),

@@ -20,6 +20,9 @@ pub enum HandshakeError {
     BadKey,
     #[error("only WebSocket version 13 is supported")]
     UnsupportedVersion,
+    /// RFC 9110 §7.8: Upgrade means nothing in HTTP/1.0, and RFC 6455 §4.1 asks for 1.1.
+    #[error("a WebSocket handshake needs HTTP/1.1 or later (this request is HTTP/1.0)")]
+    OldHttp,
 }
 
 /// Whether the request asks to switch to WebSocket: an HTTP/1.1 upgrade, or
@@ -72,6 +75,9 @@ pub fn validate<B>(req: &Request<B>) -> Result<(), HandshakeError> {
     let h = req.headers();
     if is_h2_websocket(req) {
         return version_13(h);
+    }
+    if req.version() < http::Version::HTTP_11 {
+        return Err(HandshakeError::OldHttp);
     }
     if req.method() != Method::GET {
         return Err(HandshakeError::NotGet);

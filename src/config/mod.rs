@@ -62,6 +62,9 @@ pub struct ServerSettings {
     /// TCP keepalive on client and backend sockets: idle time before the
     /// first probe (zero: off). Finds peers that vanished without a FIN.
     pub tcp_keepalive: Duration,
+    /// A client connection with no request in flight and no WebSocket
+    /// session on it for this long is closed gracefully (zero: never).
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -77,6 +80,7 @@ impl Default for ServerSettings {
             drain_timeout: Duration::from_secs(30),
             watch_interval: Duration::from_secs(2),
             tcp_keepalive: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -315,6 +319,7 @@ impl Config {
             drain_timeout: s.drain_timeout.map_or(d.drain_timeout, |x| x.0),
             watch_interval: s.watch_interval.map_or(d.watch_interval, |x| x.0),
             tcp_keepalive: s.tcp_keepalive.map_or(d.tcp_keepalive, |x| x.0),
+            idle_timeout: s.idle_timeout.map_or(d.idle_timeout, |x| x.0),
         };
         if !server.tcp_keepalive.is_zero() && server.tcp_keepalive < Duration::from_secs(1) {
             return Err(cx.err(

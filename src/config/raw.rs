@@ -44,6 +44,7 @@ pub struct RawServer {
     pub drain_timeout: Option<Dur>,
     pub watch_interval: Option<Dur>,
     pub tcp_keepalive: Option<Dur>,
+    pub idle_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -322,6 +322,10 @@ async fn connect(hub: &Hub, pool: &Pool, ch: &Channel) -> Result<Upstream, Proxy
                     guard: BackendGuard::new(backend),
                 });
             }
+            Err(e) if e.is_local() => {
+                warn!(error = %e, "out of local resources: the upstream is not opened, the backend is not blamed");
+                return Err(ProxyError::Local(e));
+            }
             Err(e) => {
                 warn!(backend = %backend.url, failure = e.kind(), error = %e, "upstream failed, trying the next");
                 crate::proxy::note_outcome(pool, &backend, false);

@@ -431,7 +431,7 @@ pub async fn accept(
     let client_upgrade = hyper::upgrade::on(&mut req);
 
     let stop = shared.hard_stop.clone();
-    let conn = conn.clone();
+    let conn = conn.busy();
     let session = crate::metrics::SessionGuard::new(stats.clone());
     // Not instrumented (a span entered on every wake-up costs at 10,000
     // clients); the access line names the route and peer itself.
