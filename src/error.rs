@@ -83,6 +83,19 @@ pub enum ProxyError {
         route: String,
         limit: u32,
     },
+    /// A fan-out route holds `max_channels` channels already.
+    #[error("route `{route}` has {limit} channels open, its limit")]
+    ChannelLimit { route: String, limit: usize },
+    /// A channel key outside the route's `channels` list.
+    #[error("no channel `{0}` on this route")]
+    ChannelNotAllowed(String),
+    /// This client address opened `channel_opens_per_ip` new channels in the last minute.
+    #[error("{ip} opened too many new channels on route `{route}` (limit {limit} a minute)")]
+    ChannelRate {
+        ip: std::net::IpAddr,
+        route: String,
+        limit: u32,
+    },
     /// A browser page from an origin the route does not allow.
     #[error("origin `{0}` may not open WebSockets on this route")]
     Origin(String),
@@ -104,6 +117,9 @@ impl ProxyError {
             ProxyError::RouteFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Local(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ClientFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::ChannelLimit { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ChannelNotAllowed(_) => StatusCode::NOT_FOUND,
+            ProxyError::ChannelRate { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Shared(inner) => inner.status(),
             ProxyError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
@@ -158,9 +174,16 @@ impl ProxyError {
                 );
             }
             // A place frees when any session ends: worth trying again soon.
-            ProxyError::RouteFull { .. } | ProxyError::ClientFull { .. } | ProxyError::Local(_) => {
+            ProxyError::RouteFull { .. }
+            | ProxyError::ClientFull { .. }
+            | ProxyError::ChannelLimit { .. }
+            | ProxyError::Local(_) => {
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::ChannelRate { .. } => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
             }
             _ => {}
         }

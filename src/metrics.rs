@@ -533,6 +533,27 @@ impl Collector for GatewayCollector {
             &fan(&|s| s.forward_dropped.load(Relaxed)),
         )?;
 
+        let mut refused = Vec::new();
+        for (n, h) in &hubs {
+            for (reason, v) in [
+                ("max_channels", &h.stats.refused_full),
+                ("not_allowed", &h.stats.refused_key),
+                ("rate", &h.stats.refused_rate),
+            ] {
+                refused.push((
+                    vec![("route", n.to_string()), ("reason", reason.into())],
+                    v.load(Relaxed),
+                ));
+            }
+        }
+        family(
+            &mut enc,
+            "upgate_fanout_channels_refused",
+            "New fan-out channels refused: max_channels reached (503), key not in channels (404), or channel_opens_per_ip exceeded (429).",
+            Counter,
+            &refused,
+        )?;
+
         let st = &sh.stats;
         family(
             &mut enc,

@@ -241,7 +241,9 @@ where
             Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => Outcome::Ok,
             Ok(r) if h2 && r.status() == StatusCode::OK => Outcome::Ok,
             Ok(_) => Outcome::Refused,
-            Err(ProxyError::RouteFull { .. }) => Outcome::Rejected,
+            Err(ProxyError::RouteFull { .. } | ProxyError::ChannelLimit { .. }) => {
+                Outcome::Rejected
+            }
             Err(e) if e.status().is_client_error() => Outcome::Rejected,
             Err(_) => Outcome::Failed,
         };

@@ -898,3 +898,67 @@ async fn the_answer_to_a_forwarded_message_goes_out_before_a_protocol_close() {
     assert_eq!(c.data().await, (0x81, b"answer".to_vec()));
     assert_eq!(c.close_code().await, Some(1002));
 }
+
+#[tokio::test]
+async fn one_client_opening_channel_after_channel_is_held_to_the_defaults() {
+    // The attack: 300 channel names in turn, one connection at a time.
+    let feed = Feed::start().await;
+    let gw = gateway_for(&[&feed], "").await;
+    let (mut opened, mut refused) = (0, 0);
+    for i in 0..300 {
+        match ws_with(gw.addr(), "x", &format!("/feed/name{i}"), &[]).await {
+            Ok(mut c) => {
+                opened += 1;
+                let _ = c.close(None).await;
+            }
+            Err(e) => {
+                let (status, retry, body) = refusal(e);
+                assert_eq!(status, 429, "{body}");
+                assert_eq!(retry, "2");
+                assert!(body.contains("too many new channels"), "{body}");
+                refused += 1;
+            }
+        }
+    }
+    // channel_opens_per_ip defaults to 30 a minute: the source saw at most that many.
+    assert_eq!((opened, refused), (30, 270));
+    assert!(feed.accepted() <= 30, "{} upstreams", feed.accepted());
+}
+
+#[tokio::test]
+async fn max_channels_and_the_allowed_keys_bound_what_reaches_the_source() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(
+        &[&feed],
+        "    max_channels: 2\n    linger: 50ms\n    channels: ['EUR*', GBPUSD]\n",
+    )
+    .await;
+    let (status, _, body) = refusal(
+        ws_with(gw.addr(), "x", "/feed/XAUUSD", &[])
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (status, body.contains("no channel `/XAUUSD`")),
+        (404, true),
+        "{body}"
+    );
+    let mut a = ws(gw.addr(), "x", "/feed/EURUSD").await;
+    let _b = ws(gw.addr(), "x", "/feed/GBPUSD").await;
+    let (status, retry, body) = refusal(
+        ws_with(gw.addr(), "x", "/feed/EURGBP", &[])
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((status, retry.as_str()), (503, "1"), "{body}");
+    assert!(body.contains("2 channels open"), "{body}");
+    // Joining an open channel is never refused.
+    let _a2 = ws(gw.addr(), "x", "/feed/EURUSD").await;
+    assert_eq!(feed.accepted(), 2);
+    // A channel that closes makes room.
+    let _ = a.close(None).await;
+    drop(_a2);
+    feed.wait_open(1, T).await;
+    let _c = ws(gw.addr(), "x", "/feed/EURGBP").await;
+    assert_eq!(feed.accepted(), 3);
+}

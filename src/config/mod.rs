@@ -214,6 +214,14 @@ pub struct FanoutConfig {
     pub pong_timeout: Duration,
     /// Reconnect backoff grows from 100 ms up to this.
     pub reconnect_max: Duration,
+    /// Channels open at once (each holds an upstream connection per source);
+    /// a new one beyond this is refused with 503.
+    pub max_channels: usize,
+    /// Channel keys that may be opened (`*` matches any run of characters);
+    /// `None`: any key.
+    pub channels: Option<Vec<String>>,
+    /// New channels one client address may open per minute (also the burst).
+    pub channel_opens_per_ip: u32,
 }
 
 /// A config that cannot be used, with where and why.
@@ -778,6 +786,36 @@ fn fanout_config(
     if reconnect_max < Duration::from_millis(100) {
         return Err(cx.err(&at("reconnect_max"), "must be at least 100ms"));
     }
+    let max_channels = r.max_channels.unwrap_or(100);
+    if max_channels == 0 {
+        return Err(cx.err(&at("max_channels"), "must be at least 1"));
+    }
+    let channel_opens_per_ip = r.channel_opens_per_ip.unwrap_or(30);
+    if channel_opens_per_ip == 0 {
+        return Err(cx.err(
+            &at("channel_opens_per_ip"),
+            "must be at least 1 (new channels per minute per client address)",
+        ));
+    }
+    if let Some(list) = &r.channels {
+        if list.is_empty() {
+            return Err(cx.err(
+                &at("channels"),
+                "list at least one channel key or pattern (or leave `channels` out to allow any)",
+            ));
+        }
+        if let Some(k) = list.iter().position(|p| p.is_empty()) {
+            return Err(cx.err(
+                &[
+                    Seg::Key("routes"),
+                    Seg::Index(i),
+                    Seg::Key("channels"),
+                    Seg::Index(k),
+                ],
+                "a channel pattern cannot be empty",
+            ));
+        }
+    }
     for (k, m) in r.subscribe.iter().flatten().enumerate() {
         if m.is_empty() {
             return Err(cx.err(
@@ -810,6 +848,9 @@ fn fanout_config(
         ping_interval,
         pong_timeout,
         reconnect_max,
+        max_channels,
+        channels: r.channels.clone(),
+        channel_opens_per_ip,
     })
 }
 

@@ -159,6 +159,9 @@ pub struct RawRoute {
     pub ping_interval: Option<Dur>,
     pub pong_timeout: Option<Dur>,
     pub reconnect_max: Option<Dur>,
+    pub max_channels: Option<usize>,
+    pub channels: Option<Vec<String>>,
+    pub channel_opens_per_ip: Option<u32>,
 }
 
 impl RawRoute {
@@ -183,6 +186,9 @@ impl RawRoute {
             ("ping_interval", self.ping_interval.is_some()),
             ("pong_timeout", self.pong_timeout.is_some()),
             ("reconnect_max", self.reconnect_max.is_some()),
+            ("max_channels", self.max_channels.is_some()),
+            ("channels", self.channels.is_some()),
+            ("channel_opens_per_ip", self.channel_opens_per_ip.is_some()),
         ];
         set.into_iter()
             .filter(|(_, s)| *s)

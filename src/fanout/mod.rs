@@ -60,6 +60,11 @@ pub struct Stats {
     pub forwarded: AtomicU64,
     /// Client messages dropped because the upstream queue was full (or no upstream was connected long enough).
     pub forward_dropped: AtomicU64,
+    /// New channels refused: `max_channels` reached, key not in `channels`,
+    /// or the client address over `channel_opens_per_ip`.
+    pub refused_full: AtomicU64,
+    pub refused_key: AtomicU64,
+    pub refused_rate: AtomicU64,
 }
 
 /// The fan-out side of one route: its channels and counters.
@@ -70,6 +75,9 @@ pub struct Hub {
     pools: arc_swap::ArcSwap<Vec<Arc<Pool>>>,
     settings: ServerSettings,
     channels: Mutex<HashMap<String, Arc<Channel>>>,
+    /// New-channel allowance per client address (`channel_opens_per_ip`);
+    /// touched only when a client opens a channel.
+    opens: Mutex<HashMap<std::net::IpAddr, Allowance>>,
     pub stats: Stats,
     /// Cancelled when a reload removed (or changed) the route and the drain
     /// period is over: clients get 1001, channels close.
@@ -138,6 +146,7 @@ impl Hub {
             cfg,
             settings: settings.clone(),
             channels: Mutex::new(HashMap::new()),
+            opens: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             retired: tokio_util::sync::CancellationToken::new(),
         }
@@ -216,20 +225,70 @@ impl Hub {
         ch
     }
 
-    /// Joins (or opens) the channel `key`.
-    fn join(self: &Arc<Self>, shared: &Arc<Shared>, key: String, target: String) -> Member {
+    /// Joins the channel `key`, or opens it if the route's limits allow:
+    /// the key is allowed (`channels`), fewer than `max_channels` are open,
+    /// and `ip` has not opened `channel_opens_per_ip` in the last minute.
+    fn join(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        key: String,
+        target: String,
+        ip: std::net::IpAddr,
+    ) -> Result<Member, ProxyError> {
         let mut map = lock(&self.channels);
-        self.stats.clients.fetch_add(1, Ordering::Relaxed);
         let ch = match map.get(&key) {
             Some(ch) => ch.clone(),
-            None => self.open(shared, &mut map, key, target, false),
+            None => {
+                self.may_open(&key, map.len(), ip)?;
+                self.open(shared, &mut map, key, target, false)
+            }
         };
+        self.stats.clients.fetch_add(1, Ordering::Relaxed);
         // Counted under the map's lock, so a lingering channel cannot be removed meanwhile.
         ch.clients.fetch_add(1, Ordering::AcqRel);
-        Member {
+        Ok(Member {
             hub: self.clone(),
             ch,
+        })
+    }
+
+    /// Whether a new channel `key` may open with `open` channels open.
+    fn may_open(&self, key: &str, open: usize, ip: std::net::IpAddr) -> Result<(), ProxyError> {
+        let cfg = &self.cfg;
+        if let Some(allowed) = &cfg.channels {
+            // A path key starts with `/`; the pattern may leave it out.
+            let bare = key.strip_prefix('/').unwrap_or(key);
+            if !allowed.iter().any(|p| glob(p, key) || glob(p, bare)) {
+                self.stats.refused_key.fetch_add(1, Ordering::Relaxed);
+                return Err(ProxyError::ChannelNotAllowed(key.to_string()));
+            }
         }
+        if open >= cfg.max_channels {
+            self.stats.refused_full.fetch_add(1, Ordering::Relaxed);
+            return Err(ProxyError::ChannelLimit {
+                route: self.route.clone(),
+                limit: cfg.max_channels,
+            });
+        }
+        let now = tokio::time::Instant::now();
+        let mut opens = lock(&self.opens);
+        if opens.len() >= 10_000 {
+            // Addresses whose allowance has refilled carry no information.
+            opens.retain(|_, a| !a.refilled(now, cfg.channel_opens_per_ip));
+        }
+        let a = opens.entry(ip).or_insert(Allowance {
+            left: f64::from(cfg.channel_opens_per_ip),
+            at: now,
+        });
+        if !a.take(now, cfg.channel_opens_per_ip) {
+            self.stats.refused_rate.fetch_add(1, Ordering::Relaxed);
+            return Err(ProxyError::ChannelRate {
+                ip,
+                route: self.route.clone(),
+                limit: cfg.channel_opens_per_ip,
+            });
+        }
+        Ok(())
     }
 
     /// Removes `ch` from the open channels, unless `only_if_idle` and a
@@ -244,6 +303,58 @@ impl Hub {
         }
         true
     }
+}
+
+/// A token bucket of new channels for one client address: `per_minute`
+/// tokens, refilled continuously.
+struct Allowance {
+    left: f64,
+    at: tokio::time::Instant,
+}
+
+impl Allowance {
+    fn refill(&mut self, now: tokio::time::Instant, per_minute: u32) {
+        let cap = f64::from(per_minute);
+        let gained = now.duration_since(self.at).as_secs_f64() * cap / 60.0;
+        self.left = (self.left + gained).min(cap);
+        self.at = now;
+    }
+
+    fn take(&mut self, now: tokio::time::Instant, per_minute: u32) -> bool {
+        self.refill(now, per_minute);
+        if self.left >= 1.0 {
+            self.left -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn refilled(&mut self, now: tokio::time::Instant, per_minute: u32) -> bool {
+        self.refill(now, per_minute);
+        self.left >= f64::from(per_minute)
+    }
+}
+
+/// Whether `key` matches `pattern`, where `*` stands for any run of
+/// characters (possibly empty) and everything else for itself.
+fn glob(pattern: &str, key: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = key.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty(); // no `*`: an exact match
+    };
+    for p in middle {
+        match rest.find(p) {
+            Some(i) => rest = &rest[i + p.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 impl Channel {
@@ -398,7 +509,7 @@ pub async fn accept(
 ) -> Result<Response<Body>, ProxyError> {
     crate::ws::validate(&req)?;
     let (key, target) = channel_of(route, &hub.cfg, &req)?;
-    let member = hub.join(shared, key, target);
+    let member = hub.join(shared, key, target, conn.peer.ip())?;
     let mut state = member.ch.state.subscribe();
     let waited = state
         .wait_for(|s| !matches!(s, State::Connecting))
@@ -499,4 +610,30 @@ pub async fn accept(
         StatusCode::SWITCHING_PROTOCOLS
     };
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn channel_patterns() {
+        for (p, k, want) in [
+            ("EURUSD", "EURUSD", true),
+            ("EURUSD", "EURUSDX", false),
+            ("EUR*", "EURUSD", true),
+            ("EUR*", "USDEUR", false),
+            ("*USD", "EURUSD", true),
+            ("*USD", "USDX", false),
+            ("room-*-live", "room-42-live", true),
+            ("room-*-live", "room-42-dead", false),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "acb", false),
+            ("*", "anything", true),
+            ("ab*ba", "aba", false),
+        ] {
+            assert_eq!(glob(p, k), want, "{p} vs {k}");
+        }
+    }
 }
