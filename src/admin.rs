@@ -4,6 +4,11 @@
 //! (tracing, a timeout, a global concurrency limit) and, when a token is
 //! configured, wants `Authorization: Bearer TOKEN` on everything but the two
 //! probes. It keeps serving while the gateway drains, so `/readyz` can say so.
+//!
+//! Against hostile web pages in the operator's browser: requests must name
+//! the admin by an IP address, `localhost` or a configured host (a DNS
+//! rebinding page sends its own name), and `POST`s from another origin are
+//! refused (a cross-site form cannot reload).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -28,6 +33,8 @@ use crate::proxy::Shared;
 struct Admin {
     shared: Arc<Shared>,
     token: Option<Arc<str>>,
+    /// Host names accepted besides IP literals and `localhost`.
+    hosts: Arc<[String]>,
     metrics: Arc<prometheus_client::registry::Registry>,
 }
 
@@ -35,13 +42,14 @@ struct Admin {
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
-    token: Option<String>,
+    settings: crate::config::AdminConfig,
     stop: CancellationToken,
 ) {
     let admin = Admin {
         metrics: Arc::new(crate::metrics::registry(shared.clone())),
         shared,
-        token: token.map(Arc::from),
+        token: settings.token.map(Arc::from),
+        hosts: settings.hosts.into(),
     };
     let svc = ServiceBuilder::new()
         .map_response(|r: Response<_>| {
@@ -93,6 +101,58 @@ pub async fn serve(
     }
 }
 
+/// Whether `host` (a `Host` header: name or address, optional port) names
+/// this listener: an IP literal, `localhost`, or one of `extra`.
+fn host_allowed(host: &str, extra: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [v6]:port
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, rest)) => {
+                return (rest.is_empty() || rest.starts_with(':'))
+                    && addr.parse::<std::net::Ipv6Addr>().is_ok()
+            }
+            None => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(n, _)| n),
+    };
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || extra.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+#[cfg(test)]
+mod host_tests {
+    #[test]
+    fn hosts_that_name_this_listener() {
+        let extra = ["gw.internal".to_string()];
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:9901",
+            "10.0.0.5:80",
+            "[::1]:9901",
+            "[::1]",
+            "localhost",
+            "LOCALHOST:1",
+            "gw.internal",
+            "gw.internal:9901",
+        ] {
+            assert!(super::host_allowed(ok, &extra), "{ok}");
+        }
+        for bad in [
+            "evil.example.com",
+            "evil.example.com:9901",
+            "127.0.0.1.nip.io",
+            "[::1]x",
+            "[evil]:1",
+            "gw.internal.evil",
+            "",
+            "localhost.evil:1",
+        ] {
+            assert!(!super::host_allowed(bad, &extra), "{bad}");
+        }
+    }
+}
+
 fn json_response(v: serde_json::Value) -> Response<Body> {
     let mut r = Response::new(full(Bytes::from(v.to_string())));
     r.headers_mut().insert(
@@ -124,6 +184,45 @@ impl Admin {
         header.or(query).is_some_and(|t| t == &**token)
     }
 
+    /// Refuses what a web page could make the operator's browser send: a
+    /// `Host` that is not this listener's (DNS rebinding), and a state
+    /// change from another origin (a cross-site form or fetch).
+    fn same_site(&self, req: &Request<Incoming>) -> Result<(), &'static str> {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
+        if let Some(host) = host {
+            if !host_allowed(host, &self.hosts) {
+                return Err("this admin listener answers only to its IP address, localhost, or a name listed in admin.hosts");
+            }
+        }
+        if req.method() == Method::GET || req.method() == Method::HEAD {
+            return Ok(());
+        }
+        let h = req.headers();
+        if h.get("sec-fetch-site")
+            .is_some_and(|v| v != "same-origin" && v != "none")
+        {
+            return Err("cross-site requests may not change anything here");
+        }
+        if let Some(origin) = h.get(header::ORIGIN) {
+            let own = host.is_some_and(|host| {
+                origin
+                    .to_str()
+                    .ok()
+                    .and_then(|o| o.split_once("://"))
+                    .is_some_and(|(scheme, rest)| {
+                        (scheme == "http" || scheme == "https") && rest.eq_ignore_ascii_case(host)
+                    })
+            });
+            if !own {
+                return Err("requests from another origin may not change anything here");
+            }
+        }
+        Ok(())
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_string();
         let get = req.method() == Method::GET;
@@ -137,6 +236,10 @@ impl Admin {
                 };
             }
             _ => {}
+        }
+        if let Err(why) = self.same_site(&req) {
+            debug!(why, "admin request refused");
+            return text_response(StatusCode::FORBIDDEN, format!("{why}\n"));
         }
         if !self.authorized(&req) {
             let mut r = text_response(
@@ -348,6 +451,8 @@ fn config_json(c: &crate::config::Config) -> serde_json::Value {
         "admin": c.admin.as_ref().map(|a| json!({
             "addr": a.addr.to_string(),
             "token": a.token.as_ref().map(|_| "<redacted>"),
+            "hosts": a.hosts,
+            "insecure": a.insecure,
         })),
         "listen": listeners,
         "pools": pools,

@@ -77,8 +77,8 @@ struct Live {
 /// A gateway with its sockets bound, ready to `run`.
 pub struct Gateway {
     listeners: Vec<Listener>,
-    /// The admin listener and its token, when configured.
-    admin: Option<(TcpListener, Option<String>)>,
+    /// The admin listener and its settings, when configured.
+    admin: Option<(TcpListener, crate::config::AdminConfig)>,
     shared: Arc<Shared>,
     settings: ServerSettings,
     /// Resolves `discover: dns` backends.
@@ -143,7 +143,7 @@ impl Gateway {
                         source,
                     }
                 })?,
-                a.token.clone(),
+                a.clone(),
             )),
         };
         let (reload_tx, reloads) = tokio::sync::mpsc::channel(8);
@@ -210,11 +210,11 @@ impl Gateway {
         }
         // The admin listener outlives the drain, so /readyz can report it.
         let admin_stop = CancellationToken::new();
-        let admin_task = self.admin.take().map(|(l, token)| {
+        let admin_task = self.admin.take().map(|(l, settings)| {
             tokio::spawn(crate::admin::serve(
                 l,
                 self.shared.clone(),
-                token,
+                settings,
                 admin_stop.clone(),
             ))
         });

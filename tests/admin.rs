@@ -13,12 +13,7 @@ fn yaml(backend: std::net::SocketAddr) -> String {
 }
 
 async fn admin_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> Reply {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut req = http::Request::get(path).header("host", "admin");
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    http1(tcp, req.body(String::new()).unwrap()).await
+    admin_request(addr, "GET", path, token).await
 }
 
 #[tokio::test]
@@ -190,4 +185,85 @@ async fn the_status_page_shows_routes_backends_and_live_sessions_in_a_browser() 
     );
     assert!(dom.contains("updated "), "{dom}");
     drop(ws);
+}
+
+#[test]
+fn a_tokenless_admin_off_loopback_needs_insecure() {
+    let cfg = |admin: &str| {
+        upgate::Config::parse(
+            std::path::Path::new("routes.yaml"),
+            &format!("admin: {admin}\nlisten:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: [ws://127.0.0.1:9] }}\nroutes:\n  - {{ name: r, pool: p }}\n"),
+        )
+    };
+    let e = cfg("{ addr: '0.0.0.0:9901' }").unwrap_err().to_string();
+    assert!(
+        e.starts_with("routes.yaml:1: admin.addr: 0.0.0.0:9901 is reachable from other machines"),
+        "{e}"
+    );
+    assert!(e.contains("insecure: true"), "{e}");
+    assert!(cfg("{ addr: '0.0.0.0:9901', token: t0ken }").is_ok());
+    assert!(cfg("{ addr: '0.0.0.0:9901', insecure: true }").is_ok());
+    assert!(cfg("{ addr: '127.0.0.1:9901' }").is_ok());
+    assert!(cfg("{ addr: '[::1]:9901' }").is_ok());
+}
+
+#[tokio::test]
+async fn web_pages_cannot_reach_a_tokenless_admin() {
+    let be = echo_backends(&["a"]).await;
+    let gw = gateway(&format!(
+        "admin: {{ addr: '127.0.0.1:0', hosts: [gw.internal] }}\nlisten:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: [ws://{}] }}\nroutes:\n  - {{ name: r, path: /ws, pool: p }}\n",
+        be.addrs[0]
+    ))
+    .await;
+    let admin = gw.admin.expect("admin");
+    let own = admin.to_string();
+    // DNS rebinding: the page's own name arrives as Host.
+    for host in [
+        "evil.example.com",
+        "evil.example.com:9901",
+        "127.0.0.1.evil.example",
+    ] {
+        let r = admin_request_with(admin, "GET", "/config", &[("host", host)]).await;
+        assert_eq!(r.status, 403, "Host {host}: {}", r.body);
+    }
+    for host in [
+        own.as_str(),
+        "localhost:9901",
+        "[::1]:9901",
+        "gw.internal",
+        "GW.INTERNAL:80",
+    ] {
+        let r = admin_request_with(admin, "GET", "/config", &[("host", host)]).await;
+        assert_eq!(r.status, 200, "Host {host}: {}", r.body);
+    }
+    // A cross-site form or fetch cannot reload.
+    let evil = [("origin", "http://evil.example.com")];
+    let r = admin_request_with(admin, "POST", "/reload", &evil).await;
+    assert!(
+        r.status == 403 && r.body.contains("another origin"),
+        "{} {}",
+        r.status,
+        r.body
+    );
+    let r = admin_request_with(
+        admin,
+        "POST",
+        "/reload",
+        &[("sec-fetch-site", "cross-site")],
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let metrics = admin_request(admin, "GET", "/metrics", None).await.body;
+    assert!(
+        metrics.contains("upgate_config_reloads_total{outcome=\"ok\"} 0")
+            && metrics.contains("upgate_config_reloads_total{outcome=\"failed\"} 0"),
+        "{metrics}"
+    );
+    // The admin's own page (same origin) and curl (no Origin) may: here the
+    // reload itself fails (the config came from a string, not a file), which is fine.
+    let own_origin = format!("http://{own}");
+    let r = admin_request_with(admin, "POST", "/reload", &[("origin", &own_origin)]).await;
+    assert_ne!(r.status, 403, "{}", r.body);
+    let r = admin_request(admin, "POST", "/reload", None).await;
+    assert_ne!(r.status, 403, "{}", r.body);
 }

@@ -37,6 +37,11 @@ pub struct Config {
 pub struct AdminConfig {
     pub addr: SocketAddr,
     pub token: Option<String>,
+    /// Host names it answers to besides IP literals and `localhost` (a
+    /// browser sends the name it resolved: checking it defeats DNS rebinding).
+    pub hosts: Vec<String>,
+    /// A token-less admin on a non-loopback address was asked for explicitly.
+    pub insecure: bool,
 }
 
 /// Limits and timeouts that bound what a peer can make the gateway hold.
@@ -674,6 +679,25 @@ impl Config {
         }
 
         if let Some(a) = &raw.admin {
+            if a.token.is_none() && !a.addr.ip().is_loopback() && !a.insecure {
+                return Err(cx.err(
+                    &[Seg::Key("admin"), Seg::Key("addr")],
+                    format!(
+                        "{} is reachable from other machines and the admin has no `token`, so anyone could read /config and POST /reload: add `token: …` (recommended), listen on 127.0.0.1, or write `insecure: true` if a network policy guards it",
+                        a.addr
+                    ),
+                ));
+            }
+            if let Some(k) = a
+                .hosts
+                .iter()
+                .position(|h| h.is_empty() || h.contains(['/', ' ', ':']))
+            {
+                return Err(cx.err(
+                    &[Seg::Key("admin"), Seg::Key("hosts"), Seg::Index(k)],
+                    "a host name without port, scheme or spaces",
+                ));
+            }
             if let Some(t) = &a.token {
                 if t.trim().is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
                     return Err(cx.err(
@@ -687,6 +711,8 @@ impl Config {
             admin: raw.admin.map(|a| AdminConfig {
                 addr: a.addr,
                 token: a.token,
+                hosts: a.hosts,
+                insecure: a.insecure,
             }),
             source: file.to_path_buf(),
             server,

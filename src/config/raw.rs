@@ -29,6 +29,12 @@ pub struct RawAdmin {
     pub addr: SocketAddr,
     /// When set, every endpoint but /healthz and /readyz wants `Authorization: Bearer TOKEN`.
     pub token: Option<String>,
+    /// Host names (besides IP addresses and `localhost`) the admin answers to.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Serve a token-less admin on a non-loopback address anyway.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -105,13 +105,26 @@ pub async fn admin_request(
     path: &str,
     token: Option<&str>,
 ) -> Reply {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    admin_request_with(addr, method, path, &headers).await
+}
+
+/// A request to the admin listener with `headers` (`Host` is the listener's
+/// address unless given).
+pub async fn admin_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
     let tcp = TcpStream::connect(addr).await.expect("connect admin");
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "admin");
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
+    let mut req = http::Request::builder().method(method).uri(path);
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req = req.header("host", addr.to_string());
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
     http1(tcp, req.body(String::new()).expect("request")).await
 }
