@@ -120,39 +120,6 @@ fn host_allowed(host: &str, extra: &[String]) -> bool {
         || extra.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
-#[cfg(test)]
-mod host_tests {
-    #[test]
-    fn hosts_that_name_this_listener() {
-        let extra = ["gw.internal".to_string()];
-        for ok in [
-            "127.0.0.1",
-            "127.0.0.1:9901",
-            "10.0.0.5:80",
-            "[::1]:9901",
-            "[::1]",
-            "localhost",
-            "LOCALHOST:1",
-            "gw.internal",
-            "gw.internal:9901",
-        ] {
-            assert!(super::host_allowed(ok, &extra), "{ok}");
-        }
-        for bad in [
-            "evil.example.com",
-            "evil.example.com:9901",
-            "127.0.0.1.nip.io",
-            "[::1]x",
-            "[evil]:1",
-            "gw.internal.evil",
-            "",
-            "localhost.evil:1",
-        ] {
-            assert!(!super::host_allowed(bad, &extra), "{bad}");
-        }
-    }
-}
-
 fn json_response(v: serde_json::Value) -> Response<Body> {
     let mut r = Response::new(full(Bytes::from(v.to_string())));
     r.headers_mut().insert(
@@ -462,3 +429,36 @@ fn config_json(c: &crate::config::Config) -> serde_json::Value {
 
 /// `GET /`: routes, pools and backend health, refreshed every second.
 const STATUS_PAGE: &str = include_str!("admin_page.html");
+
+#[cfg(test)]
+mod host_tests {
+    #[test]
+    fn hosts_that_name_this_listener() {
+        let extra = ["gw.internal".to_string()];
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:9901",
+            "10.0.0.5:80",
+            "[::1]:9901",
+            "[::1]",
+            "localhost",
+            "LOCALHOST:1",
+            "gw.internal",
+            "gw.internal:9901",
+        ] {
+            assert!(super::host_allowed(ok, &extra), "{ok}");
+        }
+        for bad in [
+            "evil.example.com",
+            "evil.example.com:9901",
+            "127.0.0.1.nip.io",
+            "[::1]x",
+            "[evil]:1",
+            "gw.internal.evil",
+            "",
+            "localhost.evil:1",
+        ] {
+            assert!(!super::host_allowed(bad, &extra), "{bad}");
+        }
+    }
+}

@@ -15,11 +15,21 @@ use crate::balance::{fnv1a, Rng};
 use crate::config::{CheckKind, HealthCheck, OnBackendDown};
 use crate::health::Flip;
 use crate::pool::{Backend, Pool};
+use crate::supervise::{Kind, Panics};
 
-/// Starts the pool's checks, if it has them; they end with `pool.life`.
-pub fn spawn(pool: &Arc<Pool>, tasks: &TaskTracker) {
+/// Starts the pool's checks, if it has them, supervised (a panic restarts
+/// them); they end with `pool.life`.
+pub fn spawn(pool: &Arc<Pool>, tasks: &TaskTracker, panics: &Arc<Panics>) {
     if let Some(check) = pool.health.clone() {
-        tasks.spawn(run(pool.clone(), check, pool.life.clone()));
+        let (p, life) = (pool.clone(), pool.life.clone());
+        crate::supervise::spawn(
+            tasks,
+            panics.clone(),
+            Kind::HealthCheck,
+            format!("pool {}", pool.name),
+            pool.life.clone(),
+            move || run(p.clone(), check.clone(), life.clone()),
+        );
     }
 }
 

@@ -96,6 +96,12 @@ pub enum ProxyError {
         route: String,
         limit: u32,
     },
+    /// The fan-out channel's task died before its upstream opened.
+    #[error("the channel failed before its upstream opened; try again")]
+    ChannelFailed,
+    /// The fan-out channel's upstream did not open in time.
+    #[error("the channel's upstream did not open within {0:?}")]
+    ChannelTimeout(Duration),
     /// A browser page from an origin the route does not allow.
     #[error("origin `{0}` may not open WebSockets on this route")]
     Origin(String),
@@ -120,6 +126,8 @@ impl ProxyError {
             ProxyError::ChannelLimit { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ChannelNotAllowed(_) => StatusCode::NOT_FOUND,
             ProxyError::ChannelRate { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::ChannelFailed => StatusCode::BAD_GATEWAY,
+            ProxyError::ChannelTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Shared(inner) => inner.status(),
             ProxyError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {

@@ -40,6 +40,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod splice;
+pub mod supervise;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;

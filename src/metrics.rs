@@ -554,6 +554,17 @@ impl Collector for GatewayCollector {
             &refused,
         )?;
 
+        family(
+            &mut enc,
+            "upgate_task_panics",
+            "Panics caught in supervised background tasks (each restarted with backoff).",
+            Counter,
+            &crate::supervise::Kind::ALL
+                .iter()
+                .map(|k| (l("task", k.label().into()), sh.panics.count(*k)))
+                .collect::<Vec<_>>(),
+        )?;
+
         let st = &sh.stats;
         family(
             &mut enc,

@@ -61,6 +61,8 @@ pub struct Shared {
     pub stats: GatewayStats,
     /// Every listener being served, for `/metrics`.
     pub listeners: std::sync::Mutex<Vec<Arc<ListenerStats>>>,
+    /// Panics caught in supervised background tasks.
+    pub panics: Arc<crate::supervise::Panics>,
 }
 
 impl Shared {

@@ -79,7 +79,7 @@ pub struct Gateway {
     listeners: Vec<Listener>,
     /// The admin listener and its settings, when configured.
     admin: Option<(TcpListener, crate::config::AdminConfig)>,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     settings: ServerSettings,
     /// Resolves `discover: dns` backends.
     resolver: Resolver,
@@ -163,6 +163,7 @@ impl Gateway {
                 reload: reload_tx,
                 stats: Default::default(),
                 listeners: Default::default(),
+                panics: Default::default(),
             }),
         })
     }
@@ -227,11 +228,19 @@ impl Gateway {
         }
         drop(snap);
         if !self.settings.watch_interval.is_zero() {
-            tokio::spawn(crate::watch::run(
+            let (shared, every, until) = (
                 self.shared.clone(),
                 self.settings.watch_interval,
                 stop.clone(),
-            ));
+            );
+            crate::supervise::spawn(
+                &self.shared.tasks,
+                self.shared.panics.clone(),
+                crate::supervise::Kind::ConfigWatch,
+                "config file".into(),
+                stop.clone(),
+                move || crate::watch::run(shared.clone(), every, until.clone()),
+            );
         }
 
         tokio::pin!(shutdown);
@@ -432,19 +441,29 @@ fn tls_acceptors(
         .collect()
 }
 
-/// Starts a pool's health checks and DNS discovery; they end with `pool.life`.
+/// Starts a pool's health checks and DNS discovery, supervised; they end
+/// with `pool.life`.
 fn start_pool(pool: &Arc<Pool>, shared: &Shared, resolver: &Resolver) {
-    crate::checker::spawn(pool, &shared.tasks);
+    crate::checker::spawn(pool, &shared.tasks, &shared.panics);
     if pool.discovers() {
         let (pool, resolver) = (pool.clone(), resolver.clone());
-        shared.tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(pool.dns_refresh) => pool.refresh(&resolver).await,
-                    _ = pool.life.cancelled() => return,
+        let life = pool.life.clone();
+        crate::supervise::spawn(
+            &shared.tasks,
+            shared.panics.clone(),
+            crate::supervise::Kind::DnsDiscovery,
+            format!("pool {}", pool.name),
+            life,
+            move || {
+                let (pool, resolver) = (pool.clone(), resolver.clone());
+                async move {
+                    loop {
+                        tokio::time::sleep(pool.dns_refresh).await;
+                        pool.refresh(&resolver).await;
+                    }
                 }
-            }
-        });
+            },
+        );
     }
 }
 

@@ -18,6 +18,12 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
+
+use crate::supervise::Kind;
+
 use super::{frame, Channel, Hub, State};
 use crate::error::{BackendError, ProxyError};
 use crate::pool::{Backend, BackendGuard, Pool};
@@ -32,7 +38,10 @@ struct Upstream {
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 
-/// Spawns the channel's task on the gateway's tracker.
+/// Spawns the channel's task on the gateway's tracker, supervised: if it
+/// panics, clients waiting for it get a 502, its clients are closed with
+/// 1011, it leaves the route's channels (the next client opens a fresh
+/// one), and an eager channel is opened again after a backoff.
 pub(super) fn spawn(
     hub: Arc<Hub>,
     shared: &Arc<Shared>,
@@ -43,9 +52,49 @@ pub(super) fn spawn(
     let stop = shared.hard_stop.clone();
     let shutdown = shared.shutdown.clone();
     let span = tracing::info_span!("fanout", route = %hub.route, channel = %ch.key);
-    shared
-        .tasks
-        .spawn(run(hub, ch, fwd, (stop, shutdown), eager).instrument(span));
+    let shared2 = shared.clone();
+    shared.tasks.spawn(
+        async move {
+            let end = Ended {
+                hub: hub.clone(),
+                ch: ch.clone(),
+            };
+            let run = AssertUnwindSafe(run(hub.clone(), ch.clone(), fwd, (stop, shutdown), eager));
+            let Err(payload) = run.catch_unwind().await else {
+                return;
+            };
+            let name = format!("route {} channel {}", hub.route, ch.key);
+            shared2.panics.record(Kind::FanoutChannel, &name, &*payload);
+            drop(end);
+            ch.failed.cancel();
+            if eager && !shared2.shutdown.is_cancelled() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shared2.shutdown.cancelled() => return,
+                }
+                hub.reopen_eager(&shared2, &ch);
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// However the channel task ends (a panic included): clients still waiting
+/// for the upstream learn that it failed, and the channel leaves the route.
+struct Ended {
+    hub: Arc<Hub>,
+    ch: Arc<Channel>,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        let ch = &self.ch;
+        if matches!(*ch.state.borrow(), State::Connecting) {
+            ch.state
+                .send_replace(State::Failed(Arc::new(ProxyError::ChannelFailed)));
+        }
+        self.hub.remove(ch, false);
+    }
 }
 
 async fn run(
@@ -55,6 +104,11 @@ async fn run(
     (stop, shutdown): (CancellationToken, CancellationToken),
     eager: bool,
 ) {
+    // Lets the crate's own tests exercise the supervision above.
+    #[cfg(test)]
+    if ch.key.ends_with("panic-before-connect") {
+        panic!("injected by a test");
+    }
     // First connects: one pass over each source pool's failover order.
     let pools = hub.pools();
     let mut first = Vec::with_capacity(pools.len());
@@ -385,4 +439,48 @@ async fn handshake(
         WebSocketStream::from_partially_read(io, answer.rest.to_vec(), Role::Client, Some(config))
             .await,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::supervise::Kind;
+
+    /// A channel task that dies before its upstream opened: the client
+    /// waiting for it gets a 502 at once, and so does the next one (a fresh
+    /// channel, not a wait on the dead one); the panic is counted.
+    #[tokio::test]
+    async fn a_dead_channel_task_answers_its_waiters() {
+        let yaml = "listen:\n  - addr: 127.0.0.1:0\npools:\n  feed: { backends: ['ws://127.0.0.1:9'] }\nroutes:\n  - { name: f, path: /feed, pool: feed, mode: fanout, strip_prefix: true }\n";
+        let cfg = crate::Config::parse(std::path::Path::new("routes.yaml"), yaml).expect("config");
+        let gw = crate::Gateway::bind(&cfg).await.expect("bind");
+        let addr = gw.local_addrs()[0];
+        let panics = gw.shared.panics.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(gw.run(async {
+            let _ = rx.await;
+        }));
+        for n in 1..=2 {
+            let url = format!("ws://{addr}/feed/x-panic-before-connect");
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio_tungstenite::connect_async(url),
+            )
+            .await
+            .expect("an answer, not a wait on a dead task");
+            match r {
+                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                    assert_eq!(resp.status(), 502);
+                    let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default())
+                        .to_string();
+                    assert!(body.contains("the channel failed"), "{body}");
+                }
+                other => panic!("expected a 502, got {other:?}"),
+            }
+            assert_eq!(panics.count(Kind::FanoutChannel), n);
+        }
+        let _ = tx.send(());
+        let _ = running.await;
+    }
 }

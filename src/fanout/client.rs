@@ -65,6 +65,8 @@ pub(super) enum End {
     Shutdown,
     /// The route was removed by a reload.
     Drained,
+    /// The channel's task died.
+    ChannelFailed,
 }
 
 impl End {
@@ -79,6 +81,7 @@ impl End {
             End::PongTimeout => "pong_timeout",
             End::Shutdown => "shutdown",
             End::Drained => "drained",
+            End::ChannelFailed => "channel_failed",
         }
     }
 }
@@ -400,6 +403,8 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
     tokio::pin!(stopped);
     let retired = cx.retired.cancelled();
     tokio::pin!(retired);
+    let failed = cx.ch.failed.cancelled();
+    tokio::pin!(failed);
 
     let last: Option<Bytes> = loop {
         let room = c.out.len() < BATCH;
@@ -409,6 +414,11 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                 out.end = End::Shutdown;
                 out.close_code = Some(code::GOING_AWAY);
                 break Some(frame::close(code::GOING_AWAY, "gateway shutting down"));
+            }
+            _ = &mut failed => {
+                out.end = End::ChannelFailed;
+                out.close_code = Some(code::INTERNAL);
+                break Some(frame::close(code::INTERNAL, "the channel failed; reconnect"));
             }
             _ = &mut retired => {
                 out.end = End::Drained;

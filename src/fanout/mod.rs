@@ -108,6 +108,8 @@ pub struct Channel {
     /// Signalled when the last client leaves.
     idle: Notify,
     state: watch::Sender<State>,
+    /// Cancelled if the channel's task died (a panic): its clients get 1011.
+    failed: tokio_util::sync::CancellationToken,
     /// Client messages for the first source's upstream (`client_messages: forward`).
     to_upstream: mpsc::Sender<Message>,
 }
@@ -203,6 +205,15 @@ impl Hub {
         let (key, target) = route_channel(route, &self.cfg);
         let mut map = lock(&self.channels);
         self.open(shared, &mut map, key, target, true);
+    }
+
+    /// Opens an eager channel again after its task died (unless a client
+    /// opened it meanwhile).
+    fn reopen_eager(self: &Arc<Self>, shared: &Arc<Shared>, old: &Channel) {
+        let mut map = lock(&self.channels);
+        if !map.contains_key(&old.key) {
+            self.open(shared, &mut map, old.key.clone(), old.target.clone(), true);
+        }
     }
 
     /// Open channels (each holds one upstream connection per source).
@@ -379,6 +390,7 @@ impl Channel {
             clients: AtomicUsize::new(0),
             idle: Notify::new(),
             state: watch::channel(State::Connecting).0,
+            failed: tokio_util::sync::CancellationToken::new(),
             to_upstream: fwd_tx,
         });
         (ch, fwd_rx)
@@ -511,20 +523,23 @@ pub async fn accept(
     let (key, target) = channel_of(route, &hub.cfg, &req)?;
     let member = hub.join(shared, key, target, conn.peer.ip())?;
     let mut state = member.ch.state.subscribe();
-    let waited = state
-        .wait_for(|s| !matches!(s, State::Connecting))
+    // Bounded: a channel task that neither connects nor fails (it cannot,
+    // but a client must never wait on it forever) is a 504.
+    let limit = hub.settings.handshake_timeout;
+    let waited = tokio::time::timeout(limit, state.wait_for(|s| !matches!(s, State::Connecting)))
         .await
-        .map(|s| s.clone());
+        .map(|r| r.map(|s| s.clone()));
     match waited {
-        Ok(State::Failed(e)) => return Err(ProxyError::Shared(e)),
-        Ok(_) => {}
+        Ok(Ok(State::Failed(e))) => return Err(ProxyError::Shared(e)),
+        Ok(Ok(_)) => {}
         // The channel task ended before deciding: the gateway is stopping.
-        Err(_) => {
+        Ok(Err(_)) => {
             return Err(ProxyError::Unavailable {
                 pool: hub.pool(0).name.clone(),
                 retry_after: std::time::Duration::from_secs(1),
             })
         }
+        Err(_) => return Err(ProxyError::ChannelTimeout(limit)),
     }
     let extension = if hub.cfg.compression {
         deflate::negotiate(req.headers())

@@ -488,6 +488,29 @@ pub async fn static_http(content_type: &'static str, body: String) -> SocketAddr
     addr
 }
 
+/// A server that answers every request head it reads with `reply`, byte
+/// for byte (a broken or hostile backend), and keeps the connection open.
+pub async fn raw_reply_server(reply: &'static [u8]) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// The status, `Retry-After` and body of a refused WebSocket handshake.
 pub fn refusal(e: tokio_tungstenite::tungstenite::Error) -> (u16, String, String) {
     match e {
