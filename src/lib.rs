@@ -28,6 +28,8 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod fanout;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod limits;
 pub mod metrics;

@@ -43,14 +43,14 @@ pub struct Header {
 
 /// Parsing a prefix of the stream.
 #[derive(Debug, PartialEq, Eq)]
-enum Parsed {
+pub(crate) enum Parsed {
     Complete(Header),
     /// Valid so far; more bytes are needed.
     Incomplete,
 }
 
 /// Parses `b`, the first bytes of a connection.
-fn parse(b: &[u8]) -> Result<Parsed, ProxyHeaderError> {
+pub(crate) fn parse(b: &[u8]) -> Result<Parsed, ProxyHeaderError> {
     let sig = b.len().min(V2_SIG.len());
     if b[..sig] == V2_SIG[..sig] {
         return parse_v2(b);

@@ -97,7 +97,7 @@ impl ReadReady for Box<dyn Io> {}
 /// (for the access log). It reads only frame headers and, in a Close frame,
 /// the two code bytes; payloads are skipped by count.
 #[derive(Debug, Default)]
-struct FrameWatch {
+pub(crate) struct FrameWatch {
     /// Header bytes gathered so far (a header is 2–14 bytes and may straddle reads).
     hdr: [u8; 14],
     have: usize,
@@ -124,7 +124,7 @@ impl FrameWatch {
         }
     }
 
-    fn feed(&mut self, mut b: &[u8]) {
+    pub(crate) fn feed(&mut self, mut b: &[u8]) {
         while self.seen.is_none() && !b.is_empty() {
             if self.skip > 0 {
                 let n = b

@@ -592,11 +592,15 @@ impl Config {
             };
             let pool = match (&r.pool, &fanout) {
                 (Some(p), _) => find_pool(p, &at("pool"))?,
-                (None, Some(f)) => f.sources[0],
-                (None, None) => {
+                (None, Some(f)) if !f.sources.is_empty() => f.sources[0],
+                (None, fanout) => {
                     return Err(cx.err(
                         &[Seg::Key("routes"), Seg::Index(i)],
-                        "a route needs `pool: NAME`",
+                        if fanout.is_some() {
+                            "a fan-out route needs `pool: NAME` or `sources: [NAME, …]`"
+                        } else {
+                            "a route needs `pool: NAME`"
+                        },
                     ))
                 }
             };
@@ -925,6 +929,54 @@ routes:
     pool: ticker
     strip_prefix: true
 ";
+
+    /// Found by the `config` fuzz target: this indexed an empty list.
+    #[test]
+    fn a_fanout_route_without_pool_or_sources_is_an_error() {
+        let y = OK.replace("    pool: ticker\n", "    mode: fanout\n");
+        let e = parse(&y).unwrap_err().to_string();
+        assert!(
+            e.contains("routes[1]: a fan-out route needs `pool: NAME` or `sources: [NAME, …]`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn fanout_channel_limits() {
+        let with = |k: &str| {
+            parse(&OK.replace(
+                "    pool: ticker\n",
+                &format!("    pool: ticker\n    mode: fanout\n{k}"),
+            ))
+        };
+        let c = with("").unwrap();
+        let f = c.routes[1].fanout.as_ref().unwrap();
+        assert_eq!(
+            (f.max_channels, f.channel_opens_per_ip, f.channels.is_none()),
+            (100, 30, true)
+        );
+        let e = with("    max_channels: 0\n").unwrap_err().to_string();
+        assert!(
+            e.contains("routes[1].max_channels: must be at least 1"),
+            "{e}"
+        );
+        let e = with("    channels: []\n").unwrap_err().to_string();
+        assert!(e.contains("routes[1].channels: list at least one"), "{e}");
+        let e = with("    channel_opens_per_ip: 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("routes[1].channel_opens_per_ip: must be at least 1"),
+            "{e}"
+        );
+        let e = parse(&OK.replace("    pool: chat\n", "    pool: chat\n    max_channels: 5\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`max_channels` is only used with `mode: fanout`"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn origins_and_proxy_protocol() {

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::deflate::InflateError;
 use super::frame::{self, code, FrameError};
+use super::reader::{Input, Reader};
 use super::{Channel, Hub};
 use crate::config::{ClientMessages, SlowClient};
 use crate::splice::ReadReady;
@@ -107,29 +108,12 @@ enum Event {
     Bad(FrameError),
 }
 
-/// A fragmented client message being assembled.
-struct Partial {
-    opcode: u8,
-    /// RSV1 on its first frame (permessage-deflate): checked once inflated.
-    compressed: bool,
-    buf: Vec<u8>,
-    /// Plain text is checked fragment by fragment (fail fast).
-    utf8: frame::Utf8Check,
-}
-
 /// The client's socket with its write queue and read buffer.
 struct Conn<S> {
     io: S,
     out: VecDeque<Bytes>,
-    /// Bytes of an incomplete client frame (empty, unallocated, when idle).
-    inbuf: Vec<u8>,
-    /// A fragmented message being assembled.
-    partial: Option<Partial>,
-    /// Something arrived from the client since the flag was last cleared.
-    heard: bool,
-    max_message: usize,
-    /// RSV1 may mark compressed messages.
-    deflate: bool,
+    /// The client's frames, parsed and assembled into messages.
+    reader: Reader,
 }
 
 impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
@@ -184,8 +168,18 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
             _ => {}
         }
         loop {
-            if let Some(ev) = self.next_event() {
-                return Poll::Ready(ev);
+            while let Some(input) = self.reader.next_input() {
+                match input {
+                    Input::Ping(p) => {
+                        // Answered with the next write; a client flooding pings gets fewer pongs.
+                        if self.out.len() < 2 * BATCH {
+                            self.out.push_back(frame::encode(frame::OP_PONG, &p));
+                        }
+                    }
+                    Input::Message(op, p, z) => return Poll::Ready(Event::Message(op, p, z)),
+                    Input::Close(code) => return Poll::Ready(Event::Close(code)),
+                    Input::Bad(e) => return Poll::Ready(Event::Bad(e)),
+                }
             }
             match self.io.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => {}
@@ -196,7 +190,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
             let mut rb = ReadBuf::new(&mut tmp);
             match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Event::Eof),
-                Poll::Ready(Ok(())) => self.inbuf.extend_from_slice(rb.filled()),
+                Poll::Ready(Ok(())) => self.reader.inbuf.extend_from_slice(rb.filled()),
                 Poll::Ready(Err(e)) => return Poll::Ready(Event::Io(e)),
                 Poll::Pending => return Poll::Pending,
             }
@@ -205,88 +199,6 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
                 if let Poll::Ready(Err(e)) = self.poll_write_out(cx) {
                     return Poll::Ready(Event::Io(e));
                 }
-            }
-        }
-    }
-
-    /// The next event in the read buffer, handling control frames inline.
-    fn next_event(&mut self) -> Option<Event> {
-        loop {
-            let f = match frame::parse(&self.inbuf, self.max_message, self.deflate) {
-                Ok(Some(f)) => f,
-                Ok(None) => {
-                    if self.inbuf.is_empty() && self.inbuf.capacity() > 0 {
-                        self.inbuf = Vec::new();
-                    }
-                    return None;
-                }
-                Err(e) => return Some(Event::Bad(e)),
-            };
-            self.heard = true;
-            let (start, end) = (f.start, f.end());
-            frame::unmask(&mut self.inbuf[start..end], f.mask);
-            let payload = &self.inbuf[start..end];
-            let ev = match f.opcode {
-                frame::OP_PING => {
-                    if self.out.len() < 2 * BATCH {
-                        self.out.push_back(frame::encode(frame::OP_PONG, payload));
-                    }
-                    None
-                }
-                frame::OP_PONG => None,
-                frame::OP_CLOSE => Some(match frame::parse_close(payload) {
-                    Ok(code) => Event::Close(code),
-                    Err(e) => Event::Bad(e),
-                }),
-                frame::OP_CONT => match &mut self.partial {
-                    None => Some(Event::Bad(FrameError::Continuation)),
-                    // `buf` never exceeds `max_message`: no overflow in the subtraction.
-                    Some(p) if payload.len() > self.max_message - p.buf.len() => {
-                        Some(Event::Bad(FrameError::TooBig))
-                    }
-                    Some(p) => {
-                        p.buf.extend_from_slice(payload);
-                        let check = if p.opcode == frame::OP_TEXT && !p.compressed {
-                            p.utf8.feed(&p.buf, f.fin)
-                        } else {
-                            Ok(())
-                        };
-                        match check {
-                            Err(e) => Some(Event::Bad(e)),
-                            Ok(()) if f.fin => self
-                                .partial
-                                .take()
-                                .map(|p| Event::Message(p.opcode, p.buf, p.compressed)),
-                            Ok(()) => None,
-                        }
-                    }
-                },
-                _ if self.partial.is_some() => Some(Event::Bad(FrameError::Continuation)),
-                op => {
-                    let mut utf8 = frame::Utf8Check::default();
-                    let check = if op == frame::OP_TEXT && !f.compressed {
-                        utf8.feed(payload, f.fin)
-                    } else {
-                        Ok(())
-                    };
-                    match check {
-                        Err(e) => Some(Event::Bad(e)),
-                        Ok(()) if f.fin => Some(Event::Message(op, payload.to_vec(), f.compressed)),
-                        Ok(()) => {
-                            self.partial = Some(Partial {
-                                opcode: op,
-                                compressed: f.compressed,
-                                buf: payload.to_vec(),
-                                utf8,
-                            });
-                            None
-                        }
-                    }
-                }
-            };
-            self.inbuf.drain(..end);
-            if ev.is_some() {
-                return ev;
             }
         }
     }
@@ -372,11 +284,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
     let mut c = Conn {
         io,
         out: replay.into(),
-        inbuf: pending.to_vec(),
-        partial: None,
-        deflate: cx.deflate,
-        heard: false,
-        max_message: cfg.max_message,
+        reader: Reader::new(pending.to_vec(), cfg.max_message, cx.deflate),
     };
     let mut out = Outcome {
         end: End::Eof,
@@ -482,8 +390,8 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                 }
             }
             ev = poll_fn(|cx| c.poll_io(cx)) => {
-                if c.heard {
-                    c.heard = false;
+                if c.reader.heard {
+                    c.reader.heard = false;
                     last_heard = Instant::now();
                     pinged = false;
                 }
@@ -563,8 +471,8 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
             }
             () = &mut keepalive => {
                 let now = Instant::now();
-                if c.heard {
-                    c.heard = false;
+                if c.reader.heard {
+                    c.reader.heard = false;
                     last_heard = now;
                     pinged = false;
                 }

@@ -20,8 +20,9 @@
 
 mod channel;
 mod client;
-mod deflate;
+pub(crate) mod deflate;
 pub mod frame;
+pub mod reader;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

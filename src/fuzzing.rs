@@ -1,0 +1,163 @@
+//! Entry points for the fuzz targets in `fuzz/` (one per parser of bytes a
+//! peer controls). Each takes arbitrary bytes and must return without
+//! panicking; the few checks here are the parsers' own promises (a frame
+//! stays inside its buffer, a size stays under its limit). Not a public API.
+
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method, Request};
+
+/// The PROXY protocol header (v1 and v2) at the start of a connection.
+pub fn proxy_header(data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    if let Ok(crate::proxy_protocol::Parsed::Complete(h)) = crate::proxy_protocol::parse(data) {
+        assert!(h.len <= data.len(), "header longer than its input");
+    }
+}
+
+/// A fan-out client's frames, fed in pieces of the size the first byte picks
+/// (so frames straddle reads), with and without permessage-deflate.
+pub fn client_frames(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(first & 0x3f) + 1;
+    let deflate = first & 0x40 != 0;
+    let max = if first & 0x80 != 0 { 125 } else { 64 * 1024 };
+    let mut r = crate::fanout::reader::Reader::new(Vec::new(), max, deflate);
+    for piece in rest.chunks(step) {
+        r.inbuf.extend_from_slice(piece);
+        while let Some(input) = r.next_input() {
+            match input {
+                crate::fanout::reader::Input::Bad(_) => return,
+                crate::fanout::reader::Input::Message(_, p, _) => {
+                    assert!(p.len() <= max, "message over max_message")
+                }
+                crate::fanout::reader::Input::Ping(p) => assert!(p.len() <= 125),
+                crate::fanout::reader::Input::Close(_) => {}
+            }
+        }
+    }
+}
+
+/// The splice's frame watch (close codes for the access log), in pieces.
+pub fn frame_watch(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let mut w = crate::splice::FrameWatch::default();
+    for piece in rest.chunks(usize::from(first) + 1) {
+        w.feed(piece);
+    }
+}
+
+/// permessage-deflate data from a client, inflated under a limit.
+pub fn inflate(data: &[u8]) {
+    const MAX: usize = 64 * 1024;
+    if let Ok(out) = crate::fanout::deflate::inflate(data, MAX) {
+        assert!(out.len() <= MAX, "inflated past the limit");
+    }
+}
+
+/// A backend's answer to an upgrade (head and refusal body), as the
+/// gateway reads it from a socket.
+pub fn upgrade_answer(data: &[u8]) {
+    thread_local! {
+        static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a runtime");
+    }
+    RT.with(|rt| {
+        rt.block_on(async {
+            let mut io = tokio::io::join(data, tokio::io::sink());
+            let head = b"GET / HTTP/1.1\r\n\r\n";
+            let _ =
+                crate::upgrade::exchange(&mut io, head, Duration::from_secs(5), 16 * 1024).await;
+        })
+    });
+}
+
+/// upgate's own checks on a request head, in both forms a WebSocket comes
+/// in: an HTTP/1.1 upgrade, and an HTTP/2 extended CONNECT (RFC 8441) with
+/// `:protocol` (hyper and h2 parse the frames; what follows is ours):
+/// handshake validation, the Origin check, forwarded headers, the query.
+pub fn request_head(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let mut raw = [httparse::EMPTY_HEADER; 32];
+    let mut parsed = httparse::Request::new(&mut raw);
+    let Ok(httparse::Status::Complete(_)) = parsed.parse(rest) else {
+        return;
+    };
+    let h2 = first & 1 != 0;
+    let mut req = Request::builder()
+        .method(if h2 {
+            Method::CONNECT
+        } else {
+            Method::from_bytes(parsed.method.unwrap_or("GET").as_bytes()).unwrap_or(Method::GET)
+        })
+        .uri(parsed.path.unwrap_or("/"))
+        .version(if h2 {
+            http::Version::HTTP_2
+        } else if parsed.version == Some(0) {
+            http::Version::HTTP_10
+        } else {
+            http::Version::HTTP_11
+        });
+    for h in parsed.headers.iter() {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) {
+            req = req.header(n, v);
+        }
+    }
+    let Ok(mut req) = req.body(()) else {
+        return;
+    };
+    if h2 {
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+    }
+    let _ = crate::ws::wants_websocket(&req);
+    let _ = crate::ws::validate(&req);
+    let _ = crate::fanout::deflate::negotiate(req.headers());
+    if let Some(o) = req
+        .headers()
+        .get(http::header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+    {
+        let allowed: Vec<crate::origin::OriginPattern> =
+            ["https://*.example.com", "http://a.test:8080", "null"]
+                .iter()
+                .filter_map(|p| crate::origin::OriginPattern::parse(p).ok())
+                .collect();
+        let _ = crate::origin::allowed(&allowed, o);
+    }
+    for v in crate::ws::query_values(req.uri(), "token") {
+        let _ = v.len();
+    }
+    let mut headers = req.headers().clone();
+    crate::ws::strip_hop_by_hop(&mut headers);
+    crate::ws::add_forwarded(
+        &mut headers,
+        crate::ws::Forwarded {
+            peer: ([127, 0, 0, 1], 4000).into(),
+            tls: first & 2 != 0,
+            host: req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok()),
+        },
+    );
+}
+
+/// `routes.yaml` text: parsed and validated, never a panic.
+pub fn config(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let _ = crate::config::Config::parse(std::path::Path::new("routes.yaml"), &text);
+}
