@@ -356,17 +356,38 @@ pub struct Idle {
     pub echoed: usize,
     pub rss_before_kib: u64,
     pub rss_after_kib: u64,
+    /// RSS once every connection was closed (after `settle`).
+    pub rss_closed_kib: u64,
+    /// RSS `linger` after that, when asked for.
+    pub rss_later_kib: Option<u64>,
 }
 
 impl Idle {
     pub fn kib_per_conn(&self) -> f64 {
         (self.rss_after_kib.saturating_sub(self.rss_before_kib)) as f64 / self.opened.max(1) as f64
     }
+
+    /// The share of the growth given back to the system at `rss` (1.0: all).
+    pub fn returned(&self, rss: u64) -> f64 {
+        let grew = self
+            .rss_after_kib
+            .saturating_sub(self.rss_before_kib)
+            .max(1) as f64;
+        (self.rss_after_kib.saturating_sub(rss) as f64 / grew).min(1.0)
+    }
 }
 
 /// Opens `n` connections (from `sources` loopback source addresses), lets them
 /// sit idle, measures the target's RSS growth, then checks every one still echoes.
-pub async fn idle(t: &Target, n: usize, sources: usize, settle: Duration) -> Idle {
+/// After every connection was closed, RSS is read after `settle` and, with
+/// `linger`, once more that much later (does the allocator give memory back?).
+pub async fn idle(
+    t: &Target,
+    n: usize,
+    sources: usize,
+    settle: Duration,
+    linger: Option<Duration>,
+) -> Idle {
     let rss_before_kib = t.pid.and_then(proc_stat::rss_kib).unwrap_or(0);
     let mut conns: Vec<(Stream, Vec<u8>)> = Vec::with_capacity(n);
     let mut failed_open = 0;
@@ -421,11 +442,21 @@ pub async fn idle(t: &Target, n: usize, sources: usize, settle: Duration) -> Idl
             None => break,
         }
     }
+    // Every connection is closed now (each check task owned one).
+    tokio::time::sleep(settle).await;
+    let rss_closed_kib = t.pid.and_then(proc_stat::rss_kib).unwrap_or(0);
+    let mut rss_later_kib = None;
+    if let Some(l) = linger {
+        tokio::time::sleep(l).await;
+        rss_later_kib = t.pid.and_then(proc_stat::rss_kib);
+    }
     Idle {
         opened,
         failed_open,
         echoed,
         rss_before_kib,
         rss_after_kib,
+        rss_closed_kib,
+        rss_later_kib,
     }
 }

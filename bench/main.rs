@@ -91,6 +91,10 @@ struct SuiteArgs {
     /// Idle connections for (f); capped by the open-file limit (a proxy holds two descriptors per connection).
     #[arg(long, default_value_t = 10_000)]
     idle: usize,
+    /// For (f) on upgate builds: seconds to wait after the connections closed
+    /// before reading RSS once more (0: only right after closing).
+    #[arg(long, default_value_t = 30)]
+    rss_linger: u64,
     /// Idle connections held through upgate for (g).
     #[arg(long, default_value_t = 100_000)]
     huge: usize,
@@ -236,15 +240,18 @@ async fn load_cmd(a: LoadArgs) -> Result<(), String> {
             print_measured(&load::handshakes(&t, a.conns, Duration::from_secs(1), dur).await)
         }
         "idle" => {
-            let r = load::idle(&t, a.conns, a.sources, Duration::from_secs(1)).await;
+            let linger = Duration::from_secs(30);
+            let r = load::idle(&t, a.conns, a.sources, Duration::from_secs(1), Some(linger)).await;
             println!(
-                "opened {} (failed {}), echoed {}, target RSS {} -> {} KiB = {:.2} KiB/conn",
+                "opened {} (failed {}), echoed {}, target RSS {} -> {} KiB = {:.2} KiB/conn; closed: {} KiB, {linger:?} later: {} KiB",
                 r.opened,
                 r.failed_open,
                 r.echoed,
                 r.rss_before_kib,
                 r.rss_after_kib,
-                r.kib_per_conn()
+                r.kib_per_conn(),
+                r.rss_closed_kib,
+                r.rss_later_kib.unwrap_or(0),
             );
         }
         m => return Err(format!("unknown mode {m}")),
@@ -512,13 +519,17 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
                     tls: tls.then(|| (tls_resume.clone(), name.clone())),
                     pid: p.pid(),
                 };
-                let r = load::idle(&t, a.idle, 1, Duration::from_secs(2)).await;
+                // upgate's own builds are also watched for memory given back.
+                let linger = (pname.starts_with("upgate") && a.rss_linger > 0)
+                    .then(|| Duration::from_secs(a.rss_linger));
+                let r = load::idle(&t, a.idle, 1, Duration::from_secs(2), linger).await;
                 eprintln!(
-                    "(f) {} tls={tls}: {} open, {} echoed, {:.2} KiB/conn",
+                    "(f) {} tls={tls}: {} open, {} echoed, {:.2} KiB/conn, {:.0} % returned after close",
                     p.name,
                     r.opened,
                     r.echoed,
-                    r.kib_per_conn()
+                    r.kib_per_conn(),
+                    100.0 * r.returned(r.rss_later_kib.unwrap_or(r.rss_closed_kib))
                 );
                 idle_rows.push((p.name.clone(), tls, r));
                 drop(p);
@@ -537,7 +548,7 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
                     tls: None,
                     pid: p.pid(),
                 };
-                let r = load::idle(&t, a.huge, 8, Duration::from_secs(3)).await;
+                let r = load::idle(&t, a.huge, 8, Duration::from_secs(3), None).await;
                 eprintln!(
                     "(g) upgate: {} open ({} failed), {} echoed, {:.2} KiB/conn",
                     r.opened,
@@ -924,18 +935,36 @@ fn render(
         let _ = writeln!(o, "\n(f) {} idle WebSocket connections: proxy RSS growth per connection (all held connections echoed afterwards):\n", a.idle);
         let _ = writeln!(
             o,
-            "| proxy | plain KiB/conn | TLS KiB/conn |\n|---|---|---|"
+            "| proxy | plain KiB/conn | TLS KiB/conn | plain: RSS growth returned 2 s after close / {}s later | TLS: the same |\n|---|---|---|---|---|",
+            a.rss_linger
         );
         for p in &proxies {
-            let cell = |tls: bool| {
-                idle.iter().find(|(n, t, _)| n == *p && *t == tls).map_or(
-                    "–".into(),
-                    |(_, _, r)| {
-                        format!("{:.2} ({}/{} echoed)", r.kib_per_conn(), r.echoed, r.opened)
-                    },
-                )
+            let row = |tls: bool| {
+                idle.iter()
+                    .find(|(n, t, _)| n == *p && *t == tls)
+                    .map(|(_, _, r)| r)
             };
-            let _ = writeln!(o, "| {p} | {} | {} |", cell(false), cell(true));
+            let cell = |tls: bool| {
+                row(tls).map_or("–".into(), |r| {
+                    format!("{:.2} ({}/{} echoed)", r.kib_per_conn(), r.echoed, r.opened)
+                })
+            };
+            let back = |tls: bool| {
+                row(tls).map_or("–".into(), |r| {
+                    let later = r
+                        .rss_later_kib
+                        .map_or("–".into(), |k| format!("{:.0} %", 100.0 * r.returned(k)));
+                    format!("{:.0} % / {later}", 100.0 * r.returned(r.rss_closed_kib))
+                })
+            };
+            let _ = writeln!(
+                o,
+                "| {p} | {} | {} | {} | {} |",
+                cell(false),
+                cell(true),
+                back(false),
+                back(true)
+            );
         }
     }
     if let Some(r) = huge {

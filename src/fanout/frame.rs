@@ -125,6 +125,12 @@ impl FrameError {
 /// complete. `max` bounds a data frame's payload. `deflate`: the client
 /// negotiated permessage-deflate, so RSV1 may mark a message's first frame.
 pub fn parse(buf: &[u8], max: usize, deflate: bool) -> Result<Option<Frame>, FrameError> {
+    Ok(parse_header(buf, max, deflate)?.filter(|f| f.end() <= buf.len()))
+}
+
+/// Like [`parse`], but returns the frame as soon as its header is complete
+/// (its payload may still be arriving: `end()` may lie past `buf`).
+pub fn parse_header(buf: &[u8], max: usize, deflate: bool) -> Result<Option<Frame>, FrameError> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
     let opcode = b0 & 0x0f;
     let compressed = b0 & 0x40 != 0;
@@ -168,9 +174,6 @@ pub fn parse(buf: &[u8], max: usize, deflate: bool) -> Result<Option<Frame>, Fra
     };
     let mask = [m[0], m[1], m[2], m[3]];
     i += 4;
-    if buf.len() < i + len {
-        return Ok(None);
-    }
     Ok(Some(Frame {
         fin,
         compressed,
@@ -204,32 +207,63 @@ pub fn parse_close(payload: &[u8]) -> Result<Option<u16>, FrameError> {
     }
 }
 
-/// Checks a text message's UTF-8 fragment by fragment, so a message that
-/// can no longer become valid is refused at the fragment that breaks it,
-/// not when it ends.
+/// Checks a text message's UTF-8 piece by piece as it arrives (fragments,
+/// or parts of one frame), so a message that can no longer become valid is
+/// refused at the byte that breaks it, not when it ends. Keeps at most the
+/// three bytes of a code point cut by a piece boundary.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Utf8Check {
-    /// Bytes of the message known to be valid (a code point cut by a
-    /// fragment boundary stays after it).
-    valid: usize,
+    carry: [u8; 4],
+    have: usize,
 }
 
 impl Utf8Check {
-    /// `text` is the message so far; `fin`: nothing more will follow.
-    pub fn feed(&mut self, text: &[u8], fin: bool) -> Result<(), FrameError> {
-        let rest = text.get(self.valid..).unwrap_or_default();
-        match std::str::from_utf8(rest) {
-            Ok(_) => {
-                self.valid = text.len();
-                Ok(())
+    /// The next piece of the message.
+    pub fn feed(&mut self, mut piece: &[u8]) -> Result<(), FrameError> {
+        if self.have > 0 {
+            // Complete the code point cut at the end of the last piece.
+            let width = match self.carry[0] {
+                0xC2..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                _ => 4, // 0xF0..=0xF4: anything else was refused when carried
+            };
+            let take = (width - self.have).min(piece.len());
+            self.carry[self.have..self.have + take].copy_from_slice(&piece[..take]);
+            self.have += take;
+            piece = &piece[take..];
+            match std::str::from_utf8(&self.carry[..self.have]) {
+                Ok(_) => self.have = 0,
+                Err(e) if e.error_len().is_none() => return Ok(()), // still cut: wait for more
+                Err(_) => return Err(FrameError::Utf8),
             }
-            // Cut short by the fragment's end: valid so far, if more follows.
-            Err(e) if e.error_len().is_none() && !fin => {
-                self.valid += e.valid_up_to();
+        }
+        match std::str::from_utf8(piece) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_none() => {
+                let rest = &piece[e.valid_up_to()..];
+                self.carry[..rest.len()].copy_from_slice(rest);
+                self.have = rest.len();
                 Ok(())
             }
             Err(_) => Err(FrameError::Utf8),
         }
+    }
+
+    /// The message ended: a code point still cut is invalid.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        if self.have == 0 {
+            Ok(())
+        } else {
+            Err(FrameError::Utf8)
+        }
+    }
+}
+
+/// Removes the client's mask in place from `payload`, which starts `offset`
+/// bytes into its frame's payload.
+pub fn unmask_from(payload: &mut [u8], mask: [u8; 4], offset: usize) {
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b ^= mask[(offset + i) & 3];
     }
 }
 
@@ -336,32 +370,56 @@ mod tests {
     }
 
     #[test]
-    fn utf8_fails_at_the_fragment_that_breaks_it() {
-        // "κόσμε" cut inside a code point: fine until the message ends.
-        let text = "κόσμε".as_bytes();
-        let mut c = Utf8Check::default();
-        assert_eq!(c.feed(&text[..3], false), Ok(()));
-        assert_eq!(c.feed(&text[..7], false), Ok(()));
-        assert_eq!(c.feed(text, true), Ok(()));
-        // A cut code point at the end of the message.
-        let mut c = Utf8Check::default();
-        assert_eq!(c.feed(&text[..3], false), Ok(()));
-        assert_eq!(c.feed(&text[..3], true), Err(FrameError::Utf8));
-        // An invalid sequence fails before the message ends (Autobahn 6.4).
+    fn utf8_fails_at_the_piece_that_breaks_it() {
+        let feed_all = |pieces: &[&[u8]]| {
+            let mut c = Utf8Check::default();
+            for p in pieces {
+                c.feed(p)?;
+            }
+            c.finish()
+        };
+        // "κόσμε" cut inside code points, in every way.
+        let text = "κόσμε €😀".as_bytes();
+        for a in 0..text.len() {
+            for b in a..text.len() {
+                assert_eq!(
+                    feed_all(&[&text[..a], &text[a..b], &text[b..]]),
+                    Ok(()),
+                    "{a} {b}"
+                );
+            }
+        }
+        // A code point cut at the end of the message.
+        assert_eq!(feed_all(&[&text[..3]]), Err(FrameError::Utf8));
+        // An invalid sequence fails in the piece that brings it (Autobahn 6.4).
         let mut c = Utf8Check::default();
         assert_eq!(
-            c.feed(b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5", false),
+            c.feed(b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5"),
             Ok(())
         );
-        let mut so_far = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5".to_vec();
-        so_far.extend_from_slice(b"\xf4\x90\x80\x80");
-        assert_eq!(c.feed(&so_far, false), Err(FrameError::Utf8));
-        // Byte by byte, every prefix of a valid text passes.
-        let long = "héllo wörld ∑ 😀 end".as_bytes();
+        assert_eq!(c.feed(b"\xf4\x90\x80\x80"), Err(FrameError::Utf8));
         let mut c = Utf8Check::default();
-        for i in 1..=long.len() {
-            assert_eq!(c.feed(&long[..i], i == long.len()), Ok(()), "at {i}");
+        assert_eq!(c.feed(b"ok\xf4"), Ok(()));
+        assert_eq!(c.feed(b"\x90"), Err(FrameError::Utf8));
+        // Byte by byte, a valid text passes.
+        let mut c = Utf8Check::default();
+        for b in text {
+            assert_eq!(c.feed(&[*b]), Ok(()));
         }
+        assert_eq!(c.finish(), Ok(()));
+    }
+
+    #[test]
+    fn unmasking_in_pieces_equals_unmasking_at_once() {
+        let mask = [1, 2, 3, 4];
+        let data: Vec<u8> = (0..50).collect();
+        let mut once = data.clone();
+        unmask(&mut once, mask);
+        let mut pieces = data.clone();
+        let (a, b) = pieces.split_at_mut(7);
+        unmask_from(a, mask, 0);
+        unmask_from(b, mask, 7);
+        assert_eq!(once, pieces);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! state machine over a byte buffer (no I/O), so it is tested and fuzzed
 //! without sockets. It enforces RFC 6455 as a server must: masking,
 //! reserved bits and opcodes, control-frame rules, continuation order,
-//! close payloads, `max_message`, and UTF-8 of plain text fragment by
-//! fragment (compressed text is checked once inflated).
+//! close payloads, `max_message`, and UTF-8 of plain text as it arrives,
+//! even inside a frame that is not complete yet (compressed text is
+//! checked once inflated).
 
 use super::frame::{self, FrameError, Utf8Check};
 
@@ -26,8 +27,6 @@ struct Partial {
     /// RSV1 on its first frame (permessage-deflate): checked once inflated.
     compressed: bool,
     buf: Vec<u8>,
-    /// Plain text is checked fragment by fragment (fail fast).
-    utf8: Utf8Check,
 }
 
 /// Parses and assembles a client's frames from the bytes read so far.
@@ -35,6 +34,13 @@ pub struct Reader {
     /// Bytes of an incomplete client frame (empty, unallocated, when idle).
     pub inbuf: Vec<u8>,
     partial: Option<Partial>,
+    /// Payload bytes of the frame at the front of `inbuf` already unmasked
+    /// (and, for plain text, checked) while it was still arriving.
+    done: usize,
+    /// The frame at the front has been seen before (its message started).
+    seen: bool,
+    /// UTF-8 state of the plain text message being received, if any.
+    text: Option<Utf8Check>,
     /// Something arrived from the client since the flag was last cleared.
     pub heard: bool,
     max_message: usize,
@@ -47,6 +53,9 @@ impl Reader {
         Reader {
             inbuf,
             partial: None,
+            done: 0,
+            seen: false,
+            text: None,
             heard: false,
             max_message,
             deflate,
@@ -57,7 +66,7 @@ impl Reader {
     /// After `Input::Bad` the connection is over: call no more.
     pub fn next_input(&mut self) -> Option<Input> {
         loop {
-            let f = match frame::parse(&self.inbuf, self.max_message, self.deflate) {
+            let f = match frame::parse_header(&self.inbuf, self.max_message, self.deflate) {
                 Ok(Some(f)) => f,
                 Ok(None) => {
                     if self.inbuf.is_empty() && self.inbuf.capacity() > 0 {
@@ -68,9 +77,50 @@ impl Reader {
                 Err(e) => return Some(Input::Bad(e)),
             };
             self.heard = true;
-            let (start, end) = (f.start, f.end());
-            frame::unmask(&mut self.inbuf[start..end], f.mask);
-            let payload = &self.inbuf[start..end];
+            let data = !f.is_control();
+            if data && !self.seen {
+                // A new data frame: does it fit the message in progress?
+                match (&self.partial, f.opcode) {
+                    (None, frame::OP_CONT) | (Some(_), frame::OP_TEXT | frame::OP_BINARY) => {
+                        return Some(Input::Bad(FrameError::Continuation))
+                    }
+                    // `buf` never exceeds `max_message`: no overflow in the subtraction.
+                    (Some(p), _) if f.len > self.max_message - p.buf.len() => {
+                        return Some(Input::Bad(FrameError::TooBig))
+                    }
+                    (None, op) => {
+                        self.text =
+                            (op == frame::OP_TEXT && !f.compressed).then(Utf8Check::default);
+                    }
+                    (Some(_), _) => {}
+                }
+                self.seen = true;
+            }
+            // Unmask (and check) what has arrived of the payload.
+            let avail = (self.inbuf.len() - f.start).min(f.len);
+            if avail > self.done {
+                let new = &mut self.inbuf[f.start + self.done..f.start + avail];
+                frame::unmask_from(new, f.mask, self.done);
+                if let (true, Some(check)) = (data, &mut self.text) {
+                    if let Err(e) = check.feed(new) {
+                        return Some(Input::Bad(e));
+                    }
+                }
+                self.done = avail;
+            }
+            if avail < f.len {
+                return None;
+            }
+            (self.done, self.seen) = (0, false);
+            let end = f.end();
+            let payload = &self.inbuf[f.start..end];
+            if data && f.fin {
+                if let Some(check) = self.text.take() {
+                    if let Err(e) = check.finish() {
+                        return Some(Input::Bad(e));
+                    }
+                }
+            }
             let item = match f.opcode {
                 frame::OP_PING => Some(Input::Ping(payload.to_vec())),
                 frame::OP_PONG => None,
@@ -78,50 +128,27 @@ impl Reader {
                     Ok(code) => Input::Close(code),
                     Err(e) => Input::Bad(e),
                 }),
-                frame::OP_CONT => match &mut self.partial {
+                frame::OP_CONT => match self.partial.take() {
+                    // Checked when the frame was first seen: never `None` here.
                     None => Some(Input::Bad(FrameError::Continuation)),
-                    // `buf` never exceeds `max_message`: no overflow in the subtraction.
-                    Some(p) if payload.len() > self.max_message - p.buf.len() => {
-                        Some(Input::Bad(FrameError::TooBig))
-                    }
-                    Some(p) => {
+                    Some(mut p) => {
                         p.buf.extend_from_slice(payload);
-                        let check = if p.opcode == frame::OP_TEXT && !p.compressed {
-                            p.utf8.feed(&p.buf, f.fin)
+                        if f.fin {
+                            Some(Input::Message(p.opcode, p.buf, p.compressed))
                         } else {
-                            Ok(())
-                        };
-                        match check {
-                            Err(e) => Some(Input::Bad(e)),
-                            Ok(()) if f.fin => self
-                                .partial
-                                .take()
-                                .map(|p| Input::Message(p.opcode, p.buf, p.compressed)),
-                            Ok(()) => None,
-                        }
-                    }
-                },
-                _ if self.partial.is_some() => Some(Input::Bad(FrameError::Continuation)),
-                op => {
-                    let mut utf8 = Utf8Check::default();
-                    let check = if op == frame::OP_TEXT && !f.compressed {
-                        utf8.feed(payload, f.fin)
-                    } else {
-                        Ok(())
-                    };
-                    match check {
-                        Err(e) => Some(Input::Bad(e)),
-                        Ok(()) if f.fin => Some(Input::Message(op, payload.to_vec(), f.compressed)),
-                        Ok(()) => {
-                            self.partial = Some(Partial {
-                                opcode: op,
-                                compressed: f.compressed,
-                                buf: payload.to_vec(),
-                                utf8,
-                            });
+                            self.partial = Some(p);
                             None
                         }
                     }
+                },
+                op if f.fin => Some(Input::Message(op, payload.to_vec(), f.compressed)),
+                op => {
+                    self.partial = Some(Partial {
+                        opcode: op,
+                        compressed: f.compressed,
+                        buf: payload.to_vec(),
+                    });
+                    None
                 }
             };
             self.inbuf.drain(..end);
@@ -196,6 +223,20 @@ mod tests {
         ] {
             assert_eq!(read_all(&wire, 1).pop(), Some(Input::Bad(want)), "{wire:?}");
         }
+    }
+
+    #[test]
+    fn bad_utf8_fails_inside_a_frame_still_arriving() {
+        // One text frame whose payload arrives in three parts (Autobahn 6.4.3).
+        let wire = masked(
+            0x81,
+            b"\xce\xba\xe1\xbd\xb9\xf4\x90\x80\x80\x65\x64\x69\x74\x65\x64",
+        );
+        let mut r = Reader::new(Vec::new(), 1000, false);
+        r.inbuf.extend_from_slice(&wire[..6 + 5]);
+        assert_eq!(r.next_input(), None);
+        r.inbuf.extend_from_slice(&wire[11..13]);
+        assert_eq!(r.next_input(), Some(Input::Bad(FrameError::Utf8)));
     }
 
     #[test]
