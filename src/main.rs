@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use upgate::{demo, Config, Gateway};
 
+mod memory;
+
 /// A WebSocket gateway: TLS at the edge, host/path routing from routes.yaml,
 /// backends spliced with failover.
 #[derive(Parser)]
@@ -221,6 +223,7 @@ fn demo_config(path: &Path) -> Result<Config, String> {
 }
 
 async fn run(config: Config, with_demo: bool) -> Result<(), String> {
+    memory::give_back_freed_memory();
     let stop_demo = CancellationToken::new();
     if with_demo {
         for (i, addr) in demo::ECHO_ADDRS.iter().enumerate() {

@@ -1,0 +1,149 @@
+//! The gateway out of file descriptors: a real `upgate` process started
+//! with a small `ulimit -n`, filled up one descriptor at a time.
+
+mod support;
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::feed::raise_nofile;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Kills the child when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A keep-alive connection that got its answer (so the gateway holds one
+/// descriptor for it); `None` if the gateway did not answer in time.
+async fn held_connection(addr: std::net::SocketAddr) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /none HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .ok()?;
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    buf[..n].starts_with(b"HTTP/1.1 404").then_some(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_is_a_503_that_never_blames_the_backend() {
+    raise_nofile();
+    let be = echo_backends(&["a"]).await;
+    let dir = TempDir::new("emfile");
+    let file = dir.0.join("routes.yaml");
+    // One failure would eject the only backend for a minute, were it blamed.
+    std::fs::write(
+        &file,
+        format!(
+            "server: {{ watch_interval: 0s }}\nlisten:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: ['ws://{}'], eject_after: 1, eject_for: 60s }}\nroutes:\n  - {{ name: chat, path: /chat, pool: p }}\n",
+            be.addrs[0]
+        ),
+    )
+    .expect("write config");
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 40 && exec '{}' --config '{}'",
+            env!("CARGO_BIN_EXE_upgate"),
+            file.display()
+        ))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn upgate");
+    let mut child = Child(child);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stderr = child.0.stderr.take().expect("stderr");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            log2.lock().expect("log").push(line.clone());
+            let _ = tx.send(line);
+        }
+    });
+    let addr: std::net::SocketAddr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .ok()
+            .flatten()
+            .expect("startup log");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.trim().parse().expect("address");
+        }
+    };
+    let mut ws = ws(addr, "h", "/chat").await;
+    assert_eq!(roundtrip(&mut ws, "before").await, "before");
+    drop(ws);
+
+    // Fill the descriptor table one connection at a time, until the gateway
+    // can no longer accept.
+    let mut held = Vec::new();
+    loop {
+        assert!(held.len() < 100, "never ran out of descriptors");
+        match held_connection(addr).await {
+            Some(s) => held.push(s),
+            None => break,
+        }
+    }
+    // Give one back: the connection left in the accept queue takes it and
+    // closes, then exactly one is free. An upgrade gets accepted on it, and
+    // its backend connect fails with EMFILE.
+    held.pop();
+    let refused = loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        match tokio::time::timeout(Duration::from_secs(3), ws_with(addr, "h", "/chat", &[])).await {
+            Ok(Err(e)) => break refusal(e),
+            // Accepted with a descriptor to spare: hold it and try again.
+            Ok(Ok(ws)) => {
+                held.push(TcpStream::connect(addr).await.expect("connect"));
+                drop(ws);
+            }
+            Err(_) => panic!("no answer while one descriptor was free"),
+        }
+    };
+    let (status, retry, body) = refused;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry, "1");
+    assert!(body.contains("short of local resources"), "{body}");
+
+    // Descriptors back: the very next upgrade works (the backend was not ejected).
+    drop(held);
+    let t0 = std::time::Instant::now();
+    let mut ws = loop {
+        match tokio::time::timeout(Duration::from_secs(3), ws_with(addr, "h", "/chat", &[])).await {
+            Ok(Ok(ws)) => break ws,
+            Ok(Err(e)) => panic!("refused after descriptors were freed: {:?}", refusal(e)),
+            Err(_) => assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "not accepting again"
+            ),
+        }
+    };
+    assert_eq!(roundtrip(&mut ws, "after").await, "after");
+    let log = log.lock().expect("log").join("\n");
+    assert!(!log.contains("backend ejected"), "{log}");
+    assert!(log.contains("out of local resources"), "{log}");
+    // Accept failures are reported with a count, not once per attempt.
+    let reports = log.matches("accept failed").count();
+    assert!(
+        (1..=4).contains(&reports),
+        "{reports} accept-failure lines:\n{log}"
+    );
+}
