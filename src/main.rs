@@ -142,6 +142,13 @@ fn check(file: &Path) -> Result<(), String> {
             if f.compression {
                 notes.push("compression".to_string());
             }
+            notes.push(format!(
+                "max_channels {}, channel_opens_per_ip {}/min",
+                f.max_channels, f.channel_opens_per_ip
+            ));
+            if let Some(keys) = &f.channels {
+                notes.push(format!("channels {}", keys.join(" ")));
+            }
         }
         if let Some(o) = &r.origins {
             let o: Vec<String> = o.iter().map(|p| p.to_string()).collect();

@@ -32,7 +32,7 @@ fn check_shows_listener_and_route_settings() {
     let file = dir.0.join("routes.yaml");
     std::fs::write(
         &file,
-        "listen:\n  - { addr: 127.0.0.1:8080, proxy_protocol: true }\npools:\n  p: { backends: [ws://127.0.0.1:9001] }\nroutes:\n  - { name: chat, path: /chat, pool: p, origins: ['https://*.example.com'], max_sessions: 1000, max_sessions_per_ip: 20 }\n  - { name: feed, path: /feed, pool: p, mode: fanout, compression: true }\n",
+        "listen:\n  - { addr: 127.0.0.1:8080, proxy_protocol: true }\npools:\n  p: { backends: [ws://127.0.0.1:9001] }\nroutes:\n  - { name: chat, path: /chat, pool: p, origins: ['https://*.example.com'], max_sessions: 1000, max_sessions_per_ip: 20 }\n  - { name: feed, path: /feed, pool: p, mode: fanout, compression: true, max_channels: 7, channels: ['EUR*'] }\n",
     )
     .unwrap();
     let out = upgate().arg("check").arg(&file).output().unwrap();
@@ -41,7 +41,7 @@ fn check_shows_listener_and_route_settings() {
     for want in [
         "listen  http://127.0.0.1:8080  (PROXY protocol)",
         "origins https://*.example.com, max_sessions 1000, max_sessions_per_ip 20",
-        "fanout from p, compression",
+        "fanout from p, compression, max_channels 7, channel_opens_per_ip 30/min, channels EUR*",
     ] {
         assert!(stdout.contains(want), "`{want}` not in\n{stdout}");
     }
