@@ -548,6 +548,11 @@ async fn is_h2_preface(tcp: &TcpStream) -> std::io::Result<bool> {
     use futures_util::FutureExt;
     use std::io::ErrorKind::WouldBlock;
     let mut buf = [0u8; 3];
+    // Usually the request is there already: one peek decides.
+    let n = tcp.peek(&mut buf).await?;
+    if let Some(h2) = preface_decided(&buf[..n]) {
+        return Ok(h2);
+    }
     loop {
         let ready = tcp.ready(tokio::io::Interest::READABLE).await?;
         let peeked = tcp.try_io(tokio::io::Interest::READABLE, || {
@@ -763,39 +768,58 @@ enum Watch {
     Idle,
 }
 
-/// Watches one connection: its first request head must arrive by
-/// `deadline`; after that it may stay idle (no request in flight, no
-/// session) for at most `idle` (zero: forever). Checked four times per
-/// `idle`, so an idle connection is closed between 1 and 1.25 × `idle`
-/// after its last activity.
-async fn watchdog(info: &ConnInfo, deadline: tokio::time::Instant, idle: Duration) -> Watch {
-    let step = (!idle.is_zero()).then(|| idle / 4);
-    let (mut seen, mut quiet) = (0, 0);
-    loop {
-        let now = tokio::time::Instant::now();
-        let wake = match step {
-            Some(step) if seen == 0 => deadline.min(now + step),
-            Some(step) => now + step,
-            None => deadline,
-        };
-        tokio::time::sleep_until(wake).await;
-        let n = info.requests.load(Ordering::Relaxed);
-        if n == 0 {
+/// Watches one connection. With `deadline` (HTTP/2, where hyper has no
+/// head timeout) its first request must arrive by then; HTTP/1.1 gets the
+/// same deadline from hyper's own head timer. After its first request a
+/// connection may stay idle (no request in flight, no session) for at most
+/// `idle` (zero: forever), checked four times per `idle`, so it is closed
+/// between 1 and 1.25 × `idle` after its last activity.
+///
+/// No timer is armed while a request is in flight: the watchdog is polled
+/// with its connection (after it, in the same task), so it sees the moment
+/// the connection turns idle; a connection that upgrades never arms one.
+async fn watchdog(
+    info: &ConnInfo,
+    deadline: Option<tokio::time::Instant>,
+    idle: Duration,
+) -> Watch {
+    if let Some(deadline) = deadline {
+        while info.requests.load(Ordering::Relaxed) == 0 {
             if tokio::time::Instant::now() >= deadline {
                 return Watch::Deadline;
             }
-            continue;
+            let check = tokio::time::Instant::now() + (idle / 4).max(Duration::from_millis(100));
+            tokio::time::sleep_until(deadline.min(check)).await;
         }
-        if step.is_none() {
-            return std::future::pending().await;
-        }
-        if n == seen && info.busy.load(Ordering::Relaxed) == 0 {
+    }
+    if idle.is_zero() {
+        return std::future::pending().await;
+    }
+    let (mut seen, mut quiet) = (u64::MAX, 0);
+    loop {
+        // Idle now? (No waker: the connection's own progress polls us again.)
+        std::future::poll_fn(|_| {
+            let idle_now =
+                info.requests.load(Ordering::Relaxed) > 0 && info.busy.load(Ordering::Relaxed) == 0;
+            if idle_now {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        let n = info.requests.load(Ordering::Relaxed);
+        if n == seen {
             quiet += 1;
             if quiet >= 4 {
                 return Watch::Idle;
             }
         } else {
             (seen, quiet) = (n, 0);
+        }
+        tokio::time::sleep(idle / 4).await;
+        if info.busy.load(Ordering::Relaxed) > 0 {
+            (seen, quiet) = (u64::MAX, 0);
         }
     }
 }
@@ -853,16 +877,26 @@ async fn serve<I>(
     });
     let io = TokioIo::new(io);
     let res = if h2 {
-        drive!(cx, info, deadline, cx.builders.h2.serve_connection(io, svc))
-    } else {
         drive!(
             cx,
             info,
-            deadline,
-            cx.builders.h1.serve_connection(io, svc).with_upgrades()
+            Some(deadline),
+            cx.builders.h2.serve_connection(io, svc)
         )
+    } else {
+        // hyper's head timer, set to what is left of the deadline, bounds
+        // the first head (and later ones on this connection alike).
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut h1 = cx.builders.h1.clone();
+        h1.header_read_timeout(left.max(Duration::from_millis(1)));
+        drive!(cx, info, None, h1.serve_connection(io, svc).with_upgrades())
     };
     if let Err(e) = res {
+        if e.is_timeout() && info.requests.load(Ordering::Relaxed) == 0 {
+            info.listener
+                .handshake_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+        }
         debug!(error = %e, "connection ended with an error");
     }
 }

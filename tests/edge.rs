@@ -186,12 +186,27 @@ async fn handshake_timeout_is_one_deadline_from_accept_to_a_complete_head() {
         took < Duration::from_millis(1500),
         "TLS closed after {took:?}"
     );
+    // HTTP/2 that opens its connection but never a stream: closed at the deadline too.
+    let t0 = Instant::now();
+    let tcp = TcpStream::connect(gw.addrs[0]).await.expect("connect");
+    let (_send, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    let _ = tokio::time::timeout(T, conn).await.expect("closed in time");
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "HTTP/2 closed after {took:?}"
+    );
     let admin = gw.admin.expect("admin");
-    for l in &gw.addrs {
+    for (l, n) in gw.addrs.iter().zip([2, 1]) {
         let labels = format!("listener=\"{l}\",reason=\"handshake_timeout\"");
         assert_eq!(
             metric(admin, "upgate_connections_closed_by_timeout_total", &labels).await,
-            1,
+            n,
             "{l}"
         );
     }
