@@ -131,12 +131,12 @@ pub fn request_head(data: &[u8]) {
         .get(http::header::ORIGIN)
         .and_then(|o| o.to_str().ok())
     {
-        let allowed: Vec<crate::origin::OriginPattern> =
+        let allowed: Vec<crate::config::origin::OriginPattern> =
             ["https://*.example.com", "http://a.test:8080", "null"]
                 .iter()
-                .filter_map(|p| crate::origin::OriginPattern::parse(p).ok())
+                .filter_map(|p| crate::config::origin::OriginPattern::parse(p).ok())
                 .collect();
-        let _ = crate::origin::allowed(&allowed, o);
+        let _ = crate::config::origin::allowed(&allowed, o);
     }
     for v in crate::ws::query_values(req.uri(), "token") {
         let _ = v.len();

@@ -17,21 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Passive-check settings of a pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PassivePolicy {
-    /// Consecutive failures that eject a backend (0: never).
-    pub eject_after: u32,
-    /// First ejection period; doubles on each repeated ejection.
-    pub eject_for: Duration,
-}
-
-/// Active-check thresholds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Thresholds {
-    pub healthy_after: u32,
-    pub unhealthy_after: u32,
-}
+pub use crate::config::{PassivePolicy, Thresholds};
 
 /// What an active check result changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,31 +5,16 @@
 //!
 //! Counting happens at session start and end only, never per message.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 use crate::error::ProxyError;
 use crate::metrics::RouteStats;
 
-/// A route's limits, from its config.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Limits {
-    pub max_sessions: Option<u64>,
-    pub max_sessions_per_ip: Option<u32>,
-}
+pub use crate::config::Limits;
 
-/// A route's admitted sessions (kept with its counters, so across reloads).
-#[derive(Debug, Default)]
-pub struct Admitted {
-    total: AtomicU64,
-    /// Admitted sessions per client address; an address leaves the map
-    /// with its last session.
-    per_ip: Mutex<HashMap<IpAddr, u32>>,
-    pub refused_route: AtomicU64,
-    pub refused_ip: AtomicU64,
-}
+pub use crate::metrics::Admitted;
 
 /// One admitted session; dropping it releases its place.
 #[derive(Debug)]

@@ -380,6 +380,43 @@ impl Pool {
         }
     }
 
+    /// The error once the failover order is used up: 503 when nothing was
+    /// even available to try, otherwise 502/504 with the last failure.
+    pub fn exhausted(
+        &self,
+        tried: usize,
+        last: Option<crate::error::BackendError>,
+    ) -> crate::error::ProxyError {
+        use crate::error::ProxyError;
+        match last {
+            Some(last) if tried > 0 => ProxyError::NoBackend {
+                pool: self.name.clone(),
+                tried,
+                last,
+            },
+            _ => ProxyError::Unavailable {
+                pool: self.name.clone(),
+                retry_after: self.retry_after(),
+            },
+        }
+    }
+
+    /// Feeds a real attempt's outcome to the backend's passive health check.
+    pub fn note_outcome(&self, backend: &Backend, ok: bool) {
+        if !ok {
+            backend.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if backend.health.record_request(ok, self.passive) {
+            backend.ejections.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                pool = %self.name,
+                backend = %backend.url,
+                ejected_for = ?backend.health.ejected_for(),
+                "backend ejected after consecutive failures"
+            );
+        }
+    }
+
     /// When an unavailable pool is worth retrying: the soonest end of an
     /// ejection, or the next active check.
     pub fn retry_after(&self) -> Duration {

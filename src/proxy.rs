@@ -2,167 +2,24 @@
 //! backend or a plain HTTP request proxied with connection reuse.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{Config, HashKey, OnBackendDown, ServerSettings};
+use crate::config::{HashKey, OnBackendDown};
+use crate::conn::ConnInfo;
 use crate::error::{BackendError, Body, ProxyError};
-use crate::metrics::{ListenerStats, Outcome, RouteStats};
-use crate::pool::{self, Backend, BackendGuard, Pool, PoolError};
-use crate::router::{self, Route, RouteTable};
+use crate::metrics::Outcome;
+use crate::pool::{self, Backend, BackendGuard, Pool};
+use crate::router::{self, Route};
+use crate::state::{Shared, Snapshot};
 use crate::ws::{self, Forwarded};
 use std::sync::atomic::Ordering;
-
-/// Everything a request needs from the config, swapped as one unit.
-pub struct Snapshot {
-    pub routes: RouteTable,
-    pub pools: Vec<Arc<Pool>>,
-    /// The fan-out state of each `mode: fanout` route, by route index.
-    pub hubs: Vec<Option<Arc<crate::fanout::Hub>>>,
-    /// Per route: cancelled once a reload removed the route and its drain is over.
-    pub route_tokens: Vec<CancellationToken>,
-    /// Per route: its counters (kept across reloads by route name).
-    pub route_stats: Vec<Arc<RouteStats>>,
-    pub settings: ServerSettings,
-    /// The config this was built from (for `/config`).
-    pub config: Arc<Config>,
-}
-
-impl Snapshot {
-    pub fn new(cfg: &Config) -> Result<Snapshot, PoolError> {
-        Ok(crate::reload::build(None, cfg)?.snapshot)
-    }
-}
-
-/// State shared by every connection of one gateway.
-pub struct Shared {
-    pub snapshot: ArcSwap<Snapshot>,
-    /// Owns every connection and splice task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
-    /// Cancelled when the grace period is over: live sessions are closed.
-    pub hard_stop: CancellationToken,
-    /// Set when shutdown begins: `/readyz` answers 503 from then on.
-    pub draining: std::sync::atomic::AtomicBool,
-    /// Cancelled when shutdown begins (before the grace period).
-    pub shutdown: CancellationToken,
-    /// Asks the serving loop to reload the config file.
-    pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
-    pub stats: GatewayStats,
-    /// Every listener being served, for `/metrics`.
-    pub listeners: std::sync::Mutex<Vec<Arc<ListenerStats>>>,
-    /// Panics caught in supervised background tasks.
-    pub panics: Arc<crate::supervise::Panics>,
-}
-
-impl Shared {
-    pub fn listener_stats(&self) -> Vec<Arc<ListenerStats>> {
-        self.listeners
-            .lock()
-            .map(|l| l.clone())
-            .unwrap_or_else(|e| e.into_inner().clone())
-    }
-}
-
-/// Gateway-wide counters (atomics), for `/metrics`.
-#[derive(Debug, Default)]
-pub struct GatewayStats {
-    pub reloads_ok: std::sync::atomic::AtomicU64,
-    pub reloads_failed: std::sync::atomic::AtomicU64,
-}
-
-/// One reload request; the answer is a summary of the change, or why the
-/// running config stays.
-pub struct ReloadRequest {
-    pub reply: tokio::sync::oneshot::Sender<Result<String, String>>,
-}
-
-/// Sends a reload request and waits for its answer.
-pub async fn request_reload(
-    tx: &tokio::sync::mpsc::Sender<ReloadRequest>,
-) -> Result<String, String> {
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    tx.send(ReloadRequest { reply })
-        .await
-        .map_err(|_| "the gateway is shutting down".to_string())?;
-    answer
-        .await
-        .map_err(|_| "the gateway is shutting down".to_string())?
-}
-
-/// One client connection, shared by its requests and the sessions they start.
-#[derive(Debug)]
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    pub tls: bool,
-    /// The connection-limit slot, released when the last request or session of this connection ends.
-    pub _permit: Option<OwnedSemaphorePermit>,
-    /// The listener's counters; `active` counts this connection until it drops.
-    pub listener: Arc<ListenerStats>,
-    /// Requests started on this connection (read by its idle watchdog).
-    pub requests: std::sync::atomic::AtomicU64,
-    /// Requests in flight plus live sessions on this connection.
-    pub busy: std::sync::atomic::AtomicU32,
-}
-
-impl ConnInfo {
-    pub fn new(
-        peer: SocketAddr,
-        tls: bool,
-        permit: Option<OwnedSemaphorePermit>,
-        listener: Arc<ListenerStats>,
-    ) -> ConnInfo {
-        ConnInfo {
-            peer,
-            tls,
-            _permit: permit,
-            listener,
-            requests: Default::default(),
-            busy: Default::default(),
-        }
-    }
-
-    /// Marks the connection busy until the guard drops.
-    pub fn busy(self: &Arc<Self>) -> Busy {
-        self.busy.fetch_add(1, Ordering::Relaxed);
-        Busy(self.clone())
-    }
-}
-
-/// Keeps a connection from counting as idle: held by each request being
-/// handled and by each WebSocket session (an HTTP/2 stream keeps its
-/// connection open).
-#[derive(Debug)]
-pub struct Busy(Arc<ConnInfo>);
-
-impl std::ops::Deref for Busy {
-    type Target = Arc<ConnInfo>;
-    fn deref(&self) -> &Arc<ConnInfo> {
-        &self.0
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Drop for ConnInfo {
-    fn drop(&mut self) {
-        self.listener.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// What the router decided, carried to the plain-HTTP service through request extensions.
 #[derive(Clone)]
@@ -229,7 +86,7 @@ where
         let resp = match (admitted, &snapshot.hubs[route]) {
             (Err(e), _) => Err(e),
             (Ok(admission), Some(hub)) => {
-                crate::fanout::accept(&shared, &conn, hub, (r, stats, admission), req)
+                crate::fanout::accept(&shared.life, &conn, hub, (r, stats, admission), req)
                     .instrument(span)
                     .await
             }
@@ -271,7 +128,7 @@ fn origin_ok(r: &crate::config::RouteConfig, headers: &HeaderMap) -> bool {
     };
     origin
         .to_str()
-        .is_ok_and(|o| crate::origin::allowed(allowed, o))
+        .is_ok_and(|o| crate::config::origin::allowed(allowed, o))
 }
 
 /// The request's key for `balance: hash`; `None` (a missing header, cookie
@@ -405,7 +262,7 @@ async fn upgrade(
             Ok((io, answer)) => {
                 crate::upstream::keepalive(io.tcp().into(), settings.tcp_keepalive);
                 // A 5xx answer to the upgrade counts against the backend (it is still relayed).
-                note_outcome(pool, backend, !answer.status.is_server_error());
+                pool.note_outcome(backend, !answer.status.is_server_error());
                 let mut headers = answer.headers;
                 if own_key.is_some() && answer.status.is_success() {
                     // A 2xx would tell an HTTP/2 client its WebSocket is open.
@@ -427,7 +284,7 @@ async fn upgrade(
                 let down =
                     (pool.on_backend_down == OnBackendDown::Close).then(|| backend.down_token());
                 crate::session::spawn(
-                    shared,
+                    &shared.life,
                     conn.busy(),
                     client_upgrade,
                     (io, answer.rest),
@@ -471,44 +328,12 @@ async fn upgrade(
             }
             Err(e) => {
                 warn!(backend = %backend.url, failure = e.kind(), error = %e, "backend failed, trying the next");
-                note_outcome(pool, backend, false);
+                pool.note_outcome(backend, false);
                 last = Some(e);
             }
         }
     }
-    Err(exhausted(pool, tried, last))
-}
-
-/// The error once the failover order is used up: 503 when nothing was even
-/// available to try, otherwise 502/504 with the last failure.
-pub(crate) fn exhausted(pool: &Pool, tried: usize, last: Option<BackendError>) -> ProxyError {
-    match last {
-        Some(last) if tried > 0 => ProxyError::NoBackend {
-            pool: pool.name.clone(),
-            tried,
-            last,
-        },
-        _ => ProxyError::Unavailable {
-            pool: pool.name.clone(),
-            retry_after: pool.retry_after(),
-        },
-    }
-}
-
-/// Feeds a real attempt's outcome to the backend's passive health check.
-pub(crate) fn note_outcome(pool: &Pool, backend: &Backend, ok: bool) {
-    if !ok {
-        backend.failures.fetch_add(1, Ordering::Relaxed);
-    }
-    if backend.health.record_request(ok, pool.passive) {
-        backend.ejections.fetch_add(1, Ordering::Relaxed);
-        warn!(
-            pool = %pool.name,
-            backend = %backend.url,
-            ejected_for = ?backend.health.ejected_for(),
-            "backend ejected after consecutive failures"
-        );
-    }
+    Err(pool.exhausted(tried, last))
 }
 
 /// The plain-HTTP proxy, run inside the tower middleware stack.
@@ -564,7 +389,7 @@ async fn forward(
         *out.headers_mut() = headers.clone();
         match pool.http.request(out).await {
             Ok(mut resp) => {
-                note_outcome(pool, backend, true);
+                pool.note_outcome(backend, true);
                 ws::strip_hop_by_hop(resp.headers_mut());
                 return Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync()));
             }
@@ -574,13 +399,13 @@ async fn forward(
             }
             Err(e) if e.is_connect() && retryable => {
                 warn!(backend = %backend.url, error = %e, "backend unreachable, trying the next");
-                note_outcome(pool, backend, false);
+                pool.note_outcome(backend, false);
                 body = Some(crate::error::empty());
                 last = Some(BackendError::Client(e));
             }
             Err(e) => {
                 if e.is_connect() {
-                    note_outcome(pool, backend, false);
+                    pool.note_outcome(backend, false);
                 }
                 let err = BackendError::Client(e);
                 return Err(if tried == 1 && last.is_none() {
@@ -595,5 +420,5 @@ async fn forward(
             }
         }
     }
-    Err(exhausted(pool, tried, last))
+    Err(pool.exhausted(tried, last))
 }

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ServerSettings};
 use crate::fanout::Hub;
 use crate::pool::{Backend, Pool, PoolError};
-use crate::proxy::Snapshot;
 use crate::router::RouteTable;
+use crate::state::Snapshot;
 
 /// A snapshot ready to swap in, and what the swap retires.
 pub struct Next {
@@ -73,6 +73,11 @@ fn route_of(s: &Snapshot, name: &str) -> Option<usize> {
 }
 
 /// Builds the snapshot for `cfg`, keeping what `old` has that still exists.
+/// The snapshot of a gateway's first config.
+pub fn initial(cfg: &Config) -> Result<Snapshot, PoolError> {
+    Ok(build(None, cfg)?.snapshot)
+}
+
 /// Of the `server:` settings a reload applies only `drain_timeout`; the
 /// others (listener limits, timeouts the HTTP stack was built with) stay as
 /// the process started, so they are never half applied.

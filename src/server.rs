@@ -20,15 +20,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::{Config, ServerSettings};
+use crate::conn::ConnInfo;
 use crate::error::Body;
 use crate::pool::{system_resolver, Pool, PoolError, Resolver};
-use crate::proxy::{self, ConnInfo, Shared, Snapshot};
+use crate::proxy;
+use crate::state::Shared;
 use crate::tls::{self, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +85,7 @@ pub struct Gateway {
     /// Resolves `discover: dns` backends.
     resolver: Resolver,
     /// Reload requests (SIGHUP, `POST /reload`, the file watcher).
-    reloads: tokio::sync::mpsc::Receiver<crate::proxy::ReloadRequest>,
+    reloads: tokio::sync::mpsc::Receiver<crate::state::ReloadRequest>,
     /// Ticket keys and session cache, kept across reloads.
     resumption: tls::Resumption,
 }
@@ -111,7 +112,7 @@ impl Gateway {
         config: &Config,
         resolver: Resolver,
     ) -> Result<Gateway, StartError> {
-        let snapshot = Snapshot::new(config)?;
+        let snapshot = crate::reload::initial(config)?;
         for pool in snapshot.pools.iter().filter(|p| p.discovers()) {
             pool.refresh(&resolver).await;
         }
@@ -156,14 +157,11 @@ impl Gateway {
             resumption,
             shared: Arc::new(Shared {
                 snapshot: ArcSwap::from_pointee(snapshot),
-                tasks: TaskTracker::new(),
-                hard_stop: CancellationToken::new(),
+                life: crate::lifecycle::Lifecycle::default(),
                 draining: std::sync::atomic::AtomicBool::new(false),
-                shutdown: CancellationToken::new(),
                 reload: reload_tx,
                 stats: Default::default(),
                 listeners: Default::default(),
-                panics: Default::default(),
             }),
         })
     }
@@ -206,7 +204,7 @@ impl Gateway {
         }
         for (hub, route) in snap.hubs.iter().zip(snap.routes.routes()) {
             if let Some(hub) = hub.as_ref().filter(|h| h.cfg.eager) {
-                hub.open_eager(&self.shared, route);
+                hub.open_eager(&self.shared.life, route);
             }
         }
         // The admin listener outlives the drain, so /readyz can report it.
@@ -234,8 +232,8 @@ impl Gateway {
                 stop.clone(),
             );
             crate::supervise::spawn(
-                &self.shared.tasks,
-                self.shared.panics.clone(),
+                &self.shared.life.tasks,
+                self.shared.life.panics.clone(),
                 crate::supervise::Kind::ConfigWatch,
                 "config file".into(),
                 stop.clone(),
@@ -261,7 +259,7 @@ impl Gateway {
         self.shared
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.shared.shutdown.cancel();
+        self.shared.life.shutdown.cancel();
         stop.cancel();
         // The sockets close once their accept loops are gone: from then on a
         // new process sharing the ports (SO_REUSEPORT) gets every connection.
@@ -273,7 +271,7 @@ impl Gateway {
         for pool in &self.shared.snapshot.load().pools {
             pool.life.cancel();
         }
-        let tasks = &self.shared.tasks;
+        let tasks = &self.shared.life.tasks;
         tasks.close();
         let finished = tokio::time::timeout(self.settings.shutdown_grace, tasks.wait())
             .await
@@ -281,7 +279,7 @@ impl Gateway {
         let cut = tasks.len();
         if !finished {
             warn!(cut, "grace period over: closing the remaining connections");
-            self.shared.hard_stop.cancel();
+            self.shared.life.hard_stop.cancel();
             if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
                 .await
                 .is_err()
@@ -362,7 +360,7 @@ impl Gateway {
             start_pool(p, &self.shared, &self.resolver);
         }
         for (h, r) in new_hubs {
-            h.open_eager(&self.shared, &r);
+            h.open_eager(&self.shared.life, &r);
         }
         next.retire.schedule(cfg.server.drain_timeout);
         // Listeners: close the removed ones, swap certificates, open the new ones.
@@ -409,12 +407,12 @@ impl Gateway {
 
 /// Asks a running gateway to reload its config file.
 #[derive(Clone)]
-pub struct ReloadHandle(tokio::sync::mpsc::Sender<crate::proxy::ReloadRequest>);
+pub struct ReloadHandle(tokio::sync::mpsc::Sender<crate::state::ReloadRequest>);
 
 impl ReloadHandle {
     /// Reloads; `Ok` with a summary of what changed, or why nothing did.
     pub async fn reload(&self) -> Result<String, String> {
-        crate::proxy::request_reload(&self.0).await
+        crate::state::request_reload(&self.0).await
     }
 }
 
@@ -444,13 +442,13 @@ fn tls_acceptors(
 /// Starts a pool's health checks and DNS discovery, supervised; they end
 /// with `pool.life`.
 fn start_pool(pool: &Arc<Pool>, shared: &Shared, resolver: &Resolver) {
-    crate::checker::spawn(pool, &shared.tasks, &shared.panics);
+    crate::checker::spawn(pool, &shared.life.tasks, &shared.life.panics);
     if pool.discovers() {
         let (pool, resolver) = (pool.clone(), resolver.clone());
         let life = pool.life.clone();
         crate::supervise::spawn(
-            &shared.tasks,
-            shared.panics.clone(),
+            &shared.life.tasks,
+            shared.life.panics.clone(),
             crate::supervise::Kind::DnsDiscovery,
             format!("pool {}", pool.name),
             life,
@@ -647,7 +645,7 @@ async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
         let mut info = ConnInfo::new(peer, tls.is_some(), Some(permit), l.stats.clone());
         let span = tracing::debug_span!("conn", %peer, client = tracing::field::Empty);
         let cx2 = cx.clone();
-        cx.shared.tasks.spawn(
+        cx.shared.life.tasks.spawn(
             async move {
                 let mut tcp = tcp;
                 let timed_out = |info: &ConnInfo, what: &str| {
@@ -836,6 +834,8 @@ macro_rules! drive {
             let watch = watchdog(&$info, $deadline, $cx.idle_timeout);
             tokio::pin!(watch);
             tokio::select! {
+                // The connection first: the watchdog then sees what it did.
+                biased;
                 r = conn.as_mut() => return r,
                 w = &mut watch => match w {
                     Watch::Deadline => {
@@ -853,7 +853,7 @@ macro_rules! drive {
             conn.as_mut().graceful_shutdown();
             tokio::select! {
                 r = conn.as_mut() => r,
-                _ = $cx.shared.hard_stop.cancelled() => Ok(()),
+                _ = $cx.shared.life.hard_stop.cancelled() => Ok(()),
             }
         }
         .await

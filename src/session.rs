@@ -3,53 +3,17 @@
 //! past the HTTP head), splice it with the backend socket, and log how it ended.
 
 use std::io;
-use std::sync::Arc;
 
 use bytes::Bytes;
-use hyper::upgrade::{OnUpgrade, Upgraded};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper::upgrade::OnUpgrade;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
+use crate::conn::{client_leg, Busy, Leg};
+use crate::lifecycle::Lifecycle;
 use crate::pool::BackendGuard;
-use crate::proxy::{Busy, Shared};
-use crate::splice::{self, Io};
+use crate::splice;
 use crate::upstream::BackendIo;
-
-/// One side of a session after the upgrade, with the bytes hyper had
-/// already read past the HTTP head.
-pub(crate) enum Leg {
-    /// A raw socket: the fast, monomorphised path.
-    Tcp(TcpStream, Bytes),
-    /// A TLS stream (or, should a downcast ever fail, hyper's own upgraded type).
-    Other(Box<dyn Io>, Bytes),
-}
-
-impl Leg {
-    fn into_io(self) -> (Box<dyn Io>, Bytes) {
-        match self {
-            Leg::Tcp(s, pending) => (Box::new(s), pending),
-            Leg::Other(io, pending) => (io, pending),
-        }
-    }
-}
-
-/// The client side: the listener's socket type comes back from hyper.
-pub(crate) fn client_leg(up: Upgraded, tls: bool) -> Leg {
-    let up = if tls {
-        match up.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
-            Ok(p) => return Leg::Other(Box::new(p.io.into_inner()), p.read_buf),
-            Err(up) => up,
-        }
-    } else {
-        match up.downcast::<TokioIo<TcpStream>>() {
-            Ok(p) => return Leg::Tcp(p.io.into_inner(), p.read_buf),
-            Err(up) => up,
-        }
-    };
-    Leg::Other(Box::new(TokioIo::new(up)), Bytes::new())
-}
 
 /// What, besides the peers, ends a session.
 pub struct Ends {
@@ -66,7 +30,7 @@ pub struct Ends {
 /// Spawns the session on the gateway's task tracker. `backend` is the
 /// connected socket and any bytes the backend sent right behind its 101.
 pub fn spawn(
-    shared: &Arc<Shared>,
+    life: &Lifecycle,
     conn: Busy,
     client: OnUpgrade,
     backend: (BackendIo, Bytes),
@@ -74,13 +38,13 @@ pub fn spawn(
     ends: Ends,
     half_close: std::time::Duration,
 ) {
-    let stop = shared.hard_stop.clone();
+    let stop = life.hard_stop.clone();
     let down = ends.backend_down.unwrap_or_default();
     let route_retired = ends.route_retired;
     let stats = ends.stats;
     let admission = ends.admission;
     let span = tracing::Span::current();
-    shared.tasks.spawn(
+    life.tasks.spawn(
         async move {
             let client = match client.await {
                 Ok(up) => client_leg(up, conn.tls),

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::proxy::Shared;
+use crate::state::Shared;
 
 /// What identifies a file's version cheaply.
 type Stamp = Option<(SystemTime, u64)>;
@@ -54,7 +54,7 @@ pub async fn run(shared: Arc<Shared>, every: Duration, stop: CancellationToken) 
         }
         info!(files = ?changed, "config or certificate files changed; reloading");
         // A refusal is logged by the reload itself.
-        if let Ok(summary) = crate::proxy::request_reload(&shared.reload).await {
+        if let Ok(summary) = crate::state::request_reload(&shared.reload).await {
             debug!(%summary, "reload from the file watcher done");
         }
         // Watch what the (possibly new) config names, as it is now.

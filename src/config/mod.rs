@@ -5,6 +5,7 @@
 //! swapped by editing one place.
 
 mod locate;
+pub mod origin;
 pub mod raw;
 
 use std::fmt;
@@ -119,7 +120,7 @@ pub struct PoolConfig {
     pub ca_file: Option<PathBuf>,
     /// Active checks, when configured.
     pub health: Option<HealthCheck>,
-    pub passive: crate::health::PassivePolicy,
+    pub passive: PassivePolicy,
     pub fail_open: bool,
     pub on_backend_down: OnBackendDown,
     /// Backends tried per request at most.
@@ -135,7 +136,7 @@ pub struct HealthCheck {
     pub interval: Duration,
     pub timeout: Duration,
     pub kind: CheckKind,
-    pub thresholds: crate::health::Thresholds,
+    pub thresholds: Thresholds,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,9 +177,9 @@ pub struct RouteConfig {
     pub fanout: Option<std::sync::Arc<FanoutConfig>>,
     /// Origins whose pages may open WebSockets here (a handshake with
     /// another `Origin` gets 403); `None`: any.
-    pub origins: Option<Vec<crate::origin::OriginPattern>>,
+    pub origins: Option<Vec<origin::OriginPattern>>,
     /// `max_sessions`, `max_sessions_per_ip`.
-    pub limits: crate::limits::Limits,
+    pub limits: Limits,
 }
 
 /// A `mode: fanout` route: one upstream connection per channel, broadcast to its clients.
@@ -227,6 +228,29 @@ pub struct FanoutConfig {
     pub channels: Option<Vec<String>>,
     /// New channels one client address may open per minute (also the burst).
     pub channel_opens_per_ip: u32,
+}
+
+/// Passive-check settings of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassivePolicy {
+    /// Consecutive failures that eject a backend (0: never).
+    pub eject_after: u32,
+    /// First ejection period; doubles on each repeated ejection.
+    pub eject_for: Duration,
+}
+
+/// Active-check thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+}
+
+/// A route's limits, from its config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub max_sessions: Option<u64>,
+    pub max_sessions_per_ip: Option<u32>,
 }
 
 /// A config that cannot be used, with where and why.
@@ -485,14 +509,14 @@ impl Config {
                             (false, Some(p)) => CheckKind::Http(p),
                             (false, None) => CheckKind::Connect,
                         },
-                        thresholds: crate::health::Thresholds {
+                        thresholds: Thresholds {
                             healthy_after: h.healthy_after.unwrap_or(2).max(1),
                             unhealthy_after: h.unhealthy_after.unwrap_or(3).max(1),
                         },
                     })
                 }
             };
-            let passive = crate::health::PassivePolicy {
+            let passive = PassivePolicy {
                 eject_after: p.eject_after.unwrap_or(5),
                 eject_for: p.eject_for.map_or(Duration::from_secs(10), |d| d.0),
             };
@@ -635,7 +659,7 @@ impl Config {
                     list.iter()
                         .enumerate()
                         .map(|(k, o)| {
-                            crate::origin::OriginPattern::parse(o).map_err(|e| {
+                            origin::OriginPattern::parse(o).map_err(|e| {
                                 cx.err(
                                     &[
                                         Seg::Key("routes"),
@@ -662,7 +686,7 @@ impl Config {
                     "must be at least 1 (remove the key for no limit)",
                 ));
             }
-            let limits = crate::limits::Limits {
+            let limits = Limits {
                 max_sessions: r.max_sessions,
                 max_sessions_per_ip: r.max_sessions_per_ip,
             };
@@ -1026,7 +1050,7 @@ routes:
         .unwrap();
         assert_eq!(
             c.routes[0].limits,
-            crate::limits::Limits {
+            Limits {
                 max_sessions: Some(500),
                 max_sessions_per_ip: Some(5)
             }

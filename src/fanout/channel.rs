@@ -26,8 +26,8 @@ use crate::supervise::Kind;
 
 use super::{frame, Channel, Hub, State};
 use crate::error::{BackendError, ProxyError};
+use crate::lifecycle::Lifecycle;
 use crate::pool::{Backend, BackendGuard, Pool};
-use crate::proxy::Shared;
 use crate::upstream::BackendIo;
 
 /// An open upstream, counted as a live session on its backend.
@@ -44,16 +44,16 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// one), and an eager channel is opened again after a backoff.
 pub(super) fn spawn(
     hub: Arc<Hub>,
-    shared: &Arc<Shared>,
+    life: &Lifecycle,
     ch: Arc<Channel>,
     fwd: mpsc::Receiver<Message>,
     eager: bool,
 ) {
-    let stop = shared.hard_stop.clone();
-    let shutdown = shared.shutdown.clone();
+    let stop = life.hard_stop.clone();
+    let shutdown = life.shutdown.clone();
     let span = tracing::info_span!("fanout", route = %hub.route, channel = %ch.key);
-    let shared2 = shared.clone();
-    shared.tasks.spawn(
+    let life2 = life.clone();
+    life.tasks.spawn(
         async move {
             let end = Ended {
                 hub: hub.clone(),
@@ -64,15 +64,15 @@ pub(super) fn spawn(
                 return;
             };
             let name = format!("route {} channel {}", hub.route, ch.key);
-            shared2.panics.record(Kind::FanoutChannel, &name, &*payload);
+            life2.panics.record(Kind::FanoutChannel, &name, &*payload);
             drop(end);
             ch.failed.cancel();
-            if eager && !shared2.shutdown.is_cancelled() {
+            if eager && !life2.shutdown.is_cancelled() {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shared2.shutdown.cancelled() => return,
+                    _ = life2.shutdown.cancelled() => return,
                 }
-                hub.reopen_eager(&shared2, &ch);
+                hub.reopen_eager(&life2, &ch);
             }
         }
         .instrument(span),
@@ -370,7 +370,7 @@ async fn connect(hub: &Hub, pool: &Pool, ch: &Channel) -> Result<Upstream, Proxy
         tried += 1;
         match handshake(hub, pool, &backend, &ch.target).await {
             Ok(ws) => {
-                crate::proxy::note_outcome(pool, &backend, true);
+                pool.note_outcome(&backend, true);
                 return Ok(Upstream {
                     ws,
                     guard: BackendGuard::new(backend),
@@ -382,12 +382,12 @@ async fn connect(hub: &Hub, pool: &Pool, ch: &Channel) -> Result<Upstream, Proxy
             }
             Err(e) => {
                 warn!(backend = %backend.url, failure = e.kind(), error = %e, "upstream failed, trying the next");
-                crate::proxy::note_outcome(pool, &backend, false);
+                pool.note_outcome(&backend, false);
                 last = Some(e);
             }
         }
     }
-    Err(crate::proxy::exhausted(pool, tried, last))
+    Err(pool.exhausted(tried, last))
 }
 
 /// Connects to one backend and performs the client side of the WebSocket handshake.
@@ -456,7 +456,7 @@ mod tests {
         let cfg = crate::Config::parse(std::path::Path::new("routes.yaml"), yaml).expect("config");
         let gw = crate::Gateway::bind(&cfg).await.expect("bind");
         let addr = gw.local_addrs()[0];
-        let panics = gw.shared.panics.clone();
+        let panics = gw.shared.life.panics.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let running = tokio::spawn(gw.run(async {
             let _ = rx.await;

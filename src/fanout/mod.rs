@@ -37,9 +37,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, info};
 
 use crate::config::{ChannelKey, FanoutConfig, ServerSettings};
+use crate::conn::ConnInfo;
 use crate::error::{Body, ProxyError};
+use crate::lifecycle::Lifecycle;
 use crate::pool::Pool;
-use crate::proxy::{ConnInfo, Shared};
 use crate::router::{self, Route};
 
 /// Counters of one fan-out route (atomics: clients add theirs in batches).
@@ -202,18 +203,18 @@ impl Hub {
     }
 
     /// Opens the route's own channel at start (`eager: true`); it stays open.
-    pub fn open_eager(self: &Arc<Self>, shared: &Arc<Shared>, route: &Route) {
+    pub fn open_eager(self: &Arc<Self>, life: &Lifecycle, route: &Route) {
         let (key, target) = route_channel(route, &self.cfg);
         let mut map = lock(&self.channels);
-        self.open(shared, &mut map, key, target, true);
+        self.open(life, &mut map, key, target, true);
     }
 
     /// Opens an eager channel again after its task died (unless a client
     /// opened it meanwhile).
-    fn reopen_eager(self: &Arc<Self>, shared: &Arc<Shared>, old: &Channel) {
+    fn reopen_eager(self: &Arc<Self>, life: &Lifecycle, old: &Channel) {
         let mut map = lock(&self.channels);
         if !map.contains_key(&old.key) {
-            self.open(shared, &mut map, old.key.clone(), old.target.clone(), true);
+            self.open(life, &mut map, old.key.clone(), old.target.clone(), true);
         }
     }
 
@@ -225,7 +226,7 @@ impl Hub {
     /// Creates the channel `key` in `map` and starts its task.
     fn open(
         self: &Arc<Self>,
-        shared: &Arc<Shared>,
+        life: &Lifecycle,
         map: &mut HashMap<String, Arc<Channel>>,
         key: String,
         target: String,
@@ -233,7 +234,7 @@ impl Hub {
     ) -> Arc<Channel> {
         let (ch, fwd) = Channel::new(key.clone(), target, &self.cfg);
         map.insert(key, ch.clone());
-        channel::spawn(self.clone(), shared, ch.clone(), fwd, eager);
+        channel::spawn(self.clone(), life, ch.clone(), fwd, eager);
         ch
     }
 
@@ -242,7 +243,7 @@ impl Hub {
     /// and `ip` has not opened `channel_opens_per_ip` in the last minute.
     fn join(
         self: &Arc<Self>,
-        shared: &Arc<Shared>,
+        life: &Lifecycle,
         key: String,
         target: String,
         ip: std::net::IpAddr,
@@ -252,7 +253,7 @@ impl Hub {
             Some(ch) => ch.clone(),
             None => {
                 self.may_open(&key, map.len(), ip)?;
-                self.open(shared, &mut map, key, target, false)
+                self.open(life, &mut map, key, target, false)
             }
         };
         self.stats.clients.fetch_add(1, Ordering::Relaxed);
@@ -510,7 +511,7 @@ fn channel_of<B>(
 /// Answers a fan-out route's upgrade: joins the channel (waiting for its
 /// upstream if this client opened it), then sends 101 and starts the client.
 pub async fn accept(
-    shared: &Arc<Shared>,
+    life: &Lifecycle,
     conn: &Arc<ConnInfo>,
     hub: &Arc<Hub>,
     (route, stats, admission): (
@@ -522,7 +523,7 @@ pub async fn accept(
 ) -> Result<Response<Body>, ProxyError> {
     crate::ws::validate(&req)?;
     let (key, target) = channel_of(route, &hub.cfg, &req)?;
-    let member = hub.join(shared, key, target, conn.peer.ip())?;
+    let member = hub.join(life, key, target, conn.peer.ip())?;
     let mut state = member.ch.state.subscribe();
     // Bounded: a channel task that neither connects nor fails (it cannot,
     // but a client must never wait on it forever) is a 504.
@@ -557,13 +558,13 @@ pub async fn accept(
         .unwrap_or_default();
     let client_upgrade = hyper::upgrade::on(&mut req);
 
-    let stop = shared.hard_stop.clone();
+    let stop = life.hard_stop.clone();
     let conn = conn.busy();
     let session = crate::metrics::SessionGuard::new(stats.clone());
     // Not instrumented (a span entered on every wake-up costs at 10,000
     // clients); the access line names the route and peer itself.
     let route_name = route.name.clone();
-    shared.tasks.spawn(async move {
+    life.tasks.spawn(async move {
         let up = match client_upgrade.await {
             Ok(up) => up,
             Err(e) => {
@@ -579,9 +580,9 @@ pub async fn accept(
             retired: &member.hub.retired,
             deflate: extension.is_some(),
         };
-        let out = match crate::session::client_leg(up, conn.tls) {
-            crate::session::Leg::Tcp(s, pending) => client::run(s, pending, rx, replay, cx).await,
-            crate::session::Leg::Other(io, pending) => {
+        let out = match crate::conn::client_leg(up, conn.tls) {
+            crate::conn::Leg::Tcp(s, pending) => client::run(s, pending, rx, replay, cx).await,
+            crate::conn::Leg::Other(io, pending) => {
                 Box::pin(client::run(io, pending, rx, replay, cx)).await
             }
         };

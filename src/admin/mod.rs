@@ -25,8 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tracing::{debug, warn};
 
+mod prometheus;
+
 use crate::error::{full, text_response, Body};
-use crate::proxy::Shared;
+use crate::state::Shared;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -46,7 +48,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let admin = Admin {
-        metrics: Arc::new(crate::metrics::registry(shared.clone())),
+        metrics: Arc::new(prometheus::registry(shared.clone())),
         shared,
         token: settings.token.map(Arc::from),
         hosts: settings.hosts.into(),
@@ -230,7 +232,7 @@ impl Admin {
             ("/pools", true, _) => self.pools(),
             ("/config", true, _) => json_response(config_json(&self.shared.snapshot.load().config)),
             ("/metrics", true, _) => self.metrics(),
-            ("/reload", _, true) => match crate::proxy::request_reload(&self.shared.reload).await {
+            ("/reload", _, true) => match crate::state::request_reload(&self.shared.reload).await {
                 Ok(summary) => json_response(json!({ "reloaded": true, "summary": summary })),
                 Err(error) => {
                     let mut r = json_response(json!({ "reloaded": false, "error": error }));
@@ -428,7 +430,7 @@ fn config_json(c: &crate::config::Config) -> serde_json::Value {
 }
 
 /// `GET /`: routes, pools and backend health, refreshed every second.
-const STATUS_PAGE: &str = include_str!("admin_page.html");
+const STATUS_PAGE: &str = include_str!("page.html");
 
 #[cfg(test)]
 mod host_tests {
