@@ -1,10 +1,12 @@
-//! Listeners, the accept loop, TLS and HTTP serving, and graceful shutdown.
+//! Listeners, the accept loop, TLS and HTTP serving, reloads and graceful
+//! shutdown. `accept` holds the accept loop and the HTTP stack, `connection`
+//! serving one connection under its watchdog; this file binds, runs,
+//! applies reloads and drains.
 //!
 //! `Gateway::bind` does everything that can fail at startup (certificates,
 //! pools, sockets) so `run` only serves. `run` takes its shutdown signal from
 //! the caller, so tests run many gateways in one process.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,25 +14,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tower::util::BoxCloneSyncService;
-use tower::ServiceBuilder;
-use tracing::{debug, error, info, warn, Instrument};
+use tracing::{error, info, warn};
 
 use crate::config::{Config, ServerSettings};
-use crate::conn::ConnInfo;
-use crate::error::Body;
 use crate::pool::{system_resolver, Pool, PoolError, Resolver};
-use crate::proxy;
 use crate::state::Shared;
 use crate::tls::{self, TlsError};
+
+mod accept;
+mod connection;
+
+use accept::{accept_loop, http_builders, http_service, AcceptCx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -54,16 +52,14 @@ pub enum StartError {
     },
 }
 
-/// The plain-HTTP middleware stack: request ids, tracing, a response timeout.
-type HttpService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
-
-struct Listener {
-    listener: TcpListener,
-    stats: Arc<crate::metrics::ListenerStats>,
+/// A bound listener and what its connections read when accepted.
+pub(super) struct Listener {
+    pub(super) listener: TcpListener,
+    pub(super) stats: Arc<crate::metrics::ListenerStats>,
     /// Swapped by a reload (new certificates) without touching the socket.
-    tls: Arc<arc_swap::ArcSwapOption<TlsAcceptor>>,
+    pub(super) tls: Arc<arc_swap::ArcSwapOption<TlsAcceptor>>,
     /// `proxy_protocol:`, also changed by a reload.
-    proxy_protocol: Arc<AtomicBool>,
+    pub(super) proxy_protocol: Arc<AtomicBool>,
 }
 
 /// A listener being served: how to stop it and where its TLS settings live.
@@ -502,401 +498,4 @@ fn bind_socket(addr: SocketAddr, keepalive: Duration) -> std::io::Result<TcpList
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
     TcpListener::from_std(sock.into())
-}
-
-/// The HTTP/1.1 and HTTP/2 connection builders, configured once.
-///
-/// We pick the protocol ourselves (ALPN on TLS, a peek at the preface on
-/// plain TCP) instead of using hyper-util's auto builder: it wraps the socket
-/// in a private rewind type, and a WebSocket session wants the raw
-/// `TcpStream` back after the upgrade.
-struct HttpBuilders {
-    h1: hyper::server::conn::http1::Builder,
-    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
-}
-
-fn http_builders(s: &ServerSettings) -> HttpBuilders {
-    let mut h1 = hyper::server::conn::http1::Builder::new();
-    h1.timer(TokioTimer::new())
-        .header_read_timeout(s.handshake_timeout)
-        .max_header_size(s.max_header_bytes)
-        .max_buf_size(s.max_header_bytes.max(8192) + 8192)
-        .max_headers(s.max_headers);
-    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20))
-        // WebSockets over HTTP/2 (RFC 8441).
-        .enable_connect_protocol();
-    HttpBuilders { h1, h2 }
-}
-
-/// Whether a plain-TCP client opens with the HTTP/2 preface (`PRI * HTTP/2.0`).
-/// No HTTP/1.1 method starts with `PRI`, so three bytes decide.
-///
-/// Waits on readiness only: when fewer bytes are there than it takes to
-/// decide, the peek runs inside `try_io` and answers `WouldBlock`, which
-/// clears the readiness seen before the peek, so the next `readable()`
-/// waits for new bytes instead of returning at once (no timer, no spin; a
-/// byte arriving after the peek sets readiness again and is not missed;
-/// the end of the stream stays ready, and decides).
-async fn is_h2_preface(tcp: &TcpStream) -> std::io::Result<bool> {
-    use futures_util::FutureExt;
-    use std::io::ErrorKind::WouldBlock;
-    let mut buf = [0u8; 3];
-    // Usually the request is there already: one peek decides.
-    let n = tcp.peek(&mut buf).await?;
-    if let Some(h2) = preface_decided(&buf[..n]) {
-        return Ok(h2);
-    }
-    loop {
-        let ready = tcp.ready(tokio::io::Interest::READABLE).await?;
-        let peeked = tcp.try_io(tokio::io::Interest::READABLE, || {
-            let n = tcp
-                .peek(&mut buf)
-                .now_or_never()
-                .unwrap_or(Err(WouldBlock.into()))?;
-            preface_decided(&buf[..n]).ok_or_else(|| WouldBlock.into())
-        });
-        match peeked {
-            Ok(h2) => return Ok(h2),
-            // The peer closed after a partial `PR`: not HTTP/2; hyper reads the rest.
-            Err(e) if e.kind() == WouldBlock && ready.is_read_closed() => return Ok(false),
-            Err(e) if e.kind() == WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// `Some(true)` for the start of `PRI`, `Some(false)` for anything else
-/// (end of stream included: hyper will see it), `None` until it is clear.
-fn preface_decided(b: &[u8]) -> Option<bool> {
-    match b {
-        [] => Some(false),
-        [b'P'] | [b'P', b'R'] => None,
-        [b'P', b'R', c, ..] => Some(*c == b'I'),
-        _ => Some(false),
-    }
-}
-
-fn http_service(s: &ServerSettings) -> HttpService {
-    use http_body_util::BodyExt;
-    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-    let svc = ServiceBuilder::new()
-        .map_response(|r: Response<_>| {
-            r.map(|b: tower_http::trace::ResponseBody<Body, _>| {
-                b.map_err(Into::into).boxed_unsync()
-            })
-        })
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(tower_http::trace::TraceLayer::new_for_http())
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            s.request_timeout,
-        ))
-        .service_fn(proxy::proxy_http);
-    BoxCloneSyncService::new(svc)
-}
-
-struct AcceptCx {
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-    limit: Arc<Semaphore>,
-    builders: Arc<HttpBuilders>,
-    http: HttpService,
-    handshake_timeout: Duration,
-    idle_timeout: Duration,
-}
-
-async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
-    let mut failing = AcceptErrors::default();
-    loop {
-        let permit = tokio::select! {
-            p = cx.limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.cancelled() => return,
-        };
-        let (tcp, peer) = tokio::select! {
-            r = l.listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    l.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                    let pause = failing.note(&e, l.stats.addr);
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => return,
-        };
-        failing.recovered(l.stats.addr);
-        // One deadline from here to a complete first request head: PROXY
-        // header, TLS handshake and the head share `handshake_timeout`.
-        let deadline = tokio::time::Instant::now() + cx.handshake_timeout;
-        let _ = tcp.set_nodelay(true);
-        let tls = l.tls.load_full();
-        let proxy_protocol = l.proxy_protocol.load(Ordering::Relaxed);
-        l.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        l.stats.active.fetch_add(1, Ordering::Relaxed);
-        let mut info = ConnInfo::new(peer, tls.is_some(), Some(permit), l.stats.clone());
-        let span = tracing::debug_span!("conn", %peer, client = tracing::field::Empty);
-        let cx2 = cx.clone();
-        cx.shared.life.tasks.spawn(
-            async move {
-                let mut tcp = tcp;
-                let timed_out = |info: &ConnInfo, what: &str| {
-                    info.listener
-                        .handshake_timeouts
-                        .fetch_add(1, Ordering::Relaxed);
-                    debug!("{what} within the handshake timeout");
-                };
-                if proxy_protocol {
-                    let header =
-                        tokio::time::timeout_at(deadline, crate::proxy_protocol::read(&mut tcp))
-                            .await;
-                    match header {
-                        Ok(Ok(h)) => {
-                            if let Some(client) = h.source {
-                                info.peer = client;
-                                tracing::Span::current()
-                                    .record("client", tracing::field::display(client));
-                            }
-                        }
-                        Ok(Err(e)) => {
-                            info.listener
-                                .proxy_header_failed
-                                .fetch_add(1, Ordering::Relaxed);
-                            debug!(error = %e, "connection closed");
-                            return;
-                        }
-                        Err(_) => {
-                            info.listener
-                                .proxy_header_failed
-                                .fetch_add(1, Ordering::Relaxed);
-                            debug!("no PROXY header within the handshake timeout");
-                            return;
-                        }
-                    }
-                }
-                let info = Arc::new(info);
-                match tls {
-                    None => match tokio::time::timeout_at(deadline, is_h2_preface(&tcp)).await {
-                        Ok(Ok(h2)) => serve(cx2, info, tcp, h2, deadline).await,
-                        Ok(Err(e)) => {
-                            debug!(error = %e, "connection failed before its first request")
-                        }
-                        Err(_) => timed_out(&info, "no request"),
-                    },
-                    // Boxed: the TLS state is large, and this keeps it out of
-                    // the task of every connection, plain ones included.
-                    Some(acceptor) => {
-                        let handshake = Box::pin(acceptor.accept(tcp));
-                        let r = tokio::time::timeout_at(deadline, handshake).await;
-                        let counter = if matches!(r, Ok(Ok(_))) {
-                            &info.listener.tls_ok
-                        } else {
-                            &info.listener.tls_failed
-                        };
-                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        match r {
-                            Ok(Ok(s)) => {
-                                let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                                Box::pin(serve(cx2, info, s, h2, deadline)).await
-                            }
-                            Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                            Err(_) => timed_out(&info, "no TLS handshake"),
-                        }
-                    }
-                }
-            }
-            .instrument(span),
-        );
-    }
-}
-
-/// Failed accepts: out of file descriptors (EMFILE/ENFILE) or kernel memory,
-/// or a connection reset before it was taken. The loop backs off (doubling,
-/// up to a second) and logs once per interval with a count, instead of
-/// spinning and logging every attempt.
-#[derive(Default)]
-struct AcceptErrors {
-    /// Failures since the last log line.
-    unlogged: u64,
-    last_log: Option<tokio::time::Instant>,
-    pause: Duration,
-}
-
-impl AcceptErrors {
-    const LOG_EVERY: Duration = Duration::from_secs(5);
-
-    /// Records a failure; returns how long to pause before the next accept.
-    fn note(&mut self, e: &std::io::Error, addr: SocketAddr) -> Duration {
-        self.unlogged += 1;
-        let now = tokio::time::Instant::now();
-        if self.last_log.is_none_or(|t| now - t >= Self::LOG_EVERY) {
-            warn!(listener = %addr, error = %e, failures = self.unlogged, "accept failed; backing off");
-            self.unlogged = 0;
-            self.last_log = Some(now);
-        }
-        self.pause = (self.pause * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        self.pause
-    }
-
-    fn recovered(&mut self, addr: SocketAddr) {
-        if self.pause.is_zero() {
-            return;
-        }
-        if self.unlogged > 0 {
-            warn!(listener = %addr, failures = self.unlogged, "accept failed (since the last report)");
-        }
-        info!(listener = %addr, "accepting again");
-        *self = AcceptErrors::default();
-    }
-}
-
-/// Why a connection's watchdog fired.
-enum Watch {
-    /// No complete first request head by the deadline.
-    Deadline,
-    /// Nothing in flight for `idle_timeout`.
-    Idle,
-}
-
-/// Watches one connection. With `deadline` (HTTP/2, where hyper has no
-/// head timeout) its first request must arrive by then; HTTP/1.1 gets the
-/// same deadline from hyper's own head timer. After its first request a
-/// connection may stay idle (no request in flight, no session) for at most
-/// `idle` (zero: forever), checked four times per `idle`, so it is closed
-/// between 1 and 1.25 × `idle` after its last activity.
-///
-/// No timer is armed while a request is in flight: the watchdog is polled
-/// with its connection (after it, in the same task), so it sees the moment
-/// the connection turns idle; a connection that upgrades never arms one.
-async fn watchdog(
-    info: &ConnInfo,
-    deadline: Option<tokio::time::Instant>,
-    idle: Duration,
-) -> Watch {
-    if let Some(deadline) = deadline {
-        while info.requests.load(Ordering::Relaxed) == 0 {
-            if tokio::time::Instant::now() >= deadline {
-                return Watch::Deadline;
-            }
-            let check = tokio::time::Instant::now() + (idle / 4).max(Duration::from_millis(100));
-            tokio::time::sleep_until(deadline.min(check)).await;
-        }
-    }
-    if idle.is_zero() {
-        return std::future::pending().await;
-    }
-    let (mut seen, mut quiet) = (u64::MAX, 0);
-    loop {
-        // Idle now? (No waker: the connection's own progress polls us again.)
-        std::future::poll_fn(|_| {
-            let idle_now =
-                info.requests.load(Ordering::Relaxed) > 0 && info.busy.load(Ordering::Relaxed) == 0;
-            if idle_now {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
-        .await;
-        let n = info.requests.load(Ordering::Relaxed);
-        if n == seen {
-            quiet += 1;
-            if quiet >= 4 {
-                return Watch::Idle;
-            }
-        } else {
-            (seen, quiet) = (n, 0);
-        }
-        tokio::time::sleep(idle / 4).await;
-        if info.busy.load(Ordering::Relaxed) > 0 {
-            (seen, quiet) = (u64::MAX, 0);
-        }
-    }
-}
-
-/// Drives a hyper connection until it ends, under its watchdog; on
-/// shutdown (or idleness) asks it to finish gracefully and keeps polling
-/// it, until the hard stop.
-macro_rules! drive {
-    ($cx:expr, $info:expr, $deadline:expr, $conn:expr) => {
-        async {
-            // Boxed: the connection's state is freed as soon as it ends (at an
-            // upgrade), while the task itself may be referenced a little longer.
-            let mut conn = Box::pin($conn);
-            let watch = watchdog(&$info, $deadline, $cx.idle_timeout);
-            tokio::pin!(watch);
-            tokio::select! {
-                // The connection first: the watchdog then sees what it did.
-                biased;
-                r = conn.as_mut() => return r,
-                w = &mut watch => match w {
-                    Watch::Deadline => {
-                        $info.listener.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
-                        debug!("no complete request head within the handshake timeout");
-                        return Ok(());
-                    }
-                    Watch::Idle => {
-                        $info.listener.idle_closed.fetch_add(1, Ordering::Relaxed);
-                        debug!("idle connection closed");
-                    }
-                },
-                _ = $cx.stop.cancelled() => {}
-            }
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = $cx.shared.life.hard_stop.cancelled() => Ok(()),
-            }
-        }
-        .await
-    };
-}
-
-async fn serve<I>(
-    cx: Arc<AcceptCx>,
-    info: Arc<ConnInfo>,
-    io: I,
-    h2: bool,
-    deadline: tokio::time::Instant,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let shared = cx.shared.clone();
-    let http = cx.http.clone();
-    let conn_info = info.clone();
-    let svc = hyper::service::service_fn(move |req| {
-        proxy::handle(shared.clone(), conn_info.clone(), http.clone(), req)
-    });
-    let io = TokioIo::new(io);
-    let res = if h2 {
-        drive!(
-            cx,
-            info,
-            Some(deadline),
-            cx.builders.h2.serve_connection(io, svc)
-        )
-    } else {
-        // hyper's head timer, set to what is left of the deadline, bounds
-        // the first head (and later ones on this connection alike).
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let mut h1 = cx.builders.h1.clone();
-        h1.header_read_timeout(left.max(Duration::from_millis(1)));
-        drive!(cx, info, None, h1.serve_connection(io, svc).with_upgrades())
-    };
-    if let Err(e) = res {
-        if e.is_timeout() && info.requests.load(Ordering::Relaxed) == 0 {
-            info.listener
-                .handshake_timeouts
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        debug!(error = %e, "connection ended with an error");
-    }
 }
