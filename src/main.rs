@@ -56,9 +56,6 @@ enum Command {
     },
 }
 
-/// The repository's routes.yaml, used by `demo` when no file is found.
-const EMBEDDED_ROUTES: &str = include_str!("../routes.yaml");
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -84,7 +81,7 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|c| rt.block_on(run(c, false))),
         Command::Check { file } => check(file.as_deref().unwrap_or(&cli.config)),
-        Command::Demo => demo_config(&cli.config).and_then(|c| rt.block_on(run(c, true))),
+        Command::Demo => demo::config(&cli.config).and_then(|c| rt.block_on(run(c, true))),
         Command::DemoBackend { listen, name } => rt.block_on(demo_backend(&listen, name)),
     };
     match result {
@@ -113,142 +110,15 @@ fn init_logging(format: LogFormat) {
 fn check(file: &Path) -> Result<(), String> {
     let c = Config::load(file).map_err(|e| e.to_string())?;
     println!("{}: OK", file.display());
-    for l in &c.listeners {
-        let scheme = if l.tls.is_some() { "https" } else { "http" };
-        let pp = if l.proxy_protocol {
-            "  (PROXY protocol)"
-        } else {
-            ""
-        };
-        println!("listen  {scheme}://{}{pp}", l.addr);
-    }
-    println!(
-        "{:<14} {:<24} {:<16} {:<10} notes",
-        "route", "host", "path", "pool"
-    );
-    for r in &c.routes {
-        let pool = &c.pools[r.pool];
-        let mut notes = Vec::new();
-        if r.strip_prefix {
-            notes.push("strip_prefix".to_string());
-        }
-        if let Some(f) = &r.fanout {
-            let sources: Vec<&str> = f
-                .sources
-                .iter()
-                .map(|&i| c.pools[i].name.as_str())
-                .collect();
-            notes.push(format!("fanout from {}", sources.join("+")));
-            if f.compression {
-                notes.push("compression".to_string());
-            }
-            notes.push(format!(
-                "max_channels {}, channel_opens_per_ip {}/min",
-                f.max_channels, f.channel_opens_per_ip
-            ));
-            if let Some(keys) = &f.channels {
-                notes.push(format!("channels {}", keys.join(" ")));
-            }
-        }
-        if let Some(o) = &r.origins {
-            let o: Vec<String> = o.iter().map(|p| p.to_string()).collect();
-            notes.push(format!("origins {}", o.join(" ")));
-        }
-        if let Some(n) = r.limits.max_sessions {
-            notes.push(format!("max_sessions {n}"));
-        }
-        if let Some(n) = r.limits.max_sessions_per_ip {
-            notes.push(format!("max_sessions_per_ip {n}"));
-        }
-        let note = notes.join(", ");
-        println!(
-            "{:<14} {:<24} {:<16} {:<10} {note}",
-            r.name,
-            r.host.to_string(),
-            r.path,
-            pool.name
-        );
-    }
-    for p in &c.pools {
-        let list: Vec<String> = p
-            .backends
-            .iter()
-            .map(|b| {
-                let mut s = b.url.to_string();
-                if b.weight != 1 {
-                    s.push_str(&format!(" (weight {})", b.weight));
-                }
-                if b.discover {
-                    s.push_str(" (discover: dns)");
-                }
-                s
-            })
-            .collect();
-        let hash = p
-            .hash_key
-            .as_ref()
-            .map_or(String::new(), |k| format!(" on {k:?}"));
-        println!(
-            "pool {} ({:?}{hash}, connect_timeout {:?}): {}",
-            p.name,
-            p.balance,
-            p.connect_timeout,
-            list.join(", ")
-        );
-    }
+    print!("{}", c.summary());
     Ok(())
-}
-
-fn demo_config(path: &Path) -> Result<Config, String> {
-    let config = if path.exists() {
-        Config::load(path).map_err(|e| e.to_string())?
-    } else {
-        eprintln!(
-            "upgate: {} not found; using the embedded demo routes.yaml",
-            path.display()
-        );
-        Config::parse(Path::new("routes.yaml"), EMBEDDED_ROUTES).map_err(|e| e.to_string())?
-    };
-    for l in &config.listeners {
-        for c in l.tls.iter().flatten() {
-            let made = upgate::tls::ensure_dev_cert(&c.cert, &c.key).map_err(|e| {
-                format!(
-                    "cannot write a dev certificate to {}: {e}",
-                    c.cert.display()
-                )
-            })?;
-            if made {
-                eprintln!(
-                    "upgate: generated a self-signed certificate {} (key {})",
-                    c.cert.display(),
-                    c.key.display()
-                );
-            }
-        }
-    }
-    Ok(config)
 }
 
 async fn run(config: Config, with_demo: bool) -> Result<(), String> {
     memory::give_back_freed_memory();
     let stop_demo = CancellationToken::new();
     if with_demo {
-        for (i, addr) in demo::ECHO_ADDRS.iter().enumerate() {
-            let b = demo::Backend {
-                name: format!("echo-{}", i + 1),
-                kind: demo::Kind::Echo,
-            };
-            demo::spawn(addr, b, stop_demo.clone())
-                .await
-                .map_err(|e| format!("demo backend on {addr}: {e}"))?;
-        }
-        let b = demo::Backend {
-            name: "ticker".into(),
-            kind: demo::Kind::Ticker,
-        };
-        demo::spawn(demo::TICKER_ADDR, b, stop_demo.clone())
-            .await
-            .map_err(|e| format!("demo backend on {}: {e}", demo::TICKER_ADDR))?;
+        demo::start_all(&stop_demo).await?;
     }
     let gw = Gateway::bind(&config).await.map_err(|e| e.to_string())?;
     for (l, addr) in config.listeners.iter().zip(gw.local_addrs()) {

@@ -7,6 +7,7 @@
 mod locate;
 pub mod origin;
 pub mod raw;
+mod summary;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -11,8 +11,12 @@
 
 mod page;
 
+/// The repository's routes.yaml, used by `upgate demo` when no file is found.
+const EMBEDDED_ROUTES: &str = include_str!("../../routes.yaml");
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +33,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
 
 /// Where `upgate demo` starts its backends; the repository's `routes.yaml` points at these.
 pub const ECHO_ADDRS: [&str; 2] = ["127.0.0.1:9001", "127.0.0.1:9002"];
@@ -267,4 +273,58 @@ async fn ticker(mut ws: Ws, name: &str, query: &str) {
             }
         }
     }
+}
+
+/// The config `upgate demo` runs: the file at `path`, or the repository's
+/// routes.yaml built into the binary; self-signed certificates are made for
+/// its TLS listeners when missing.
+pub fn config(path: &Path) -> Result<Config, String> {
+    let config = if path.exists() {
+        Config::load(path).map_err(|e| e.to_string())?
+    } else {
+        eprintln!(
+            "upgate: {} not found; using the embedded demo routes.yaml",
+            path.display()
+        );
+        Config::parse(Path::new("routes.yaml"), EMBEDDED_ROUTES).map_err(|e| e.to_string())?
+    };
+    for l in &config.listeners {
+        for c in l.tls.iter().flatten() {
+            let made = crate::tls::ensure_dev_cert(&c.cert, &c.key).map_err(|e| {
+                format!(
+                    "cannot write a dev certificate to {}: {e}",
+                    c.cert.display()
+                )
+            })?;
+            if made {
+                eprintln!(
+                    "upgate: generated a self-signed certificate {} (key {})",
+                    c.cert.display(),
+                    c.key.display()
+                );
+            }
+        }
+    }
+    Ok(config)
+}
+
+/// Starts the demo's echo backends and ticker feed until `stop`.
+pub async fn start_all(stop: &CancellationToken) -> Result<(), String> {
+    for (i, addr) in ECHO_ADDRS.iter().enumerate() {
+        let b = Backend {
+            name: format!("echo-{}", i + 1),
+            kind: Kind::Echo,
+        };
+        spawn(addr, b, stop.clone())
+            .await
+            .map_err(|e| format!("demo backend on {addr}: {e}"))?;
+    }
+    let b = Backend {
+        name: "ticker".into(),
+        kind: Kind::Ticker,
+    };
+    spawn(TICKER_ADDR, b, stop.clone())
+        .await
+        .map_err(|e| format!("demo backend on {TICKER_ADDR}: {e}"))?;
+    Ok(())
 }
