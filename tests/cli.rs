@@ -89,7 +89,6 @@ fn help_explains_the_commands() {
 
 #[tokio::test]
 async fn the_binary_serves_logs_each_session_and_exits_cleanly_on_sigterm() {
-    use std::io::BufRead;
     let be = support::echo_backends(&["a"]).await;
     let dir = support::TempDir::new("bin");
     let file = dir.0.join("routes.yaml");
@@ -101,50 +100,8 @@ async fn the_binary_serves_logs_each_session_and_exits_cleanly_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = upgate()
-        .args(["--config"])
-        .arg(&file)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Killed if an assertion fails before the clean exit below.
-    struct KillOnPanic(u32);
-    impl Drop for KillOnPanic {
-        fn drop(&mut self) {
-            if std::thread::panicking() {
-                let _ = Command::new("kill")
-                    .arg("-KILL")
-                    .arg(self.0.to_string())
-                    .status();
-            }
-        }
-    }
-    let _guard = KillOnPanic(child.id());
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut next_line = async || {
-        tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
-            .await
-            .ok()
-            .flatten()
-    };
-    // The bound address is in the startup log.
-    let addr: std::net::SocketAddr = loop {
-        let line = next_line().await.expect("startup log");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.trim().parse().unwrap();
-        }
-    };
+    let mut gw = support::process::Upgate::start(&file);
+    let addr = gw.listening_addr().await;
     let mut ws = support::ws(addr, "h", "/chat").await;
     assert_eq!(support::roundtrip(&mut ws, "hello").await, "hello");
     {
@@ -162,12 +119,7 @@ async fn the_binary_serves_logs_each_session_and_exits_cleanly_on_sigterm() {
     }
     drop(ws);
     // One access-log line for the session, with its route and how it ended.
-    let line = loop {
-        let line = next_line().await.expect("access log line");
-        if line.contains("upgate::access") {
-            break line;
-        }
-    };
+    let line = gw.wait_for("upgate::access").await;
     for want in [
         "route=chat",
         "http=\"1.1\"",
@@ -183,15 +135,7 @@ async fn the_binary_serves_logs_each_session_and_exits_cleanly_on_sigterm() {
             "missing {want} in {line}"
         );
     }
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    gw.term();
+    let exit = gw.exit().await;
     assert!(exit.success(), "exit status {exit}");
 }

@@ -3,24 +3,13 @@
 
 mod support;
 
-use std::io::BufRead;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::feed::raise_nofile;
+use support::process::Upgate;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Kills the child when the test ends, however it ends.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A keep-alive connection that got its answer (so the gateway holds one
 /// descriptor for it); `None` if the gateway did not answer in time.
@@ -52,42 +41,8 @@ async fn out_of_descriptors_is_a_503_that_never_blames_the_backend() {
         ),
     )
     .expect("write config");
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -n 40 && exec '{}' --config '{}'",
-            env!("CARGO_BIN_EXE_upgate"),
-            file.display()
-        ))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn upgate");
-    let mut child = Child(child);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let stderr = child.0.stderr.take().expect("stderr");
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let log2 = log.clone();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            log2.lock().expect("log").push(line.clone());
-            let _ = tx.send(line);
-        }
-    });
-    let addr: std::net::SocketAddr = loop {
-        let line = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .ok()
-            .flatten()
-            .expect("startup log");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.trim().parse().expect("address");
-        }
-    };
+    let mut gw = Upgate::start_with_nofile(&file, 40);
+    let addr = gw.listening_addr().await;
     let mut ws = ws(addr, "h", "/chat").await;
     assert_eq!(roundtrip(&mut ws, "before").await, "before");
     drop(ws);
@@ -137,7 +92,7 @@ async fn out_of_descriptors_is_a_503_that_never_blames_the_backend() {
         }
     };
     assert_eq!(roundtrip(&mut ws, "after").await, "after");
-    let log = log.lock().expect("log").join("\n");
+    let log = gw.log();
     assert!(!log.contains("backend ejected"), "{log}");
     assert!(log.contains("out of local resources"), "{log}");
     // Accept failures are reported with a count, not once per attempt.

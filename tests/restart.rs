@@ -4,85 +4,9 @@
 
 mod support;
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
-/// A running `upgate` and its log lines.
-struct Upgate {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-}
-
-impl Upgate {
-    fn start(config: &std::path::Path) -> Upgate {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_upgate"))
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start upgate");
-        let (tx, lines) = mpsc::unbounded_channel();
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        Upgate { child, lines }
-    }
-
-    /// Waits for a log line containing `what`; returns it.
-    async fn wait_for(&mut self, what: &str) -> String {
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(10), self.lines.recv())
-                .await
-                .unwrap_or_else(|_| panic!("no `{what}` in the log"))
-                .unwrap_or_else(|| panic!("exited before `{what}`"));
-            if line.contains(what) {
-                return line;
-            }
-        }
-    }
-
-    /// Log lines so far containing `what`.
-    fn count(&mut self, what: &str) -> usize {
-        let mut n = 0;
-        while let Ok(l) = self.lines.try_recv() {
-            n += usize::from(l.contains(what));
-        }
-        n
-    }
-
-    fn term(&self) {
-        let ok = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(ok.success());
-    }
-
-    async fn exit(mut self) -> std::process::ExitStatus {
-        tokio::task::spawn_blocking(move || self.child.wait())
-            .await
-            .expect("join")
-            .expect("wait")
-    }
-}
-
-impl Drop for Upgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
+use support::process::Upgate;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_takes_the_port_while_the_old_one_drains() {
@@ -160,12 +84,7 @@ async fn sighup_reloads_the_config_file_and_keeps_the_session() {
     assert_eq!(support::get(addr, "h", "/news").await.status, 404);
 
     std::fs::write(&file, config("  - { name: news, path: /news, pool: q }\n")).unwrap();
-    let ok = Command::new("kill")
-        .arg("-HUP")
-        .arg(gw.child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    gw.signal("-HUP");
     let line = gw.wait_for("config reloaded").await;
     assert!(line.contains("route news added"), "{line}");
     let mut news = support::ws(addr, "h", "/news").await;
