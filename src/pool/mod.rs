@@ -4,18 +4,17 @@
 //! Picking takes no lock and allocates nothing: counters and per-backend
 //! counts are atomics, and the failover order is built on the stack. A
 //! request walks the backends in [`Pool::try_order`], the balancer's pick
-//! first (arithmetic in [`crate::balance`]).
+//! first (arithmetic in [`crate::balance`]). `discovery` resolves
+//! `discover: dns` backends; `connector` opens the pooled plain-HTTP
+//! client's connections.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme, Uri};
+use http::uri::Authority;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio_rustls::TlsConnector;
 
 use crate::balance::{self, Rng};
@@ -23,7 +22,13 @@ use crate::config::{BackendUrl, Balance, HashKey, HealthCheck, PoolConfig, MAX_B
 use crate::health::{Health, PassivePolicy};
 use crate::tls::{self, TlsError};
 use crate::upstream::{self, BackendIo, ConnectError, Target};
-use tracing::{info, warn};
+use tracing::warn;
+
+mod connector;
+mod discovery;
+
+pub use connector::{http_scheme, PoolConnector};
+pub use discovery::{system_resolver, Resolver};
 
 /// One backend instance.
 #[derive(Debug)]
@@ -231,61 +236,6 @@ impl Pool {
     /// The current backends (a snapshot).
     pub fn backends(&self) -> Arc<Members> {
         self.members.load_full()
-    }
-
-    /// Whether some backends come from DNS discovery.
-    pub fn discovers(&self) -> bool {
-        self.specs.iter().any(|b| b.discover)
-    }
-
-    /// Resolves the `discover: dns` backends again and swaps in the new set.
-    /// Addresses still present keep their backend (health, live counts);
-    /// vanished ones leave the rotation while their live sessions continue.
-    pub async fn refresh(&self, resolver: &Resolver) {
-        let born = tokio::time::Instant::now();
-        let current = self.backends();
-        let mut next: Vec<Arc<Backend>> = Vec::new();
-        for spec in &self.specs {
-            if !spec.discover {
-                next.extend(current.iter().find(|b| b.url == spec.url).cloned());
-                continue;
-            }
-            let ips = match resolver(spec.url.host.clone(), spec.url.port).await {
-                Ok(ips) => ips,
-                Err(e) => {
-                    // Keep what we had for this name rather than dropping it on a DNS hiccup.
-                    warn!(pool = %self.name, host = %spec.url.host, error = %e, "DNS discovery failed; keeping the previous addresses");
-                    next.extend(
-                        current
-                            .iter()
-                            .filter(|b| b.tls_name == spec.url.host)
-                            .cloned(),
-                    );
-                    continue;
-                }
-            };
-            for ip in ips {
-                let mut url = spec.url.clone();
-                url.host = ip.to_string();
-                if let Some(b) = current.iter().find(|b| b.url == url) {
-                    next.push(b.clone());
-                } else if let Ok(b) = new_backend(&self.name, &url, &spec.url.host, spec, born) {
-                    info!(pool = %self.name, backend = %url, name = %spec.url.host, "discovered backend added");
-                    next.push(Arc::new(b));
-                }
-            }
-        }
-        for gone in current
-            .iter()
-            .filter(|b| !next.iter().any(|n| n.url == b.url))
-        {
-            info!(pool = %self.name, backend = %gone.url, live = gone.active(), "backend left discovery: drained");
-        }
-        if next.len() > MAX_BACKENDS {
-            warn!(pool = %self.name, found = next.len(), "more than {MAX_BACKENDS} backends; keeping the first");
-            next.truncate(MAX_BACKENDS);
-        }
-        self.members.store(Arc::new(Members::new(next)));
     }
 
     /// Index of the balancer's first choice (for every strategy but `hash`).
@@ -505,29 +455,6 @@ impl std::ops::Deref for Members {
     }
 }
 
-/// Resolves a host name to addresses (the system resolver, or one a test controls).
-pub type Resolver = Arc<
-    dyn Fn(
-            String,
-            u16,
-        ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<std::net::IpAddr>>> + Send>>
-        + Send
-        + Sync,
->;
-
-/// The system resolver (`getaddrinfo` through tokio).
-pub fn system_resolver() -> Resolver {
-    Arc::new(|host, port| {
-        Box::pin(async move {
-            let addrs = tokio::net::lookup_host((host.as_str(), port)).await?;
-            let mut ips: Vec<std::net::IpAddr> = addrs.map(|a| a.ip()).collect();
-            ips.sort();
-            ips.dedup();
-            Ok(ips)
-        })
-    })
-}
-
 fn new_backend(
     pool: &str,
     u: &BackendUrl,
@@ -561,54 +488,6 @@ fn new_backend(
         failures: std::sync::atomic::AtomicU64::new(0),
         ejections: std::sync::atomic::AtomicU64::new(0),
     })
-}
-
-/// The scheme a plain-HTTP request to this backend uses.
-pub fn http_scheme(b: &Backend) -> Scheme {
-    if b.url.tls {
-        Scheme::HTTPS
-    } else {
-        Scheme::HTTP
-    }
-}
-
-/// hyper-util's client calls this to open pooled connections for plain HTTP.
-#[derive(Clone)]
-pub struct PoolConnector {
-    tls: Option<TlsConnector>,
-    timeout: Duration,
-}
-
-impl tower::Service<Uri> for PoolConnector {
-    type Response = TokioIo<BackendIo>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let host = uri.host().unwrap_or_default();
-            let host = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
-            let https = uri.scheme() == Some(&Scheme::HTTPS);
-            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-            let target = Target {
-                host: &host,
-                sni: &host,
-                port,
-                tls: if https { this.tls.as_ref() } else { None },
-            };
-            upstream::connect(target, this.timeout)
-                .await
-                .map(TokioIo::new)
-        })
-    }
 }
 
 #[cfg(test)]
