@@ -189,7 +189,8 @@ async fn listeners_and_certificates_change_without_a_restart() {
     let dir = TempDir::new("reload-tls");
     let (_, _, old_ca) = cert_files(&dir.0, "site", &["site.test"]);
     let file = dir.0.join("routes.yaml");
-    let tls_port = free_port();
+    let reserved = reserve_port();
+    let tls_port = reserved.port;
     let base = format!(
         "server: {{ watch_interval: 100ms }}\nadmin: {{ addr: '127.0.0.1:0' }}\nlisten:\n  - addr: 127.0.0.1:0\nLISTENERS\npools:\n  p: {{ backends: [ws://{}] }}\nroutes:\n  - {{ name: r, path: /, pool: p }}\n",
         be.addrs[0]

@@ -13,7 +13,8 @@ async fn a_new_process_takes_the_port_while_the_old_one_drains() {
     let be = support::echo_backends(&["a"]).await;
     let dir = support::TempDir::new("restart");
     let file = dir.0.join("routes.yaml");
-    let port = support::free_port();
+    let reserved = support::reserve_port();
+    let port = reserved.port;
     std::fs::write(
         &file,
         format!(
@@ -57,9 +58,9 @@ async fn a_new_process_takes_the_port_while_the_old_one_drains() {
     let status = old.exit().await;
     assert!(status.success(), "old process: {status}");
 
-    // The 20 sessions were logged by the new process.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(new.count("upgate::access"), 20);
+    // The 20 sessions were logged by the new process (and no more).
+    new.wait_count("upgate::access", 20).await;
+    assert_eq!(new.count("upgate::access"), 0);
     new.term();
     assert!(new.exit().await.success());
 }
@@ -69,7 +70,8 @@ async fn sighup_reloads_the_config_file_and_keeps_the_session() {
     let be = support::echo_backends(&["a", "b"]).await;
     let dir = support::TempDir::new("sighup");
     let file = dir.0.join("routes.yaml");
-    let port = support::free_port();
+    let reserved = support::reserve_port();
+    let port = reserved.port;
     let config = |extra: &str| {
         format!(
             "server: {{ shutdown_grace: 1s, watch_interval: 0s }}\nlisten:\n  - addr: 127.0.0.1:{port}\npools:\n  p: {{ backends: [ws://{}] }}\n  q: {{ backends: [ws://{}] }}\nroutes:\n  - {{ name: chat, path: /chat, pool: p }}\n{extra}",

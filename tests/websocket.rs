@@ -439,7 +439,8 @@ async fn a_browsers_origin_is_matched_as_written() {
         }\
         </script></body>";
     // The gateway's address goes into the page, the page's origin into the config.
-    let gw_port = free_port();
+    let reserved = reserve_port();
+    let gw_port = reserved.port;
     let web = static_http(
         "text/html",
         page.replace("GATEWAY", &format!("'127.0.0.1:{gw_port}'")),

@@ -130,13 +130,32 @@ pub async fn admin_request_with(
     http1(tcp, req.body(String::new()).expect("request")).await
 }
 
-/// A loopback port that was free a moment ago (for configs that a test
-/// rewrites and the listener must keep its address).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
+/// A loopback port held for a listener that a config names by number: a
+/// socket bound (not listening) with `SO_REUSEPORT`, so upgate, which sets
+/// it too, can bind the port while no other program can take it, and no
+/// connection is ever queued on the test's socket. Released on drop.
+pub struct ReservedPort {
+    _socket: socket2::Socket,
+    pub port: u16,
+}
+
+pub fn reserve_port() -> ReservedPort {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket.set_reuse_port(true).expect("SO_REUSEPORT");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    socket.bind(&any.into()).expect("bind 127.0.0.1:0");
+    let port = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
         .map(|a| a.port())
-        .expect("a free port")
+        .expect("a port");
+    ReservedPort {
+        _socket: socket,
+        port,
+    }
 }
 
 pub async fn gateway(yaml: &str) -> TestGateway {

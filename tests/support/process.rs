@@ -84,6 +84,13 @@ impl Upgate {
         }
     }
 
+    /// Waits until `n` more log lines contain `what`.
+    pub async fn wait_count(&mut self, what: &str, n: usize) {
+        for _ in 0..n {
+            self.wait_for(what).await;
+        }
+    }
+
     /// Log lines so far containing `what`.
     pub fn count(&mut self, what: &str) -> usize {
         let mut n = 0;
