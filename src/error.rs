@@ -6,52 +6,11 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
-use crate::upstream::ConnectError;
+use crate::backend::upstream::ConnectError;
+use crate::backend::{BackendError, Pool};
 use crate::ws::HandshakeError;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The response body type of every handler.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-
-/// Failure talking to one backend.
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error("I/O error during the upgrade: {0}")]
-    Io(#[source] std::io::Error),
-    #[error("bad answer to the upgrade: {0}")]
-    Protocol(&'static str),
-    #[error("request failed: {0}")]
-    Client(#[from] hyper_util::client::legacy::Error),
-    #[error("no response head within {0:?}")]
-    Timeout(Duration),
-}
-
-impl BackendError {
-    /// A stable label for logs and metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            BackendError::Connect(ConnectError::Timeout(_)) => "connect_timeout",
-            BackendError::Connect(ConnectError::Local(_)) => "local_resources",
-            BackendError::Connect(_) => "connect",
-            BackendError::Io(_) => "io",
-            BackendError::Protocol(_) | BackendError::Client(_) => "protocol",
-            BackendError::Timeout(_) => "response_timeout",
-        }
-    }
-
-    /// The gateway's own resources failed, not the backend (see
-    /// [`crate::upstream::is_local`]): not a backend failure, not worth a failover.
-    pub fn is_local(&self) -> bool {
-        match self {
-            BackendError::Connect(c) => c.is_local(),
-            BackendError::Client(e) => crate::upstream::chain_is_local(e),
-            BackendError::Io(e) => crate::upstream::is_local(e),
-            BackendError::Protocol(_) | BackendError::Timeout(_) => false,
-        }
-    }
-}
+pub use crate::backend::{Body, BoxError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -114,6 +73,22 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The error once a pool's failover order is used up: 503 when nothing
+    /// was even available to try, otherwise 502/504 with the last failure.
+    pub fn exhausted(pool: &Pool, tried: usize, last: Option<BackendError>) -> ProxyError {
+        match last {
+            Some(last) if tried > 0 => ProxyError::NoBackend {
+                pool: pool.name.clone(),
+                tried,
+                last,
+            },
+            _ => ProxyError::Unavailable {
+                pool: pool.name.clone(),
+                retry_after: pool.retry_after(),
+            },
+        }
+    }
+
     /// The status code for each error: the one mapping, kept exhaustive on purpose.
     pub fn status(&self) -> StatusCode {
         match self {

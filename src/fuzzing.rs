@@ -12,7 +12,9 @@ pub fn proxy_header(data: &[u8]) {
     if data.is_empty() {
         return;
     }
-    if let Ok(crate::proxy_protocol::Parsed::Complete(h)) = crate::proxy_protocol::parse(data) {
+    if let Ok(crate::server::proxy_protocol::Parsed::Complete(h)) =
+        crate::server::proxy_protocol::parse(data)
+    {
         assert!(h.len <= data.len(), "header longer than its input");
     }
 }
@@ -47,7 +49,7 @@ pub fn frame_watch(data: &[u8]) {
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
-    let mut w = crate::splice::FrameWatch::default();
+    let mut w = crate::session::FrameWatch::default();
     for piece in rest.chunks(usize::from(first) + 1) {
         w.feed(piece);
     }
@@ -75,7 +77,8 @@ pub fn upgrade_answer(data: &[u8]) {
             let mut io = tokio::io::join(data, tokio::io::sink());
             let head = b"GET / HTTP/1.1\r\n\r\n";
             let _ =
-                crate::upgrade::exchange(&mut io, head, Duration::from_secs(5), 16 * 1024).await;
+                crate::backend::upgrade::exchange(&mut io, head, Duration::from_secs(5), 16 * 1024)
+                    .await;
         })
     });
 }

@@ -1,63 +1,50 @@
 //! upgate: a WebSocket gateway.
 //!
-//! Data flow, accept to splice:
-//! [`server`] accepts (connection-limit permit, `TCP_NODELAY`, one deadline
-//! to a complete head), terminates TLS ([`tls`]: SNI certificate choice,
-//! ALPN) and serves HTTP/1.1 and HTTP/2 with hyper, each connection
-//! described by [`conn`]. [`proxy`] matches the request against the
-//! [`router`] table of the current [`state`] snapshot, checks origins and
-//! [`limits`], validates WebSocket handshakes ([`ws`]), takes the failover
-//! order of the route's [`pool`] (strategies in [`balance`], health in
-//! [`health`], probes in [`checker`]), connects ([`upstream`]) and exchanges
-//! the upgrade with a backend ([`upgrade`]) **before** answering 101,
-//! failing over to the next backend. The backend's 101 goes back to the
-//! client and [`session`] takes both sockets back from hyper and
-//! [`splice`]s them on a tracked task. Plain HTTP requests go through a
-//! tower middleware stack to a pooled hyper client. Routes with `mode:
-//! fanout` go to [`fanout`] instead: one upstream connection per channel,
-//! each message framed once and broadcast to the channel's clients.
+//! The tree is the architecture, top to bottom (docs/ARCHITECTURE.md tells
+//! the whole story):
 //!
-//! Dependencies run one way (checked by `tests/architecture.rs`):
-//! [`config`] and [`metrics`] depend on nothing in the crate; backends
-//! ([`upstream`], [`pool`], [`health`], [`checker`]) on them; sessions
-//! ([`splice`], [`session`], [`fanout`]) on backends, [`conn`] and
-//! [`lifecycle`]; then [`state`] and [`reload`], the request path
-//! ([`proxy`]), the [`server`], and the [`admin`] listener (with the
-//! Prometheus collector) on top. [`supervise`] runs background tasks;
-//! [`error`] maps every request-path error to a status in one place;
-//! [`demo`] holds the built-in demo backends. docs/ARCHITECTURE.md tells
-//! the whole story.
+//! - [`admin`]: the admin listener (probes, JSON views, reload, status
+//!   page, the Prometheus collector).
+//! - [`server`]: listeners, the accept loop (deadline, PROXY header, TLS),
+//!   HTTP/1.1 and HTTP/2 serving, applying reloads, shutdown.
+//! - [`proxy`]: the request path: route ([`router`]), origin, limits
+//!   ([`limits`]), handshake checks ([`ws`]), then a splice upgrade with
+//!   failover, a fan-out client, or plain HTTP through tower.
+//! - [`state`] and [`reload`]: the snapshot every request reads and how a
+//!   new config becomes the next one.
+//! - [`session`] (one spliced session: the client leg and the splice) and
+//!   [`fanout`] (one upstream per channel, broadcast to its clients), on
+//!   [`lifecycle`]'s task tracker; [`supervise`] runs background tasks.
+//! - [`backend`]: pools, balancing, health and checks, DNS discovery,
+//!   connecting and the upgrade exchange with a backend.
+//! - [`config`] and [`metrics`] at the bottom, depending on nothing in the
+//!   crate; [`tls`] loads certificates; [`error`] maps every request-path
+//!   error to a status in one place.
+//!
+//! Dependencies run one way, checked by `tests/architecture.rs`. [`demo`]
+//! holds the built-in demo backends.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod balance;
-pub mod checker;
+pub mod backend;
 pub mod config;
-pub mod conn;
 pub mod demo;
 pub mod error;
 pub mod fanout;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod health;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
-pub mod pool;
 pub mod proxy;
-pub mod proxy_protocol;
 pub mod reload;
 pub mod router;
 pub mod server;
 pub mod session;
-pub mod splice;
 pub mod state;
 pub mod supervise;
 pub mod tls;
-pub mod upgrade;
-pub mod upstream;
-pub mod watch;
 pub mod ws;
 
 pub use config::Config;

@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::pool::{Backend, Pool, PoolError};
 use crate::config::{Config, ServerSettings};
 use crate::fanout::Hub;
-use crate::pool::{Backend, Pool, PoolError};
 use crate::router::RouteTable;
-use crate::state::Snapshot;
+use crate::state::{RouteState, Snapshot};
 
 /// A snapshot ready to swap in, and what the swap retires.
 pub struct Next {
@@ -67,12 +67,6 @@ impl Retire {
     }
 }
 
-/// The index of the route called `name` in `s`.
-fn route_of(s: &Snapshot, name: &str) -> Option<usize> {
-    s.routes.routes().iter().position(|r| r.name == name)
-}
-
-/// Builds the snapshot for `cfg`, keeping what `old` has that still exists.
 /// The snapshot of a gateway's first config.
 pub fn initial(cfg: &Config) -> Result<Snapshot, PoolError> {
     Ok(build(None, cfg)?.snapshot)
@@ -81,6 +75,8 @@ pub fn initial(cfg: &Config) -> Result<Snapshot, PoolError> {
 /// Of the `server:` settings a reload applies only `drain_timeout`; the
 /// others (listener limits, timeouts the HTTP stack was built with) stay as
 /// the process started, so they are never half applied.
+/// Builds the snapshot for `cfg`, keeping what `old` has that still exists.
+///
 pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
     let settings = match old {
         Some(o) => ServerSettings {
@@ -128,28 +124,26 @@ pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
         }
     }
 
-    // Per-route state kept by route name: the drain token and the counters.
-    let kept = |name: &str| old.and_then(|o| Some((o, route_of(o, name)?)));
-    let route_tokens: Vec<CancellationToken> = (cfg.routes.iter())
-        .map(|r| kept(&r.name).map_or_else(Default::default, |(o, i)| o.route_tokens[i].clone()))
-        .collect();
-    let route_stats: Vec<Arc<crate::metrics::RouteStats>> = (cfg.routes.iter())
-        .map(|r| kept(&r.name).map_or_else(Default::default, |(o, i)| o.route_stats[i].clone()))
-        .collect();
-    let mut hubs = Vec::with_capacity(cfg.routes.len());
+    // Per-route state kept by route name: the drain token, the counters and
+    // (when its settings and sources allow) the fan-out hub.
+    let mut live = Vec::with_capacity(cfg.routes.len());
     for r in &cfg.routes {
-        let Some(f) = &r.fanout else {
-            hubs.push(None);
-            continue;
-        };
-        let prev = kept(&r.name).and_then(|(o, i)| o.hubs[i].clone());
-        hubs.push(Some(match prev {
-            Some(h) if h.can_keep(f, &pools) => {
-                h.set_pools(f, &pools);
-                h
-            }
-            _ => Arc::new(Hub::new(r, f.clone(), &pools, &settings)),
-        }));
+        let prev = old.and_then(|o| o.route_named(&r.name));
+        let hub = r
+            .fanout
+            .as_ref()
+            .map(|f| match prev.and_then(|p| p.hub.clone()) {
+                Some(h) if h.can_keep(f, &pools) => {
+                    h.set_pools(f, &pools);
+                    h
+                }
+                _ => Arc::new(Hub::new(r, f.clone(), &pools, &settings)),
+            });
+        live.push(RouteState {
+            stats: prev.map(|p| p.stats.clone()).unwrap_or_default(),
+            hub,
+            retired: prev.map(|p| p.retired.clone()).unwrap_or_default(),
+        });
     }
 
     let mut summary = Vec::new();
@@ -167,17 +161,22 @@ pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
                 .map(|r| r.name.clone())
                 .collect::<Vec<_>>(),
         );
-        for (i, n) in was.iter().enumerate() {
-            if !now.contains(n) {
-                retire.routes.push(o.route_tokens[i].clone());
-                summary.push(format!("route {n} removed"));
+        for (r, state) in o.each_route() {
+            if !now.contains(&r.name) {
+                retire.routes.push(state.retired.clone());
+                summary.push(format!("route {} removed", r.name));
             }
         }
         for n in now.iter().filter(|n| !was.contains(n)) {
             summary.push(format!("route {n} added"));
         }
-        for h in o.hubs.iter().flatten() {
-            if !hubs.iter().flatten().any(|n| Arc::ptr_eq(n, h)) {
+        for (_, state) in o.each_route() {
+            let Some(h) = &state.hub else { continue };
+            if !live
+                .iter()
+                .filter_map(|n| n.hub.as_ref())
+                .any(|n| Arc::ptr_eq(n, h))
+            {
                 retire.hubs.push(h.clone());
             }
         }
@@ -207,15 +206,7 @@ pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
     }
     let summary = summary.join(", ");
     Ok(Next {
-        snapshot: Snapshot {
-            routes: RouteTable::new(&cfg.routes),
-            pools,
-            hubs,
-            route_tokens,
-            route_stats,
-            settings,
-            config: Arc::new(cfg.clone()),
-        },
+        snapshot: Snapshot::new(cfg.clone(), live, pools, settings),
         started,
         stopped,
         retire,

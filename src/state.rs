@@ -9,25 +9,71 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::pool::Pool;
 use crate::config::{Config, ServerSettings};
+use crate::fanout::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{ListenerStats, RouteStats};
-use crate::pool::Pool;
-use crate::router::RouteTable;
+use crate::router::{Route, RouteTable};
 
 /// Everything a request needs from the config, swapped as one unit.
 pub struct Snapshot {
+    /// The compiled routes, in config order (the router's match order).
     pub routes: RouteTable,
+    /// What lives beside each route, one entry per route of `routes`, in
+    /// the same order (both are built from the same list; see [`Snapshot::new`]).
+    live: Vec<RouteState>,
     pub pools: Vec<Arc<Pool>>,
-    /// The fan-out state of each `mode: fanout` route, by route index.
-    pub hubs: Vec<Option<Arc<crate::fanout::Hub>>>,
-    /// Per route: cancelled once a reload removed the route and its drain is over.
-    pub route_tokens: Vec<CancellationToken>,
-    /// Per route: its counters (kept across reloads by route name).
-    pub route_stats: Vec<Arc<RouteStats>>,
     pub settings: ServerSettings,
     /// The config this was built from (for `/config`).
     pub config: Arc<Config>,
+}
+
+/// The state a route carries beyond its config, kept across reloads by the
+/// route's name.
+pub struct RouteState {
+    /// Its counters.
+    pub stats: Arc<RouteStats>,
+    /// Its fan-out hub, on a `mode: fanout` route.
+    pub hub: Option<Arc<Hub>>,
+    /// Cancelled once a reload removed the route and its drain is over.
+    pub retired: CancellationToken,
+}
+
+impl Snapshot {
+    /// `live` holds one entry per route of `config.routes`, in that order.
+    pub fn new(
+        config: Config,
+        live: Vec<RouteState>,
+        pools: Vec<Arc<Pool>>,
+        settings: ServerSettings,
+    ) -> Snapshot {
+        assert_eq!(config.routes.len(), live.len(), "one state per route");
+        Snapshot {
+            routes: RouteTable::new(&config.routes),
+            live,
+            pools,
+            settings,
+            config: Arc::new(config),
+        }
+    }
+
+    /// The route at `index` (from [`RouteTable::find_index`]) and its state.
+    pub fn route(&self, index: usize) -> (&Route, &RouteState) {
+        (&self.routes.routes()[index], &self.live[index])
+    }
+
+    /// Every route with its state, in config order.
+    pub fn each_route(&self) -> impl Iterator<Item = (&Route, &RouteState)> {
+        self.routes.routes().iter().zip(&self.live)
+    }
+
+    /// The named route's state.
+    pub fn route_named(&self, name: &str) -> Option<&RouteState> {
+        self.each_route()
+            .find(|(r, _)| r.name == name)
+            .map(|(_, s)| s)
+    }
 }
 
 /// State shared by every connection of one gateway.

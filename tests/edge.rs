@@ -46,15 +46,6 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
 }
 
-async fn metric(admin: std::net::SocketAddr, name: &str, labels: &str) -> u64 {
-    let body = admin_request(admin, "GET", "/metrics", None).await.body;
-    body.lines()
-        .find(|l| l.starts_with(name) && l.contains(labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name}{{{labels}}} in\n{body}"))
-}
-
 #[tokio::test]
 async fn an_http10_upgrade_is_refused_not_relayed() {
     let be = echo_backends(&["a"]).await;

@@ -155,7 +155,12 @@ async fn channel_keyed_by_query_parameter_with_upstream_path() {
 #[tokio::test]
 async fn last_client_leaving_closes_the_upstream_after_linger() {
     let feed = Feed::start().await;
-    let gw = gateway_for(&[&feed], "    linger: 400ms\n").await;
+    let gw = gateway(&format!(
+        "admin:\n  addr: 127.0.0.1:0\nlisten:\n  - addr: 127.0.0.1:0\npools:\n  feed:\n    connect_timeout: 1s\n    backends: ['{}']\nroutes:\n  - name: feed\n    path: /feed\n    pool: feed\n    mode: fanout\n    strip_prefix: true\n    linger: 400ms\n",
+        feed.url()
+    ))
+    .await;
+    let admin = gw.admin.expect("admin");
     let mut c = ws(gw.addr(), "x", "/feed").await;
     feed.wait_open(1, T).await;
     c.close(None).await.expect("close");
@@ -170,7 +175,8 @@ async fn last_client_leaving_closes_the_upstream_after_linger() {
     let c1 = ws(gw.addr(), "x", "/feed").await;
     feed.wait_open(1, T).await;
     drop(c1);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Wait until the gateway has seen it leave (the channel is lingering).
+    wait_metric(admin, "upgate_fanout_subscribers", "route=\"feed\"", 0).await;
     let mut c2 = ws(gw.addr(), "x", "/feed").await;
     feed.publish(Message::text("still"));
     assert_eq!(next_text(&mut c2).await, "still");

@@ -248,7 +248,7 @@ async fn dns_discovery_follows_the_records() {
     .unwrap();
     let records: Arc<Mutex<Vec<IpAddr>>> = Arc::new(Mutex::new(vec!["127.0.0.1".parse().unwrap()]));
     let seen = records.clone();
-    let resolver: upgate::pool::Resolver = Arc::new(move |host, _port| {
+    let resolver: upgate::backend::Resolver = Arc::new(move |host, _port| {
         let ips = if host == "svc.test" {
             seen.lock().unwrap().clone()
         } else {

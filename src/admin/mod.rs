@@ -263,12 +263,9 @@ impl Admin {
     fn routes(&self) -> Response<Body> {
         let snap = self.shared.snapshot.load();
         let routes: Vec<_> = snap
-            .routes
-            .routes()
-            .iter()
-            .zip(&snap.hubs)
-            .zip(&snap.route_stats)
-            .map(|((r, hub), stats)| {
+            .each_route()
+            .map(|(r, state)| {
+                let (hub, stats) = (&state.hub, &state.stats);
                 let mut v = json!({
                     "name": r.name,
                     "host": r.host.to_string(),

@@ -148,11 +148,8 @@ impl Collector for GatewayCollector {
         )?;
 
         let routes: Vec<(&str, &Arc<RouteStats>)> = snap
-            .routes
-            .routes()
-            .iter()
-            .map(|r| r.name.as_str())
-            .zip(snap.route_stats.iter())
+            .each_route()
+            .map(|(r, state)| (r.name.as_str(), &state.stats))
             .collect();
         // One series per route and per value of a second label.
         type Part<'a> = (&'a str, &'a dyn Fn(&RouteStats) -> u64);
@@ -296,11 +293,8 @@ impl Collector for GatewayCollector {
         )?;
 
         let hubs: Vec<(&str, &crate::fanout::Hub)> = snap
-            .routes
-            .routes()
-            .iter()
-            .zip(snap.hubs.iter())
-            .filter_map(|(r, h)| Some((r.name.as_str(), h.as_deref()?)))
+            .each_route()
+            .filter_map(|(r, state)| Some((r.name.as_str(), state.hub.as_deref()?)))
             .collect();
         let fan = |f: &dyn Fn(&crate::fanout::Stats) -> u64| -> Vec<(Labels, u64)> {
             hubs.iter()

@@ -25,10 +25,11 @@ use futures_util::FutureExt;
 use crate::supervise::Kind;
 
 use super::{frame, Channel, Hub, State};
-use crate::error::{BackendError, ProxyError};
+use crate::backend::pool::{Backend, BackendGuard, Pool};
+use crate::backend::upstream::BackendIo;
+use crate::backend::BackendError;
+use crate::error::ProxyError;
 use crate::lifecycle::Lifecycle;
-use crate::pool::{Backend, BackendGuard, Pool};
-use crate::upstream::BackendIo;
 
 /// An open upstream, counted as a live session on its backend.
 struct Upstream {
@@ -215,7 +216,7 @@ async fn source(
         let mut u = match up.take() {
             Some(u) => u,
             None => {
-                let jitter = crate::balance::jitter(backoff);
+                let jitter = crate::backend::balance::jitter(backoff);
                 tokio::select! {
                     _ = tokio::time::sleep(jitter) => {}
                     _ = end.cancelled() => return,
@@ -363,7 +364,7 @@ async fn connect(hub: &Hub, pool: &Pool, ch: &Channel) -> Result<Upstream, Proxy
     let key = pool
         .hash_key
         .as_ref()
-        .map(|_| crate::balance::fnv1a(ch.key.as_bytes()));
+        .map(|_| crate::backend::balance::fnv1a(ch.key.as_bytes()));
     let mut tried = 0;
     let mut last = None;
     for backend in pool.try_order(key).take(pool.max_attempts) {
@@ -387,7 +388,7 @@ async fn connect(hub: &Hub, pool: &Pool, ch: &Channel) -> Result<Upstream, Proxy
             }
         }
     }
-    Err(pool.exhausted(tried, last))
+    Err(ProxyError::exhausted(pool, tried, last))
 }
 
 /// Connects to one backend and performs the client side of the WebSocket handshake.
@@ -400,7 +401,7 @@ async fn handshake(
     let mut io = pool.connect(b).await?;
     let pq = PathAndQuery::try_from(format!("{}{target}", b.url.base_path))
         .map_err(|_| BackendError::Protocol("invalid upstream path"))?;
-    let key = crate::balance::ws_key();
+    let key = crate::backend::balance::ws_key();
     let mut h = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(b.authority.as_str()) {
         h.insert(header::HOST, v);
@@ -418,10 +419,11 @@ async fn handshake(
         header::USER_AGENT,
         HeaderValue::from_static("upgate-fanout"),
     );
-    let head = crate::upgrade::request_head(&pq, &h);
+    let head = crate::backend::upgrade::request_head(&pq, &h);
     let s = &hub.settings;
     let answer =
-        crate::upgrade::exchange(&mut io, &head, s.handshake_timeout, s.max_header_bytes).await?;
+        crate::backend::upgrade::exchange(&mut io, &head, s.handshake_timeout, s.max_header_bytes)
+            .await?;
     if answer.status != StatusCode::SWITCHING_PROTOCOLS {
         return Err(BackendError::Protocol("the upstream refused the upgrade"));
     }

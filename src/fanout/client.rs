@@ -28,7 +28,7 @@ use super::frame::{self, code, FrameError};
 use super::reader::{Input, Reader};
 use super::{Channel, Hub};
 use crate::config::{ClientMessages, SlowClient};
-use crate::splice::ReadReady;
+use crate::session::splice::ReadReady;
 
 /// Frames written per vectored write at most (and queued beside the ring).
 const BATCH: usize = 64;

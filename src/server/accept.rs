@@ -21,9 +21,9 @@ use tracing::{debug, info, warn, Instrument};
 use super::connection::{is_h2_preface, serve};
 use super::Listener;
 use crate::config::ServerSettings;
-use crate::conn::ConnInfo;
 use crate::error::Body;
 use crate::proxy;
+use crate::session::conn::ConnInfo;
 use crate::state::Shared;
 
 /// The plain-HTTP middleware stack's service type.
@@ -134,9 +134,11 @@ pub(super) async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: Cancellati
                     debug!("{what} within the handshake timeout");
                 };
                 if proxy_protocol {
-                    let header =
-                        tokio::time::timeout_at(deadline, crate::proxy_protocol::read(&mut tcp))
-                            .await;
+                    let header = tokio::time::timeout_at(
+                        deadline,
+                        crate::server::proxy_protocol::read(&mut tcp),
+                    )
+                    .await;
                     match header {
                         Ok(Ok(h)) => {
                             if let Some(client) = h.source {

@@ -12,8 +12,8 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::accept::AcceptCx;
-use crate::conn::ConnInfo;
 use crate::proxy;
+use crate::session::conn::ConnInfo;
 
 /// Whether a plain-TCP client opens with the HTTP/2 preface (`PRI * HTTP/2.0`).
 /// No HTTP/1.1 method starts with `PRI`, so three bytes decide.

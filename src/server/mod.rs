@@ -20,13 +20,15 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::backend::pool::{system_resolver, Pool, PoolError, Resolver};
 use crate::config::{Config, ServerSettings};
-use crate::pool::{system_resolver, Pool, PoolError, Resolver};
 use crate::state::Shared;
 use crate::tls::{self, TlsError};
 
 mod accept;
 mod connection;
+pub mod proxy_protocol;
+pub mod watch;
 
 use accept::{accept_loop, http_builders, http_service, AcceptCx};
 
@@ -198,8 +200,8 @@ impl Gateway {
         for pool in &snap.pools {
             start_pool(pool, &self.shared, &self.resolver);
         }
-        for (hub, route) in snap.hubs.iter().zip(snap.routes.routes()) {
-            if let Some(hub) = hub.as_ref().filter(|h| h.cfg.eager) {
+        for (route, state) in snap.each_route() {
+            if let Some(hub) = state.hub.as_ref().filter(|h| h.cfg.eager) {
                 hub.open_eager(&self.shared.life, route);
             }
         }
@@ -233,7 +235,7 @@ impl Gateway {
                 crate::supervise::Kind::ConfigWatch,
                 "config file".into(),
                 stop.clone(),
-                move || crate::watch::run(shared.clone(), every, until.clone()),
+                move || crate::server::watch::run(shared.clone(), every, until.clone()),
             );
         }
 
@@ -338,12 +340,13 @@ impl Gateway {
         }
         let new_hubs: Vec<_> = next
             .snapshot
-            .hubs
-            .iter()
-            .zip(next.snapshot.routes.routes())
-            .filter_map(|(h, r)| {
-                let h = h.as_ref()?;
-                let known = old.hubs.iter().flatten().any(|o| Arc::ptr_eq(o, h));
+            .each_route()
+            .filter_map(|(r, state)| {
+                let h = state.hub.as_ref()?;
+                let known = old
+                    .each_route()
+                    .filter_map(|(_, s)| s.hub.as_ref())
+                    .any(|o| Arc::ptr_eq(o, h));
                 (!known && h.cfg.eager).then(|| (h.clone(), r.clone()))
             })
             .collect();
@@ -438,7 +441,7 @@ fn tls_acceptors(
 /// Starts a pool's health checks and DNS discovery, supervised; they end
 /// with `pool.life`.
 fn start_pool(pool: &Arc<Pool>, shared: &Shared, resolver: &Resolver) {
-    crate::checker::spawn(pool, &shared.life.tasks, &shared.life.panics);
+    crate::backend::checker::spawn(pool, &shared.life.tasks, &shared.life.panics);
     if pool.discovers() {
         let (pool, resolver) = (pool.clone(), resolver.clone());
         let life = pool.life.clone();
@@ -494,7 +497,7 @@ fn bind_socket(addr: SocketAddr, keepalive: Duration) -> std::io::Result<TcpList
         sock.set_only_v6(true)?;
     }
     sock.set_nonblocking(true)?;
-    crate::upstream::keepalive((&sock).into(), keepalive);
+    crate::backend::upstream::keepalive((&sock).into(), keepalive);
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
     TcpListener::from_std(sock.into())

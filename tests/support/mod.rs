@@ -158,6 +158,32 @@ pub fn reserve_port() -> ReservedPort {
     }
 }
 
+/// The value of the first `/metrics` series named `name` whose labels contain `labels`.
+pub async fn metric(admin: SocketAddr, name: &str, labels: &str) -> u64 {
+    let body = admin_request(admin, "GET", "/metrics", None).await.body;
+    body.lines()
+        .find(|l| l.starts_with(name) && l.contains(labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}{{{labels}}} in\n{body}"))
+}
+
+/// Waits (polling `/metrics`, up to 10 s) until the series reads `want`.
+pub async fn wait_metric(admin: SocketAddr, name: &str, labels: &str, want: u64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let v = metric(admin, name, labels).await;
+        if v == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}{{{labels}}} is {v}, not {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 pub async fn gateway(yaml: &str) -> TestGateway {
     gateway_in(std::path::Path::new("."), yaml).await
 }

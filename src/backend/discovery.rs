@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use super::{new_backend, Backend, Members, Pool};
+use super::pool::{new_backend, Backend, Members, Pool};
 use crate::config::MAX_BACKENDS;
 
 /// Resolves a host name to addresses (the system resolver, or one a test controls).

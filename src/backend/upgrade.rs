@@ -15,7 +15,7 @@ use http::uri::PathAndQuery;
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::error::BackendError;
+use crate::backend::BackendError;
 
 /// Largest body of a refused upgrade that is relayed; a bigger one is a 502.
 const MAX_REFUSAL_BODY: usize = 1 << 20;

@@ -2,7 +2,7 @@
 //! every backend each interval (with ±10 % jitter, so pools and gateways do
 //! not probe in step) and feeding the results to each backend's [`Health`].
 //!
-//! [`Health`]: crate::health::Health
+//! [`Health`]: crate::backend::health::Health
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::balance::{fnv1a, Rng};
+use crate::backend::balance::{fnv1a, Rng};
+use crate::backend::health::Flip;
+use crate::backend::pool::{Backend, Pool};
 use crate::config::{CheckKind, HealthCheck, OnBackendDown};
-use crate::health::Flip;
-use crate::pool::{Backend, Pool};
 use crate::supervise::{Kind, Panics};
 
 /// Starts the pool's checks, if it has them, supervised (a panic restarts
@@ -88,7 +88,7 @@ pub async fn probe(pool: &Pool, b: &Backend, kind: &CheckKind, timeout: Duration
             ),
         };
         let Ok(answer) =
-            crate::upgrade::exchange(&mut io, head.as_bytes(), timeout, 16 * 1024).await
+            crate::backend::upgrade::exchange(&mut io, head.as_bytes(), timeout, 16 * 1024).await
         else {
             return Some(false);
         };

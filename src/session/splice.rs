@@ -21,6 +21,8 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf as _, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::frame_watch::FrameWatch;
+
 /// Size of a pooled copy buffer.
 pub const BUF_SIZE: usize = 32 * 1024;
 /// Buffers kept for reuse per runtime thread; beyond this they are freed.
@@ -91,93 +93,6 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 impl ReadReady for Box<dyn Io> {}
-
-/// Follows frame boundaries in one direction of a session, without
-/// copying or changing a byte, to notice the first Close frame and its code
-/// (for the access log). It reads only frame headers and, in a Close frame,
-/// the two code bytes; payloads are skipped by count.
-#[derive(Debug, Default)]
-pub(crate) struct FrameWatch {
-    /// Header bytes gathered so far (a header is 2–14 bytes and may straddle reads).
-    hdr: [u8; 14],
-    have: usize,
-    /// Payload bytes of the current frame still to pass.
-    skip: u64,
-    /// Inside a Close frame: its mask, and the code bytes seen so far.
-    close: Option<([u8; 4], [u8; 2], usize)>,
-    /// Set at the first Close frame: its code (`None` when it carried none).
-    seen: Option<Option<u16>>,
-}
-
-impl FrameWatch {
-    /// Total header length, as far as the bytes gathered tell.
-    fn header_len(h: &[u8]) -> usize {
-        match h {
-            [_, b1, ..] => {
-                2 + match b1 & 0x7f {
-                    126 => 2,
-                    127 => 8,
-                    _ => 0,
-                } + if b1 & 0x80 != 0 { 4 } else { 0 }
-            }
-            _ => 2,
-        }
-    }
-
-    pub(crate) fn feed(&mut self, mut b: &[u8]) {
-        while self.seen.is_none() && !b.is_empty() {
-            if self.skip > 0 {
-                let n = b
-                    .len()
-                    .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
-                if let Some((mask, code, got)) = &mut self.close {
-                    for &x in b[..n].iter().take(2 - *got) {
-                        code[*got] = x ^ mask[*got];
-                        *got += 1;
-                    }
-                }
-                self.skip -= n as u64;
-                b = &b[n..];
-                if self.skip == 0 {
-                    if let Some((_, code, got)) = self.close {
-                        self.seen = Some((got == 2).then(|| u16::from_be_bytes(code)));
-                    }
-                }
-                continue;
-            }
-            let need = Self::header_len(&self.hdr[..self.have]);
-            let take = (need - self.have).min(b.len());
-            self.hdr[self.have..self.have + take].copy_from_slice(&b[..take]);
-            self.have += take;
-            b = &b[take..];
-            if self.have < Self::header_len(&self.hdr[..self.have]) {
-                continue;
-            }
-            let h = &self.hdr[..self.have];
-            let (len, at) = match h[1] & 0x7f {
-                126 => (u64::from(u16::from_be_bytes([h[2], h[3]])), 4),
-                127 => {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(&h[2..10]);
-                    (u64::from_be_bytes(a), 10)
-                }
-                n => (u64::from(n), 2),
-            };
-            let mut mask = [0u8; 4];
-            if h[1] & 0x80 != 0 {
-                mask.copy_from_slice(&h[at..at + 4]);
-            }
-            if h[0] & 0x0f == 0x8 {
-                if len == 0 {
-                    self.seen = Some(None);
-                }
-                self.close = Some((mask, [0; 2], 0));
-            }
-            self.skip = len;
-            self.have = 0;
-        }
-    }
-}
 
 /// One direction of a splice.
 struct Direction {
@@ -361,68 +276,6 @@ where
 mod tests {
     use super::*;
 
-    fn frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-        let mut v = vec![0x80 | opcode];
-        let m = if mask.is_some() { 0x80 } else { 0 };
-        match payload.len() {
-            n if n < 126 => v.push(m | n as u8),
-            n if n <= 0xffff => {
-                v.push(m | 126);
-                v.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                v.push(m | 127);
-                v.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        let k = mask.unwrap_or([0; 4]);
-        if mask.is_some() {
-            v.extend_from_slice(&k);
-        }
-        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
-        v
-    }
-
-    #[test]
-    fn frame_watch_finds_the_close_code_across_any_split() {
-        let mut wire = Vec::new();
-        wire.extend(frame(0x1, b"hello", Some([9, 8, 7, 6])));
-        wire.extend(frame(0x2, &vec![5; 300], Some([1, 2, 3, 4])));
-        wire.extend(frame(0x2, &vec![6; 70_000], None));
-        wire.extend(frame(0x9, b"", Some([1, 1, 1, 1])));
-        let mut close = 4001u16.to_be_bytes().to_vec();
-        close.extend_from_slice(b"bye");
-        wire.extend(frame(0x8, &close, Some([0xde, 0xad, 0xbe, 0xef])));
-        for chunk in [1, 2, 3, 7, 100, 4096, wire.len()] {
-            let mut w = FrameWatch::default();
-            for c in wire.chunks(chunk) {
-                w.feed(c);
-            }
-            assert_eq!(w.seen, Some(Some(4001)), "chunks of {chunk}");
-        }
-        let mut w = FrameWatch::default();
-        w.feed(&frame(0x8, b"", None));
-        assert_eq!(w.seen, Some(None));
-        let mut w = FrameWatch::default();
-        w.feed(&wire[..wire.len() - 4]);
-        assert_eq!(w.seen, None, "no close until its code is complete");
-    }
-
-    #[test]
-    fn frame_watch_takes_arbitrary_bytes_in_arbitrary_pieces() {
-        let mut r = crate::test_rng(5);
-        for _ in 0..5_000 {
-            let mut w = FrameWatch::default();
-            let n = (r() % 400) as usize;
-            let b: Vec<u8> = (0..n).map(|_| r() as u8).collect();
-            let mut at = 0;
-            while at < b.len() {
-                let k = 1 + (r() as usize) % 20;
-                w.feed(&b[at..(at + k).min(b.len())]);
-                at += k;
-            }
-        }
-    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 

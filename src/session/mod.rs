@@ -9,11 +9,24 @@ use hyper::upgrade::OnUpgrade;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
-use crate::conn::{client_leg, Busy, Leg};
+use crate::backend::pool::BackendGuard;
 use crate::lifecycle::Lifecycle;
-use crate::pool::BackendGuard;
-use crate::splice;
-use crate::upstream::BackendIo;
+use conn::{client_leg, Busy, Leg};
+pub mod conn;
+mod frame_watch;
+pub mod splice;
+
+pub(crate) use frame_watch::FrameWatch;
+
+use crate::backend::upstream::BackendIo;
+
+/// A WebSocket request let in on a route: the route, its counters, and its
+/// place under the route's limits (kept by the session for its life).
+pub struct Admitted<'a> {
+    pub route: &'a crate::config::RouteConfig,
+    pub stats: &'a std::sync::Arc<crate::metrics::RouteStats>,
+    pub admission: crate::limits::Admission,
+}
 
 /// What, besides the peers, ends a session.
 pub struct Ends {

@@ -1,5 +1,5 @@
 //! The pooled HTTP client's connector: plain-HTTP requests to a pool's
-//! backends reuse connections made by [`crate::upstream::connect`].
+//! backends reuse connections made by [`crate::backend::upstream::connect`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,8 +10,8 @@ use http::uri::{Scheme, Uri};
 use hyper_util::rt::TokioIo;
 use tokio_rustls::TlsConnector;
 
-use super::Backend;
-use crate::upstream::{self, BackendIo, ConnectError, Target};
+use super::pool::Backend;
+use crate::backend::upstream::{self, BackendIo, ConnectError, Target};
 
 /// The scheme a plain-HTTP request to this backend uses.
 pub fn http_scheme(b: &Backend) -> Scheme {

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::metrics::ListenerStats;
-use crate::splice::Io;
+use crate::session::splice::Io;
 
 /// One client connection, shared by its requests and the sessions they start.
 #[derive(Debug)]

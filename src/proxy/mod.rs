@@ -1,0 +1,214 @@
+//! The request path: route, then either a WebSocket upgrade spliced to a
+//! backend or a plain HTTP request proxied with connection reuse.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tracing::{debug, Instrument};
+
+use crate::backend::{Backend, Pool};
+use crate::config::HashKey;
+use crate::error::{Body, ProxyError};
+use crate::metrics::Outcome;
+use crate::router::{self, Route};
+use crate::session::conn::ConnInfo;
+use crate::session::Admitted;
+use crate::state::{Shared, Snapshot};
+use crate::ws::{self, Forwarded};
+use std::sync::atomic::Ordering;
+
+mod plain;
+mod upgrade;
+
+pub use plain::proxy_http;
+use upgrade::upgrade;
+
+/// What the router decided, carried to the plain-HTTP service through request extensions.
+#[derive(Clone)]
+pub struct Matched {
+    snapshot: Arc<Snapshot>,
+    route: usize,
+    conn: Arc<ConnInfo>,
+}
+
+/// The `Host` of a request: the header on HTTP/1.1, the URI authority on HTTP/2.
+fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+}
+
+/// Entry point for every request on a client connection.
+pub async fn handle<S>(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    http: S,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+{
+    conn.requests.fetch_add(1, Ordering::Relaxed);
+    let _busy = conn.busy();
+    let snapshot = shared.snapshot.load_full();
+    let host = request_host(req.uri(), req.headers()).unwrap_or("");
+    let Some(route) = snapshot.routes.find_index(host, req.uri().path()) else {
+        let e = ProxyError::NoRoute {
+            host: host.to_string(),
+            path: req.uri().path().to_string(),
+        };
+        debug!(peer = %conn.peer, error = %e, "404");
+        return Ok(e.into_response());
+    };
+    if ws::wants_websocket(&req) {
+        let h2 = ws::is_h2_websocket(&req);
+        let (r, state) = snapshot.route(route);
+        let stats = &state.stats;
+        if h2 {
+            stats.http2_upgrades.fetch_add(1, Ordering::Relaxed);
+        }
+        let started = tokio::time::Instant::now();
+        let span = tracing::info_span!(
+            "ws",
+            peer = %conn.peer,
+            host,
+            path = req.uri().path(),
+            route = %r.name,
+            http = if h2 { "2" } else { "1.1" }
+        );
+        let admitted = if origin_ok(r, req.headers()) {
+            crate::limits::admit(stats, r.limits, conn.peer.ip(), &r.name)
+        } else {
+            let o = req.headers().get(header::ORIGIN).map(|o| {
+                let o = String::from_utf8_lossy(o.as_bytes());
+                o.chars().take(200).collect::<String>()
+            });
+            Err(ProxyError::Origin(o.unwrap_or_default()))
+        };
+        let resp = match admitted.map(|admission| Admitted {
+            route: r,
+            stats,
+            admission,
+        }) {
+            Err(e) => Err(e),
+            Ok(a) => match &state.hub {
+                Some(hub) => {
+                    crate::fanout::accept(&shared.life, &conn, hub, a, req)
+                        .instrument(span)
+                        .await
+                }
+                None => {
+                    upgrade(&shared, &conn, &snapshot, a, &state.retired, req)
+                        .instrument(span)
+                        .await
+                }
+            },
+        };
+        let outcome = match &resp {
+            Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => Outcome::Ok,
+            Ok(r) if h2 && r.status() == StatusCode::OK => Outcome::Ok,
+            Ok(_) => Outcome::Refused,
+            Err(ProxyError::RouteFull { .. } | ProxyError::ChannelLimit { .. }) => {
+                Outcome::Rejected
+            }
+            Err(e) if e.status().is_client_error() => Outcome::Rejected,
+            Err(_) => Outcome::Failed,
+        };
+        let resp = resp.unwrap_or_else(|e| {
+            debug!(peer = %conn.peer, error = %e, "upgrade refused");
+            e.into_response()
+        });
+        stats.upgrade(outcome, started.elapsed());
+        return Ok(resp);
+    }
+    req.extensions_mut().insert(Matched {
+        snapshot: snapshot.clone(),
+        route,
+        conn,
+    });
+    tower::ServiceExt::oneshot(http, req).await
+}
+
+/// Whether the route lets the request's `Origin` (if any) open a WebSocket.
+fn origin_ok(r: &crate::config::RouteConfig, headers: &HeaderMap) -> bool {
+    let (Some(allowed), Some(origin)) = (&r.origins, headers.get(header::ORIGIN)) else {
+        return true;
+    };
+    origin
+        .to_str()
+        .is_ok_and(|o| crate::config::origin::allowed(allowed, o))
+}
+
+/// The request's key for `balance: hash`; `None` (a missing header, cookie
+/// or parameter, or another strategy) lets the pool use its round robin.
+fn hash_key(pool: &Pool, conn: &ConnInfo, headers: &HeaderMap, uri: &Uri) -> Option<u64> {
+    use crate::backend::balance::fnv1a;
+    match pool.hash_key.as_ref()? {
+        HashKey::Ip => Some(match conn.peer.ip() {
+            std::net::IpAddr::V4(a) => fnv1a(&a.octets()),
+            std::net::IpAddr::V6(a) => fnv1a(&a.octets()),
+        }),
+        HashKey::Header(name) => headers.get(name).map(|v| fnv1a(v.as_bytes())),
+        HashKey::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(';'))
+            .find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == name).then(|| fnv1a(v.as_bytes()))
+            }),
+        HashKey::Query(name) => ws::query_values(uri, name)
+            .next()
+            .map(|v| fnv1a(v.as_bytes())),
+    }
+}
+
+/// `base` + the route's (optionally stripped) path + the query.
+fn backend_path(route: &Route, backend: &Backend, uri: &Uri) -> Result<PathAndQuery, http::Error> {
+    let path = if route.strip_prefix {
+        router::strip(&route.path, uri.path())
+    } else {
+        uri.path()
+    };
+    let mut s = String::with_capacity(
+        backend.url.base_path.len() + path.len() + 1 + uri.query().map_or(0, str::len),
+    );
+    s.push_str(&backend.url.base_path);
+    s.push_str(path);
+    if let Some(q) = uri.query() {
+        s.push('?');
+        s.push_str(q);
+    }
+    Ok(PathAndQuery::try_from(s)?)
+}
+
+/// Headers for the backend: the client's end-to-end headers plus `Forwarded` and friends.
+fn forward_headers(src: &HeaderMap, conn: &ConnInfo, host: Option<&str>) -> HeaderMap {
+    let mut h = src.clone();
+    ws::strip_hop_by_hop(&mut h);
+    ws::add_forwarded(
+        &mut h,
+        Forwarded {
+            peer: conn.peer,
+            tls: conn.tls,
+            host,
+        },
+    );
+    h
+}
+
+fn set_host(h: &mut HeaderMap, route: &Route, client_host: Option<&str>, backend: &Backend) {
+    let value = match client_host {
+        Some(c) if route.preserve_host => HeaderValue::from_str(c).ok(),
+        _ => None,
+    };
+    let value = value.or_else(|| HeaderValue::from_str(backend.authority.as_str()).ok());
+    if let Some(v) = value {
+        h.insert(header::HOST, v);
+    }
+}

@@ -1,0 +1,162 @@
+//! A WebSocket upgrade on a splice route: the pool's failover order, for
+//! each backend a connect and the upgrade exchange before anything is
+//! answered, then the backend's answer to the client and the session.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::StatusCode;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use std::sync::atomic::Ordering;
+use tracing::{info, warn};
+
+use super::{backend_path, forward_headers, hash_key, request_host, set_host};
+use crate::backend::BackendError;
+use crate::backend::BackendGuard;
+use crate::config::OnBackendDown;
+use crate::error::{Body, ProxyError};
+use crate::session::conn::ConnInfo;
+use crate::session::Admitted;
+use crate::state::{Shared, Snapshot};
+use crate::ws;
+use tokio_util::sync::CancellationToken;
+
+/// The session keeps `admitted.admission` for its life and ends when
+/// `retired` is cancelled (the route removed by a reload, drain over).
+pub(super) async fn upgrade(
+    shared: &Arc<Shared>,
+    conn: &Arc<ConnInfo>,
+    snapshot: &Snapshot,
+    admitted: Admitted<'_>,
+    retired: &CancellationToken,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    ws::validate(&req)?;
+    let Admitted {
+        route,
+        stats,
+        admission,
+    } = admitted;
+    let pool = &snapshot.pools[route.pool];
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let client_host = request_host(req.uri(), req.headers());
+    let mut headers = forward_headers(req.headers(), conn, client_host);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    // An HTTP/2 client (RFC 8441) sends no key: the gateway is the
+    // WebSocket client of the backend leg, and checks the answer itself.
+    let own_key = ws::is_h2_websocket(&req).then(ws::new_key);
+    if let Some(k) = own_key
+        .as_deref()
+        .and_then(|k| HeaderValue::from_str(k).ok())
+    {
+        headers.insert(header::SEC_WEBSOCKET_KEY, k);
+        headers.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+    }
+    let settings = &snapshot.settings;
+
+    let key = hash_key(pool, conn, req.headers(), req.uri());
+    let mut tried = 0;
+    let mut last = None;
+    for backend in pool.try_order(key).take(pool.max_attempts) {
+        let backend = &backend;
+        if tried > 0 {
+            stats.failovers.fetch_add(1, Ordering::Relaxed);
+        }
+        tried += 1;
+        set_host(&mut headers, route, client_host, backend);
+        let pq = backend_path(route, backend, req.uri())
+            .map_err(|_| ProxyError::Backend(BackendError::Protocol("invalid backend path")))?;
+        let head = crate::backend::upgrade::request_head(&pq, &headers);
+        let attempt = async {
+            let mut io = pool.connect(backend).await?;
+            let answer = crate::backend::upgrade::exchange(
+                &mut io,
+                &head,
+                settings.handshake_timeout,
+                settings.max_header_bytes,
+            )
+            .await?;
+            Ok::<_, BackendError>((io, answer))
+        };
+        match attempt.await {
+            Ok((io, answer)) => {
+                crate::backend::upstream::keepalive(io.tcp().into(), settings.tcp_keepalive);
+                // A 5xx answer to the upgrade counts against the backend (it is still relayed).
+                pool.note_outcome(backend, !answer.status.is_server_error());
+                let mut headers = answer.headers;
+                if own_key.is_some() && answer.status.is_success() {
+                    // A 2xx would tell an HTTP/2 client its WebSocket is open.
+                    warn!(backend = %backend.url, status = answer.status.as_u16(), "backend answered the upgrade without switching");
+                    return Err(ProxyError::Backend(BackendError::Protocol(
+                        "the backend answered the WebSocket upgrade without switching protocols",
+                    )));
+                }
+                if answer.status != StatusCode::SWITCHING_PROTOCOLS {
+                    info!(backend = %backend.url, status = answer.status.as_u16(), "backend refused the upgrade");
+                    ws::strip_hop_by_hop(&mut headers);
+                    headers.remove(header::CONTENT_LENGTH);
+                    let mut out = Response::new(crate::error::full(answer.rest));
+                    *out.status_mut() = answer.status;
+                    out.headers_mut().extend(headers);
+                    return Ok(out);
+                }
+                let guard = BackendGuard::new(backend.clone());
+                let down =
+                    (pool.on_backend_down == OnBackendDown::Close).then(|| backend.down_token());
+                crate::session::spawn(
+                    &shared.life,
+                    conn.busy(),
+                    client_upgrade,
+                    (io, answer.rest),
+                    guard,
+                    crate::session::Ends {
+                        backend_down: down,
+                        route_retired: retired.clone(),
+                        stats: crate::metrics::SessionGuard::new(stats.clone()),
+                        admission,
+                    },
+                    settings.half_close_timeout,
+                );
+                let mut out = Response::new(crate::error::empty());
+                match own_key {
+                    None => *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS,
+                    Some(k) => {
+                        let want = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                            k.as_bytes(),
+                        );
+                        if headers
+                            .get(header::SEC_WEBSOCKET_ACCEPT)
+                            .is_none_or(|a| a.as_bytes() != want.as_bytes())
+                        {
+                            return Err(ProxyError::Backend(BackendError::Protocol(
+                                "the backend's Sec-WebSocket-Accept does not match",
+                            )));
+                        }
+                        // HTTP/2: `200` opens the stream; no connection-level headers.
+                        ws::strip_hop_by_hop(&mut headers);
+                        headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+                        headers.remove(header::CONTENT_LENGTH);
+                        *out.status_mut() = StatusCode::OK;
+                    }
+                }
+                *out.headers_mut() = headers;
+                return Ok(out);
+            }
+            Err(e) if e.is_local() => {
+                warn!(error = %e, "out of local resources: the upgrade fails, the backend is not blamed");
+                return Err(ProxyError::Local(e));
+            }
+            Err(e) => {
+                warn!(backend = %backend.url, failure = e.kind(), error = %e, "backend failed, trying the next");
+                pool.note_outcome(backend, false);
+                last = Some(e);
+            }
+        }
+    }
+    Err(ProxyError::exhausted(pool, tried, last))
+}
