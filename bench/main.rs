@@ -133,6 +133,9 @@ struct LoadArgs {
     window: usize,
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
+    /// Seconds of load before the measured window.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
     /// PEM CA file for wss:// (the target's certificate).
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -232,13 +235,12 @@ async fn load_cmd(a: LoadArgs) -> Result<(), String> {
         pid: a.pid,
     };
     let dur = Duration::from_secs_f64(a.duration);
+    let warm = Duration::from_secs_f64(a.warmup);
     match a.mode.as_str() {
-        "throughput" => print_measured(
-            &load::throughput(&t, a.conns, a.size, a.window, Duration::from_secs(1), dur).await,
-        ),
-        "handshakes" => {
-            print_measured(&load::handshakes(&t, a.conns, Duration::from_secs(1), dur).await)
+        "throughput" => {
+            print_measured(&load::throughput(&t, a.conns, a.size, a.window, warm, dur).await)
         }
+        "handshakes" => print_measured(&load::handshakes(&t, a.conns, warm, dur).await),
         "idle" => {
             let linger = Duration::from_secs(30);
             let r = load::idle(&t, a.conns, a.sources, Duration::from_secs(1), Some(linger)).await;
@@ -261,14 +263,15 @@ async fn load_cmd(a: LoadArgs) -> Result<(), String> {
 
 fn print_measured(m: &Measured) {
     println!(
-        "{:.0}/s  {:.1} MiB/s  p50 {:.0} µs  p99 {:.0} µs  p99.9 {:.0} µs  errors {}  target CPU {}",
+        "{:.0}/s  {:.1} MiB/s  p50 {:.0} µs  p99 {:.0} µs  p99.9 {:.0} µs  errors {}  target CPU {}  count {}",
         m.rate(),
         m.mib_s(),
         m.p50_us,
         m.p99_us,
         m.p999_us,
         m.errors,
-        m.cpu_us_per().map_or("n/a".into(), |c| format!("{c:.2} µs/unit"))
+        m.cpu_us_per().map_or("n/a".into(), |c| format!("{c:.2} µs/unit")),
+        m.count
     );
 }
 
