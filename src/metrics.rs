@@ -86,6 +86,79 @@ pub struct RouteStats {
     pub handshake: Histogram,
     /// Sessions admitted under the route's limits.
     pub admitted: Admitted,
+    /// Authentication outcomes on the route (`auth:`).
+    pub auth: AuthStats,
+}
+
+/// Why a request was refused authentication (a label of
+/// `upgate_auth_refused_total`); never derived from the token's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthReason {
+    Missing,
+    Malformed,
+    BadSignature,
+    Expired,
+    NotYetValid,
+    WrongIssuer,
+    WrongAudience,
+    UnknownKey,
+    /// A valid token that lacks a required claim value (403).
+    Forbidden,
+    /// The forward-auth service said no.
+    Denied,
+    /// The forward-auth service could not be asked (timeout, unreachable).
+    Unavailable,
+}
+
+impl AuthReason {
+    pub const ALL: [AuthReason; 11] = [
+        AuthReason::Missing,
+        AuthReason::Malformed,
+        AuthReason::BadSignature,
+        AuthReason::Expired,
+        AuthReason::NotYetValid,
+        AuthReason::WrongIssuer,
+        AuthReason::WrongAudience,
+        AuthReason::UnknownKey,
+        AuthReason::Forbidden,
+        AuthReason::Denied,
+        AuthReason::Unavailable,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthReason::Missing => "missing",
+            AuthReason::Malformed => "malformed",
+            AuthReason::BadSignature => "bad_signature",
+            AuthReason::Expired => "expired",
+            AuthReason::NotYetValid => "not_yet_valid",
+            AuthReason::WrongIssuer => "wrong_issuer",
+            AuthReason::WrongAudience => "wrong_audience",
+            AuthReason::UnknownKey => "unknown_key",
+            AuthReason::Forbidden => "forbidden",
+            AuthReason::Denied => "denied",
+            AuthReason::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Authentication counters of one route.
+#[derive(Debug, Default)]
+pub struct AuthStats {
+    pub allowed: AtomicU64,
+    pub refused: [AtomicU64; 11],
+    /// Live sessions ended because their token expired.
+    pub expired_sessions: AtomicU64,
+    /// Failed fetches of a JWKS URL (the last good keys stay).
+    pub jwks_refresh_failures: AtomicU64,
+    /// Forward-auth answers served from the cache.
+    pub forward_cache_hits: AtomicU64,
+}
+
+impl AuthStats {
+    pub fn refused(&self, r: AuthReason) {
+        self.refused[r as usize].fetch_add(1, Relaxed);
+    }
 }
 
 impl Default for RouteStats {
@@ -100,6 +173,7 @@ impl Default for RouteStats {
             session_duration: Histogram::new(&SESSION_BUCKETS),
             handshake: Histogram::new(&HANDSHAKE_BUCKETS),
             admitted: Default::default(),
+            auth: Default::default(),
         }
     }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::RouteAuth;
 use crate::backend::pool::{Backend, Pool, PoolError};
 use crate::config::{Config, ServerSettings};
 use crate::fanout::Hub;
@@ -67,8 +68,21 @@ impl Retire {
     }
 }
 
+/// Why a config could not become a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("{}: {source}", file.display())]
+    Auth {
+        file: std::path::PathBuf,
+        #[source]
+        source: crate::auth::AuthError,
+    },
+}
+
 /// The snapshot of a gateway's first config.
-pub fn initial(cfg: &Config) -> Result<Snapshot, PoolError> {
+pub fn initial(cfg: &Config) -> Result<Snapshot, BuildError> {
     Ok(build(None, cfg)?.snapshot)
 }
 
@@ -77,7 +91,7 @@ pub fn initial(cfg: &Config) -> Result<Snapshot, PoolError> {
 /// the process started, so they are never half applied.
 /// Builds the snapshot for `cfg`, keeping what `old` has that still exists.
 ///
-pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
+pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, BuildError> {
     let settings = match old {
         Some(o) => ServerSettings {
             drain_timeout: cfg.server.drain_timeout,
@@ -139,10 +153,30 @@ pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, PoolError> {
                 }
                 _ => Arc::new(Hub::new(r, f.clone(), &pools, &settings)),
             });
+        let stats: Arc<crate::metrics::RouteStats> =
+            prev.map(|p| p.stats.clone()).unwrap_or_default();
+        // Keys are read again on every reload (rotated files, a changed
+        // secret); keys fetched from JWKS URLs carry over until the next fetch.
+        let auth = match &r.auth {
+            Some(a) => {
+                let auth = RouteAuth::new(&r.name, a, stats.clone()).map_err(|source| {
+                    BuildError::Auth {
+                        file: cfg.source.clone(),
+                        source,
+                    }
+                })?;
+                if let Some(old) = prev.and_then(|p| p.auth.as_ref()) {
+                    auth.carry_over(old);
+                }
+                Some(Arc::new(auth))
+            }
+            None => None,
+        };
         live.push(RouteState {
-            stats: prev.map(|p| p.stats.clone()).unwrap_or_default(),
+            stats,
             hub,
             retired: prev.map(|p| p.retired.clone()).unwrap_or_default(),
+            auth,
         });
     }
 

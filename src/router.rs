@@ -147,6 +147,7 @@ mod tests {
                 fanout: None,
                 origins: None,
                 limits: Default::default(),
+                auth: None,
             })
             .collect();
         RouteTable::new(&cfgs)

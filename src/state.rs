@@ -38,6 +38,8 @@ pub struct RouteState {
     pub hub: Option<Arc<Hub>>,
     /// Cancelled once a reload removed the route and its drain is over.
     pub retired: CancellationToken,
+    /// Who may connect, when the route says (`auth:`).
+    pub auth: Option<Arc<crate::auth::RouteAuth>>,
 }
 
 impl Snapshot {

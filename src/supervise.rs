@@ -27,14 +27,16 @@ pub enum Kind {
     DnsDiscovery,
     ConfigWatch,
     FanoutChannel,
+    JwksRefresh,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::HealthCheck,
         Kind::DnsDiscovery,
         Kind::ConfigWatch,
         Kind::FanoutChannel,
+        Kind::JwksRefresh,
     ];
 
     pub fn label(self) -> &'static str {
@@ -43,13 +45,14 @@ impl Kind {
             Kind::DnsDiscovery => "dns_discovery",
             Kind::ConfigWatch => "config_watch",
             Kind::FanoutChannel => "fanout_channel",
+            Kind::JwksRefresh => "jwks_refresh",
         }
     }
 }
 
 /// Panics caught, per kind.
 #[derive(Debug, Default)]
-pub struct Panics([AtomicU64; 4]);
+pub struct Panics([AtomicU64; 5]);
 
 impl Panics {
     pub fn count(&self, kind: Kind) -> u64 {

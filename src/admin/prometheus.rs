@@ -189,6 +189,58 @@ impl Collector for GatewayCollector {
                 ],
             ),
         )?;
+        // Authentication, on the routes that have `auth:`.
+        let authed: Vec<(&str, &Arc<RouteStats>)> = snap
+            .each_route()
+            .filter(|(_, state)| state.auth.is_some())
+            .map(|(r, state)| (r.name.as_str(), &state.stats))
+            .collect();
+        let refused: Vec<(Labels, u64)> = authed
+            .iter()
+            .flat_map(|(n, s)| {
+                crate::metrics::AuthReason::ALL.iter().map(move |r| {
+                    (
+                        vec![("route", n.to_string()), ("reason", r.label().to_string())],
+                        s.auth.refused[*r as usize].load(Relaxed),
+                    )
+                })
+            })
+            .collect();
+        family(&mut enc, "upgate_auth_refused", "Requests refused by a route's auth: (missing, malformed, bad_signature, expired, not_yet_valid, wrong_issuer, wrong_audience, unknown_key: 401; forbidden: 403; denied: the forward-auth service's answer; unavailable: 503).", Counter, &refused)?;
+        let per_authed = |f: &dyn Fn(&RouteStats) -> u64| -> Vec<(Labels, u64)> {
+            authed
+                .iter()
+                .map(|(n, s)| (l("route", n.to_string()), f(s)))
+                .collect()
+        };
+        family(
+            &mut enc,
+            "upgate_auth_allowed",
+            "Requests a route's auth: let on.",
+            Counter,
+            &per_authed(&|s| s.auth.allowed.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_auth_expired_sessions",
+            "Live sessions ended because their token expired (on_expiry: close).",
+            Counter,
+            &per_authed(&|s| s.auth.expired_sessions.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_auth_jwks_refresh_failures",
+            "Failed fetches of a JWKS URL (the last good keys stay in use).",
+            Counter,
+            &per_authed(&|s| s.auth.jwks_refresh_failures.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_auth_forward_cache_hits",
+            "Forward-auth decisions served from the cache.",
+            Counter,
+            &per_authed(&|s| s.auth.forward_cache_hits.load(Relaxed)),
+        )?;
         let per_route = |f: &dyn Fn(&RouteStats) -> u64| -> Vec<(Labels, u64)> {
             routes
                 .iter()

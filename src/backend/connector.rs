@@ -29,6 +29,14 @@ pub struct PoolConnector {
     pub(super) timeout: Duration,
 }
 
+impl PoolConnector {
+    /// A connector for any URL (`https` through `tls`), for clients outside
+    /// a pool (JWKS, forward auth).
+    pub fn new(tls: Option<TlsConnector>, timeout: Duration) -> PoolConnector {
+        PoolConnector { tls, timeout }
+    }
+}
+
 impl tower::Service<Uri> for PoolConnector {
     type Response = TokioIo<BackendIo>;
     type Error = ConnectError;

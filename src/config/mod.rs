@@ -4,6 +4,7 @@
 //! Every `serde_yaml` call lives in this module, so the YAML crate can be
 //! swapped by editing one place.
 
+pub mod auth;
 mod locate;
 pub mod origin;
 pub mod raw;
@@ -185,6 +186,8 @@ pub struct RouteConfig {
     pub origins: Option<Vec<origin::OriginPattern>>,
     /// `max_sessions`, `max_sessions_per_ip`.
     pub limits: Limits,
+    /// Who may connect (`auth:`); `None`: anyone.
+    pub auth: Option<auth::AuthConfig>,
 }
 
 /// A `mode: fanout` route: one upstream connection per channel, broadcast to its clients.
@@ -351,7 +354,7 @@ impl Config {
         let server = server_settings(&cx, raw.server)?;
         let listeners = listeners(&cx, raw.listen, &resolve)?;
         let pools = pools(&cx, raw.pools, &resolve)?;
-        let routes = routes(&cx, raw.routes, &pools)?;
+        let routes = routes(&cx, raw.routes, &pools, &resolve)?;
         let admin = admin(&cx, raw.admin)?;
         Ok(Config {
             admin,

@@ -147,6 +147,8 @@ pub struct RawRoute {
     pub origins: Option<Vec<String>>,
     pub max_sessions: Option<u64>,
     pub max_sessions_per_ip: Option<u32>,
+    /// Who may connect: `jwt:` and/or `forward:`.
+    pub auth: Option<super::auth::RawAuth>,
     // The keys below are for `mode: fanout` only (an error on a splice route).
     pub sources: Option<Vec<String>>,
     pub tag: Option<bool>,
@@ -414,19 +416,25 @@ pub mod indexmap_lite {
     #[derive(Debug)]
     pub struct OrderedMap<V>(pub Vec<(String, V)>);
 
+    impl<V> Default for OrderedMap<V> {
+        fn default() -> Self {
+            OrderedMap(Vec::new())
+        }
+    }
+
     impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             struct M<V>(PhantomData<V>);
             impl<'de, V: Deserialize<'de>> Visitor<'de> for M<V> {
                 type Value = OrderedMap<V>;
                 fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                    f.write_str("a mapping of names to pools")
+                    f.write_str("a mapping of names")
                 }
                 fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
                     let mut out: Vec<(String, V)> = Vec::new();
                     while let Some(k) = a.next_key::<String>()? {
                         if out.iter().any(|(n, _)| *n == k) {
-                            return Err(de::Error::custom(format!("duplicate pool name `{k}`")));
+                            return Err(de::Error::custom(format!("duplicate name `{k}`")));
                         }
                         let v = a.next_value()?;
                         out.push((k, v));

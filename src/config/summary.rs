@@ -62,6 +62,9 @@ impl Config {
                 let o: Vec<String> = o.iter().map(|p| p.to_string()).collect();
                 notes.push(format!("origins {}", o.join(" ")));
             }
+            if let Some(a) = &r.auth {
+                notes.push(a.summary());
+            }
             if let Some(n) = r.limits.max_sessions {
                 notes.push(format!("max_sessions {n}"));
             }

@@ -183,7 +183,7 @@ fn duplicates_are_errors() {
     assert!(e.starts_with("t/routes.yaml:21: routes[2].path:"), "{e}");
     assert!(e.contains("could never match"), "{e}");
     let e = err(&OK.replace("  ticker:\n", "  chat:\n"));
-    assert!(e.contains("duplicate pool name `chat`"), "{e}");
+    assert!(e.contains("duplicate name `chat`"), "{e}");
 }
 
 #[test]

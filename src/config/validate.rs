@@ -265,6 +265,7 @@ pub(super) fn routes(
     cx: &Ctx,
     raw_routes: Vec<raw::RawRoute>,
     pools: &[PoolConfig],
+    resolve: &dyn Fn(&Path) -> PathBuf,
 ) -> Result<Vec<RouteConfig>, ConfigError> {
     let mut routes: Vec<RouteConfig> = Vec::new();
     for (i, r) in raw_routes.into_iter().enumerate() {
@@ -378,7 +379,12 @@ pub(super) fn routes(
             max_sessions: r.max_sessions,
             max_sessions_per_ip: r.max_sessions_per_ip,
         };
+        let auth = match r.auth {
+            Some(a) => Some(super::auth::auth(cx, i, a, resolve)?),
+            None => None,
+        };
         routes.push(RouteConfig {
+            auth,
             name: r.name,
             host: r.host,
             path,

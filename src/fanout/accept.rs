@@ -95,7 +95,10 @@ pub async fn accept(
         route,
         stats,
         admission,
+        auth,
     } = admitted;
+    let auth = auth.unwrap_or_default();
+    let (expires, who) = (auth.expires, auth.who);
     crate::ws::validate(&req)?;
     let (key, target) = channel_of(route, &hub.cfg, &req)?;
     let member = hub.join(life, key, target, conn.peer.ip())?;
@@ -154,6 +157,7 @@ pub async fn accept(
             stop: &stop,
             retired: &member.hub.retired,
             deflate: extension.is_some(),
+            expires,
         };
         let out = match crate::session::conn::client_leg(up, conn.tls) {
             crate::session::conn::Leg::Tcp(s, pending) => {
@@ -173,10 +177,17 @@ pub async fn accept(
             dropped = out.dropped,
             end = out.end.label(),
             close_code = out.close_code,
+            user = who.as_deref(),
             error = out.error.as_ref().map(tracing::field::display),
             "fanout session"
         );
         session.stats().session_duration.observe(started.elapsed());
+        if out.end == client::End::TokenExpired {
+            let s = session.stats();
+            s.auth
+                .expired_sessions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         drop(member);
         drop(conn);
         drop(admission);
@@ -196,6 +207,15 @@ pub async fn accept(
             header::SEC_WEBSOCKET_EXTENSIONS,
             HeaderValue::from_static(e),
         );
+    }
+    // upgate selects no subprotocol of its own; a token offered as one is
+    // selected, or a browser fails the handshake.
+    if let Some(v) = auth
+        .token_protocol
+        .as_deref()
+        .and_then(|p| HeaderValue::from_str(p).ok())
+    {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
     }
     // HTTP/2 (RFC 8441): `200` opens the stream.
     *resp.status_mut() = if h2 {

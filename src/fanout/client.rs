@@ -47,6 +47,8 @@ pub(super) struct Cx<'a> {
     pub retired: &'a CancellationToken,
     /// The client negotiated permessage-deflate.
     pub deflate: bool,
+    /// When the client's token expires (`on_expiry: close`).
+    pub expires: Option<std::time::SystemTime>,
 }
 
 /// How a client's session ended, for the access log.
@@ -68,6 +70,8 @@ pub(super) enum End {
     Drained,
     /// The channel's task died.
     ChannelFailed,
+    /// The client's token expired (`auth: { jwt: { on_expiry: close } }`).
+    TokenExpired,
 }
 
 impl End {
@@ -83,6 +87,7 @@ impl End {
             End::Shutdown => "shutdown",
             End::Drained => "drained",
             End::ChannelFailed => "channel_failed",
+            End::TokenExpired => "token_expired",
         }
     }
 }
@@ -313,6 +318,10 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
     tokio::pin!(retired);
     let failed = cx.ch.failed.cancelled();
     tokio::pin!(failed);
+    // Boxed, and only on routes with expiring tokens: the task stays small.
+    let mut expiry = cx
+        .expires
+        .map(|t| Box::pin(crate::session::expiry(Some(t))));
 
     let last: Option<Bytes> = loop {
         let room = c.out.len() < BATCH;
@@ -327,6 +336,14 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                 out.end = End::ChannelFailed;
                 out.close_code = Some(code::INTERNAL);
                 break Some(frame::close(code::INTERNAL, "the channel failed; reconnect"));
+            }
+            _ = async { match expiry.as_mut() {
+                Some(e) => e.await,
+                None => std::future::pending().await,
+            } } => {
+                out.end = End::TokenExpired;
+                out.close_code = Some(code::POLICY);
+                break Some(frame::close(code::POLICY, "token expired"));
             }
             _ = &mut retired => {
                 out.end = End::Drained;

@@ -8,7 +8,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use tracing::{debug, Instrument};
+use tracing::{debug, info, Instrument};
 
 use crate::backend::{Backend, Pool};
 use crate::config::HashKey;
@@ -16,7 +16,7 @@ use crate::error::{Body, ProxyError};
 use crate::metrics::Outcome;
 use crate::router::{self, Route};
 use crate::session::conn::ConnInfo;
-use crate::session::Admitted;
+use crate::session::{Admitted, Authenticated};
 use crate::state::{Shared, Snapshot};
 use crate::ws::{self, Forwarded};
 use std::sync::atomic::Ordering;
@@ -64,9 +64,32 @@ where
         debug!(peer = %conn.peer, error = %e, "404");
         return Ok(e.into_response());
     };
+    let (r, state) = snapshot.route(route);
+    let grant = match &state.auth {
+        None => None,
+        Some(auth) => match authenticate(auth, &conn, &mut req).await {
+            Ok(g) => Some(g),
+            Err(refusal) => {
+                let wants_ws = ws::wants_websocket(&req);
+                info!(
+                    peer = %conn.peer,
+                    route = %r.name,
+                    path = req.uri().path(),
+                    auth = refusal.reason.label(),
+                    status = refusal.status.as_u16(),
+                    "refused: {}",
+                    refusal.description
+                );
+                if wants_ws {
+                    state.stats.upgrade(Outcome::Rejected, Default::default());
+                }
+                return Ok(refusal_response(refusal));
+            }
+        },
+    };
+    let host = request_host(req.uri(), req.headers()).unwrap_or("");
     if ws::wants_websocket(&req) {
         let h2 = ws::is_h2_websocket(&req);
-        let (r, state) = snapshot.route(route);
         let stats = &state.stats;
         if h2 {
             stats.http2_upgrades.fetch_add(1, Ordering::Relaxed);
@@ -93,6 +116,11 @@ where
             route: r,
             stats,
             admission,
+            auth: grant.map(|g| Authenticated {
+                who: g.who,
+                expires: g.expires,
+                token_protocol: g.token_protocol,
+            }),
         }) {
             Err(e) => Err(e),
             Ok(a) => match &state.hub {
@@ -131,6 +159,45 @@ where
         conn,
     });
     tower::ServiceExt::oneshot(http, req).await
+}
+
+/// Checks the route's `auth:` and, when it lets the request on, applies
+/// what it grants (headers set from claims, the token's query parameter or
+/// subprotocol taken out).
+async fn authenticate(
+    auth: &crate::auth::RouteAuth,
+    conn: &ConnInfo,
+    req: &mut Request<Incoming>,
+) -> Result<crate::auth::Grant, crate::auth::Refusal> {
+    let grant = auth
+        .check(&crate::auth::Ask {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            host: request_host(req.uri(), req.headers()),
+            peer: conn.peer,
+            proto: if conn.tls { "https" } else { "http" },
+        })
+        .await?;
+    crate::auth::apply(req, &grant);
+    Ok(grant)
+}
+
+/// The answer to a refused request: 401/403 with `WWW-Authenticate`, or
+/// what the forward-auth service answered.
+fn refusal_response(r: crate::auth::Refusal) -> Response<Body> {
+    let mut resp = match r.body {
+        Some(body) => {
+            let mut resp = Response::new(crate::error::full(body));
+            *resp.status_mut() = r.status;
+            resp
+        }
+        None => crate::error::text_response(r.status, format!("{}\n", r.description)),
+    };
+    for (name, value) in r.headers.iter() {
+        resp.headers_mut().append(name.clone(), value.clone());
+    }
+    resp
 }
 
 /// Whether the route lets the request's `Origin` (if any) open a WebSocket.

@@ -37,7 +37,9 @@ pub(super) async fn upgrade(
         route,
         stats,
         admission,
+        auth,
     } = admitted;
+    let auth = auth.unwrap_or_default();
     let pool = &snapshot.pools[route.pool];
     let client_upgrade = hyper::upgrade::on(&mut req);
     let client_host = request_host(req.uri(), req.headers());
@@ -119,6 +121,8 @@ pub(super) async fn upgrade(
                         route_retired: retired.clone(),
                         stats: crate::metrics::SessionGuard::new(stats.clone()),
                         admission,
+                        expires: auth.expires,
+                        who: auth.who,
                     },
                     settings.half_close_timeout,
                 );
@@ -142,6 +146,15 @@ pub(super) async fn upgrade(
                         headers.remove(header::SEC_WEBSOCKET_ACCEPT);
                         headers.remove(header::CONTENT_LENGTH);
                         *out.status_mut() = StatusCode::OK;
+                    }
+                }
+                if let Some(p) = auth.token_protocol {
+                    // The backend selected none: select the token's entry (a
+                    // browser that offered protocols fails an answer without one).
+                    if !headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
+                        if let Ok(v) = HeaderValue::from_str(&p) {
+                            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+                        }
                     }
                 }
                 *out.headers_mut() = headers;

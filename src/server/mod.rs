@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::backend::pool::{system_resolver, Pool, PoolError, Resolver};
+use crate::backend::pool::{system_resolver, Pool, Resolver};
 use crate::config::{Config, ServerSettings};
 use crate::state::Shared;
 use crate::tls::{self, TlsError};
@@ -43,7 +43,7 @@ pub enum StartError {
         source: Box<TlsError>,
     },
     #[error(transparent)]
-    Pool(#[from] PoolError),
+    Build(#[from] crate::reload::BuildError),
     #[error("TLS session resumption: {0}")]
     Resumption(#[source] Box<TlsError>),
     #[error("cannot listen on {addr}: {source}")]
@@ -201,6 +201,9 @@ impl Gateway {
             start_pool(pool, &self.shared, &self.resolver);
         }
         for (route, state) in snap.each_route() {
+            if let Some(a) = &state.auth {
+                a.start(&self.shared.life);
+            }
             if let Some(hub) = state.hub.as_ref().filter(|h| h.cfg.eager) {
                 hub.open_eager(&self.shared.life, route);
             }
@@ -350,7 +353,13 @@ impl Gateway {
                 (!known && h.cfg.eager).then(|| (h.clone(), r.clone()))
             })
             .collect();
-        self.shared.snapshot.store(Arc::new(next.snapshot));
+        let snapshot = Arc::new(next.snapshot);
+        self.shared.snapshot.store(snapshot.clone());
+        for (_, state) in snapshot.each_route() {
+            if let Some(a) = &state.auth {
+                a.start(&self.shared.life);
+            }
+        }
 
         for p in &next.stopped {
             p.life.cancel();

@@ -26,6 +26,19 @@ pub struct Admitted<'a> {
     pub route: &'a crate::config::RouteConfig,
     pub stats: &'a std::sync::Arc<crate::metrics::RouteStats>,
     pub admission: crate::limits::Admission,
+    /// Set on a route with `auth:`.
+    pub auth: Option<Authenticated>,
+}
+
+/// What authentication tells a session.
+#[derive(Debug, Default)]
+pub struct Authenticated {
+    /// For the access log (the configured claim, `sub` by default).
+    pub who: Option<String>,
+    /// When the token expires (`on_expiry: close`): the session ends then.
+    pub expires: Option<std::time::SystemTime>,
+    /// The offered subprotocol `bearer.TOKEN` that carried the token.
+    pub token_protocol: Option<String>,
 }
 
 /// What, besides the peers, ends a session.
@@ -38,6 +51,24 @@ pub struct Ends {
     pub stats: crate::metrics::SessionGuard,
     /// The session's place under the route's limits.
     pub admission: crate::limits::Admission,
+    /// When the client's token expires (`auth: { jwt: { on_expiry: close } }`).
+    pub expires: Option<std::time::SystemTime>,
+    /// Who the token says the client is, for the access log.
+    pub who: Option<String>,
+}
+
+/// Resolves when `at` has passed; never without one.
+pub async fn expiry(at: Option<std::time::SystemTime>) {
+    match at {
+        Some(t) => {
+            tokio::time::sleep(
+                t.duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default(),
+            )
+            .await
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Spawns the session on the gateway's task tracker. `backend` is the
@@ -56,6 +87,7 @@ pub fn spawn(
     let route_retired = ends.route_retired;
     let stats = ends.stats;
     let admission = ends.admission;
+    let (expires, who) = (ends.expires, ends.who);
     let span = tracing::Span::current();
     life.tasks.spawn(
         async move {
@@ -81,10 +113,15 @@ pub fn spawn(
                 _ = down.cancelled() => ("backend_down", None, None),
                 _ = route_retired.cancelled() => ("drained", None, None),
                 _ = guard.backend().retired().cancelled() => ("drained", None, None),
+                _ = expiry(expires) => ("token_expired", None, None),
             };
             let took = started.elapsed();
             let s = stats.stats();
             s.session_duration.observe(took);
+            if end == "token_expired" {
+                use std::sync::atomic::Ordering::Relaxed;
+                s.auth.expired_sessions.fetch_add(1, Relaxed);
+            }
             if let Some(m) = moved {
                 use std::sync::atomic::Ordering::Relaxed;
                 s.bytes_up.fetch_add(m.client_to_backend, Relaxed);
@@ -101,6 +138,7 @@ pub fn spawn(
                 closed_by = moved.and_then(|m| m.closed_by),
                 close_code = moved.and_then(|m| m.close_code),
                 end,
+                user = who.as_deref(),
                 error = error.as_ref().map(tracing::field::display),
                 "session"
             );

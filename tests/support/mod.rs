@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod feed;
+pub mod jwt;
 pub mod process;
 
 use std::net::SocketAddr;

@@ -23,6 +23,16 @@ impl Upgate {
         Upgate::spawn(cmd)
     }
 
+    /// The same with extra environment variables.
+    pub fn start_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> Upgate {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_upgate"));
+        cmd.arg("--config").arg(config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Upgate::spawn(cmd)
+    }
+
     /// The same with at most `nofile` open file descriptors (`ulimit -n`).
     pub fn start_with_nofile(config: &std::path::Path, nofile: u32) -> Upgate {
         let mut cmd = Command::new("sh");
@@ -81,6 +91,16 @@ impl Upgate {
             if line.contains(what) {
                 return line;
             }
+        }
+    }
+
+    /// Waits (on new lines, up to 10 s) until the whole log so far contains every one of `all`.
+    pub async fn wait_all(&mut self, all: &[&str]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !all.iter().all(|w| self.log().contains(w)) {
+            let _ = tokio::time::timeout_at(deadline, self.lines.recv())
+                .await
+                .unwrap_or_else(|_| panic!("not all of {all:?} in the log:\n{}", self.log()));
         }
     }
 
