@@ -751,3 +751,49 @@ async fn upgate_check_shows_each_routes_auth() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_browser_authenticates_with_a_cookie_and_with_the_subprotocol_convention() {
+    let be = echo_backends(&["a"]).await;
+    let dir = TempDir::new("auth-browser");
+    let key = SigningKey::generate(Algorithm::ES256);
+    key.write_public(&dir.0, "ec.pem");
+    let token = key.sign(None, &claims("grace", ISS, "chat"));
+    // The page sets a cookie and opens a WebSocket (cookies go along), then
+    // drops the cookie and offers the token as a subprotocol instead (a
+    // browser cannot set headers on a WebSocket).
+    let page = format!(
+        "<body><script>\
+        document.cookie = 'session={token}; path=/';\
+        const a = new WebSocket('ws://' + location.host + '/chat');\
+        a.onopen = () => a.send('/whoami');\
+        a.onmessage = e => {{ document.body.dataset.cookie = e.data.split(' ')[0]; a.close();\
+          document.cookie = 'session=; max-age=0; path=/';\
+          const b = new WebSocket('ws://' + location.host + '/chat', ['bearer.{token}']);\
+          b.onopen = () => {{ document.body.dataset.protocol = b.protocol === 'bearer.{token}' ? 'token' : b.protocol; b.send('/whoami'); }};\
+          b.onmessage = e => {{ document.body.dataset.sub = e.data.split(' ')[0]; b.close(); }};\
+          b.onerror = () => {{ document.body.dataset.sub = 'error'; }};\
+        }};\
+        a.onerror = () => {{ document.body.dataset.cookie = 'error'; }};\
+        </script></body>"
+    );
+    let web = static_http("text/html", page).await;
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: [ws://{}] }}\n  web: {{ backends: [http://{web}] }}\nroutes:\n  - name: r\n    path: /chat\n    pool: p\n    auth:\n      jwt:\n        keys: [{{ file: ec.pem }}]\n        token_from: [cookie:session, subprotocol]\n  - {{ name: page, path: /, pool: web }}\n",
+        be.addrs[0]
+    );
+    let gw = gateway_in(&dir.0, &yaml).await;
+    let url = format!("http://localhost:{}/", gw.addr().port());
+    let Some(dom) = browser_dom(&url).await else {
+        return;
+    };
+    assert!(dom.contains(r#"data-cookie="backend=a""#), "cookie: {dom}");
+    assert!(
+        dom.contains(r#"data-protocol="token""#),
+        "selected protocol: {dom}"
+    );
+    assert!(
+        dom.contains(r#"data-sub="backend=a""#),
+        "subprotocol: {dom}"
+    );
+}

@@ -192,6 +192,69 @@ async fn refusals_over_http2_are_http_answers() {
 }
 
 #[tokio::test]
+async fn an_http2_websocket_is_authenticated_like_any_other() {
+    let be = echo_backends(&["a"]).await;
+    let feed = Feed::start().await;
+    let dir = TempDir::new("h2ws-auth");
+    let _ = cert_files(&dir.0, "site", &["site.test"]);
+    let key = support::jwt::SigningKey::generate(jsonwebtoken::Algorithm::ES256);
+    key.write_public(&dir.0, "ec.pem");
+    let auth =
+        "    auth: { jwt: { keys: [{ file: ec.pem }], forward_claims: { sub: X-User-Id } } }\n";
+    let mut y = yaml(
+        be.addrs[0],
+        &format!("  f: {{ backends: ['{}'] }}\n", feed.url()),
+    );
+    y = y.replace(
+        "  - { name: r, path: /chat, pool: p }\n",
+        &format!("  - name: r\n    path: /chat\n    pool: p\n{auth}  - name: feed\n    path: /feed\n    pool: f\n    mode: fanout\n{auth}"),
+    );
+    let gw = gateway_in(&dir.0, &y).await;
+    let tcp = tokio::net::TcpStream::connect(gw.addrs[0]).await.unwrap();
+    let mut send = h2(tcp).await;
+    for path in ["/chat", "/feed"] {
+        let (resp, ws) = open(&mut send, &format!("http://site.test{path}"), &[]).await;
+        assert_eq!(
+            (resp.status().as_u16(), ws.is_none()),
+            (401, true),
+            "{path}"
+        );
+        assert!(resp.headers().contains_key("www-authenticate"));
+    }
+    let token = key.sign(None, &support::jwt::claims("frank", "i", "a"));
+    let auth = format!("Bearer {token}");
+    let (resp, ws) = open(
+        &mut send,
+        "http://site.test/chat",
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let who = whoami(&mut ws.expect("websocket")).await;
+    assert!(who.contains("x-user-id: frank\n"), "{who}");
+    let (resp, ws) = open(
+        &mut send,
+        "http://site.test/feed",
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    feed.wait_open(1, T).await;
+    feed.publish(Message::text("tick"));
+    let mut ws = ws.expect("fan-out websocket");
+    loop {
+        match tokio::time::timeout(T, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                assert_eq!(t.as_str(), "tick");
+                break;
+            }
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no message: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn fan_out_clients_over_http2() {
     let feed = Feed::start().await;
     let dir = TempDir::new("h2ws-fanout");
