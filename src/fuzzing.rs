@@ -164,3 +164,75 @@ pub fn config(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let _ = crate::config::Config::parse(std::path::Path::new("routes.yaml"), &text);
 }
+
+/// A JWKS document as an identity provider (or a JWKS file) serves it.
+pub fn jwks(data: &[u8]) {
+    if let Ok(keys) = crate::auth::jwks::parse(data) {
+        assert!(keys.iter().all(|k| !k.algs.is_empty()));
+    }
+}
+
+/// A request's token in every place upgate looks (Authorization, a cookie,
+/// a query parameter, an offered subprotocol), split out of the input at
+/// 0xff bytes, checked against an HMAC key: a refusal or a grant, never a
+/// panic, and never the token in the refusal's words.
+pub fn auth_token(data: &[u8]) {
+    use crate::config::auth::{JwtConfig, OnExpiry, TokenSource};
+    use futures_util::FutureExt;
+    crate::auth::crypto::install();
+    let mut parts = data.split(|b| *b == 0xff);
+    let mut next = || parts.next().unwrap_or_default();
+    let (auth, cookie, query, proto) = (next(), next(), next(), next());
+    let cfg = JwtConfig {
+        keys: Vec::new(),
+        issuer: vec!["i".into()],
+        audience: vec!["a".into()],
+        leeway: Duration::from_secs(30),
+        token_from: vec![
+            TokenSource::Header,
+            TokenSource::Cookie("s".into()),
+            TokenSource::Query("t".into()),
+            TokenSource::Subprotocol,
+        ],
+        forward_claims: vec![("sub".into(), "x-user".into())],
+        require: vec![("role".into(), "r".into())],
+        on_expiry: OnExpiry::Close,
+        log_claim: Some("sub".into()),
+        require_exp: true,
+    };
+    let Ok(key) = jsonwebtoken::DecodingKey::from_secret(b"fuzzing-secret-fuzzing-secret-32")
+    else {
+        return;
+    };
+    let key = crate::auth::jwt::Key {
+        kid: None,
+        algs: crate::auth::jwt::algs_for(&key),
+        key,
+    };
+    let jwt = crate::auth::jwt::Jwt::from_keys(cfg, vec![key]);
+    let mut headers = http::HeaderMap::new();
+    for (name, v) in [
+        (http::header::AUTHORIZATION, auth),
+        (http::header::COOKIE, cookie),
+        (http::header::SEC_WEBSOCKET_PROTOCOL, proto),
+    ] {
+        if let Ok(v) = HeaderValue::from_bytes(v) {
+            headers.insert(name, v);
+        }
+    }
+    let uri = std::str::from_utf8(query)
+        .ok()
+        .and_then(|q| format!("/p?{q}").parse::<http::Uri>().ok())
+        .unwrap_or_else(|| http::Uri::from_static("/p"));
+    let Some(r) = jwt.check(&uri, &headers).now_or_never() else {
+        panic!("a check without JWKS URLs must not wait");
+    };
+    // A refusal's words are upgate's own, never a piece of the request.
+    if let Err(refusal) = r {
+        let d = refusal.description.as_str();
+        let known = crate::auth::jwt::REFUSAL_TEXTS.contains(&d)
+            || (d.starts_with("algorithm ") && d.ends_with(" is not allowed for this key"))
+            || d == "the token's `role` claim does not allow this";
+        assert!(known, "refusal text not upgate's own: {d}");
+    }
+}

@@ -130,6 +130,21 @@ impl Jwt {
         })
     }
 
+    /// A verifier over keys already in hand (fuzzing, tests).
+    pub fn from_keys(cfg: JwtConfig, fixed: Vec<Key>) -> Jwt {
+        let forward = cfg
+            .forward_claims
+            .iter()
+            .filter_map(|(c, h)| Some((c.clone(), HeaderName::from_bytes(h.as_bytes()).ok()?)))
+            .collect();
+        Jwt {
+            cfg,
+            fixed,
+            urls: Vec::new(),
+            forward,
+        }
+    }
+
     pub fn carry_over(&self, old: &Jwt) {
         for u in &self.urls {
             if let Some(o) = old.urls.iter().find(|o| o.same_url(u)) {
@@ -346,6 +361,20 @@ fn claim_text(v: &Value) -> String {
         other => other.to_string(),
     }
 }
+
+/// Every fixed refusal text (fuzzing checks that a refusal says nothing else).
+pub const REFUSAL_TEXTS: &[&str] = &[
+    "no token (send Authorization: Bearer …)",
+    "the token is not a well-formed JWT",
+    "the token's key is not known",
+    "the signature does not verify",
+    "the token has expired",
+    "the token is not valid yet",
+    "the token's issuer is not accepted",
+    "the token is not meant for this service",
+    "the token's algorithm does not match its key",
+    "the token lacks a required claim (exp)",
+];
 
 fn refusal(kind: &ErrorKind) -> Refusal {
     let (reason, text) = match kind {
