@@ -133,6 +133,12 @@ async fn run(config: Config, with_demo: bool) -> Result<(), String> {
         }
     }
     if with_demo {
+        if let (Some(token), Some(addr)) = (demo::demo_token(&config), gw.local_addrs().first()) {
+            println!("private:    ws://{addr}/private?access_token={token}");
+            println!(
+                "            (or: curl -H 'Authorization: Bearer {token}' http://{addr}/private/x)"
+            );
+        }
         if let Some(a) = gw.admin_addr() {
             println!("status:     http://{a}/        (metrics: http://{a}/metrics)");
         }

@@ -288,6 +288,7 @@ pub fn config(path: &Path) -> Result<Config, String> {
         );
         Config::parse(Path::new("routes.yaml"), EMBEDDED_ROUTES).map_err(|e| e.to_string())?
     };
+    ensure_demo_jwt_key(&config)?;
     for l in &config.listeners {
         for c in l.tls.iter().flatten() {
             let made = crate::tls::ensure_dev_cert(&c.cert, &c.key).map_err(|e| {
@@ -306,6 +307,73 @@ pub fn config(path: &Path) -> Result<Config, String> {
         }
     }
     Ok(config)
+}
+
+/// The demo's JWT signing key: a `file:` key named `demo-jwt.pem` in the
+/// config, its private half beside it as `demo-jwt-key.pem`.
+fn demo_jwt_files(config: &Config) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    use crate::config::auth::KeyKind;
+    config
+        .routes
+        .iter()
+        .filter_map(|r| r.auth.as_ref()?.jwt.as_ref())
+        .flat_map(|j| j.keys.iter())
+        .find_map(|k| match &k.kind {
+            KeyKind::Pem(p) if p.file_name().is_some_and(|n| n == "demo-jwt.pem") => {
+                Some((p.clone(), p.with_file_name("demo-jwt-key.pem")))
+            }
+            _ => None,
+        })
+}
+
+/// Makes the demo's ES256 key pair when the config names it and it is missing.
+fn ensure_demo_jwt_key(config: &Config) -> Result<(), String> {
+    let Some((public, private)) = demo_jwt_files(config) else {
+        return Ok(());
+    };
+    if public.exists() && private.exists() {
+        return Ok(());
+    }
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| format!("cannot make the demo JWT key: {e}"))?;
+    if let Some(dir) = public.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    std::fs::write(&public, kp.public_key_pem())
+        .map_err(|e| format!("cannot write {}: {e}", public.display()))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(&private)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, kp.serialize_pem().as_bytes()))
+        .map_err(|e| format!("cannot write {}: {e}", private.display()))?;
+    eprintln!(
+        "upgate: generated the demo JWT key pair {} (private: {})",
+        public.display(),
+        private.display()
+    );
+    Ok(())
+}
+
+/// A token the demo's protected route accepts (`sub: demo-user`, valid 24 h),
+/// signed with the demo key; `None` when the config has no demo key.
+pub fn demo_token(config: &Config) -> Option<String> {
+    let (_, private) = demo_jwt_files(config)?;
+    let pem = std::fs::read(private).ok()?;
+    crate::auth::crypto::install();
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem).ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let claims = serde_json::json!({ "sub": "demo-user", "iat": now, "exp": now + 24 * 3600 });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        &key,
+    )
+    .ok()
 }
 
 /// Starts the demo's echo backends and ticker feed until `stop`.
@@ -327,4 +395,40 @@ pub async fn start_all(stop: &CancellationToken) -> Result<(), String> {
         .await
         .map_err(|e| format!("demo backend on {TICKER_ADDR}: {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_makes_its_jwt_key_and_a_token_its_private_route_accepts() {
+        let dir = std::env::temp_dir().join(format!("upgate-demo-jwt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = EMBEDDED_ROUTES.replace("certs/dev", "tls/dev");
+        let config = Config::parse(&dir.join("routes.yaml"), &text).unwrap();
+        ensure_demo_jwt_key(&config).unwrap();
+        assert!(dir.join("certs/demo-jwt.pem").exists());
+        let token = demo_token(&config).expect("a token");
+        let route = config.routes.iter().find(|r| r.name == "private").unwrap();
+        let jwt = crate::auth::jwt::Jwt::load(
+            "private",
+            route.auth.as_ref().unwrap().jwt.as_ref().unwrap(),
+        )
+        .unwrap();
+        let uri: http::Uri = format!("/private?access_token={token}").parse().unwrap();
+        let grant = futures_util::FutureExt::now_or_never(jwt.check(&uri, &http::HeaderMap::new()))
+            .expect("no wait")
+            .expect("the demo token is accepted");
+        assert_eq!(grant.who.as_deref(), Some("demo-user"));
+        // A second run keeps the key (tokens printed before stay valid).
+        let before = std::fs::read(dir.join("certs/demo-jwt.pem")).unwrap();
+        ensure_demo_jwt_key(&config).unwrap();
+        assert_eq!(
+            std::fs::read(dir.join("certs/demo-jwt.pem")).unwrap(),
+            before
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
