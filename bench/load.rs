@@ -24,6 +24,8 @@ pub struct Target {
     pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     /// The process whose CPU and memory are measured (its children included).
     pub pid: Option<u32>,
+    /// When set, handshake `i` uses `paths[i % len]` instead of `path`.
+    pub paths: Arc<Vec<String>>,
 }
 
 pub enum Stream {
@@ -290,7 +292,7 @@ pub async fn handshakes(t: &Target, workers: usize, warmup: Duration, dur: Durat
                 let started = Instant::now();
                 let ok = tokio::time::timeout(
                     Duration::from_secs(10),
-                    one_handshake(&t, source_ip(i, 8)),
+                    one_handshake(&t, source_ip(i, 8), i),
                 )
                 .await
                 .is_ok_and(|r| r.is_ok());
@@ -334,9 +336,15 @@ async fn echo_once(s: &mut Stream, buf: &mut Vec<u8>, payload: &[u8]) -> std::io
     }
 }
 
-async fn one_handshake(t: &Target, src: Option<IpAddr>) -> std::io::Result<()> {
+async fn one_handshake(t: &Target, src: Option<IpAddr>, i: usize) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(512);
-    let mut s = open(t, src, &mut buf).await?;
+    let mut s = if t.paths.is_empty() {
+        open(t, src, &mut buf).await?
+    } else {
+        let mut t = t.clone();
+        t.path = t.paths[i % t.paths.len()].clone();
+        open(&t, src, &mut buf).await?
+    };
     echo_once(&mut s, &mut buf, b"hello").await?;
     let mut out = Vec::with_capacity(16);
     proto::put_frame(&mut out, proto::OP_CLOSE, &1000u16.to_be_bytes(), true);

@@ -6,6 +6,7 @@
 //! Run it through `bench/run.sh`, which installs the peers and pins this
 //! process to core 1. `load` runs one scenario against any URL.
 
+mod auth;
 mod fanout;
 mod load;
 mod proc_stat;
@@ -38,6 +39,8 @@ enum Cmd {
     Load(LoadArgs),
     /// The fan-out scenario: clients subscribed to one feed, direct vs through upgate.
     Fanout(FanoutArgs),
+    /// JWT verification's cost per handshake (ES256, RS256 against no auth).
+    Auth(auth::AuthArgs),
 }
 
 #[derive(clap::Args)]
@@ -107,7 +110,7 @@ struct SuiteArgs {
 
 /// Where the binaries under test are.
 #[derive(clap::Args)]
-struct Bins {
+pub(crate) struct Bins {
     /// Directory holding upgate and upgate-bench-backend (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -176,6 +179,12 @@ fn main() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     match cli.cmd {
         Cmd::Load(a) => rt.block_on(load_cmd(a)),
+        Cmd::Auth(a) => rt.block_on(async {
+            tokio::select! {
+                r = auth::auth_suite(a) => r,
+                _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+            }
+        }),
         Cmd::Fanout(a) => rt.block_on(async {
             tokio::select! {
                 r = fanout_suite(a) => r,
@@ -233,6 +242,7 @@ async fn load_cmd(a: LoadArgs) -> Result<(), String> {
         path: path.into(),
         tls,
         pid: a.pid,
+        paths: Default::default(),
     };
     let dur = Duration::from_secs_f64(a.duration);
     let warm = Duration::from_secs_f64(a.warmup);
@@ -352,7 +362,7 @@ const SCENARIOS: [Scenario; 6] = [
 /// (scenario label, target) → one Measured per round.
 type Results = BTreeMap<(usize, String), Vec<Measured>>;
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         return f64::NAN;
@@ -365,7 +375,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn min_max(v: &[f64]) -> (f64, f64) {
+pub(crate) fn min_max(v: &[f64]) -> (f64, f64) {
     v.iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
             (lo.min(*x), hi.max(*x))
@@ -450,6 +460,7 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
             path: "/".into(),
             tls,
             pid,
+            paths: Default::default(),
         })
     };
 
@@ -521,6 +532,7 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
                     path: "/".into(),
                     tls: tls.then(|| (tls_resume.clone(), name.clone())),
                     pid: p.pid(),
+                    paths: Default::default(),
                 };
                 // upgate's own builds are also watched for memory given back.
                 let linger = (pname.starts_with("upgate") && a.rss_linger > 0)
@@ -550,6 +562,7 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
                     path: "/".into(),
                     tls: None,
                     pid: p.pid(),
+                    paths: Default::default(),
                 };
                 let r = load::idle(&t, a.huge, 8, Duration::from_secs(3), None).await;
                 eprintln!(
@@ -588,7 +601,7 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
 
 impl Bins {
     /// `--bin-dir`, or the directory of this binary.
-    fn dir(&self) -> Result<PathBuf, String> {
+    pub(crate) fn dir(&self) -> Result<PathBuf, String> {
         match &self.bin_dir {
             Some(d) => Ok(d.clone()),
             None => Ok(std::env::current_exe()
@@ -756,7 +769,7 @@ fn open_file_limit() -> usize {
         .unwrap_or(1024)
 }
 
-fn now_utc() -> String {
+pub(crate) fn now_utc() -> String {
     std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
@@ -764,7 +777,7 @@ fn now_utc() -> String {
         .unwrap_or_default()
 }
 
-fn machine_info() -> String {
+pub(crate) fn machine_info() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -6,12 +6,13 @@
 #   bench/run.sh --rounds 1 --duration 2 --scenarios a,d --huge 0   # quick look
 #   bench/run.sh fanout               # fan-out: 10,000 clients on one feed, direct vs upgate
 #   bench/run.sh fanout --rates 20,50,100 --rounds 1
+#   bench/run.sh auth                 # JWT verification per handshake: ES256, RS256 vs no auth
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cmd=suite
-if [ "${1:-}" = fanout ]; then
-  cmd=fanout
+if [ "${1:-}" = fanout ] || [ "${1:-}" = auth ]; then
+  cmd=$1
   shift
 fi
 

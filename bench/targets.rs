@@ -76,7 +76,7 @@ fn port_free(a: SocketAddr) -> Result<(), String> {
 }
 
 /// Starts `program` pinned to `core`, after checking nothing listens on `port` yet.
-fn spawn(
+pub fn spawn(
     port: u16,
     core: &str,
     program: &Path,

@@ -338,6 +338,10 @@ async fn an_expiring_token_ends_a_spliced_session_and_closes_a_fanout_client_wit
     // Spliced: the connection ends (a TCP close; upgate does not frame a splice).
     assert!(ends_within(&mut spliced, Duration::from_secs(5)).await);
     assert!(t0.elapsed() < Duration::from_secs(6));
+    // The token was verified (and kept verified) before: it is still refused now.
+    let (s, www) = refused(gw.addr(), "/chat", &[("authorization", &auth)]).await;
+    assert_eq!(s, 401);
+    assert!(www.contains("expired"), "{www}");
     let admin = gw.admin.expect("admin");
     wait_metric(
         admin,
@@ -764,6 +768,7 @@ async fn a_browser_authenticates_with_a_cookie_and_with_the_subprotocol_conventi
     // browser cannot set headers on a WebSocket).
     let page = format!(
         "<body><script>\
+        const keep = setInterval(() => fetch('/busy').catch(() => {{}}), 50);\
         document.cookie = 'session={token}; path=/';\
         const a = new WebSocket('ws://' + location.host + '/chat');\
         a.onopen = () => a.send('/whoami');\
@@ -771,7 +776,7 @@ async fn a_browser_authenticates_with_a_cookie_and_with_the_subprotocol_conventi
           document.cookie = 'session=; max-age=0; path=/';\
           const b = new WebSocket('ws://' + location.host + '/chat', ['bearer.{token}']);\
           b.onopen = () => {{ document.body.dataset.protocol = b.protocol === 'bearer.{token}' ? 'token' : b.protocol; b.send('/whoami'); }};\
-          b.onmessage = e => {{ document.body.dataset.sub = e.data.split(' ')[0]; b.close(); }};\
+          b.onmessage = e => {{ document.body.dataset.sub = e.data.split(' ')[0]; b.close(); clearInterval(keep); }};\
           b.onerror = () => {{ document.body.dataset.sub = 'error'; }};\
         }};\
         a.onerror = () => {{ document.body.dataset.cookie = 'error'; }};\

@@ -157,6 +157,12 @@ impl JwksUrl {
         self.keys.store(other.keys());
     }
 
+    /// How many fetches have completed (a verified-token cache entry made
+    /// before the latest is not trusted: the key that verified it may be gone).
+    pub fn generation(&self) -> u64 {
+        *self.fetched.borrow()
+    }
+
     pub fn keys(&self) -> Arc<Vec<Key>> {
         self.keys.load_full()
     }

@@ -7,7 +7,8 @@
 //! algorithm at all. A token's `kid` selects among keys; an unknown `kid`
 //! asks the JWKS URLs for one early refresh (rate-limited) and looks again.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use http::header::{HeaderName, HeaderValue};
@@ -63,7 +64,20 @@ pub struct Jwt {
     urls: Vec<Arc<JwksUrl>>,
     /// The claims' header names, parsed once.
     forward: Vec<(String, HeaderName)>,
+    /// Tokens whose signature was verified (SHA-256 of the token → its claims).
+    cache: Mutex<HashMap<[u8; 32], Verified>>,
 }
+
+/// A token's verified claims, kept so that a client reconnecting with the
+/// same token costs no second signature check. Time-based claims are
+/// checked again at every use; a JWKS fetch since invalidates it.
+struct Verified {
+    claims: Arc<Map<String, Value>>,
+    generation: u64,
+}
+
+/// Most tokens kept verified per route (about 1 KiB each with their claims).
+const CACHED_TOKENS: usize = 10_000;
 
 impl Jwt {
     pub fn load(route: &str, cfg: &JwtConfig) -> Result<Jwt, AuthError> {
@@ -127,6 +141,7 @@ impl Jwt {
             fixed,
             urls,
             forward,
+            cache: Mutex::default(),
         })
     }
 
@@ -142,6 +157,7 @@ impl Jwt {
             fixed,
             urls: Vec::new(),
             forward,
+            cache: Mutex::default(),
         }
     }
 
@@ -257,6 +273,22 @@ impl Jwt {
                 "no token (send Authorization: Bearer …)",
             ));
         };
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .unwrap_or([0; 32]);
+        let generation = self.generation();
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&digest)
+            .filter(|v| v.generation == generation)
+            .map(|v| v.claims.clone());
+        if let Some(claims) = cached {
+            self.still_valid(&claims)?;
+            return self.finish(Map::clone(&claims), src, token);
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|_| {
             Refusal::invalid_token(AuthReason::Malformed, "the token is not a well-formed JWT")
         })?;
@@ -289,11 +321,30 @@ impl Jwt {
         for k in &keys {
             match jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, &validation) {
                 Ok(data) => {
-                    let mut g = self.grant(data.claims, src)?;
-                    if g.strip_subprotocol {
-                        g.token_protocol = Some(format!("bearer.{token}"));
+                    self.still_valid(&data.claims)?;
+                    let claims = Arc::new(data.claims);
+                    let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                    if cache.len() >= CACHED_TOKENS {
+                        let now = now_secs();
+                        cache.retain(|_, v| {
+                            v.claims
+                                .get("exp")
+                                .and_then(Value::as_u64)
+                                .is_some_and(|e| e > now)
+                        });
+                        if cache.len() >= CACHED_TOKENS {
+                            cache.clear();
+                        }
                     }
-                    return Ok(g);
+                    cache.insert(
+                        digest,
+                        Verified {
+                            claims: claims.clone(),
+                            generation,
+                        },
+                    );
+                    drop(cache);
+                    return self.finish(Map::clone(&claims), src, token);
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => last = Some(e),
                 Err(e) => return Err(refusal(e.kind())),
@@ -303,6 +354,43 @@ impl Jwt {
             last.as_ref()
                 .map_or(&ErrorKind::InvalidSignature, |e| e.kind()),
         ))
+    }
+
+    /// The JWKS fetches so far, all URLs together.
+    fn generation(&self) -> u64 {
+        self.urls.iter().map(|u| u.generation()).sum()
+    }
+
+    /// The time-based checks again, for a token verified earlier.
+    fn still_valid(&self, claims: &Map<String, Value>) -> Result<(), Refusal> {
+        let now = now_secs();
+        let leeway = self.cfg.leeway.as_secs();
+        if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
+            // RFC 7519 §4.1.4: valid only *before* `exp` (plus leeway), so a
+            // live session ends exactly when a new handshake would be refused.
+            if exp.saturating_add(leeway) <= now {
+                return Err(refusal(&ErrorKind::ExpiredSignature));
+            }
+        }
+        if let Some(nbf) = claims.get("nbf").and_then(Value::as_u64) {
+            if nbf > now.saturating_add(leeway) {
+                return Err(refusal(&ErrorKind::ImmatureSignature));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(
+        &self,
+        claims: Map<String, Value>,
+        src: &TokenSource,
+        token: &str,
+    ) -> Result<Grant, Refusal> {
+        let mut g = self.grant(claims, src)?;
+        if g.strip_subprotocol {
+            g.token_protocol = Some(format!("bearer.{token}"));
+        }
+        Ok(g)
     }
 
     fn grant(&self, claims: Map<String, Value>, src: &TokenSource) -> Result<Grant, Refusal> {
@@ -351,6 +439,12 @@ impl Jwt {
         }
         Ok(grant)
     }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A claim as header or log text: strings as they are, arrays joined by commas.
