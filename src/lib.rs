@@ -7,9 +7,10 @@
 //!   page, the Prometheus collector).
 //! - [`server`]: listeners, the accept loop (deadline, PROXY header, TLS),
 //!   HTTP/1.1 and HTTP/2 serving, applying reloads, shutdown.
-//! - [`proxy`]: the request path: route ([`router`]), origin, limits
-//!   ([`limits`]), handshake checks ([`ws`]), then a splice upgrade with
-//!   failover, a fan-out client, or plain HTTP through tower.
+//! - [`proxy`]: the request path: route ([`router`]), authentication
+//!   ([`auth`]), origin, limits ([`limits`]), handshake checks ([`ws`]),
+//!   then a splice upgrade with failover, a fan-out client, or plain HTTP
+//!   through tower.
 //! - [`state`] and [`reload`]: the snapshot every request reads and how a
 //!   new config becomes the next one.
 //! - [`session`] (one spliced session: the client leg and the splice) and

@@ -159,7 +159,7 @@ pub fn build(old: Option<&Snapshot>, cfg: &Config) -> Result<Next, BuildError> {
         // secret); keys fetched from JWKS URLs carry over until the next fetch.
         let auth = match &r.auth {
             Some(a) => {
-                let auth = RouteAuth::new(&r.name, a, stats.clone()).map_err(|source| {
+                let auth = RouteAuth::new(&r.name, a, stats.clone(), &pools).map_err(|source| {
                     BuildError::Auth {
                         file: cfg.source.clone(),
                         source,

@@ -707,6 +707,31 @@ async fn forward_auth_allows_denies_times_out_and_caches() {
         1
     );
 
+    // The service as a pool: balancing and failover past a dead server.
+    let dead = dead_addr().await;
+    let gw = gateway(&format!(
+        "admin: {{ addr: '127.0.0.1:0' }}\nlisten:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: [ws://{}] }}\n  authp: {{ balance: round_robin, backends: [ws://{dead}, ws://{svc}] }}\nroutes:\n  - name: r\n    path: /chat\n    pool: p\n    auth:\n      forward: {{ pool: authp, path: /check, copy_headers: [X-User-Id] }}\n",
+        be.addrs[0]
+    ))
+    .await;
+    for _ in 0..4 {
+        let mut ws = ws_with(gw.addr(), "x", "/chat", &[("cookie", "session=good")])
+            .await
+            .expect("allowed through the pool");
+        assert!(whoami(&mut ws).await.contains("x-user-id: bob"));
+    }
+    let m = admin_request(gw.admin.expect("admin"), "GET", "/metrics", None).await;
+    assert!(
+        m.body
+            .lines()
+            .any(|l| l.starts_with("upgate_backend_failures_total")
+                && l.contains("pool=\"authp\"")
+                && l.contains(&dead.to_string())
+                && !l.ends_with(" 0")),
+        "the dead auth server is blamed:\n{}",
+        m.body
+    );
+
     // Unreachable service: 503 as well; with fail_open: let in.
     let dead = dead_addr().await;
     for (fail_open, want) in [(false, Some(503)), (true, None)] {

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,7 +27,8 @@ use tracing::warn;
 
 use super::{Ask, AuthError, Refusal};
 use crate::backend::connector::PoolConnector;
-use crate::config::auth::ForwardConfig;
+use crate::backend::{Body, Pool};
+use crate::config::auth::{ForwardConfig, ForwardTarget};
 use crate::metrics::{AuthReason, RouteStats};
 
 /// Largest body of a refusal relayed to the client.
@@ -37,7 +38,7 @@ const MAX_CACHED: usize = 10_000;
 
 pub struct Forward {
     cfg: ForwardConfig,
-    client: Client<PoolConnector, Empty<Bytes>>,
+    via: Via,
     request_headers: Vec<HeaderName>,
     copy_headers: Vec<HeaderName>,
     /// Credential (a keyed hash of the forwarded headers' values) →
@@ -47,6 +48,20 @@ pub struct Forward {
     hasher: std::hash::RandomState,
 }
 
+/// How the service is reached.
+enum Via {
+    Url(Client<PoolConnector, Body>, http::Uri),
+    /// A pool of the config: its balancing, health and failover, and its
+    /// pooled client; the path to ask.
+    Pool(Arc<Pool>, String),
+}
+
+fn empty() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 #[derive(Clone)]
 enum Decision {
     Allow(Vec<(HeaderName, HeaderValue)>),
@@ -54,20 +69,37 @@ enum Decision {
 }
 
 impl Forward {
-    pub fn new(route: &str, cfg: &ForwardConfig) -> Result<Forward, AuthError> {
-        let tls = if cfg.url.scheme_str() == Some("https") {
-            let c =
-                crate::tls::client_config(cfg.ca.as_deref()).map_err(|e| AuthError::Forward {
+    pub fn new(
+        route: &str,
+        cfg: &ForwardConfig,
+        pools: &[Arc<Pool>],
+    ) -> Result<Forward, AuthError> {
+        let via = match &cfg.target {
+            ForwardTarget::Url(url) => {
+                let tls = if url.scheme_str() == Some("https") {
+                    let c = crate::tls::client_config(cfg.ca.as_deref()).map_err(|e| {
+                        AuthError::Forward {
+                            route: route.to_string(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                    Some(tokio_rustls::TlsConnector::from(c))
+                } else {
+                    None
+                };
+                let client = Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .build(PoolConnector::new(tls, cfg.timeout));
+                Via::Url(client, url.clone())
+            }
+            ForwardTarget::Pool { pool, name, path } => {
+                let p = pools.get(*pool).ok_or_else(|| AuthError::Forward {
                     route: route.to_string(),
-                    message: e.to_string(),
+                    message: format!("pool `{name}` is not built"),
                 })?;
-            Some(tokio_rustls::TlsConnector::from(c))
-        } else {
-            None
+                Via::Pool(p.clone(), path.clone())
+            }
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(PoolConnector::new(tls, cfg.timeout));
         let names = |list: &[String]| {
             list.iter()
                 .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
@@ -77,7 +109,7 @@ impl Forward {
             request_headers: names(&cfg.request_headers),
             copy_headers: names(&cfg.copy_headers),
             cfg: cfg.clone(),
-            client,
+            via,
             cache: Mutex::new(HashMap::new()),
             hasher: std::hash::RandomState::new(),
         })
@@ -141,7 +173,7 @@ impl Forward {
     }
 
     fn unavailable(&self, why: &str) -> Result<Vec<(HeaderName, HeaderValue)>, Refusal> {
-        warn!(url = %self.cfg.url, error = why, fail_open = self.cfg.fail_open, "forward auth unavailable");
+        warn!(target = %self.cfg.target, error = why, fail_open = self.cfg.fail_open, "forward auth unavailable");
         if self.cfg.fail_open {
             return Ok(Vec::new());
         }
@@ -155,10 +187,7 @@ impl Forward {
     }
 
     async fn ask(&self, ask: &Ask<'_>) -> Result<Decision, String> {
-        let mut req = http::Request::get(self.cfg.url.clone())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let h = req.headers_mut();
+        let mut h = HeaderMap::new();
         for name in &self.request_headers {
             for v in ask.headers.get_all(name) {
                 h.append(name.clone(), v.clone());
@@ -177,7 +206,7 @@ impl Forward {
         set("x-forwarded-host", ask.host.unwrap_or(""));
         set("x-forwarded-for", &ask.peer.ip().to_string());
         set("x-forwarded-proto", ask.proto);
-        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+        let resp = self.send(h).await?;
         let status = resp.status();
         if status.is_success() {
             let set = self
@@ -209,6 +238,51 @@ impl Forward {
             .map(|b| b.to_bytes())
             .unwrap_or_default();
         Ok(Decision::Deny(status, headers, body))
+    }
+}
+
+impl Forward {
+    /// Sends the question: to the URL, or through the pool's failover order.
+    async fn send(
+        &self,
+        headers: HeaderMap,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        let request = |uri: http::Uri| {
+            let mut req = http::Request::get(uri)
+                .body(empty())
+                .map_err(|e| e.to_string())?;
+            *req.headers_mut() = headers.clone();
+            Ok::<_, String>(req)
+        };
+        match &self.via {
+            Via::Url(client, url) => client
+                .request(request(url.clone())?)
+                .await
+                .map_err(|e| e.to_string()),
+            Via::Pool(pool, path) => {
+                let mut last = format!("no auth server of pool `{}` is available", pool.name);
+                for backend in pool.try_order(None).take(pool.max_attempts) {
+                    let uri = http::Uri::builder()
+                        .scheme(crate::backend::connector::http_scheme(&backend))
+                        .authority(backend.authority.clone())
+                        .path_and_query(path.as_str())
+                        .build()
+                        .map_err(|e| e.to_string())?;
+                    match pool.http.request(request(uri)?).await {
+                        Ok(resp) => {
+                            pool.note_outcome(&backend, !resp.status().is_server_error());
+                            return Ok(resp);
+                        }
+                        Err(e) if e.is_connect() => {
+                            pool.note_outcome(&backend, false);
+                            last = format!("{}: {e}", backend.url);
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                Err(last)
+            }
+        }
     }
 }
 

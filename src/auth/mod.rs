@@ -155,6 +155,7 @@ impl RouteAuth {
         route: &str,
         cfg: &AuthConfig,
         stats: Arc<RouteStats>,
+        pools: &[Arc<crate::backend::Pool>],
     ) -> Result<RouteAuth, AuthError> {
         crypto::install();
         let jwt = match &cfg.jwt {
@@ -162,7 +163,7 @@ impl RouteAuth {
             None => None,
         };
         let forward = match &cfg.forward {
-            Some(f) => Some(forward::Forward::new(route, f)?),
+            Some(f) => Some(forward::Forward::new(route, f, pools)?),
             None => None,
         };
         Ok(RouteAuth {

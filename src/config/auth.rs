@@ -70,7 +70,10 @@ pub struct RawKey {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawForward {
-    pub url: String,
+    pub url: Option<String>,
+    /// Instead of `url`: a pool of auth servers (health checks, failover) and the path to ask.
+    pub pool: Option<String>,
+    pub path: Option<String>,
     pub timeout: Option<Dur>,
     #[serde(default)]
     pub copy_headers: Vec<String>,
@@ -149,9 +152,30 @@ pub enum TokenSource {
     Subprotocol,
 }
 
+/// Where forward auth asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardTarget {
+    Url(http::Uri),
+    /// A pool of the config (index into `Config::pools`) and the path to ask.
+    Pool {
+        pool: usize,
+        name: String,
+        path: String,
+    },
+}
+
+impl std::fmt::Display for ForwardTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ForwardTarget::Url(u) => write!(f, "{u}"),
+            ForwardTarget::Pool { name, path, .. } => write!(f, "pool {name} {path}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardConfig {
-    pub url: http::Uri,
+    pub target: ForwardTarget,
     pub timeout: Duration,
     pub copy_headers: Vec<String>,
     pub request_headers: Vec<String>,
@@ -204,7 +228,7 @@ impl AuthConfig {
         if let Some(f) = &self.forward {
             parts.push(format!(
                 "auth forward {}{}",
-                f.url,
+                f.target,
                 if f.fail_open { " (fail open)" } else { "" }
             ));
         }
@@ -218,6 +242,7 @@ pub(super) fn auth(
     route: usize,
     raw: RawAuth,
     resolve: &dyn Fn(&Path) -> PathBuf,
+    pools: &[super::PoolConfig],
 ) -> Result<AuthConfig, ConfigError> {
     let base = [Seg::Key("routes"), Seg::Index(route), Seg::Key("auth")];
     let at = |k: &'static str| {
@@ -234,7 +259,7 @@ pub(super) fn auth(
     };
     let forward = match raw.forward {
         None => None,
-        Some(f) => Some(forward(cx, &at("forward"), f, resolve)?),
+        Some(f) => Some(forward(cx, &at("forward"), f, resolve, pools)?),
     };
     Ok(AuthConfig { jwt, forward })
 }
@@ -399,18 +424,65 @@ fn forward(
     at: &[Seg],
     f: RawForward,
     resolve: &dyn Fn(&Path) -> PathBuf,
+    pools: &[super::PoolConfig],
 ) -> Result<ForwardConfig, ConfigError> {
-    let url = f
-        .url
-        .parse::<http::Uri>()
-        .ok()
-        .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
-        .ok_or_else(|| {
-            cx.err(
-                &with(at, Seg::Key("url")),
-                format!("`{}` is not an http:// or https:// URL", f.url),
-            )
-        })?;
+    let target = match (&f.url, &f.pool) {
+        (Some(url), None) => {
+            if f.path.is_some() {
+                return Err(cx.err(
+                    &with(at, Seg::Key("path")),
+                    "`path` goes with `pool`; put the path in `url`",
+                ));
+            }
+            let u = url
+                .parse::<http::Uri>()
+                .ok()
+                .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+                .ok_or_else(|| {
+                    cx.err(
+                        &with(at, Seg::Key("url")),
+                        format!("`{url}` is not an http:// or https:// URL"),
+                    )
+                })?;
+            ForwardTarget::Url(u)
+        }
+        (None, Some(name)) => {
+            let pool = pools.iter().position(|p| p.name == *name).ok_or_else(|| {
+                let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+                cx.err(
+                    &with(at, Seg::Key("pool")),
+                    format!(
+                        "no pool named `{name}`; defined pools: {}",
+                        known.join(", ")
+                    ),
+                )
+            })?;
+            let path = f.path.clone().unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+                return Err(cx.err(
+                    &with(at, Seg::Key("path")),
+                    format!("`{path}` is not a path starting with /"),
+                ));
+            }
+            ForwardTarget::Pool {
+                pool,
+                name: name.clone(),
+                path,
+            }
+        }
+        _ => {
+            return Err(cx.err(
+                at,
+                "say where to ask: `url: http://…` or `pool: NAME` (with `path: /check`), not both",
+            ))
+        }
+    };
+    if f.ca.is_some() && !matches!(target, ForwardTarget::Url(_)) {
+        return Err(cx.err(
+            &with(at, Seg::Key("ca")),
+            "`ca` is for a `url`; a pool's backends use the pool's `ca_file`",
+        ));
+    }
     let headers = |name: &'static str, list: &[String]| {
         for (k, h) in list.iter().enumerate() {
             if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
@@ -432,7 +504,7 @@ fn forward(
         return Err(cx.err(&with(at, Seg::Key("timeout")), "must be more than 0s"));
     }
     Ok(ForwardConfig {
-        url,
+        target,
         timeout,
         copy_headers: f.copy_headers,
         request_headers,

@@ -380,7 +380,7 @@ pub(super) fn routes(
             max_sessions_per_ip: r.max_sessions_per_ip,
         };
         let auth = match r.auth {
-            Some(a) => Some(super::auth::auth(cx, i, a, resolve)?),
+            Some(a) => Some(super::auth::auth(cx, i, a, resolve, pools)?),
             None => None,
         };
         routes.push(RouteConfig {
