@@ -50,7 +50,7 @@ pub struct Forward {
 
 /// How the service is reached.
 enum Via {
-    Url(Client<PoolConnector, Body>, http::Uri),
+    Url(Box<Client<PoolConnector, Body>>, http::Uri),
     /// A pool of the config: its balancing, health and failover, and its
     /// pooled client; the path to ask.
     Pool(Arc<Pool>, String),
@@ -90,7 +90,7 @@ impl Forward {
                 let client = Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(Duration::from_secs(90))
                     .build(PoolConnector::new(tls, cfg.timeout));
-                Via::Url(client, url.clone())
+                Via::Url(Box::new(client), url.clone())
             }
             ForwardTarget::Pool { pool, name, path } => {
                 let p = pools.get(*pool).ok_or_else(|| AuthError::Forward {
