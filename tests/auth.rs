@@ -827,3 +827,47 @@ async fn a_browser_authenticates_with_a_cookie_and_with_the_subprotocol_conventi
         "subprotocol: {dom}"
     );
 }
+
+#[tokio::test]
+async fn a_rotated_key_file_is_picked_up_without_a_reload_command() {
+    let be = echo_backends(&["a"]).await;
+    let dir = TempDir::new("auth-watch");
+    let (a, b) = (
+        SigningKey::generate(Algorithm::ES256),
+        SigningKey::generate(Algorithm::ES256),
+    );
+    a.write_public(&dir.0, "issuer.pem");
+    let cfg = dir.0.join("routes.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "server: {{ watch_interval: 100ms }}\nlisten:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: [ws://{}] }}\nroutes:\n  - name: r\n    path: /chat\n    pool: p\n    auth: {{ jwt: {{ keys: [{{ file: issuer.pem }}] }} }}\n",
+            be.addrs[0]
+        ),
+    )
+    .unwrap();
+    let gw = gateway_file(&cfg).await;
+    let ok = claims("heidi", ISS, "chat");
+    let try_with = |k: &SigningKey| {
+        let auth = bearer(&k.sign(None, &ok));
+        let addr = gw.addr();
+        async move {
+            ws_with(addr, "x", "/chat", &[("authorization", &auth)])
+                .await
+                .is_ok()
+        }
+    };
+    assert!(try_with(&a).await);
+    assert!(!try_with(&b).await);
+    // The issuer rotates its key; the file watcher reloads.
+    b.write_public(&dir.0, "issuer.pem");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !try_with(&b).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new key was never picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!try_with(&a).await, "the old key is gone");
+}

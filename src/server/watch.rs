@@ -1,6 +1,7 @@
-//! Watches the config file and the certificate files it names, and asks
-//! for a reload when one changes (size or modification time), so editing
-//! `routes.yaml` or renewing a certificate needs no signal.
+//! Watches the config file and the certificate and auth key files it
+//! names, and asks for a reload when one changes (size or modification
+//! time), so editing `routes.yaml`, renewing a certificate or rotating a
+//! JWT key file needs no signal.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ fn stamp(p: &PathBuf) -> Stamp {
     Some((m.modified().ok()?, m.len()))
 }
 
-/// The config file and every certificate and key file it names.
+/// The config file and every certificate, key and JWT key file it names.
 fn files(shared: &Shared) -> Vec<PathBuf> {
     let snap = shared.snapshot.load();
     let cfg = &snap.config;
@@ -28,6 +29,19 @@ fn files(shared: &Shared) -> Vec<PathBuf> {
         for f in l.tls.iter().flatten() {
             v.push(f.cert.clone());
             v.push(f.key.clone());
+        }
+    }
+    use crate::config::auth::KeyKind;
+    for r in &cfg.routes {
+        for k in r
+            .auth
+            .iter()
+            .filter_map(|a| a.jwt.as_ref())
+            .flat_map(|j| &j.keys)
+        {
+            if let KeyKind::Pem(p) | KeyKind::JwksFile(p) = &k.kind {
+                v.push(p.clone());
+            }
         }
     }
     v
@@ -52,7 +66,7 @@ pub async fn run(shared: Arc<Shared>, every: Duration, stop: CancellationToken) 
         if changed.is_empty() || watched[0].1.is_none() && stamp(&watched[0].0).is_none() {
             continue;
         }
-        info!(files = ?changed, "config or certificate files changed; reloading");
+        info!(files = ?changed, "config, certificate or key files changed; reloading");
         // A refusal is logged by the reload itself.
         if let Ok(summary) = crate::state::request_reload(&shared.reload).await {
             debug!(%summary, "reload from the file watcher done");
