@@ -73,7 +73,7 @@ fn check_reports_a_config_error_with_file_line_and_key() {
     let out = upgate().arg("check").arg(&file).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("bad.yaml:3:") && stderr.contains("unknown field `tsl`"),
+        stderr.contains("bad.yaml:3:") && stderr.contains("unknown key `tsl`; did you mean `tls`?"),
         "{stderr}"
     );
 }

@@ -5,6 +5,7 @@
 //! swapped by editing one place.
 
 pub mod auth;
+mod hints;
 mod locate;
 pub mod origin;
 pub mod raw;
@@ -340,7 +341,8 @@ impl Config {
 
     /// Parses config text; `file` names it in errors and anchors relative paths.
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| syntax_error(file, &e))?;
+        let raw: RawConfig =
+            serde_yaml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
         let cx = Ctx { file, text };
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: &Path| {
@@ -368,13 +370,15 @@ impl Config {
 }
 
 /// serde_yaml prints "… at line L column C"; we print the location first, like a compiler.
-fn syntax_error(file: &Path, e: &serde_yaml::Error) -> ConfigError {
+fn syntax_error(file: &Path, text: &str, e: &serde_yaml::Error) -> ConfigError {
     let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
     let mut message = e.to_string();
     let suffix = format!(" at line {line} column {column}");
     if let Some(i) = message.find(&suffix) {
         message.replace_range(i..i + suffix.len(), "");
     }
+    let source_line = text.lines().nth(line.saturating_sub(1)).unwrap_or("");
+    let message = hints::teach(&message, source_line);
     ConfigError::Syntax {
         file: file.to_path_buf(),
         line,
