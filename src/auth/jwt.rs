@@ -131,18 +131,9 @@ impl Jwt {
                 }
             }
         }
-        let forward = cfg
-            .forward_claims
-            .iter()
-            .filter_map(|(c, h)| Some((c.clone(), HeaderName::from_bytes(h.as_bytes()).ok()?)))
-            .collect();
-        Ok(Jwt {
-            cfg: cfg.clone(),
-            fixed,
-            urls,
-            forward,
-            cache: Mutex::default(),
-        })
+        let mut jwt = Jwt::from_keys(cfg.clone(), fixed);
+        jwt.urls = urls;
+        Ok(jwt)
     }
 
     /// A verifier over keys already in hand (fuzzing, tests).
