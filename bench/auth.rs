@@ -173,13 +173,7 @@ pub async fn auth_suite(a: AuthArgs) -> Result<(), String> {
         ));
     }
     report.push_str(&format!("\nClient-side errors over all runs: {errors}.\n"));
-    println!("{report}");
-    std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
-    let file = a
-        .out
-        .join(format!("auth-{}.md", started.replace([':', ' '], "-")));
-    std::fs::write(&file, &report).map_err(|e| e.to_string())?;
-    eprintln!("saved {}", file.display());
+    crate::save_report(&a.out, "auth-", &started, &report)?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }

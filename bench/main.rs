@@ -587,13 +587,7 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
         &idle_rows,
         huge_row.as_ref(),
     );
-    println!("{report}");
-    std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
-    let file = a
-        .out
-        .join(format!("{}.md", started.replace([':', ' '], "-")));
-    std::fs::write(&file, &report).map_err(|e| e.to_string())?;
-    eprintln!("saved {}", file.display());
+    save_report(&a.out, "", &started, &report)?;
     drop(backend);
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
@@ -692,13 +686,7 @@ async fn fanout_suite(a: FanoutArgs) -> Result<(), String> {
         }
     }
     let report = render_fanout(&a, clients, &started, &runs);
-    println!("{report}");
-    std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
-    let file = a
-        .out
-        .join(format!("fanout-{}.md", started.replace([':', ' '], "-")));
-    std::fs::write(&file, &report).map_err(|e| e.to_string())?;
-    eprintln!("saved {}", file.display());
+    save_report(&a.out, "fanout-", &started, &report)?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
@@ -767,6 +755,21 @@ fn open_file_limit() -> usize {
                 .and_then(|l| l.split_whitespace().nth(3).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(1024)
+}
+
+/// Prints the report and saves it as `OUT/PREFIX<started>.md`.
+pub(crate) fn save_report(
+    out: &std::path::Path,
+    prefix: &str,
+    started: &str,
+    report: &str,
+) -> Result<(), String> {
+    println!("{report}");
+    std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
+    let file = out.join(format!("{prefix}{}.md", started.replace([':', ' '], "-")));
+    std::fs::write(&file, report).map_err(|e| e.to_string())?;
+    eprintln!("saved {}", file.display());
+    Ok(())
 }
 
 pub(crate) fn now_utc() -> String {

@@ -146,7 +146,7 @@ impl AuthReason {
 #[derive(Debug, Default)]
 pub struct AuthStats {
     pub allowed: AtomicU64,
-    pub refused: [AtomicU64; 11],
+    pub refused: [AtomicU64; AuthReason::ALL.len()],
     /// Live sessions ended because their token expired.
     pub expired_sessions: AtomicU64,
     /// Failed fetches of a JWKS URL (the last good keys stay).

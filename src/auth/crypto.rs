@@ -10,7 +10,7 @@
 use jsonwebtoken::crypto::{CryptoProvider, JwtSigner, JwtVerifier, KeyUtils};
 use jsonwebtoken::errors::{Error, ErrorKind};
 use jsonwebtoken::signature::{self, Signer, Verifier};
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind, EncodingKey};
+use jsonwebtoken::{Algorithm, DecodingKey, DecodingKeyKind, EncodingKey};
 use ring::rand::SystemRandom;
 use ring::signature as sig;
 
@@ -27,17 +27,13 @@ pub fn install() {
     let _ = RING.install_default();
 }
 
-fn family(alg: Algorithm) -> AlgorithmFamily {
-    alg.family()
-}
-
 struct RingVerifier {
     alg: Algorithm,
     key: DecodingKey,
 }
 
 fn new_verifier(alg: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifier>, Error> {
-    if key.family() != family(*alg) {
+    if key.family() != alg.family() {
         return Err(ErrorKind::InvalidKeyFormat.into());
     }
     Ok(Box::new(RingVerifier {
@@ -115,7 +111,7 @@ struct RingSigner {
 }
 
 fn new_signer(alg: &Algorithm, key: &EncodingKey) -> Result<Box<dyn JwtSigner>, Error> {
-    if key.family() != family(*alg) {
+    if key.family() != alg.family() {
         return Err(ErrorKind::InvalidKeyFormat.into());
     }
     Ok(Box::new(RingSigner {

@@ -116,8 +116,8 @@ impl Forward {
     }
 
     /// The headers the service's answer may set: client copies never pass.
-    pub fn owned_headers(&self) -> Vec<HeaderName> {
-        self.copy_headers.clone()
+    pub fn owned_headers(&self) -> &[HeaderName] {
+        &self.copy_headers
     }
 
     /// The cache key: the credential headers' values (never stored as text).

@@ -278,7 +278,7 @@ impl Jwt {
             .map(|v| v.claims.clone());
         if let Some(claims) = cached {
             self.still_valid(&claims)?;
-            return self.finish(Map::clone(&claims), src, token);
+            return self.finish(&claims, src, token);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| {
             Refusal::invalid_token(AuthReason::Malformed, "the token is not a well-formed JWT")
@@ -335,7 +335,7 @@ impl Jwt {
                         },
                     );
                     drop(cache);
-                    return self.finish(Map::clone(&claims), src, token);
+                    return self.finish(&claims, src, token);
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => last = Some(e),
                 Err(e) => return Err(refusal(e.kind())),
@@ -373,7 +373,7 @@ impl Jwt {
 
     fn finish(
         &self,
-        claims: Map<String, Value>,
+        claims: &Map<String, Value>,
         src: &TokenSource,
         token: &str,
     ) -> Result<Grant, Refusal> {
@@ -384,7 +384,7 @@ impl Jwt {
         Ok(g)
     }
 
-    fn grant(&self, claims: Map<String, Value>, src: &TokenSource) -> Result<Grant, Refusal> {
+    fn grant(&self, claims: &Map<String, Value>, src: &TokenSource) -> Result<Grant, Refusal> {
         for (claim, want) in &self.cfg.require {
             let ok = match claims.get(claim) {
                 Some(Value::String(s)) => s == want,

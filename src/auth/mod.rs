@@ -229,7 +229,7 @@ impl RouteAuth {
         };
         if let Some(f) = &self.forward {
             let set = f.check(ask, &self.stats).await?;
-            grant.remove.extend(f.owned_headers());
+            grant.remove.extend_from_slice(f.owned_headers());
             grant.set.extend(set);
         }
         Ok(grant)
