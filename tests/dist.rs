@@ -30,7 +30,7 @@ fn the_units_commands_are_ones_upgate_runs() {
     .unwrap();
     let run = |cmdline: &str, extra: &[&str]| {
         let mut words = cmdline.split_whitespace();
-        assert_eq!(words.next(), Some("/usr/local/bin/upgate"), "{cmdline}");
+        assert_eq!(words.next(), Some("/usr/bin/upgate"), "{cmdline}");
         let args: Vec<String> = words
             .map(|w| w.replace("/etc/upgate/routes.yaml", &cfg.display().to_string()))
             .collect();
@@ -62,20 +62,15 @@ fn the_units_commands_are_ones_upgate_runs() {
 }
 
 #[test]
+#[cfg_attr(
+    no_systemd_analyze,
+    ignore = "needs systemd-analyze (apt-get install systemd)"
+)]
 fn systemd_accepts_the_unit() {
-    let Ok(probe) = Command::new("systemd-analyze").arg("--version").output() else {
-        assert!(
-            std::env::var_os("UPGATE_REQUIRE_SYSTEMD").is_none(),
-            "UPGATE_REQUIRE_SYSTEMD is set but there is no systemd-analyze"
-        );
-        eprintln!("SKIPPED: no systemd-analyze on this machine");
-        return;
-    };
-    assert!(probe.status.success());
     // The binary the unit names, at a path that exists here.
     let dir = support::TempDir::new("dist-verify");
     let unit = unit()
-        .replace("/usr/local/bin/upgate", env!("CARGO_BIN_EXE_upgate"))
+        .replace("/usr/bin/upgate", env!("CARGO_BIN_EXE_upgate"))
         .replace("/etc/upgate", &dir.0.display().to_string());
     let path = dir.0.join("upgate.service");
     std::fs::write(&path, unit).unwrap();
@@ -95,4 +90,105 @@ fn systemd_accepts_the_unit() {
         .filter(|l| l.contains("upgate.service"))
         .collect();
     assert!(ours.is_empty(), "systemd-analyze verify:\n{said}");
+}
+
+/// `cargo deb` packages this build (the test's own binary: `--profile dev
+/// --no-build`) with the unit, the user and a starter config; the binary
+/// unpacked from the package accepts the config the package ships.
+#[test]
+#[cfg_attr(no_cargo_deb, ignore = "needs cargo-deb (cargo install cargo-deb)")]
+fn the_debian_package_holds_binary_unit_and_a_config_it_accepts() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let exe = Path::new(env!("CARGO_BIN_EXE_upgate"));
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the binary sits in <target>/debug");
+    let dir = support::TempDir::new("deb");
+    let out = Command::new("cargo")
+        .args([
+            "deb",
+            "--locked",
+            "--profile",
+            "dev",
+            "--no-build",
+            "--no-strip",
+        ])
+        .args(["--fast", "--quiet", "--output"])
+        .arg(&dir.0)
+        .env("CARGO_TARGET_DIR", target)
+        .current_dir(root)
+        .output()
+        .expect("cargo deb ran");
+    assert!(
+        out.status.success(),
+        "cargo deb: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("a .deb in the output directory");
+    let dpkg = |args: &[&str]| {
+        let out = Command::new("dpkg-deb")
+            .args(args)
+            .arg(&deb)
+            .output()
+            .expect("dpkg-deb ran");
+        assert!(out.status.success(), "dpkg-deb {args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let files = dpkg(&["--contents"]);
+    for want in [
+        "./usr/bin/upgate",
+        "./usr/lib/systemd/system/upgate.service",
+        "./etc/upgate/routes.yaml",
+        "./usr/share/doc/upgate/configuration.md",
+    ] {
+        assert!(
+            files.lines().any(|l| l.ends_with(want)),
+            "{want} not in:\n{files}"
+        );
+    }
+    assert!(dpkg(&["--field"]).contains("adduser"), "depends on adduser");
+    let ctl = dir.0.join("control");
+    let out = Command::new("dpkg-deb")
+        .arg("--control")
+        .arg(&deb)
+        .arg(&ctl)
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let conffiles = std::fs::read_to_string(ctl.join("conffiles")).unwrap();
+    assert!(
+        conffiles.lines().any(|l| l == "/etc/upgate/routes.yaml"),
+        "an edited config survives upgrades: {conffiles}"
+    );
+    let postinst = std::fs::read_to_string(ctl.join("postinst")).unwrap();
+    assert!(postinst.contains("adduser --system"), "{postinst}");
+    // Unpacked as dpkg would install it; the packaged unit is the repo's.
+    let fs = dir.0.join("root");
+    let unpacked = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&fs)
+        .status()
+        .unwrap();
+    assert!(unpacked.success());
+    let packaged =
+        std::fs::read_to_string(fs.join("usr/lib/systemd/system/upgate.service")).unwrap();
+    assert_eq!(packaged, unit());
+    assert!(values(&packaged, "ExecStart")[0].starts_with("/usr/bin/upgate "));
+    let check = Command::new(fs.join("usr/bin/upgate"))
+        .arg("check")
+        .arg(fs.join("etc/upgate/routes.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "the shipped config: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 }
