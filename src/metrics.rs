@@ -80,8 +80,12 @@ pub struct RouteStats {
     /// Upgrades (of any outcome) that came as HTTP/2 extended CONNECTs.
     pub http2_upgrades: AtomicU64,
     pub sessions_active: AtomicU64,
+    /// Bytes and WebSocket messages spliced, client → backend (`up`) and
+    /// back; live sessions add theirs at most once per [`report_epoch`].
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
+    pub messages_up: AtomicU64,
+    pub messages_down: AtomicU64,
     pub session_duration: Histogram,
     pub handshake: Histogram,
     /// Sessions admitted under the route's limits.
@@ -170,6 +174,8 @@ impl Default for RouteStats {
             sessions_active: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
+            messages_up: AtomicU64::new(0),
+            messages_down: AtomicU64::new(0),
             session_duration: Histogram::new(&SESSION_BUCKETS),
             handshake: Histogram::new(&HANDSHAKE_BUCKETS),
             admitted: Default::default(),
@@ -183,6 +189,23 @@ impl RouteStats {
         self.upgrades[o as usize].fetch_add(1, Relaxed);
         self.handshake.observe(took);
     }
+}
+
+/// Ticked once a second by whoever samples the counters (the dashboard's
+/// history). A live session adds what it moved to its route's counters when
+/// it notices a new epoch, so the hot path pays one relaxed load per wake-up
+/// instead of an atomic add per message; a session adds the rest as it ends.
+static REPORT_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// The current reporting epoch.
+#[inline]
+pub fn report_epoch() -> u64 {
+    REPORT_EPOCH.load(Relaxed)
+}
+
+/// Asks live sessions to report what they moved (once a second).
+pub fn tick_report_epoch() {
+    REPORT_EPOCH.fetch_add(1, Relaxed);
 }
 
 /// Counts a live session on a route for as long as it is held.

@@ -106,6 +106,42 @@ impl Shared {
 pub struct GatewayStats {
     pub reloads_ok: std::sync::atomic::AtomicU64,
     pub reloads_failed: std::sync::atomic::AtomicU64,
+    /// The last [`RELOADS_KEPT`] reloads, oldest first, for the dashboard.
+    pub reload_log: std::sync::Mutex<std::collections::VecDeque<ReloadEvent>>,
+}
+
+/// Reloads remembered for the dashboard.
+pub const RELOADS_KEPT: usize = 20;
+
+/// One reload and its outcome.
+#[derive(Debug, Clone)]
+pub struct ReloadEvent {
+    pub at: std::time::SystemTime,
+    pub ok: bool,
+    /// The change summary, or why the running config stayed.
+    pub text: String,
+}
+
+impl GatewayStats {
+    /// Counts a reload and remembers its outcome.
+    pub fn note_reload(&self, ok: bool, text: &str) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if ok {
+            &self.reloads_ok
+        } else {
+            &self.reloads_failed
+        }
+        .fetch_add(1, Relaxed);
+        let mut log = self.reload_log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.len() == RELOADS_KEPT {
+            log.pop_front();
+        }
+        log.push_back(ReloadEvent {
+            at: std::time::SystemTime::now(),
+            ok,
+            text: text.to_string(),
+        });
+    }
 }
 
 /// One reload request; the answer is a summary of the change, or why the

@@ -266,3 +266,149 @@ async fn web_pages_cannot_reach_a_tokenless_admin() {
     let r = admin_request(admin, "POST", "/reload", None).await;
     assert_ne!(r.status, 403, "{}", r.body);
 }
+
+/// The value of attribute `name` on the element with `id` in a dumped DOM.
+fn attr(dom: &str, id: &str, name: &str) -> f64 {
+    let at = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in {dom}"));
+    let tag = &dom[at..at + dom[at..].find('>').expect("tag end")];
+    let start = tag
+        .find(&format!("{name}=\""))
+        .unwrap_or_else(|| panic!("no {name} on #{id}: {tag}"))
+        + name.len()
+        + 2;
+    let end = start + tag[start..].find('"').expect("attribute end");
+    tag[start..end]
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} on #{id}: {tag}"))
+}
+
+/// The dashboard in headless Chromium while traffic runs: a splice route
+/// with upgrades and messages, a fan-out channel fed by a forwarding
+/// client, then left to linger. The charts are uPlot's (canvas + legend)
+/// with live, non-zero data; a screenshot is kept as a test artifact.
+#[tokio::test]
+#[cfg_attr(no_browser, ignore = "needs chromium (apt-get install chromium)")]
+async fn the_dashboard_charts_live_traffic_in_a_browser() {
+    let be = echo_backends(&["a"]).await;
+    let gw = gateway(&format!(
+        "admin: {{ addr: '127.0.0.1:0', token: s3cret }}\nlisten:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: [ws://{}] }}\nroutes:\n  - {{ name: r, path: /ws, pool: p }}\n  - {{ name: f, path: /feed, pool: p, mode: fanout, strip_prefix: true, client_messages: forward, client_rate: 1000, linger: 60s }}\n",
+        be.addrs[0]
+    ))
+    .await;
+    let (addr, admin) = (gw.addr(), gw.admin.expect("admin"));
+    let stop = tokio_util::sync::CancellationToken::new();
+    // Traffic, bounded: at most 60 s, until the test is done.
+    let traffic = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut long = ws(addr, "h", "/ws").await;
+            let mut feed = ws(addr, "h", "/feed/room").await;
+            let until = tokio::time::Instant::now() + Duration::from_secs(60);
+            let mut i = 0u32;
+            while !stop.is_cancelled() && tokio::time::Instant::now() < until {
+                assert_eq!(roundtrip(&mut long, "tick").await, "tick");
+                assert_eq!(roundtrip(&mut feed, "news").await, "news");
+                if i.is_multiple_of(5) {
+                    let mut short = ws(addr, "h", "/ws").await;
+                    assert_eq!(roundtrip(&mut short, "hi").await, "hi");
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            drop(feed); // the channel lingers
+            long
+        }
+    });
+    // The history has rates for everything charted before the browser looks.
+    let latest = |v: &serde_json::Value, group: &str, name: &str, metric: &str| {
+        v["series"]
+            .as_array()
+            .and_then(|s| {
+                s.iter()
+                    .find(|s| s["group"] == group && s["name"] == name && s["metric"] == metric)
+            })
+            .and_then(|s| {
+                s["values"]
+                    .as_array()?
+                    .iter()
+                    .rev()
+                    .find_map(|v| v.as_f64())
+            })
+            .unwrap_or(0.0)
+    };
+    let mut ready = false;
+    for _ in 0..100 {
+        let h = admin_get(admin, "/history", Some("s3cret")).await;
+        assert_eq!(h.status, 200);
+        let v: serde_json::Value = serde_json::from_str(&h.body).unwrap();
+        if latest(&v, "routes", "r", "upgrades") > 0.0
+            && latest(&v, "routes", "r", "messages_up") > 0.0
+            && latest(&v, "routes", "r", "bytes_down") > 0.0
+            && latest(&v, "channels", "f /room", "messages") > 0.0
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ready, "the history never showed the traffic");
+    let url = format!("http://{admin}/?token=s3cret");
+    let dom = browser_dom(&url).await;
+    assert!(
+        dom.contains(r#"<div id="state" class="muted ok">updated"#),
+        "{dom}"
+    );
+    assert!(
+        dom.matches("class=\"uplot").count() >= 8,
+        "uPlot charts drawn: {dom}"
+    );
+    for (chart, what) in [
+        ("c-sessions", "live sessions"),
+        ("c-upgrades", "upgrades/s"),
+        ("c-messages", "messages/s"),
+        ("c-bytes", "bytes/s"),
+        ("c-backend-sessions", "backend sessions"),
+        ("c-ch-clients", "channel clients"),
+        ("c-ch-messages", "channel messages/s"),
+    ] {
+        assert!(
+            attr(&dom, chart, "data-max") > 0.0,
+            "{what} charted as 0: {dom}"
+        );
+        assert!(attr(&dom, chart, "data-points") >= 2.0, "{what}: {dom}");
+    }
+    assert_eq!(attr(&dom, "c-health", "data-series"), 1.0);
+    // uPlot's legend names the series.
+    assert!(dom.contains("f /room"), "channel in the legend: {dom}");
+    assert!(dom.contains(&format!("p ws://{}", be.addrs[0])), "{dom}");
+    // The channel's row names its upstream backend.
+    assert!(
+        dom.contains(&format!("<td>ws://{}</td>", be.addrs[0])),
+        "{dom}"
+    );
+
+    stop.cancel();
+    let long = traffic.await.expect("traffic ran");
+    // The fan-out client left: the channel lingers, and the page says why
+    // its backend still has a session.
+    let mut lingering = false;
+    for _ in 0..50 {
+        let r = admin_get(admin, "/routes", Some("s3cret")).await;
+        if r.body.contains(r#""clients":0"#) {
+            lingering = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(lingering, "the channel's client count never fell to 0");
+    let dom = browser_dom(&url).await;
+    assert!(dom.contains("0 (lingering)"), "{dom}");
+    assert!(dom.contains("keep their upstream open for linger"), "{dom}");
+    // The artifact: target/tmp/dashboard.png.
+    let png = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    browser_screenshot(&url, &png, 1400, 2200).await;
+    eprintln!("dashboard screenshot: {}", png.display());
+    drop(long);
+}

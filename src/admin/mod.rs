@@ -1,6 +1,7 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics` (Prometheus),
-//! `/routes`, `/pools` and `/config` (JSON), `POST /reload`, and `GET /`, a
-//! live status page, for operators and orchestrators. It runs through a tower/tower-http stack
+//! `/routes`, `/pools`, `/config` and `/history` (JSON), `POST /reload`, and
+//! `GET /`, a live dashboard (charts of the last 15 minutes drawn by the
+//! embedded uPlot, see `history`), for operators and orchestrators. It runs through a tower/tower-http stack
 //! (tracing, a timeout, a global concurrency limit) and, when a token is
 //! configured, wants `Authorization: Bearer TOKEN` on everything but the two
 //! probes. It keeps serving while the gateway drains, so `/readyz` can say so.
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tracing::{debug, warn};
 
+pub mod history;
 mod prometheus;
 
 use crate::error::{full, text_response, Body};
@@ -38,6 +40,7 @@ struct Admin {
     /// Host names accepted besides IP literals and `localhost`.
     hosts: Arc<[String]>,
     metrics: Arc<prometheus_client::registry::Registry>,
+    history: Arc<history::History>,
 }
 
 /// Serves the admin listener until `stop` is cancelled.
@@ -47,8 +50,11 @@ pub async fn serve(
     settings: crate::config::AdminConfig,
     stop: CancellationToken,
 ) {
+    let history = Arc::new(history::History::default());
+    tokio::spawn(history::run(shared.clone(), history.clone(), stop.clone()));
     let admin = Admin {
         metrics: Arc::new(prometheus::registry(shared.clone())),
+        history,
         shared,
         token: settings.token.map(Arc::from),
         hosts: settings.hosts.into(),
@@ -132,7 +138,19 @@ fn json_response(v: serde_json::Value) -> Response<Body> {
 }
 
 const ENDPOINTS: &str =
-    "endpoints: GET / /healthz /readyz /metrics /routes /pools /config, POST /reload\n";
+    "endpoints: GET / /healthz /readyz /metrics /routes /pools /config /history[?since=N], POST /reload\n";
+
+/// A static file of the dashboard, cached by the browser for a day.
+fn asset(body: &'static str, kind: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from_static(body.as_bytes())));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, max-age=86400"),
+    );
+    r
+}
 
 impl Admin {
     /// A bearer token in `Authorization`, or `?token=` (for the status page in a browser).
@@ -197,6 +215,9 @@ impl Admin {
         let get = req.method() == Method::GET;
         match path.as_str() {
             "/healthz" if get => return text_response(StatusCode::OK, "ok\n".into()),
+            // The chart library is public code: a `<script src>` cannot carry the token.
+            "/assets/uplot.js" if get => return asset(UPLOT_JS, "text/javascript; charset=utf-8"),
+            "/assets/uplot.css" if get => return asset(UPLOT_CSS, "text/css; charset=utf-8"),
             "/readyz" if get => {
                 return if self.shared.draining.load(Ordering::Relaxed) {
                     text_response(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
@@ -228,6 +249,17 @@ impl Admin {
                 );
                 r
             }
+            ("/history", true, _) => {
+                let since = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("since=")))
+                    .and_then(|n| n.parse().ok());
+                let mut v = self.history.json(since);
+                v["reloads"] = self.reloads();
+                v["channels"] = self.channel_upstreams();
+                json_response(v)
+            }
             ("/routes", true, _) => self.routes(),
             ("/pools", true, _) => self.pools(),
             ("/config", true, _) => json_response(config_json(&self.shared.snapshot.load().config)),
@@ -240,11 +272,52 @@ impl Admin {
                     r
                 }
             },
-            ("/" | "/routes" | "/pools" | "/config" | "/metrics" | "/reload", _, _) => {
-                text_response(StatusCode::METHOD_NOT_ALLOWED, ENDPOINTS.into())
-            }
+            (
+                "/" | "/routes" | "/pools" | "/config" | "/history" | "/metrics" | "/reload",
+                _,
+                _,
+            ) => text_response(StatusCode::METHOD_NOT_ALLOWED, ENDPOINTS.into()),
             _ => text_response(StatusCode::NOT_FOUND, ENDPOINTS.into()),
         }
+    }
+
+    /// The last reloads, oldest first.
+    fn reloads(&self) -> serde_json::Value {
+        let log = self
+            .shared
+            .stats
+            .reload_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        log.iter()
+            .map(|r| {
+                let at =
+                    r.at.duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                json!({ "at_ms": at, "ok": r.ok, "text": r.text })
+            })
+            .collect()
+    }
+
+    /// Each open channel's route, key, clients and upstream backends now.
+    fn channel_upstreams(&self) -> serde_json::Value {
+        let snap = self.shared.snapshot.load();
+        snap.each_route()
+            .filter_map(|(r, state)| Some((r, state.hub.as_ref()?)))
+            .flat_map(|(r, hub)| {
+                let linger = hub.linger();
+                hub.channel_list().into_iter().map(move |c| {
+                    json!({
+                        "route": r.name,
+                        "channel": c.key,
+                        "id": format!("{} {}", r.name, c.key),
+                        "clients": c.clients,
+                        "upstreams": c.upstreams,
+                        "linger_ms": linger.as_millis() as u64,
+                    })
+                })
+            })
+            .collect()
     }
 
     fn metrics(&self) -> Response<Body> {
@@ -328,7 +401,16 @@ fn fanout_json(h: &crate::fanout::Hub) -> serde_json::Value {
     let channels: Vec<_> = h
         .channel_list()
         .into_iter()
-        .map(|(key, clients)| json!({ "channel": key, "clients": clients }))
+        .map(|c| {
+            json!({
+                "channel": c.key,
+                "clients": c.clients,
+                "messages_in": c.messages_in,
+                "dropped": c.dropped,
+                "slow_disconnects": c.slow_disconnects,
+                "upstreams": c.upstreams,
+            })
+        })
         .collect();
     json!({
         "sources": h.source_names(),
@@ -426,8 +508,12 @@ fn config_json(c: &crate::config::Config) -> serde_json::Value {
     })
 }
 
-/// `GET /`: routes, pools and backend health, refreshed every second.
+/// `GET /`: the dashboard (charts from `/history`, tables from `/routes`
+/// and `/pools`), refreshed every second.
 const STATUS_PAGE: &str = include_str!("page.html");
+/// uPlot 1.6.32 (MIT), see `vendor/README.md`: no CDN, the page works offline.
+const UPLOT_JS: &str = include_str!("vendor/uPlot.iife.min.js");
+const UPLOT_CSS: &str = include_str!("vendor/uPlot.min.css");
 
 #[cfg(test)]
 mod host_tests {

@@ -271,13 +271,26 @@ impl Collector for GatewayCollector {
         family(
             &mut enc,
             "upgate_session_bytes",
-            "Bytes moved by spliced sessions that ended (up = client to backend).",
+            "Bytes moved by spliced sessions (up = client to backend); live sessions add theirs once a second while the admin listener runs, and the rest as they end.",
             Counter,
             &per_route_by(
                 "direction",
                 &[
                     ("up", &|s| s.bytes_up.load(Relaxed)),
                     ("down", &|s| s.bytes_down.load(Relaxed)),
+                ],
+            ),
+        )?;
+        family(
+            &mut enc,
+            "upgate_session_messages",
+            "WebSocket data messages (text or binary, however fragmented) moved by spliced sessions (up = client to backend), reported like upgate_session_bytes.",
+            Counter,
+            &per_route_by(
+                "direction",
+                &[
+                    ("up", &|s| s.messages_up.load(Relaxed)),
+                    ("down", &|s| s.messages_down.load(Relaxed)),
                 ],
             ),
         )?;

@@ -239,7 +239,9 @@ async fn source(
             info!(pool = %pool.name, backend = %u.guard.backend().url, "upstream reconnected");
         }
         backoff = BACKOFF_MIN;
+        super::lock(&ch.upstreams).insert(idx, u.guard.backend().url.to_string());
         let lost = pump(hub, ch, idx, &mut u, fwd.as_mut(), end).await;
+        super::lock(&ch.upstreams).remove(&idx);
         match lost {
             Lost::End => {
                 let close = u.ws.close(None);
@@ -335,6 +337,7 @@ async fn pump(
 /// Frames one upstream message (tagging it with its source when asked) and publishes it.
 fn publish(hub: &Hub, ch: &Channel, idx: usize, opcode: u8, payload: &[u8]) {
     hub.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+    ch.counts.messages_in.fetch_add(1, Ordering::Relaxed);
     let tagged_text;
     let body = if hub.cfg.tag && opcode == frame::OP_TEXT {
         tagged_text = tagged(&hub.pool(idx).name, payload);

@@ -393,6 +393,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                 if lagged > 0 {
                     if disconnect {
                         stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                        cx.ch.counts.slow_disconnects.fetch_add(1, Ordering::Relaxed);
                         out.end = End::Slow;
                         out.close_code = Some(code::POLICY);
                         let reason = format!("too slow: fell more than {} messages behind", cfg.max_lag);
@@ -400,6 +401,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                     }
                     out.dropped += lagged;
                     stats.dropped.fetch_add(lagged, Ordering::Relaxed);
+                    cx.ch.counts.dropped.fetch_add(lagged, Ordering::Relaxed);
                 }
                 if unflushed >= FLUSH_STATS {
                     stats.delivered.fetch_add(unflushed, Ordering::Relaxed);

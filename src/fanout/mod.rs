@@ -113,6 +113,32 @@ pub struct Channel {
     failed: tokio_util::sync::CancellationToken,
     /// Client messages for the first source's upstream (`client_messages: forward`).
     to_upstream: mpsc::Sender<Message>,
+    /// This channel's share of the route's counters, for the dashboard.
+    counts: ChannelCounts,
+    /// The backend each source's upstream is connected to now.
+    upstreams: Mutex<std::collections::BTreeMap<usize, String>>,
+}
+
+/// Counters of one channel.
+#[derive(Debug, Default)]
+struct ChannelCounts {
+    messages_in: AtomicU64,
+    dropped: AtomicU64,
+    slow_disconnects: AtomicU64,
+}
+
+/// What the admin API and the dashboard show of one open channel.
+#[derive(Debug, Clone)]
+pub struct ChannelView {
+    pub key: String,
+    pub clients: usize,
+    /// Messages received from its upstreams.
+    pub messages_in: u64,
+    /// Messages skipped for its clients that fell behind.
+    pub dropped: u64,
+    pub slow_disconnects: u64,
+    /// The backends its upstreams are connected to (empty while connecting).
+    pub upstreams: Vec<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -155,6 +181,11 @@ impl Hub {
         }
     }
 
+    /// How long a channel keeps its upstream after its last client left.
+    pub fn linger(&self) -> std::time::Duration {
+        self.cfg.linger
+    }
+
     /// The source pools' names, in order.
     pub fn source_names(&self) -> Vec<String> {
         self.pools().iter().map(|p| p.name.clone()).collect()
@@ -191,13 +222,20 @@ impl Hub {
         ));
     }
 
-    /// Open channels and their client counts, for the admin API.
-    pub fn channel_list(&self) -> Vec<(String, usize)> {
+    /// Open channels, their clients, counters and upstreams, by key.
+    pub fn channel_list(&self) -> Vec<ChannelView> {
         let mut v: Vec<_> = lock(&self.channels)
             .values()
-            .map(|c| (c.key.clone(), c.clients.load(Ordering::Relaxed)))
+            .map(|c| ChannelView {
+                key: c.key.clone(),
+                clients: c.clients.load(Ordering::Relaxed),
+                messages_in: c.counts.messages_in.load(Ordering::Relaxed),
+                dropped: c.counts.dropped.load(Ordering::Relaxed),
+                slow_disconnects: c.counts.slow_disconnects.load(Ordering::Relaxed),
+                upstreams: lock(&c.upstreams).values().cloned().collect(),
+            })
             .collect();
-        v.sort();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
         v
     }
 
@@ -393,6 +431,8 @@ impl Channel {
             state: watch::channel(State::Connecting).0,
             failed: tokio_util::sync::CancellationToken::new(),
             to_upstream: fwd_tx,
+            counts: ChannelCounts::default(),
+            upstreams: Mutex::new(Default::default()),
         });
         (ch, fwd_rx)
     }

@@ -313,9 +313,7 @@ impl Gateway {
         let stats = &self.shared.stats;
         let old = self.shared.snapshot.load_full();
         let refused = |e: String| {
-            stats
-                .reloads_failed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats.note_reload(false, &e);
             error!(error = %e, "reload refused; the running config stays");
             Err(e)
         };
@@ -405,9 +403,7 @@ impl Gateway {
         if self.shared.snapshot.load().settings != cfg.server {
             warn!("`server:` settings other than drain_timeout changed; they take effect at the next restart");
         }
-        stats
-            .reloads_ok
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats.note_reload(true, &next.summary);
         info!(summary = %next.summary, "config reloaded");
         Ok(next.summary)
     }

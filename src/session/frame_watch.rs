@@ -1,6 +1,6 @@
 //! The splice's frame watch: follows WebSocket frame boundaries in one
 //! direction of a session without copying or changing a byte, so the access
-//! log can say which Close code ended it.
+//! log can say which Close code ended it and the route can count messages.
 
 /// Follows frame boundaries in one direction of a session, without
 /// copying or changing a byte, to notice the first Close frame and its code
@@ -17,6 +17,9 @@ pub(crate) struct FrameWatch {
     close: Option<([u8; 4], [u8; 2], usize)>,
     /// Set at the first Close frame: its code (`None` when it carried none).
     pub(crate) seen: Option<Option<u16>>,
+    /// Data messages begun so far (a text or binary frame; continuations
+    /// and control frames are not counted).
+    pub(crate) messages: u64,
 }
 
 impl FrameWatch {
@@ -77,6 +80,10 @@ impl FrameWatch {
             if h[1] & 0x80 != 0 {
                 mask.copy_from_slice(&h[at..at + 4]);
             }
+            match h[0] & 0x0f {
+                0x1 | 0x2 => self.messages += 1,
+                _ => {}
+            }
             if h[0] & 0x0f == 0x8 {
                 if len == 0 {
                     self.seen = Some(None);
@@ -131,7 +138,21 @@ mod tests {
                 w.feed(c);
             }
             assert_eq!(w.seen, Some(Some(4001)), "chunks of {chunk}");
+            assert_eq!(
+                w.messages, 3,
+                "text + 2 binary, not the ping: chunks of {chunk}"
+            );
         }
+        // A message in three fragments counts once.
+        let mut w = FrameWatch::default();
+        let mut first = frame(0x1, b"a", None);
+        first[0] &= 0x7f;
+        let mut mid = frame(0x0, b"b", None);
+        mid[0] &= 0x7f;
+        w.feed(&first);
+        w.feed(&mid);
+        w.feed(&frame(0x0, b"c", None));
+        assert_eq!(w.messages, 1);
         let mut w = FrameWatch::default();
         w.feed(&frame(0x8, b"", None));
         assert_eq!(w.seen, Some(None));

@@ -105,7 +105,8 @@ pub fn spawn(
             let started = tokio::time::Instant::now();
             // How the session ended, for the access log.
             let (end, moved, error) = tokio::select! {
-                r = run(client, backend, half_close) => match r {
+                // The splice adds its bytes and messages to the route's counters itself.
+                r = run(client, backend, half_close, stats.stats()) => match r {
                     Ok(m) => ("closed", Some(m), None),
                     Err(e) => ("io_error", None, Some(e)),
                 },
@@ -121,11 +122,6 @@ pub fn spawn(
             if end == "token_expired" {
                 use std::sync::atomic::Ordering::Relaxed;
                 s.auth.expired_sessions.fetch_add(1, Relaxed);
-            }
-            if let Some(m) = moved {
-                use std::sync::atomic::Ordering::Relaxed;
-                s.bytes_up.fetch_add(m.client_to_backend, Relaxed);
-                s.bytes_down.fetch_add(m.backend_to_client, Relaxed);
             }
             // One line per session (target `upgate::access`); the span adds peer and
             // route. Byte counts are known when the splice itself finished.
@@ -155,15 +151,16 @@ async fn run(
     client: Leg,
     backend: Leg,
     half_close: std::time::Duration,
+    stats: &crate::metrics::RouteStats,
 ) -> io::Result<splice::Moved> {
     match (client, backend) {
         (Leg::Tcp(mut c, cp), Leg::Tcp(mut b, bp)) => {
-            splice::splice(&mut c, cp, &mut b, bp, half_close).await
+            splice::splice(&mut c, cp, &mut b, bp, half_close, stats).await
         }
         (c, b) => {
             let ((mut c, cp), (mut b, bp)) = (c.into_io(), b.into_io());
             // Boxed: keeps this path's state out of every plain session's task.
-            Box::pin(splice::splice(&mut c, cp, &mut b, bp, half_close)).await
+            Box::pin(splice::splice(&mut c, cp, &mut b, bp, half_close, stats)).await
         }
     }
 }

@@ -470,9 +470,29 @@ pub fn chromium() -> &'static str {
 
 /// The DOM of `url` after its scripts ran, from headless Chromium.
 pub async fn browser_dom(url: &str) -> String {
-    let chromium = chromium();
+    let out = headless(url, &["--dump-dom"]).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A PNG of `url` after its scripts ran (a `width`×`height` window), written to `png`.
+pub async fn browser_screenshot(url: &str, png: &std::path::Path, width: u32, height: u32) {
+    headless(
+        url,
+        &[
+            &format!("--screenshot={}", png.display()),
+            &format!("--window-size={width},{height}"),
+            "--hide-scrollbars",
+        ],
+    )
+    .await;
+    let len = std::fs::metadata(png).map_or(0, |m| m.len());
+    assert!(len > 10_000, "a screenshot of {url} at {}", png.display());
+}
+
+/// Runs headless Chromium on `url` with `args`; its stdout.
+async fn headless(url: &str, args: &[&str]) -> Vec<u8> {
     let profile = TempDir::new("chromium");
-    let out = tokio::process::Command::new(chromium)
+    let out = tokio::process::Command::new(chromium())
         .args([
             "--headless",
             "--no-sandbox",
@@ -483,8 +503,8 @@ pub async fn browser_dom(url: &str) -> String {
             "--ignore-certificate-errors",
             "--virtual-time-budget=5000",
         ])
+        .args(args)
         .arg(format!("--user-data-dir={}", profile.0.display()))
-        .arg("--dump-dom")
         .arg(url)
         .kill_on_drop(true)
         .output();
@@ -492,13 +512,13 @@ pub async fn browser_dom(url: &str) -> String {
         .await
         .expect("chromium finished in time")
         .expect("chromium ran");
-    let dom = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
-        "{dom}\n{}",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    dom
+    out.stdout
 }
 
 /// A loopback HTTP/1.1 server answering every request with `200` and `body`
