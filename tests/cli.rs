@@ -78,6 +78,35 @@ fn check_reports_a_config_error_with_file_line_and_key() {
     );
 }
 
+/// Three mistakes in three places, one run: each on its own line in file order, then a count.
+#[test]
+fn check_reports_every_mistake_at_once() {
+    let dir = support::TempDir::new("cli-many");
+    let file = dir.0.join("bad.yaml");
+    std::fs::write(
+        &file,
+        "listen:\n  - addr: 127.0.0.1:8080\npools:\n  chat:\n    backends: [ws://127.0.0.1:9001]\n    conect_timeout: 2s\nroutes:\n  - name: chat\n    pool: chta\n  - name: feed\n    pool: chat\n    mode: fanot\n",
+    )
+    .unwrap();
+    let out = upgate().arg("check").arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let f = file.display();
+    let want = [
+        format!(
+            "{f}:6:5: pools.chat: unknown key `conect_timeout`; did you mean `connect_timeout`?"
+        ),
+        format!("{f}:9: routes[0].pool: no pool named `chta`; defined pools: chat"),
+        format!("{f}:12:11: routes[1].mode: unknown value `fanot`; did you mean `fanout`?"),
+        "3 errors".to_string(),
+    ];
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), want.len(), "{stderr}");
+    for (got, want) in lines.iter().zip(&want) {
+        assert!(got.ends_with(want.as_str()), "{got}\nwanted …{want}");
+    }
+}
+
 #[test]
 fn help_explains_the_commands() {
     let out = upgate().arg("--help").output().unwrap();

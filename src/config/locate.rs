@@ -113,6 +113,59 @@ pub fn locate(src: &str, path: &[Seg]) -> usize {
     best
 }
 
+/// The key path of the node that starts at 1-based `line` (`pools.chat`,
+/// `routes[1]`), read from indentation alone: for errors of a file the
+/// parser could not finish, which have a line but no path.
+pub fn path_at(src: &str, line: usize) -> String {
+    let ls = lines(src);
+    let Some(mut i) = ls.iter().rposition(|l| l.no <= line) else {
+        return String::new();
+    };
+    let mut segs: Vec<String> = Vec::new();
+    // The line reached is an item whose first key is a sibling, not a parent.
+    let mut sibling = false;
+    loop {
+        let l = &ls[i];
+        // A key is followed by `: ` or ends the line (`ws://a` is a value).
+        let is_key = l.text.contains(": ") || l.text.ends_with(':');
+        if let Some(k) = key_of(l.text).filter(|_| is_key && !sibling) {
+            segs.push(k.to_string());
+        }
+        // Where this line's node starts: its outermost dash, or its key.
+        let start = l.dashes.first().copied().unwrap_or(l.indent);
+        let parent = (0..i).rev().find(|&j| {
+            let first = ls[j].dashes.first().copied().unwrap_or(ls[j].indent);
+            first < start
+                || (ls[j].indent < start && first <= start)
+                // `key:` with its list's dashes at the key's own column.
+                || (!l.dashes.is_empty() && ls[j].dashes.is_empty() && ls[j].indent == start)
+        });
+        if let Some(&d) = l.dashes.first() {
+            // Item number: dashes at the same column since the parent.
+            let from = parent.map_or(0, |p| p + 1);
+            let n = (from..i)
+                .filter(|&j| ls[j].dashes.first() == Some(&d))
+                .count();
+            segs.push(format!("[{n}]"));
+        }
+        match parent {
+            Some(p) => {
+                sibling = ls[p].indent == l.dashes.first().map_or(l.indent, |_| usize::MAX);
+                i = p;
+            }
+            None => break,
+        }
+    }
+    let mut out = String::new();
+    for s in segs.iter().rev() {
+        if !out.is_empty() && !s.starts_with('[') {
+            out.push('.');
+        }
+        out.push_str(s);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +213,19 @@ routes:
     fn sequences_at_the_key_column() {
         let y = "routes:\n- name: a\n  pool: x\n- name: b\n  pool: y\n";
         assert_eq!(locate(y, &[Key("routes"), Index(1), Key("pool")]), 5);
+    }
+
+    #[test]
+    fn paths_of_lines() {
+        assert_eq!(path_at(Y, 4), "pools");
+        assert_eq!(path_at(Y, 5), "pools.chat");
+        assert_eq!(path_at(Y, 10), "pools.ticker.backends");
+        assert_eq!(path_at(Y, 12), "routes[0].name");
+        assert_eq!(path_at(Y, 14), "routes[0].pool");
+        assert_eq!(path_at(Y, 17), "routes[1].pool");
+        assert_eq!(path_at(Y, 8), "pools.chat.backends[1]");
+        let y = "routes:\n- name: a\n  pool: x\n- name: b\n  pool: y\n";
+        assert_eq!(path_at(y, 5), "routes[1].pool");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod auth;
 mod hints;
 mod locate;
 pub mod origin;
+mod partial;
 pub mod raw;
 mod summary;
 mod validate;
@@ -26,7 +27,6 @@ pub use raw::{
 };
 
 use locate::{locate, Seg};
-use raw::RawConfig;
 
 /// The whole gateway configuration, validated.
 #[derive(Debug, Clone)]
@@ -285,6 +285,15 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    /// Several mistakes, in file order: one line each, then how many.
+    #[error("{}", many(.0))]
+    Many(Vec<ConfigError>),
+}
+
+fn many(errors: &[ConfigError]) -> String {
+    let mut out: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    out.push(format!("{} errors", errors.len()));
+    out.join("\n")
 }
 
 impl ConfigError {
@@ -293,6 +302,7 @@ impl ConfigError {
         match self {
             ConfigError::Read { .. } => None,
             ConfigError::Syntax { line, .. } | ConfigError::Invalid { line, .. } => Some(*line),
+            ConfigError::Many(all) => all.first().and_then(ConfigError::line),
         }
     }
 }
@@ -341,8 +351,7 @@ impl Config {
 
     /// Parses config text; `file` names it in errors and anchors relative paths.
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig =
-            serde_yaml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
+        let (raw, mut errs) = partial::parse(file, text)?;
         let cx = Ctx { file, text };
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: &Path| {
@@ -353,32 +362,98 @@ impl Config {
             }
         };
 
-        let server = server_settings(&cx, raw.server)?;
-        let listeners = listeners(&cx, raw.listen, &resolve)?;
-        let pools = pools(&cx, raw.pools, &resolve)?;
-        let routes = routes(&cx, raw.routes, &pools, &resolve)?;
-        let admin = admin(&cx, raw.admin)?;
-        Ok(Config {
-            admin,
-            source: file.to_path_buf(),
-            server,
-            listeners,
-            pools,
-            routes,
-        })
+        let server = server_settings(&cx, raw.server).unwrap_or_else(|e| {
+            errs.push(e);
+            ServerSettings::default()
+        });
+        let no_listener = raw.listen.is_empty() && !raw.listen_broken;
+        let no_route = raw.routes.is_empty() && !raw.routes_broken;
+        let listeners = listeners(&cx, raw.listen, &resolve, &mut errs);
+        if no_listener {
+            errs.push(cx.err(
+                &[Seg::Key("listen")],
+                "add at least one listener, e.g. `- addr: 127.0.0.1:8080`",
+            ));
+        }
+        let named: Vec<String> = raw.pools.iter().map(|(n, _)| n.clone()).collect();
+        let pools = pools(&cx, raw.pools, &resolve, &mut errs);
+        // Pools that failed are reported once, not again by each route using them.
+        let mut broken = raw.broken_pools;
+        broken.extend(
+            named
+                .iter()
+                .filter(|n| !pools.iter().any(|p| p.name == **n))
+                .cloned(),
+        );
+        let mut every: Vec<&str> = named.iter().map(String::as_str).collect();
+        every.extend(
+            broken
+                .iter()
+                .map(String::as_str)
+                .filter(|b| !named.iter().any(|n| n == b)),
+        );
+        let mut route_errs = Vec::new();
+        let routes = routes(&cx, raw.routes, &pools, &resolve, &mut route_errs);
+        for e in &mut route_errs {
+            // Name every pool of the file, also those that failed.
+            if let ConfigError::Invalid { message, .. } = e {
+                if let Some((head, _)) = message.split_once("; defined pools: ") {
+                    *message = format!("{head}; defined pools: {}", every.join(", "));
+                }
+            }
+        }
+        errs.extend(route_errs.into_iter().filter(|e| {
+            let ConfigError::Invalid { message, .. } = e else {
+                return true;
+            };
+            !broken
+                .iter()
+                .any(|b| message.starts_with(&format!("no pool named `{b}`")))
+        }));
+        if no_route {
+            errs.push(cx.err(&[Seg::Key("routes")], "add at least one route"));
+        }
+        let admin = admin(&cx, raw.admin).unwrap_or_else(|e| {
+            errs.push(e);
+            None
+        });
+        errs.sort_by_key(|e| e.line().unwrap_or(0));
+        match errs.len() {
+            0 => Ok(Config {
+                admin,
+                source: file.to_path_buf(),
+                server,
+                listeners,
+                pools,
+                routes,
+            }),
+            1 => Err(errs.remove(0)),
+            _ => Err(ConfigError::Many(errs)),
+        }
     }
 }
 
 /// serde_yaml prints "… at line L column C"; we print the location first, like a compiler.
 fn syntax_error(file: &Path, text: &str, e: &serde_yaml::Error) -> ConfigError {
-    let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+    syntax_error_in(file, text, e, |l| l)
+}
+
+/// The same for an error in a piece of `text` whose line `l` is the file's
+/// line `line_of(l)`.
+fn syntax_error_in(
+    file: &Path,
+    text: &str,
+    e: &serde_yaml::Error,
+    line_of: impl Fn(usize) -> usize,
+) -> ConfigError {
+    let (at, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
     let mut message = e.to_string();
-    let suffix = format!(" at line {line} column {column}");
+    let suffix = format!(" at line {at} column {column}");
     if let Some(i) = message.find(&suffix) {
         message.replace_range(i..i + suffix.len(), "");
     }
-    let source_line = text.lines().nth(line.saturating_sub(1)).unwrap_or("");
-    let message = hints::teach(&message, source_line);
+    let line = if at == 0 { 0 } else { line_of(at) };
+    let message = hints::teach(&message, text, line);
     ConfigError::Syntax {
         file: file.to_path_buf(),
         line,

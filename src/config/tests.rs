@@ -288,3 +288,87 @@ fn empty_sections_are_errors() {
     let e = err("listen: []\npools: {}\nroutes: []\n");
     assert!(e.contains("listen: add at least one listener"), "{e}");
 }
+
+/// Every mistake of a file in one run, in file order, each with its line,
+/// key path and hint; two mistyped keys in one route are both found.
+#[test]
+fn every_error_of_a_file_at_once() {
+    let y = "\
+server:
+  handshake_timeout: 10
+listen:
+  - addr: 127.0.0.1:0
+pools:
+  chat:
+    balance: round_robbin
+    backends: [ws://127.0.0.1:9001]
+  ticker:
+    backends: [ws://127.0.0.1:9101]
+    conect_timeout: 2s
+routes:
+  - name: a
+    path: /a
+    pool: chat
+    strip_prefx: true
+    presrve_host: false
+  - { name: b, path: /b, pool: nope }
+  - name: c
+    pool: ticker
+    mode: fanot
+  - name: d
+    path: /d
+    pool: ticker
+    replay_last: 1
+";
+    let e = parse(y).unwrap_err();
+    let ConfigError::Many(all) = &e else {
+        panic!("one error only: {e}");
+    };
+    let lines: Vec<String> = all.iter().map(ToString::to_string).collect();
+    let want = [
+        "t/routes.yaml:2:22: server.handshake_timeout: duration `10` needs a unit",
+        "t/routes.yaml:7:14: pools.chat.balance: unknown value `round_robbin`; did you mean `round_robin`?",
+        "t/routes.yaml:11:5: pools.ticker: unknown key `conect_timeout`; did you mean `connect_timeout`?",
+        "t/routes.yaml:16:5: routes[0]: unknown key `strip_prefx`; did you mean `strip_prefix`?",
+        "t/routes.yaml:17:5: routes[0]: unknown key `presrve_host`; did you mean `preserve_host`?",
+        "t/routes.yaml:18: routes[1].pool: no pool named `nope`; defined pools: chat, ticker",
+        "t/routes.yaml:21:11: routes[2].mode: unknown value `fanot`; did you mean `fanout`?",
+        // (and not "no pool named `ticker`": that pool failed above)
+        "t/routes.yaml:25: routes[3].replay_last: `replay_last` is only used with `mode: fanout`",
+    ];
+    assert_eq!(lines.len(), want.len(), "{e}");
+    for (got, want) in lines.iter().zip(want) {
+        assert!(got.starts_with(want), "{got}\nwanted {want}…\nall:\n{e}");
+    }
+    assert!(e.to_string().ends_with("\n8 errors"), "{e}");
+    assert_eq!(e.line(), Some(2));
+}
+
+/// A route naming a pool that failed to parse is not blamed for it.
+#[test]
+fn a_broken_pool_is_reported_once() {
+    let y = OK.replace("    balance: least_conn\n", "    balance: least_con\n");
+    let e = err(&y);
+    assert!(e.contains("did you mean `least_conn`?"), "{e}");
+    assert!(!e.contains("no pool named"), "{e}");
+    assert!(
+        !e.contains("errors"),
+        "a single error stays a single line: {e}"
+    );
+}
+
+/// Sections the file lacks or does not know, beside other mistakes.
+#[test]
+fn missing_and_unknown_sections() {
+    let y = "listen:\n  - addr: 127.0.0.1:0\npool:\n  chat: { backends: [ws://127.0.0.1:1] }\nroutes:\n  - { name: r, pool: chat, mode: fanot }\n";
+    let e = err(y);
+    assert!(
+        e.contains("t/routes.yaml:3:1: unknown key `pool`; did you mean `pools`?"),
+        "{e}"
+    );
+    assert!(
+        e.contains("t/routes.yaml:1: pools: missing section `pools:`"),
+        "{e}"
+    );
+    assert!(e.contains("routes[0].mode: unknown value `fanot`"), "{e}");
+}

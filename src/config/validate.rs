@@ -43,363 +43,382 @@ pub(super) fn server_settings(cx: &Ctx, s: raw::RawServer) -> Result<ServerSetti
 
 /// `listen:`: addresses, TLS certificate files (relative to the config's
 /// directory), the PROXY protocol switch.
+///
+/// `listen` holds the items that parsed, with their index in the file;
+/// errors go to `errs`, and the items without one are returned.
 pub(super) fn listeners(
     cx: &Ctx,
-    listen: Vec<raw::RawListener>,
+    listen: Vec<(usize, raw::RawListener)>,
     resolve: &dyn Fn(&Path) -> PathBuf,
-) -> Result<Vec<ListenerConfig>, ConfigError> {
+    errs: &mut Vec<ConfigError>,
+) -> Vec<ListenerConfig> {
     let text = cx.text;
-    if listen.is_empty() {
-        return Err(cx.err(
-            &[Seg::Key("listen")],
-            "add at least one listener, e.g. `- addr: 127.0.0.1:8080`",
-        ));
-    }
     let mut listeners = Vec::new();
-    for (i, l) in listen.into_iter().enumerate() {
-        if let Some(j) = listeners
-            .iter()
-            .position(|x: &ListenerConfig| x.addr == l.addr && l.addr.port() != 0)
-        {
-            return Err(cx.err(
-                &[Seg::Key("listen"), Seg::Index(i), Seg::Key("addr")],
-                format!("{} is already used by listen[{j}]", l.addr),
-            ));
-        }
-        let tls = match l.tls {
-            None => None,
-            Some(t) if t.certs.is_empty() => {
+    for (i, l) in listen {
+        let item = (|| {
+            if let Some(j) = listeners
+                .iter()
+                .position(|x: &ListenerConfig| x.addr == l.addr && l.addr.port() != 0)
+            {
                 return Err(cx.err(
-                    &[
-                        Seg::Key("listen"),
-                        Seg::Index(i),
-                        Seg::Key("tls"),
-                        Seg::Key("certs"),
-                    ],
-                    "list at least one `{ cert: FILE, key: FILE }`",
-                ))
+                    &[Seg::Key("listen"), Seg::Index(i), Seg::Key("addr")],
+                    format!("{} is already used by listen[{j}]", l.addr),
+                ));
             }
-            Some(t) => Some(
-                t.certs
-                    .into_iter()
-                    .enumerate()
-                    .map(|(k, c)| CertFiles {
-                        cert: resolve(&c.cert),
-                        key: resolve(&c.key),
-                        line: locate(
-                            text,
-                            &[
-                                Seg::Key("listen"),
-                                Seg::Index(i),
-                                Seg::Key("tls"),
-                                Seg::Key("certs"),
-                                Seg::Index(k),
-                            ],
-                        ),
-                    })
-                    .collect(),
-            ),
-        };
-        listeners.push(ListenerConfig {
-            addr: l.addr,
-            tls,
-            proxy_protocol: l.proxy_protocol,
-        });
+            let tls = match l.tls {
+                None => None,
+                Some(t) if t.certs.is_empty() => {
+                    return Err(cx.err(
+                        &[
+                            Seg::Key("listen"),
+                            Seg::Index(i),
+                            Seg::Key("tls"),
+                            Seg::Key("certs"),
+                        ],
+                        "list at least one `{ cert: FILE, key: FILE }`",
+                    ))
+                }
+                Some(t) => Some(
+                    t.certs
+                        .into_iter()
+                        .enumerate()
+                        .map(|(k, c)| CertFiles {
+                            cert: resolve(&c.cert),
+                            key: resolve(&c.key),
+                            line: locate(
+                                text,
+                                &[
+                                    Seg::Key("listen"),
+                                    Seg::Index(i),
+                                    Seg::Key("tls"),
+                                    Seg::Key("certs"),
+                                    Seg::Index(k),
+                                ],
+                            ),
+                        })
+                        .collect(),
+                ),
+            };
+            Ok(ListenerConfig {
+                addr: l.addr,
+                tls,
+                proxy_protocol: l.proxy_protocol,
+            })
+        })();
+        match item {
+            Ok(l) => listeners.push(l),
+            Err(e) => errs.push(e),
+        }
     }
-    Ok(listeners)
+    listeners
 }
 
 /// `pools:`: backends, balancing, health checks, passive ejection, discovery.
+/// Errors go to `errs`; the pools without one are returned.
 pub(super) fn pools(
     cx: &Ctx,
-    raw_pools: raw::indexmap_lite::OrderedMap<raw::RawPool>,
+    raw_pools: Vec<(String, raw::RawPool)>,
     resolve: &dyn Fn(&Path) -> PathBuf,
-) -> Result<Vec<PoolConfig>, ConfigError> {
+    errs: &mut Vec<ConfigError>,
+) -> Vec<PoolConfig> {
     let mut pools = Vec::new();
-    for (name, p) in raw_pools.0 {
-        if p.backends.is_empty() {
-            return Err(cx.err(
-                &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("backends")],
-                "list at least one backend, e.g. `- ws://127.0.0.1:9001`",
-            ));
-        }
-        if p.backends.len() > MAX_BACKENDS {
-            return Err(cx.err(
-                &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("backends")],
-                format!("at most {MAX_BACKENDS} backends per pool"),
-            ));
-        }
-        for (i, b) in p.backends.iter().enumerate() {
-            if p.backends[..i].iter().any(|x| x.url == b.url) {
+    for (name, p) in raw_pools {
+        let item = (|| {
+            if p.backends.is_empty() {
                 return Err(cx.err(
-                    &[
-                        Seg::Key("pools"),
-                        Seg::Key(&name),
-                        Seg::Key("backends"),
-                        Seg::Index(i),
-                    ],
-                    format!(
-                        "backend {} is listed twice; use `weight` to give it a larger share",
-                        b.url
-                    ),
+                    &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("backends")],
+                    "list at least one backend, e.g. `- ws://127.0.0.1:9001`",
                 ));
             }
-        }
-        match (p.balance, &p.hash_key) {
-            (Balance::Hash, None) => {
+            if p.backends.len() > MAX_BACKENDS {
                 return Err(cx.err(
-                    &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("balance")],
-                    "`balance: hash` needs `hash_key: ip | header:NAME | cookie:NAME | query:NAME`",
-                ))
+                    &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("backends")],
+                    format!("at most {MAX_BACKENDS} backends per pool"),
+                ));
             }
-            (b, Some(_)) if b != Balance::Hash => {
-                return Err(cx.err(
-                    &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("hash_key")],
-                    "`hash_key` is only used with `balance: hash`",
-                ))
-            }
-            _ => {}
-        }
-        let health = match p.health {
-            None => None,
-            Some(h) => {
-                let path = h.path.clone().unwrap_or_else(|| "/".into());
-                if !path.starts_with('/') {
+            for (i, b) in p.backends.iter().enumerate() {
+                if p.backends[..i].iter().any(|x| x.url == b.url) {
                     return Err(cx.err(
                         &[
                             Seg::Key("pools"),
                             Seg::Key(&name),
-                            Seg::Key("health"),
-                            Seg::Key("path"),
+                            Seg::Key("backends"),
+                            Seg::Index(i),
                         ],
-                        "must start with `/`",
+                        format!(
+                            "backend {} is listed twice; use `weight` to give it a larger share",
+                            b.url
+                        ),
                     ));
                 }
-                let interval = h.interval.map_or(Duration::from_secs(5), |d| d.0);
-                let timeout = h.timeout.map_or(Duration::from_secs(2), |d| d.0);
-                if interval.is_zero() || timeout.is_zero() {
-                    return Err(cx.err(
-                        &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("health")],
-                        "interval and timeout must be above zero",
-                    ));
-                }
-                Some(HealthCheck {
-                    interval,
-                    timeout,
-                    kind: match (h.ws, h.path) {
-                        (true, _) => CheckKind::WebSocket(path),
-                        (false, Some(p)) => CheckKind::Http(p),
-                        (false, None) => CheckKind::Connect,
-                    },
-                    thresholds: Thresholds {
-                        healthy_after: h.healthy_after.unwrap_or(2).max(1),
-                        unhealthy_after: h.unhealthy_after.unwrap_or(3).max(1),
-                    },
-                })
             }
-        };
-        let passive = PassivePolicy {
-            eject_after: p.eject_after.unwrap_or(5),
-            eject_for: p.eject_for.map_or(Duration::from_secs(10), |d| d.0),
-        };
-        let max_attempts = p.max_attempts.unwrap_or(3);
-        if max_attempts == 0 {
-            return Err(cx.err(
-                &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("max_attempts")],
-                "must be at least 1",
-            ));
-        }
-        let connect_timeout = p.connect_timeout.map_or(Duration::from_secs(5), |d| d.0);
-        if connect_timeout.is_zero() {
-            return Err(cx.err(
-                &[
-                    Seg::Key("pools"),
-                    Seg::Key(&name),
-                    Seg::Key("connect_timeout"),
-                ],
-                "must be above zero",
-            ));
-        }
-        let ca_file = p.ca_file.as_deref().map(resolve);
-        if let Some(ca) = &ca_file {
-            if let Err(e) = std::fs::metadata(ca) {
+            match (p.balance, &p.hash_key) {
+                (Balance::Hash, None) => return Err(cx.err(
+                    &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("balance")],
+                    "`balance: hash` needs `hash_key: ip | header:NAME | cookie:NAME | query:NAME`",
+                )),
+                (b, Some(_)) if b != Balance::Hash => {
+                    return Err(cx.err(
+                        &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("hash_key")],
+                        "`hash_key` is only used with `balance: hash`",
+                    ))
+                }
+                _ => {}
+            }
+            let health = match p.health {
+                None => None,
+                Some(h) => {
+                    let path = h.path.clone().unwrap_or_else(|| "/".into());
+                    if !path.starts_with('/') {
+                        return Err(cx.err(
+                            &[
+                                Seg::Key("pools"),
+                                Seg::Key(&name),
+                                Seg::Key("health"),
+                                Seg::Key("path"),
+                            ],
+                            "must start with `/`",
+                        ));
+                    }
+                    let interval = h.interval.map_or(Duration::from_secs(5), |d| d.0);
+                    let timeout = h.timeout.map_or(Duration::from_secs(2), |d| d.0);
+                    if interval.is_zero() || timeout.is_zero() {
+                        return Err(cx.err(
+                            &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("health")],
+                            "interval and timeout must be above zero",
+                        ));
+                    }
+                    Some(HealthCheck {
+                        interval,
+                        timeout,
+                        kind: match (h.ws, h.path) {
+                            (true, _) => CheckKind::WebSocket(path),
+                            (false, Some(p)) => CheckKind::Http(p),
+                            (false, None) => CheckKind::Connect,
+                        },
+                        thresholds: Thresholds {
+                            healthy_after: h.healthy_after.unwrap_or(2).max(1),
+                            unhealthy_after: h.unhealthy_after.unwrap_or(3).max(1),
+                        },
+                    })
+                }
+            };
+            let passive = PassivePolicy {
+                eject_after: p.eject_after.unwrap_or(5),
+                eject_for: p.eject_for.map_or(Duration::from_secs(10), |d| d.0),
+            };
+            let max_attempts = p.max_attempts.unwrap_or(3);
+            if max_attempts == 0 {
                 return Err(cx.err(
-                    &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("ca_file")],
-                    format!("cannot read {}: {e}", ca.display()),
+                    &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("max_attempts")],
+                    "must be at least 1",
                 ));
             }
+            let connect_timeout = p.connect_timeout.map_or(Duration::from_secs(5), |d| d.0);
+            if connect_timeout.is_zero() {
+                return Err(cx.err(
+                    &[
+                        Seg::Key("pools"),
+                        Seg::Key(&name),
+                        Seg::Key("connect_timeout"),
+                    ],
+                    "must be above zero",
+                ));
+            }
+            let ca_file = p.ca_file.as_deref().map(resolve);
+            if let Some(ca) = &ca_file {
+                if let Err(e) = std::fs::metadata(ca) {
+                    return Err(cx.err(
+                        &[Seg::Key("pools"), Seg::Key(&name), Seg::Key("ca_file")],
+                        format!("cannot read {}: {e}", ca.display()),
+                    ));
+                }
+            }
+            Ok(PoolConfig {
+                name,
+                balance: p.balance,
+                hash_key: p.hash_key,
+                connect_timeout,
+                backends: p
+                    .backends
+                    .into_iter()
+                    .map(|b| BackendSpec {
+                        url: b.url,
+                        weight: b.weight,
+                        drain: b.drain,
+                        discover: b.discover,
+                    })
+                    .collect(),
+                ca_file,
+                health,
+                passive,
+                fail_open: p.fail_open,
+                on_backend_down: p.on_backend_down,
+                max_attempts,
+                slow_start: p.slow_start.map_or(Duration::ZERO, |d| d.0),
+                dns_refresh: p
+                    .dns_refresh
+                    .map_or(Duration::from_secs(10), |d| d.0)
+                    .max(Duration::from_millis(10)),
+            })
+        })();
+        match item {
+            Ok(p) => pools.push(p),
+            Err(e) => errs.push(e),
         }
-        pools.push(PoolConfig {
-            name,
-            balance: p.balance,
-            hash_key: p.hash_key,
-            connect_timeout,
-            backends: p
-                .backends
-                .into_iter()
-                .map(|b| BackendSpec {
-                    url: b.url,
-                    weight: b.weight,
-                    drain: b.drain,
-                    discover: b.discover,
-                })
-                .collect(),
-            ca_file,
-            health,
-            passive,
-            fail_open: p.fail_open,
-            on_backend_down: p.on_backend_down,
-            max_attempts,
-            slow_start: p.slow_start.map_or(Duration::ZERO, |d| d.0),
-            dns_refresh: p
-                .dns_refresh
-                .map_or(Duration::from_secs(10), |d| d.0)
-                .max(Duration::from_millis(10)),
-        });
     }
-    Ok(pools)
+    pools
 }
 
 /// `routes:`: host and path, the pool, origins, limits, and fan-out settings.
+///
+/// `raw_routes` holds the routes that parsed, with their index in the file;
+/// errors go to `errs`, and the routes without one are returned.
 pub(super) fn routes(
     cx: &Ctx,
-    raw_routes: Vec<raw::RawRoute>,
+    raw_routes: Vec<(usize, raw::RawRoute)>,
     pools: &[PoolConfig],
     resolve: &dyn Fn(&Path) -> PathBuf,
-) -> Result<Vec<RouteConfig>, ConfigError> {
+    errs: &mut Vec<ConfigError>,
+) -> Vec<RouteConfig> {
     let mut routes: Vec<RouteConfig> = Vec::new();
-    for (i, r) in raw_routes.into_iter().enumerate() {
-        let at = |k| [Seg::Key("routes"), Seg::Index(i), Seg::Key(k)];
-        if r.name.trim().is_empty() {
-            return Err(cx.err(&at("name"), "a route needs a non-empty name"));
-        }
-        if let Some(j) = routes.iter().position(|x| x.name == r.name) {
-            return Err(cx.err(
-                &at("name"),
-                format!(
-                    "route name `{}` is already used by routes[{j}]; names must be unique",
-                    r.name
-                ),
-            ));
-        }
-        let find_pool = |name: &str, key: &[Seg]| {
-            pools.iter().position(|p| p.name == name).ok_or_else(|| {
-                let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
-                cx.err(
-                    key,
-                    format!(
-                        "no pool named `{name}`; defined pools: {}",
-                        known.join(", ")
-                    ),
-                )
-            })
-        };
-        let fanout = match r.mode {
-            Mode::Splice => {
-                if let Some(k) = r.fanout_keys().first() {
-                    return Err(cx.err(&at(k), format!("`{k}` is only used with `mode: fanout`")));
-                }
-                None
+    for (i, r) in raw_routes {
+        let item = (|| {
+            let at = |k| [Seg::Key("routes"), Seg::Index(i), Seg::Key(k)];
+            if r.name.trim().is_empty() {
+                return Err(cx.err(&at("name"), "a route needs a non-empty name"));
             }
-            Mode::Fanout => Some(fanout_config(cx, i, &r, &find_pool)?),
-        };
-        let pool = match (&r.pool, &fanout) {
-            (Some(p), _) => find_pool(p, &at("pool"))?,
-            (None, Some(f)) if !f.sources.is_empty() => f.sources[0],
-            (None, fanout) => {
+            if let Some(j) = routes.iter().position(|x| x.name == r.name) {
                 return Err(cx.err(
-                    &[Seg::Key("routes"), Seg::Index(i)],
-                    if fanout.is_some() {
-                        "a fan-out route needs `pool: NAME` or `sources: [NAME, …]`"
-                    } else {
-                        "a route needs `pool: NAME`"
-                    },
-                ))
+                    &at("name"),
+                    format!(
+                        "route name `{}` is already used by routes[{j}]; names must be unique",
+                        r.name
+                    ),
+                ));
             }
-        };
-        let fanout = fanout.map(|mut f| {
-            if r.sources.is_none() {
-                f.sources = vec![pool];
-            }
-            std::sync::Arc::new(f)
-        });
-        let path = r.path.map_or_else(|| "/".to_string(), |p| p.0);
-        if let Some(j) = routes
-            .iter()
-            .position(|x| x.host == r.host && x.path == path)
-        {
-            return Err(cx.err(
+            let find_pool = |name: &str, key: &[Seg]| {
+                pools.iter().position(|p| p.name == name).ok_or_else(|| {
+                    let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+                    cx.err(
+                        key,
+                        format!(
+                            "no pool named `{name}`; defined pools: {}",
+                            known.join(", ")
+                        ),
+                    )
+                })
+            };
+            let fanout = match r.mode {
+                Mode::Splice => {
+                    if let Some(k) = r.fanout_keys().first() {
+                        return Err(
+                            cx.err(&at(k), format!("`{k}` is only used with `mode: fanout`"))
+                        );
+                    }
+                    None
+                }
+                Mode::Fanout => Some(fanout_config(cx, i, &r, &find_pool)?),
+            };
+            let pool = match (&r.pool, &fanout) {
+                (Some(p), _) => find_pool(p, &at("pool"))?,
+                (None, Some(f)) if !f.sources.is_empty() => f.sources[0],
+                (None, fanout) => {
+                    return Err(cx.err(
+                        &[Seg::Key("routes"), Seg::Index(i)],
+                        if fanout.is_some() {
+                            "a fan-out route needs `pool: NAME` or `sources: [NAME, …]`"
+                        } else {
+                            "a route needs `pool: NAME`"
+                        },
+                    ))
+                }
+            };
+            let fanout = fanout.map(|mut f| {
+                if r.sources.is_none() {
+                    f.sources = vec![pool];
+                }
+                std::sync::Arc::new(f)
+            });
+            let path = r.path.map_or_else(|| "/".to_string(), |p| p.0);
+            if let Some(j) = routes
+                .iter()
+                .position(|x| x.host == r.host && x.path == path)
+            {
+                return Err(cx.err(
                 &at("path"),
                 format!(
                     "route `{}` has the same host ({}) and path ({path}) as route `{}` (routes[{j}]), so it could never match; change its host or path, or remove one",
                     r.name, r.host, routes[j].name
                 ),
             ));
-        }
-        let origins = match &r.origins {
-            None => None,
-            Some(list) if list.is_empty() => {
-                return Err(cx.err(
-                    &at("origins"),
-                    "list at least one origin, or remove the key to allow any",
-                ))
             }
-            Some(list) => Some(
-                list.iter()
-                    .enumerate()
-                    .map(|(k, o)| {
-                        origin::OriginPattern::parse(o).map_err(|e| {
-                            cx.err(
-                                &[
-                                    Seg::Key("routes"),
-                                    Seg::Index(i),
-                                    Seg::Key("origins"),
-                                    Seg::Index(k),
-                                ],
-                                e,
-                            )
+            let origins = match &r.origins {
+                None => None,
+                Some(list) if list.is_empty() => {
+                    return Err(cx.err(
+                        &at("origins"),
+                        "list at least one origin, or remove the key to allow any",
+                    ))
+                }
+                Some(list) => Some(
+                    list.iter()
+                        .enumerate()
+                        .map(|(k, o)| {
+                            origin::OriginPattern::parse(o).map_err(|e| {
+                                cx.err(
+                                    &[
+                                        Seg::Key("routes"),
+                                        Seg::Index(i),
+                                        Seg::Key("origins"),
+                                        Seg::Index(k),
+                                    ],
+                                    e,
+                                )
+                            })
                         })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-        };
-        if r.max_sessions == Some(0) {
-            return Err(cx.err(
-                &at("max_sessions"),
-                "must be at least 1 (remove the key for no limit)",
-            ));
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
+            if r.max_sessions == Some(0) {
+                return Err(cx.err(
+                    &at("max_sessions"),
+                    "must be at least 1 (remove the key for no limit)",
+                ));
+            }
+            if r.max_sessions_per_ip == Some(0) {
+                return Err(cx.err(
+                    &at("max_sessions_per_ip"),
+                    "must be at least 1 (remove the key for no limit)",
+                ));
+            }
+            let limits = Limits {
+                max_sessions: r.max_sessions,
+                max_sessions_per_ip: r.max_sessions_per_ip,
+            };
+            let auth = match r.auth {
+                Some(a) => Some(super::auth::auth(cx, i, a, resolve, pools)?),
+                None => None,
+            };
+            Ok(RouteConfig {
+                auth,
+                name: r.name,
+                host: r.host,
+                path,
+                pool,
+                strip_prefix: r.strip_prefix,
+                preserve_host: r.preserve_host.unwrap_or(true),
+                fanout,
+                origins,
+                limits,
+            })
+        })();
+        match item {
+            Ok(r) => routes.push(r),
+            Err(e) => errs.push(e),
         }
-        if r.max_sessions_per_ip == Some(0) {
-            return Err(cx.err(
-                &at("max_sessions_per_ip"),
-                "must be at least 1 (remove the key for no limit)",
-            ));
-        }
-        let limits = Limits {
-            max_sessions: r.max_sessions,
-            max_sessions_per_ip: r.max_sessions_per_ip,
-        };
-        let auth = match r.auth {
-            Some(a) => Some(super::auth::auth(cx, i, a, resolve, pools)?),
-            None => None,
-        };
-        routes.push(RouteConfig {
-            auth,
-            name: r.name,
-            host: r.host,
-            path,
-            pool,
-            strip_prefix: r.strip_prefix,
-            preserve_host: r.preserve_host.unwrap_or(true),
-            fanout,
-            origins,
-            limits,
-        });
     }
-    if routes.is_empty() {
-        return Err(cx.err(&[Seg::Key("routes")], "add at least one route"));
-    }
-    Ok(routes)
+    routes
 }
 
 /// `admin:`: the operators' listener; a token-less one must stay on loopback
