@@ -385,7 +385,7 @@ impl Admin {
                     .collect();
                 json!({
                     "name": p.name,
-                    "balance": format!("{:?}", p.balance),
+                    "balance": p.balance.to_string(),
                     "backends": backends,
                 })
             })
@@ -449,8 +449,8 @@ fn config_json(c: &crate::config::Config) -> serde_json::Value {
         .map(|p| {
             json!({
                 "name": p.name,
-                "balance": format!("{:?}", p.balance),
-                "hash_key": p.hash_key.as_ref().map(|k| format!("{k:?}")),
+                "balance": p.balance.to_string(),
+                "hash_key": p.hash_key.as_ref().map(ToString::to_string),
                 "connect_timeout_ms": p.connect_timeout.as_millis() as u64,
                 "backends": p.backends.iter().map(|b| json!({
                     "url": b.url.to_string(), "weight": b.weight, "drain": b.drain, "discover": b.discover,
