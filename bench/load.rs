@@ -468,3 +468,39 @@ pub async fn idle(
         rss_later_kib,
     }
 }
+
+/// Opens `n` connections and keeps them open for `hold`, reading and
+/// discarding what arrives (fan-out subscribers, for the dashboard's
+/// screenshot). Returns (opened, bytes received).
+pub async fn hold(t: &Target, n: usize, hold: Duration) -> (usize, u64) {
+    let until = tokio::time::Instant::now() + hold;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let t = t.clone();
+        tasks.spawn(async move {
+            let mut buf = Vec::new();
+            let Ok(Ok(mut s)) =
+                tokio::time::timeout(Duration::from_secs(10), open(&t, None, &mut buf)).await
+            else {
+                return None;
+            };
+            let mut got = buf.len() as u64;
+            let mut b = vec![0u8; 4096];
+            while let Ok(Ok(k)) = tokio::time::timeout_at(until, s.read(&mut b)).await {
+                if k == 0 {
+                    break;
+                }
+                got += k as u64;
+            }
+            Some(got)
+        });
+    }
+    let (mut opened, mut bytes) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Some(b)) = r {
+            opened += 1;
+            bytes += b;
+        }
+    }
+    (opened, bytes)
+}

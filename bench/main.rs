@@ -125,7 +125,7 @@ struct LoadArgs {
     /// ws://HOST:PORT/PATH or wss://…
     #[arg(long)]
     url: String,
-    /// throughput | handshakes | idle
+    /// throughput | handshakes | idle | hold (open --conns and read for --duration)
     #[arg(long, default_value = "throughput")]
     mode: String,
     #[arg(long, default_value_t = 100)]
@@ -251,6 +251,10 @@ async fn load_cmd(a: LoadArgs) -> Result<(), String> {
             print_measured(&load::throughput(&t, a.conns, a.size, a.window, warm, dur).await)
         }
         "handshakes" => print_measured(&load::handshakes(&t, a.conns, warm, dur).await),
+        "hold" => {
+            let (opened, bytes) = load::hold(&t, a.conns, dur).await;
+            println!("held {opened} connections, received {bytes} bytes");
+        }
         "idle" => {
             let linger = Duration::from_secs(30);
             let r = load::idle(&t, a.conns, a.sources, Duration::from_secs(1), Some(linger)).await;

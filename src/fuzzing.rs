@@ -28,17 +28,17 @@ pub fn client_frames(data: &[u8]) {
     let step = usize::from(first & 0x3f) + 1;
     let deflate = first & 0x40 != 0;
     let max = if first & 0x80 != 0 { 125 } else { 64 * 1024 };
-    let mut r = crate::fanout::reader::Reader::new(Vec::new(), max, deflate);
+    let mut r = crate::ws::reader::Reader::new(Vec::new(), max, deflate);
     for piece in rest.chunks(step) {
         r.inbuf.extend_from_slice(piece);
         while let Some(input) = r.next_input() {
             match input {
-                crate::fanout::reader::Input::Bad(_) => return,
-                crate::fanout::reader::Input::Message(_, p, _) => {
+                crate::ws::reader::Input::Bad(_) => return,
+                crate::ws::reader::Input::Message(_, p, _) => {
                     assert!(p.len() <= max, "message over max_message")
                 }
-                crate::fanout::reader::Input::Ping(p) => assert!(p.len() <= 125),
-                crate::fanout::reader::Input::Close(_) => {}
+                crate::ws::reader::Input::Ping(p) => assert!(p.len() <= 125),
+                crate::ws::reader::Input::Close(_) => {}
             }
         }
     }
@@ -58,7 +58,7 @@ pub fn frame_watch(data: &[u8]) {
 /// permessage-deflate data from a client, inflated under a limit.
 pub fn inflate(data: &[u8]) {
     const MAX: usize = 64 * 1024;
-    if let Ok(out) = crate::fanout::deflate::inflate(data, MAX) {
+    if let Ok(out) = crate::ws::deflate::inflate(data, MAX) {
         assert!(out.len() <= MAX, "inflated past the limit");
     }
 }
@@ -128,7 +128,7 @@ pub fn request_head(data: &[u8]) {
     }
     let _ = crate::ws::wants_websocket(&req);
     let _ = crate::ws::validate(&req);
-    let _ = crate::fanout::deflate::negotiate(req.headers());
+    let _ = crate::ws::deflate::negotiate(req.headers());
     if let Some(o) = req
         .headers()
         .get(http::header::ORIGIN)

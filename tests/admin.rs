@@ -45,7 +45,10 @@ async fn probes_token_and_pool_state() {
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     let b = &v["pools"][0]["backends"][0];
     assert_eq!(v["pools"][0]["name"], "p");
-    assert_eq!(v["pools"][0]["balance"], "round_robin", "as the config spells it");
+    assert_eq!(
+        v["pools"][0]["balance"], "round_robin",
+        "as the config spells it"
+    );
     assert_eq!(b["live_sessions"], 1, "{}", r.body);
     assert_eq!(b["healthy"], true);
     let r = admin_get(admin, "/routes", Some("s3cret")).await;

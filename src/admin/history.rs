@@ -236,15 +236,18 @@ fn read_counters(shared: &Shared, s: &mut Sample<'_>) {
         refused[1] += st.upgrades[Outcome::Refused as usize].load(Relaxed);
         refused[2] += st.admitted.refused_route.load(Relaxed);
         refused[3] += st.admitted.refused_ip.load(Relaxed);
-        refused[4] += AuthReason::ALL
+        let auth: u64 = AuthReason::ALL
             .iter()
             .map(|&r| st.auth.refused[r as usize].load(Relaxed))
-            .sum::<u64>();
-        // Rejected requests include the limit refusals counted above.
+            .sum();
+        refused[4] += auth;
+        // Rejected upgrades include the limit and auth refusals counted
+        // above (auth refusals of plain HTTP requests are not upgrades).
         refused[5] += st.upgrades[Outcome::Rejected as usize]
             .load(Relaxed)
             .saturating_sub(st.admitted.refused_route.load(Relaxed))
-            .saturating_sub(st.admitted.refused_ip.load(Relaxed));
+            .saturating_sub(st.admitted.refused_ip.load(Relaxed))
+            .saturating_sub(auth);
         match &state.hub {
             Some(hub) => {
                 let h = &hub.stats;

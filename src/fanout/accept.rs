@@ -8,13 +8,14 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::{debug, info};
 
-use super::{client, deflate, Hub, State};
+use super::{client, Hub, State};
 use crate::config::{ChannelKey, FanoutConfig};
 use crate::error::{Body, ProxyError};
 use crate::lifecycle::Lifecycle;
 use crate::router::{self, Route};
 use crate::session::conn::ConnInfo;
 use crate::session::Admitted;
+use crate::ws::deflate;
 
 /// The channel (and upstream target) of a client connecting to exactly
 /// the route's path without a query.

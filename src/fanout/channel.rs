@@ -24,12 +24,13 @@ use futures_util::FutureExt;
 
 use crate::supervise::Kind;
 
-use super::{frame, Channel, Hub, State};
+use super::{Channel, Hub, State};
 use crate::backend::pool::{Backend, BackendGuard, Pool};
 use crate::backend::upstream::BackendIo;
 use crate::backend::BackendError;
 use crate::error::ProxyError;
 use crate::lifecycle::Lifecycle;
+use crate::ws::frame;
 
 /// An open upstream, counted as a live session on its backend.
 struct Upstream {

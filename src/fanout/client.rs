@@ -23,12 +23,12 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{protocol::frame::Utf8Bytes, Message};
 use tokio_util::sync::CancellationToken;
 
-use super::deflate::InflateError;
-use super::frame::{self, code, FrameError};
-use super::reader::{Input, Reader};
 use super::{Channel, Hub};
 use crate::config::{ClientMessages, SlowClient};
 use crate::session::splice::ReadReady;
+use crate::ws::deflate::InflateError;
+use crate::ws::frame::{self, code, FrameError};
+use crate::ws::reader::{Input, Reader};
 
 /// Frames written per vectored write at most (and queued beside the ring).
 const BATCH: usize = 64;
@@ -418,7 +418,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                     Event::Wrote => {}
                     Event::Message(op, payload, compressed) => {
                         let payload = if compressed {
-                            match super::deflate::inflate(&payload, cfg.max_message) {
+                            match crate::ws::deflate::inflate(&payload, cfg.max_message) {
                                 Ok(p) => p,
                                 Err(e) => {
                                     let code = match e {

@@ -21,9 +21,6 @@
 mod accept;
 mod channel;
 mod client;
-pub(crate) mod deflate;
-pub mod frame;
-pub mod reader;
 
 pub use accept::accept;
 use accept::route_channel;
@@ -41,6 +38,7 @@ use crate::config::{FanoutConfig, ServerSettings};
 use crate::error::ProxyError;
 use crate::lifecycle::Lifecycle;
 use crate::router::Route;
+use crate::ws::{deflate, frame};
 
 /// Counters of one fan-out route (atomics: clients add theirs in batches).
 #[derive(Debug, Default)]

@@ -1,5 +1,13 @@
-//! The WebSocket handshake (RFC 6455 §4.2.1) and the headers a proxy forwards.
-//! Pure functions over `http` types, tested without sockets.
+//! WebSocket where upgate speaks it itself. This file: the handshake (RFC
+//! 6455 §4.2.1) and the headers a proxy forwards, pure functions over `http`
+//! types, tested without sockets. Beside it, upgate's own endpoint codec,
+//! used by fan-out clients and `mode: frames` sessions: `frame` (encoding,
+//! parsing, close codes, UTF-8 as it arrives), `reader` (a client's frames
+//! assembled into messages) and `deflate` (RFC 7692).
+
+pub mod deflate;
+pub mod frame;
+pub mod reader;
 
 use std::net::SocketAddr;
 
