@@ -34,6 +34,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod fanout;
+pub mod frames;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod lifecycle;

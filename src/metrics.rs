@@ -86,6 +86,10 @@ pub struct RouteStats {
     pub bytes_down: AtomicU64,
     pub messages_up: AtomicU64,
     pub messages_down: AtomicU64,
+    /// `mode: frames` sessions moved to another backend, and those that
+    /// found none within `resume_timeout`.
+    pub resumes: AtomicU64,
+    pub resume_failures: AtomicU64,
     pub session_duration: Histogram,
     pub handshake: Histogram,
     /// Sessions admitted under the route's limits.
@@ -176,6 +180,8 @@ impl Default for RouteStats {
             bytes_down: AtomicU64::new(0),
             messages_up: AtomicU64::new(0),
             messages_down: AtomicU64::new(0),
+            resumes: AtomicU64::new(0),
+            resume_failures: AtomicU64::new(0),
             session_duration: Histogram::new(&SESSION_BUCKETS),
             handshake: Histogram::new(&HANDSHAKE_BUCKETS),
             admitted: Default::default(),

@@ -145,6 +145,7 @@ mod tests {
                 strip_prefix: false,
                 preserve_host: true,
                 fanout: None,
+                frames: None,
                 origins: None,
                 limits: Default::default(),
                 auth: None,

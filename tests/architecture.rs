@@ -110,20 +110,24 @@ fn the_bottom_layers_depend_on_nothing_above_them() {
         "metrics -> {:?}",
         deps("metrics")
     );
-    // Backends know nothing of sessions; sessions (splice, fan-out) never
+    // Backends know nothing of sessions; sessions (splice, fan-out, frames) never
     // reach up into the request path, the shared state, the server or the
     // admin listener.
     let above_sessions = ["proxy", "state", "server", "admin", "reload"];
-    for m in ["backend", "session", "fanout", "lifecycle"] {
+    for m in ["backend", "session", "fanout", "frames", "lifecycle"] {
         for above in above_sessions {
             assert!(!deps(m).contains(above), "{m} depends on {above}");
         }
     }
-    for m in ["session", "fanout"] {
+    for m in ["session", "fanout", "frames"] {
         assert!(!deps("backend").contains(m), "backend depends on {m}");
     }
-    assert!(
-        !deps("session").contains("fanout"),
-        "session depends on fanout"
-    );
+    for (a, b) in [
+        ("session", "fanout"),
+        ("session", "frames"),
+        ("fanout", "frames"),
+        ("frames", "fanout"),
+    ] {
+        assert!(!deps(a).contains(b), "{a} depends on {b}");
+    }
 }

@@ -345,7 +345,13 @@ impl Admin {
                     "path": r.path,
                     "pool": snap.pools[r.pool].name,
                     "strip_prefix": r.strip_prefix,
-                    "mode": if hub.is_some() { "fanout" } else { "splice" },
+                    "mode": if hub.is_some() {
+                        "fanout"
+                    } else if r.frames.is_some() {
+                        "frames"
+                    } else {
+                        "splice"
+                    },
                     "sessions_active": stats.sessions_active.load(Ordering::Relaxed),
                     "clients": stats.admitted.clients(),
                     "max_sessions": r.limits.max_sessions,

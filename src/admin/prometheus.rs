@@ -270,6 +270,20 @@ impl Collector for GatewayCollector {
         )?;
         family(
             &mut enc,
+            "upgate_frames_resumes",
+            "mode: frames sessions moved to another backend (resume: true) without the client noticing.",
+            Counter,
+            &per_route(&|s| s.resumes.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
+            "upgate_frames_resume_failures",
+            "mode: frames sessions closed because no backend took them within resume_timeout.",
+            Counter,
+            &per_route(&|s| s.resume_failures.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
             "upgate_session_bytes",
             "Bytes moved by spliced sessions (up = client to backend); live sessions add theirs once a second while the admin listener runs, and the rest as they end.",
             Counter,

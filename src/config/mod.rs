@@ -182,6 +182,8 @@ pub struct RouteConfig {
     pub preserve_host: bool,
     /// Set on `mode: fanout` routes.
     pub fanout: Option<std::sync::Arc<FanoutConfig>>,
+    /// Set on `mode: frames` routes.
+    pub frames: Option<std::sync::Arc<FramesConfig>>,
     /// Origins whose pages may open WebSockets here (a handshake with
     /// another `Origin` gets 403); `None`: any.
     pub origins: Option<Vec<origin::OriginPattern>>,
@@ -189,6 +191,30 @@ pub struct RouteConfig {
     pub limits: Limits,
     /// Who may connect (`auth:`); `None`: anyone.
     pub auth: Option<auth::AuthConfig>,
+}
+
+/// A `mode: frames` route: upgate speaks WebSocket to the client and to the
+/// backend, and may move the session to another backend (`resume`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FramesConfig {
+    /// Move the session to another backend when its backend leg ends
+    /// without the client asking.
+    pub resume: bool,
+    /// The first N client messages, replayed to each new backend.
+    pub replay_first: usize,
+    /// Client message bytes held while no backend is connected; beyond, 1013.
+    pub resume_buffer: usize,
+    /// How long a session may go without a backend before the client is closed.
+    pub resume_timeout: Duration,
+    /// A text message to the client after each resume.
+    pub on_resume: Option<String>,
+    /// Largest client message (1009 beyond).
+    pub max_message: usize,
+    /// Client messages per second (1008 beyond); `None`: no limit.
+    pub client_rate: Option<u32>,
+    /// Pings on both legs; a leg silent for `ping_interval + pong_timeout` is dead.
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
 }
 
 /// A `mode: fanout` route: one upstream connection per channel, broadcast to its clients.

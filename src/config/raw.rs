@@ -171,9 +171,38 @@ pub struct RawRoute {
     pub max_channels: Option<usize>,
     pub channels: Option<Vec<String>>,
     pub channel_opens_per_ip: Option<u32>,
+    // `mode: frames` only.
+    pub resume: Option<bool>,
+    pub replay_first: Option<usize>,
+    pub resume_buffer: Option<usize>,
+    pub resume_timeout: Option<Dur>,
+    pub on_resume: Option<String>,
 }
 
 impl RawRoute {
+    /// The `mode: frames` keys this route sets, by name.
+    pub fn frames_keys(&self) -> Vec<&'static str> {
+        [
+            ("resume", self.resume.is_some()),
+            ("replay_first", self.replay_first.is_some()),
+            ("resume_buffer", self.resume_buffer.is_some()),
+            ("resume_timeout", self.resume_timeout.is_some()),
+            ("on_resume", self.on_resume.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, s)| *s)
+        .map(|(k, _)| k)
+        .collect()
+    }
+
+    /// Keys shared by fan-out and frames routes (their client-leg guards).
+    pub const SHARED_KEYS: [&'static str; 4] = [
+        "max_message",
+        "ping_interval",
+        "pong_timeout",
+        "client_rate",
+    ];
+
     /// The fan-out keys this route sets, by name (to refuse them on a splice route).
     pub fn fanout_keys(&self) -> Vec<&'static str> {
         let set = [
@@ -215,6 +244,9 @@ pub enum Mode {
     Splice,
     /// One upstream connection per channel, broadcast to every client on it.
     Fanout,
+    /// One backend connection per client, with upgate speaking WebSocket on
+    /// both legs (message guards; `resume` moves the session to another backend).
+    Frames,
 }
 
 /// What a fan-out client does when it falls `max_lag` messages behind.

@@ -40,6 +40,16 @@ impl Config {
             if r.strip_prefix {
                 notes.push("strip_prefix".to_string());
             }
+            if let Some(f) = &r.frames {
+                notes.push(if f.resume {
+                    format!(
+                        "frames, resume (replay_first {}, resume_timeout {:?})",
+                        f.replay_first, f.resume_timeout
+                    )
+                } else {
+                    "frames".to_string()
+                });
+            }
             if let Some(f) = &r.fanout {
                 let sources: Vec<&str> = f
                     .sources

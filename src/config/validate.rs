@@ -312,6 +312,21 @@ pub(super) fn routes(
             let fanout = match r.mode {
                 Mode::Splice => {
                     if let Some(k) = r.fanout_keys().first() {
+                        let modes = if raw::RawRoute::SHARED_KEYS.contains(k) {
+                            "`mode: fanout` or `mode: frames`"
+                        } else {
+                            "`mode: fanout`"
+                        };
+                        return Err(cx.err(&at(k), format!("`{k}` is only used with {modes}")));
+                    }
+                    None
+                }
+                Mode::Frames => {
+                    let only_fanout = r
+                        .fanout_keys()
+                        .into_iter()
+                        .find(|k| !raw::RawRoute::SHARED_KEYS.contains(k));
+                    if let Some(k) = only_fanout {
                         return Err(
                             cx.err(&at(k), format!("`{k}` is only used with `mode: fanout`"))
                         );
@@ -320,6 +335,15 @@ pub(super) fn routes(
                 }
                 Mode::Fanout => Some(fanout_config(cx, i, &r, &find_pool)?),
             };
+            if r.mode != Mode::Frames {
+                if let Some(k) = r.frames_keys().first() {
+                    return Err(cx.err(&at(k), format!("`{k}` is only used with `mode: frames`")));
+                }
+            }
+            let frames = (r.mode == Mode::Frames)
+                .then(|| frames_config(cx, i, &r))
+                .transpose()?
+                .map(std::sync::Arc::new);
             let pool = match (&r.pool, &fanout) {
                 (Some(p), _) => find_pool(p, &at("pool"))?,
                 (None, Some(f)) if !f.sources.is_empty() => f.sources[0],
@@ -409,6 +433,7 @@ pub(super) fn routes(
                 strip_prefix: r.strip_prefix,
                 preserve_host: r.preserve_host.unwrap_or(true),
                 fanout,
+                frames,
                 origins,
                 limits,
             })
@@ -466,6 +491,50 @@ pub(super) fn admin(
 
 /// Looks a pool up by name, or errs at the given key.
 type FindPool<'a> = dyn Fn(&str, &[Seg]) -> Result<usize, ConfigError> + 'a;
+
+/// Validates a `mode: frames` route's keys, with their defaults.
+fn frames_config(cx: &Ctx, i: usize, r: &raw::RawRoute) -> Result<FramesConfig, ConfigError> {
+    let at = |k| [Seg::Key("routes"), Seg::Index(i), Seg::Key(k)];
+    let resume = r.resume.unwrap_or(false);
+    if !resume {
+        if let Some(k) = r.frames_keys().into_iter().find(|k| *k != "resume") {
+            return Err(cx.err(&at(k), format!("`{k}` is only used with `resume: true`")));
+        }
+    }
+    let ping_interval = r.ping_interval.map_or(Duration::from_secs(30), |d| d.0);
+    let pong_timeout = r.pong_timeout.map_or(Duration::from_secs(10), |d| d.0);
+    if ping_interval.is_zero() || pong_timeout.is_zero() {
+        return Err(cx.err(
+            &at("ping_interval"),
+            "ping_interval and pong_timeout must be above zero",
+        ));
+    }
+    let resume_timeout = r.resume_timeout.map_or(Duration::from_secs(10), |d| d.0);
+    if resume_timeout.is_zero() {
+        return Err(cx.err(&at("resume_timeout"), "must be above zero"));
+    }
+    if r.client_rate == Some(0) {
+        return Err(cx.err(
+            &at("client_rate"),
+            "must be at least 1 (leave it out for no limit)",
+        ));
+    }
+    let max_message = r.max_message.unwrap_or(16 << 20);
+    if max_message < 125 {
+        return Err(cx.err(&at("max_message"), "must be at least 125 bytes"));
+    }
+    Ok(FramesConfig {
+        resume,
+        replay_first: r.replay_first.unwrap_or(0),
+        resume_buffer: r.resume_buffer.unwrap_or(1 << 20),
+        resume_timeout,
+        on_resume: r.on_resume.clone(),
+        max_message,
+        client_rate: r.client_rate,
+        ping_interval,
+        pong_timeout,
+    })
+}
 
 /// Validates a `mode: fanout` route's keys. `sources` is left empty when
 /// the route names its feed with `pool` (the caller fills it in).

@@ -46,6 +46,10 @@ pub(super) async fn upgrade(
     let mut headers = forward_headers(req.headers(), conn, client_host);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if route.frames.is_some() {
+        // upgate is the backend's WebSocket client: no extension on that leg.
+        headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    }
     // An HTTP/2 client (RFC 8441) sends no key: the gateway is the
     // WebSocket client of the backend leg, and checks the answer itself.
     let own_key = ws::is_h2_websocket(&req).then(ws::new_key);
@@ -85,6 +89,7 @@ pub(super) async fn upgrade(
             .await?;
             Ok::<_, BackendError>((io, answer))
         };
+        let sent = &headers;
         match attempt.await {
             Ok((io, answer)) => {
                 crate::backend::upstream::keepalive(io.tcp().into(), settings.tcp_keepalive);
@@ -110,22 +115,47 @@ pub(super) async fn upgrade(
                 let guard = BackendGuard::new(backend.clone());
                 let down =
                     (pool.on_backend_down == OnBackendDown::Close).then(|| backend.down_token());
-                crate::session::spawn(
-                    &shared.life,
-                    conn.busy(),
-                    client_upgrade,
-                    (io, answer.rest),
-                    guard,
-                    crate::session::Ends {
-                        backend_down: down,
-                        route_retired: retired.clone(),
-                        stats: crate::metrics::SessionGuard::new(stats.clone()),
-                        admission,
-                        expires: auth.expires,
-                        who: auth.who,
-                    },
-                    settings.half_close_timeout,
-                );
+                let ends = crate::session::Ends {
+                    backend_down: down,
+                    route_retired: retired.clone(),
+                    stats: crate::metrics::SessionGuard::new(stats.clone()),
+                    admission,
+                    expires: auth.expires,
+                    who: auth.who,
+                };
+                match &route.frames {
+                    None => crate::session::spawn(
+                        &shared.life,
+                        conn.busy(),
+                        client_upgrade,
+                        (io, answer.rest),
+                        guard,
+                        ends,
+                        settings.half_close_timeout,
+                    ),
+                    Some(cfg) => {
+                        let redial = redial(
+                            pool,
+                            route,
+                            sent,
+                            req.uri(),
+                            client_host,
+                            key,
+                            headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned(),
+                            settings,
+                        );
+                        crate::frames::spawn(
+                            &shared.life,
+                            conn.busy(),
+                            client_upgrade,
+                            (io, answer.rest),
+                            guard,
+                            ends,
+                            cfg.clone(),
+                            redial,
+                        );
+                    }
+                }
                 let mut out = Response::new(crate::error::empty());
                 match own_key {
                     None => *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS,
@@ -172,4 +202,42 @@ pub(super) async fn upgrade(
         }
     }
     Err(ProxyError::exhausted(pool, tried, last))
+}
+
+/// How a frames session on `route` dials a backend again (`resume`): the
+/// same request, with a new key and the new backend's `Host` and path.
+#[allow(clippy::too_many_arguments)]
+fn redial(
+    pool: &Arc<crate::backend::pool::Pool>,
+    route: &crate::config::RouteConfig,
+    headers: &http::HeaderMap,
+    uri: &http::Uri,
+    client_host: Option<&str>,
+    key: Option<u64>,
+    protocol: Option<HeaderValue>,
+    settings: &crate::config::ServerSettings,
+) -> crate::frames::Redial {
+    let route = route.clone();
+    let mut headers = headers.clone();
+    headers.insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    let uri = uri.clone();
+    let client_host = client_host.map(str::to_string);
+    crate::frames::Redial {
+        pool: pool.clone(),
+        head: Box::new(move |backend, key| {
+            let mut h = headers.clone();
+            set_host(&mut h, &route, client_host.as_deref(), backend);
+            h.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_str(key).ok()?);
+            let pq = backend_path(&route, backend, &uri).ok()?;
+            Some(crate::backend::upgrade::request_head(&pq, &h))
+        }),
+        hash_key: key,
+        protocol,
+        handshake_timeout: settings.handshake_timeout,
+        max_header_bytes: settings.max_header_bytes,
+        tcp_keepalive: settings.tcp_keepalive,
+    }
 }

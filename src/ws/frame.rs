@@ -20,6 +20,8 @@ pub mod code {
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
+    pub const SERVICE_RESTART: u16 = 1012;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// One complete server frame (FIN set, unmasked).

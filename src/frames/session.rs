@@ -1,0 +1,562 @@
+//! One frames session: the client's messages to the backend and back, the
+//! guards, and resuming on another backend.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::OnUpgrade;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, Instrument};
+
+use super::{BackendWs, Redial};
+use crate::backend::pool::{Backend, BackendGuard};
+use crate::backend::upstream::BackendIo;
+use crate::config::FramesConfig;
+use crate::lifecycle::Lifecycle;
+use crate::metrics::RouteStats;
+use crate::session::conn::{client_leg, Busy, Leg};
+use crate::session::{expiry, Ends};
+use crate::ws::frame::{self, code};
+use crate::ws::reader::{Input, Reader};
+
+/// Bytes read from the client per read call.
+const READ: usize = 4096;
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn spawn(
+    life: &Lifecycle,
+    conn: Busy,
+    client: OnUpgrade,
+    backend: (BackendIo, Bytes),
+    guard: BackendGuard,
+    ends: Ends,
+    cfg: Arc<FramesConfig>,
+    redial: Redial,
+) {
+    let stop = life.hard_stop.clone();
+    let span = tracing::Span::current();
+    life.tasks.spawn(
+        async move {
+            let client = match client.await {
+                Ok(up) => client_leg(up, conn.tls),
+                Err(e) => {
+                    debug!(error = %e, "client upgrade did not complete");
+                    return;
+                }
+            };
+            let ws = super::backend_leg(backend.0, backend.1).await;
+            let watch_down = cfg.resume || ends.backend_down.is_some();
+            let started = Instant::now();
+            let mut s = Session {
+                cfg,
+                redial,
+                stats: ends.stats.stats(),
+                leg: Some(Upstream::new(ws, guard, watch_down)),
+                preamble: Vec::new(),
+                held: VecDeque::new(),
+                held_bytes: 0,
+                lost: None,
+                resumes: 0,
+                up: 0,
+                down: 0,
+            };
+            let out = match client {
+                Leg::Tcp(c, pending) => s.run(c, pending, &ends, &stop).await,
+                Leg::Other(c, pending) => Box::pin(s.run(c, pending, &ends, &stop)).await,
+            };
+            if out.end == "token_expired" {
+                s.stats.auth.expired_sessions.fetch_add(1, Relaxed);
+            }
+            let took = started.elapsed();
+            s.stats.session_duration.observe(took);
+            info!(
+                target: "upgate::access",
+                backend = s.leg.as_ref().map(|l| l.guard.backend().url.to_string()),
+                duration_ms = took.as_millis() as u64,
+                messages_up = s.up,
+                messages_down = s.down,
+                resumes = s.resumes,
+                end = out.end,
+                close_code = out.code,
+                user = ends.who.as_deref(),
+                "session"
+            );
+            drop(conn);
+        }
+        .instrument(span),
+    );
+}
+
+/// The current backend leg.
+struct Upstream {
+    ws: BackendWs,
+    guard: BackendGuard,
+    /// Health checks marked the backend down.
+    down: CancellationToken,
+    /// A reload drained or removed the backend.
+    retired: CancellationToken,
+}
+
+impl Upstream {
+    /// `watch_down`: health checks marking the backend down end this leg
+    /// (with `resume`, or `on_backend_down: close`).
+    fn new(ws: BackendWs, guard: BackendGuard, watch_down: bool) -> Upstream {
+        let b = guard.backend();
+        Upstream {
+            down: if watch_down {
+                b.down_token()
+            } else {
+                CancellationToken::new()
+            },
+            retired: b.retired().clone(),
+            ws,
+            guard,
+        }
+    }
+}
+
+/// Why the backend leg ended, and what the client is told if no backend takes over.
+struct Lost {
+    code: u16,
+    reason: String,
+    since: Instant,
+    /// The backend lost: tried last.
+    from: Option<Arc<Backend>>,
+}
+
+struct Session<'a> {
+    cfg: Arc<FramesConfig>,
+    redial: Redial,
+    stats: &'a RouteStats,
+    leg: Option<Upstream>,
+    /// The first `replay_first` client messages.
+    preamble: Vec<Message>,
+    /// Client messages waiting for a backend.
+    held: VecDeque<Message>,
+    held_bytes: usize,
+    /// Set while no backend leg is open (resuming).
+    lost: Option<Lost>,
+    resumes: u64,
+    up: u64,
+    down: u64,
+}
+
+/// How the session ended, for the access log.
+struct Out {
+    end: &'static str,
+    code: Option<u16>,
+}
+
+/// A backend Close that asks the client to come back later: with `resume`,
+/// the session moves instead.
+fn moves(code: u16) -> bool {
+    matches!(code, 1001 | 1012 | 1013 | 1014)
+}
+
+fn payload_len(m: &Message) -> usize {
+    match m {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) => b.len(),
+        _ => 0,
+    }
+}
+
+/// What the backend leg produced, in the session's terms.
+enum FromBackend {
+    Message(Message),
+    /// A Close with its code (1005 when it carried none) and reason.
+    Close(u16, String),
+    /// The connection ended without a Close, or failed.
+    Gone(String),
+    Nothing,
+}
+
+impl Session<'_> {
+    async fn run<C>(
+        &mut self,
+        mut c: C,
+        pending: Bytes,
+        ends: &Ends,
+        stop: &CancellationToken,
+    ) -> Out
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let cfg = self.cfg.clone();
+        let mut reader = Reader::new(pending.to_vec(), cfg.max_message, false);
+        let mut buf = [0u8; READ];
+        let mut bucket = cfg.client_rate.map(|r| (f64::from(r), Instant::now()));
+        let mut keepalive = tokio::time::interval(cfg.ping_interval);
+        keepalive.tick().await;
+        let (mut client_heard, mut backend_heard) = (Instant::now(), Instant::now());
+        let mut redial_at: Option<Instant> = None;
+        let mut retry = Duration::ZERO;
+        // Bytes that arrived with the upgrade are read like any others.
+        let mut first = !reader.inbuf.is_empty();
+        loop {
+            // Everything complete in the client's buffer, in order.
+            while let Some(input) = if first || !reader.inbuf.is_empty() {
+                first = false;
+                reader.next_input()
+            } else {
+                None
+            } {
+                client_heard = Instant::now();
+                match input {
+                    Input::Ping(p) => {
+                        if send(&mut c, &frame::encode(frame::OP_PONG, &p))
+                            .await
+                            .is_err()
+                        {
+                            return self.end("io_error", None).await;
+                        }
+                    }
+                    Input::Message(op, payload, _) => {
+                        if let Some((tokens, at)) = &mut bucket {
+                            let rate = f64::from(cfg.client_rate.unwrap_or(1));
+                            *tokens = (*tokens + at.elapsed().as_secs_f64() * rate).min(rate);
+                            *at = Instant::now();
+                            if *tokens < 1.0 {
+                                let _ = send(
+                                    &mut c,
+                                    &frame::close(code::POLICY, "message rate limit exceeded"),
+                                )
+                                .await;
+                                return self.end("rate_limited", Some(code::POLICY)).await;
+                            }
+                            *tokens -= 1.0;
+                        }
+                        let msg = if op == frame::OP_TEXT {
+                            // The reader checked it as it arrived.
+                            match String::from_utf8(payload) {
+                                Ok(t) => Message::text(t),
+                                Err(_) => {
+                                    let _ = send(
+                                        &mut c,
+                                        &frame::close(
+                                            code::INVALID_DATA,
+                                            "text message is not UTF-8",
+                                        ),
+                                    )
+                                    .await;
+                                    return self.end("protocol", Some(code::INVALID_DATA)).await;
+                                }
+                            }
+                        } else {
+                            Message::binary(payload)
+                        };
+                        self.up += 1;
+                        self.stats.messages_up.fetch_add(1, Relaxed);
+                        self.stats
+                            .bytes_up
+                            .fetch_add(payload_len(&msg) as u64, Relaxed);
+                        if self.cfg.resume && self.preamble.len() < self.cfg.replay_first {
+                            self.preamble.push(msg.clone());
+                        }
+                        if let Some(code) = self.forward(msg).await {
+                            let _ = send(&mut c, &frame::close(code, "resume buffer full")).await;
+                            return self.end("resume_buffer_full", Some(code)).await;
+                        }
+                    }
+                    Input::Close(code) => {
+                        let echo = code.unwrap_or(code::NORMAL);
+                        let _ = send(&mut c, &frame::close(echo, "")).await;
+                        let _ = c.shutdown().await;
+                        return self
+                            .close_backend(code, "client closed")
+                            .await
+                            .with("client_close", code);
+                    }
+                    Input::Bad(e) => {
+                        let _ = send(&mut c, &frame::close(e.code(), &e.to_string())).await;
+                        return self.end("protocol", Some(e.code())).await;
+                    }
+                }
+            }
+            if let (Some(lost), true) = (&self.lost, self.leg.is_none()) {
+                if lost.since.elapsed() >= cfg.resume_timeout {
+                    let (code, reason) = (
+                        lost.code,
+                        format!(
+                            "{}; no backend took the session within {:?}",
+                            lost.reason, cfg.resume_timeout
+                        ),
+                    );
+                    self.stats.resume_failures.fetch_add(1, Relaxed);
+                    let _ = send(&mut c, &frame::close(code, &reason)).await;
+                    return Out {
+                        end: "resume_timeout",
+                        code: Some(code),
+                    };
+                }
+            }
+            let lost_deadline = self.lost.as_ref().map(|l| l.since + cfg.resume_timeout);
+            let avoid = self.lost.as_ref().and_then(|l| l.from.clone());
+            tokio::select! {
+                r = c.read(&mut buf) => match r {
+                    Ok(0) => return self.close_backend(None, "client gone").await.with("eof", None),
+                    Ok(n) => reader.inbuf.extend_from_slice(&buf[..n]),
+                    Err(_) => return self.close_backend(None, "client gone").await.with("io_error", None),
+                },
+                b = next_from(&mut self.leg) => {
+                    backend_heard = Instant::now();
+                    match b {
+                        FromBackend::Message(m) => {
+                            let (op, bytes) = match &m {
+                                Message::Text(t) => (frame::OP_TEXT, t.as_bytes()),
+                                Message::Binary(b) => (frame::OP_BINARY, &b[..]),
+                                _ => continue,
+                            };
+                            self.down += 1;
+                            self.stats.messages_down.fetch_add(1, Relaxed);
+                            self.stats.bytes_down.fetch_add(bytes.len() as u64, Relaxed);
+                            if send(&mut c, &frame::encode(op, bytes)).await.is_err() {
+                                return self.close_backend(None, "client gone").await.with("io_error", None);
+                            }
+                        }
+                        FromBackend::Nothing => {}
+                        FromBackend::Close(code, reason) if !(cfg.resume && moves(code)) => {
+                            // Passed through as the backend said it.
+                            let bytes = if code == 1005 { frame::encode(frame::OP_CLOSE, b"") } else { frame::close(code, &reason) };
+                            let _ = send(&mut c, &bytes).await;
+                            let _ = c.shutdown().await;
+                            if let Some(l) = &mut self.leg {
+                                // Let tungstenite answer the Close.
+                                let _ = tokio::time::timeout(Duration::from_secs(1), l.ws.flush()).await;
+                            }
+                            return Out { end: "backend_close", code: Some(code) };
+                        }
+                        FromBackend::Close(code, reason) => {
+                            self.lose(code, format!("backend closed with {code} {reason}"), "close").await;
+                            redial_at = Some(Instant::now());
+                        }
+                        FromBackend::Gone(why) if cfg.resume => {
+                            self.lose(code::SERVICE_RESTART, why, "gone").await;
+                            redial_at = Some(Instant::now());
+                        }
+                        FromBackend::Gone(why) => {
+                            let _ = send(&mut c, &frame::close(code::INTERNAL, &format!("backend lost: {why}"))).await;
+                            return Out { end: "backend_lost", code: Some(code::INTERNAL) };
+                        }
+                    }
+                }
+                r = redial(&self.redial, redial_at, avoid) => {
+                    match r {
+                        Ok((ws, guard)) => {
+                            redial_at = None;
+                            retry = Duration::ZERO;
+                            backend_heard = Instant::now();
+                            if let Err(e) = self.resumed(Upstream::new(ws, guard, true)).await {
+                                self.lose(code::SERVICE_RESTART, e, "gone").await;
+                                redial_at = Some(Instant::now() + Duration::from_millis(50));
+                                continue;
+                            }
+                            if let Some(text) = &cfg.on_resume {
+                                if send(&mut c, &frame::encode(frame::OP_TEXT, text.as_bytes())).await.is_err() {
+                                    return self.close_backend(None, "client gone").await.with("io_error", None);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "resume: no backend yet");
+                            // 50 ms, doubling to 1 s, until resume_timeout.
+                            retry = (retry * 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
+                            redial_at = Some(Instant::now() + retry);
+                        }
+                    }
+                }
+                _ = sleep_until(lost_deadline) => {}
+                _ = keepalive.tick() => {
+                    let now = Instant::now();
+                    if now.duration_since(client_heard) > cfg.ping_interval + cfg.pong_timeout {
+                        let _ = send(&mut c, &frame::close(code::GOING_AWAY, "no answer to pings")).await;
+                        return self.close_backend(None, "client silent").await.with("pong_timeout", Some(code::GOING_AWAY));
+                    }
+                    if send(&mut c, &frame::encode(frame::OP_PING, b"")).await.is_err() {
+                        return self.close_backend(None, "client gone").await.with("io_error", None);
+                    }
+                    if let Some(l) = &mut self.leg {
+                        if now.duration_since(backend_heard) > cfg.ping_interval + cfg.pong_timeout {
+                            if cfg.resume {
+                                self.lose(code::SERVICE_RESTART, "backend silent: no answer to pings".into(), "gone").await;
+                                redial_at = Some(now);
+                            } else {
+                                let _ = send(&mut c, &frame::close(code::INTERNAL, "backend silent: no answer to pings")).await;
+                                return Out { end: "backend_lost", code: Some(code::INTERNAL) };
+                            }
+                        } else if l.ws.send(Message::Ping(Default::default())).await.is_err() && cfg.resume {
+                            self.lose(code::SERVICE_RESTART, "backend gone".into(), "gone").await;
+                            redial_at = Some(now);
+                        }
+                    }
+                }
+                _ = stop.cancelled() => {
+                    let _ = send(&mut c, &frame::close(code::GOING_AWAY, "gateway shutting down")).await;
+                    return self.close_backend(Some(code::GOING_AWAY), "gateway shutting down").await.with("shutdown", Some(code::GOING_AWAY));
+                }
+                _ = ends.route_retired.cancelled() => {
+                    let _ = send(&mut c, &frame::close(code::GOING_AWAY, "route removed or changed by a reload")).await;
+                    return self.close_backend(Some(code::GOING_AWAY), "route removed").await.with("drained", Some(code::GOING_AWAY));
+                }
+                _ = expiry(ends.expires) => {
+                    let _ = send(&mut c, &frame::close(code::POLICY, "token expired")).await;
+                    return self.close_backend(Some(code::GOING_AWAY), "token expired").await.with("token_expired", Some(code::POLICY));
+                }
+            }
+        }
+    }
+
+    /// Sends a client message on, or holds it while no backend is there.
+    /// `Some(code)` when the hold is full.
+    async fn forward(&mut self, msg: Message) -> Option<u16> {
+        if let Some(l) = &mut self.leg {
+            let Err(e) = l.ws.send(msg.clone()).await else {
+                return None;
+            };
+            if !self.cfg.resume {
+                // The backend's own Close or EOF is read next and ends the session.
+                debug!(error = %e, "sending to the backend failed");
+                return None;
+            }
+            self.lose(
+                code::SERVICE_RESTART,
+                format!("sending to the backend: {e}"),
+                "gone",
+            )
+            .await;
+        }
+        if !self.cfg.resume {
+            return None;
+        }
+        let len = payload_len(&msg);
+        if self.held_bytes + len > self.cfg.resume_buffer {
+            return Some(code::TRY_AGAIN_LATER);
+        }
+        self.held_bytes += len;
+        self.held.push_back(msg);
+        None
+    }
+
+    /// The backend leg is gone: keep the session, remember why.
+    async fn lose(&mut self, code: u16, reason: String, cause: &'static str) {
+        let mut from = None;
+        if let Some(mut l) = self.leg.take() {
+            info!(backend = %l.guard.backend().url, cause, reason, "backend leg lost; resuming");
+            from = Some(l.guard.backend().clone());
+            let _ = tokio::time::timeout(Duration::from_millis(200), l.ws.close(None)).await;
+        }
+        self.lost.get_or_insert(Lost {
+            code,
+            reason,
+            since: Instant::now(),
+            from,
+        });
+    }
+
+    /// A new backend leg: the preamble, then what was held, then on.
+    async fn resumed(&mut self, mut up: Upstream) -> Result<(), String> {
+        for m in &self.preamble {
+            up.ws.feed(m.clone()).await.map_err(|e| e.to_string())?;
+        }
+        // Preamble messages are not held twice: the hold has only later ones.
+        while let Some(m) = self.held.pop_front() {
+            self.held_bytes -= payload_len(&m);
+            if let Err(e) = up.ws.feed(m.clone()).await {
+                self.held.push_front(m);
+                self.held_bytes += payload_len(&self.held[0]);
+                return Err(e.to_string());
+            }
+        }
+        up.ws.flush().await.map_err(|e| e.to_string())?;
+        let gap = self.lost.take().map(|l| l.since.elapsed());
+        self.resumes += 1;
+        self.stats.resumes.fetch_add(1, Relaxed);
+        info!(backend = %up.guard.backend().url, gap_ms = gap.map(|g| g.as_millis() as u64), "session resumed");
+        self.leg = Some(up);
+        Ok(())
+    }
+
+    /// Closes the backend leg (with `code`, or 1000) and ends.
+    async fn close_backend(&mut self, code: Option<u16>, why: &str) -> Out {
+        if let Some(l) = &mut self.leg {
+            let frame = CloseFrame {
+                code: CloseCode::from(code.unwrap_or(code::NORMAL)),
+                reason: why.to_string().into(),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), l.ws.close(Some(frame))).await;
+        }
+        Out { end: "", code }
+    }
+
+    async fn end(&mut self, end: &'static str, code: Option<u16>) -> Out {
+        self.close_backend(Some(code::GOING_AWAY), "client closed")
+            .await;
+        Out { end, code }
+    }
+}
+
+impl Out {
+    fn with(self, end: &'static str, code: Option<u16>) -> Out {
+        Out {
+            end,
+            code: code.or(self.code),
+        }
+    }
+}
+
+/// Writes a whole frame to the client.
+async fn send<C: AsyncWrite + Unpin>(c: &mut C, bytes: &[u8]) -> io::Result<()> {
+    c.write_all(bytes).await?;
+    c.flush().await
+}
+
+/// Dials at `at` (never without one), `avoid` last.
+async fn redial(
+    r: &Redial,
+    at: Option<Instant>,
+    avoid: Option<Arc<Backend>>,
+) -> Result<(BackendWs, BackendGuard), crate::backend::BackendError> {
+    let Some(at) = at else {
+        return std::future::pending().await;
+    };
+    tokio::time::sleep_until(at).await;
+    super::dial(r, avoid.as_deref()).await
+}
+
+/// The backend leg's next event (never without a leg).
+async fn next_from(leg: &mut Option<Upstream>) -> FromBackend {
+    let Some(l) = leg else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        m = l.ws.next() => match m {
+            Some(Ok(Message::Close(f))) => match f {
+                Some(f) => FromBackend::Close(u16::from(f.code), f.reason.to_string()),
+                None => FromBackend::Close(1005, String::new()),
+            },
+            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => FromBackend::Message(m),
+            Some(Ok(_)) => FromBackend::Nothing,
+            Some(Err(e)) => FromBackend::Gone(e.to_string()),
+            None => FromBackend::Gone("connection closed".into()),
+        },
+        _ = l.down.cancelled() => FromBackend::Gone("backend marked down by health checks".into()),
+        _ = l.retired.cancelled() => FromBackend::Gone("backend drained or removed by a reload".into()),
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,367 @@
+//! `mode: frames`: upgate speaks WebSocket on both legs, relays messages
+//! and close codes, and with `resume: true` moves a session to another
+//! backend when its backend dies or asks clients to go away.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use support::*;
+
+/// A WebSocket backend that answers `NAME:text`, records what it received,
+/// closes with a code on `close:CODE`, and can be killed (every connection
+/// dropped without a Close, the listener gone: what SIGKILL does).
+struct Backend {
+    name: &'static str,
+    addr: std::net::SocketAddr,
+    got: Arc<Mutex<Vec<String>>>,
+    kill: CancellationToken,
+}
+
+impl Backend {
+    async fn start(name: &'static str) -> Backend {
+        Backend::start_on(name, 0).await
+    }
+
+    /// On `port` (a [`reserve_port`] one: bound with SO_REUSEPORT).
+    async fn start_on(name: &'static str, port: u16) -> Backend {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_reuseport(true).unwrap();
+        sock.bind(([127, 0, 0, 1], port).into()).unwrap();
+        let listener: TcpListener = sock.listen(1024).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let kill = CancellationToken::new();
+        let (g, k) = (got.clone(), kill.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    r = listener.accept() => r.unwrap(),
+                    _ = k.cancelled() => return,
+                };
+                let (g, k) = (g.clone(), k.clone());
+                tokio::spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                        return;
+                    };
+                    loop {
+                        let m = tokio::select! {
+                            m = ws.next() => m,
+                            _ = k.cancelled() => return, // dropped: no Close
+                        };
+                        match m {
+                            Some(Ok(Message::Text(t))) => {
+                                let t = t.to_string();
+                                g.lock().unwrap().push(t.clone());
+                                if let Some(code) = t.strip_prefix("close:") {
+                                    let code: u16 = code.parse().unwrap();
+                                    let _ = ws
+                                        .close(Some(CloseFrame {
+                                            code: CloseCode::from(code),
+                                            reason: "bye".into(),
+                                        }))
+                                        .await;
+                                    return;
+                                }
+                                if ws.send(Message::text(format!("{name}:{t}"))).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Some(Ok(Message::Binary(b))) => {
+                                if ws.send(Message::Binary(b)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            _ => return,
+                        }
+                    }
+                });
+            }
+        });
+        Backend {
+            name,
+            addr,
+            got,
+            kill,
+        }
+    }
+
+    fn got(&self) -> Vec<String> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+fn yaml(backends: &[&Backend], route: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| format!("ws://{}", b.addr))
+        .collect();
+    format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: [{}] }}\nroutes:\n  - {{ name: r, path: /ws, pool: p, mode: frames{route} }}\n",
+        list.join(", ")
+    )
+}
+
+/// The next text message, skipping control frames, within 5 s.
+async fn next_text<S>(ws: &mut Ws<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => return t.to_string(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a message within 5 s")
+}
+
+/// The next Close frame's code and reason, within `limit`.
+async fn close_of<S>(ws: &mut Ws<S>, limit: Duration) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::time::timeout(limit, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return (u16::from(f.code), f.reason.to_string())
+                }
+                Some(Ok(Message::Close(None))) => return (1005, String::new()),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a Close, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a Close in time")
+}
+
+#[tokio::test]
+async fn messages_and_close_codes_pass_both_ways() {
+    let a = Backend::start("a").await;
+    let gw = gateway(&yaml(&[&a], "")).await;
+    let mut ws = ws(gw.addr(), "h", "/ws").await;
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "a:hi");
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    loop {
+        match ws.next().await.unwrap().unwrap() {
+            Message::Binary(b) => {
+                assert_eq!(&b[..], &[1, 2, 3]);
+                break;
+            }
+            Message::Ping(_) | Message::Pong(_) => {}
+            m => panic!("{m:?}"),
+        }
+    }
+    // The backend's close code and reason reach the client.
+    ws.send(Message::text("close:4001")).await.unwrap();
+    assert_eq!(
+        close_of(&mut ws, Duration::from_secs(5)).await,
+        (4001, "bye".into())
+    );
+    // And a client's close code reaches the backend.
+    let mut ws2 = support::ws(gw.addr(), "h", "/ws").await;
+    ws2.close(Some(CloseFrame {
+        code: CloseCode::from(4002),
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(close_of(&mut ws2, Duration::from_secs(5)).await.0, 4002);
+}
+
+#[tokio::test]
+async fn without_resume_a_lost_backend_ends_the_session_with_1011() {
+    let a = Backend::start("a").await;
+    let gw = gateway(&yaml(&[&a], "")).await;
+    let mut ws = ws(gw.addr(), "h", "/ws").await;
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "a:hi");
+    a.kill.cancel();
+    let (code, reason) = close_of(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(code, 1011, "{reason}");
+    assert!(reason.starts_with("backend lost"), "{reason}");
+}
+
+/// The backend dies (no Close, listener gone): the client stays, the
+/// preamble reaches the new backend, later messages arrive in order.
+#[tokio::test]
+async fn a_dying_backend_moves_the_session_and_replays_the_preamble() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let gw = gateway(&yaml(
+        &[&a, &b],
+        ", resume: true, replay_first: 2, on_resume: '{\"resumed\":true}'",
+    ))
+    .await;
+    let mut ws = ws(gw.addr(), "h", "/ws").await;
+    ws.send(Message::text("auth")).await.unwrap();
+    let first = next_text(&mut ws).await;
+    let (dead, alive) = if first.starts_with("a:") {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert_eq!(first, format!("{}:auth", dead.name));
+    ws.send(Message::text("subscribe")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, format!("{}:subscribe", dead.name));
+    ws.send(Message::text("one")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, format!("{}:one", dead.name));
+    dead.kill.cancel();
+    // No close: the app is told, the preamble is replayed (its answers come
+    // again: at-least-once), and the session goes on.
+    assert_eq!(next_text(&mut ws).await, r#"{"resumed":true}"#);
+    let n = alive.name;
+    for want in ["auth", "subscribe"] {
+        assert_eq!(next_text(&mut ws).await, format!("{n}:{want}"));
+    }
+    ws.send(Message::text("two")).await.unwrap();
+    ws.send(Message::text("three")).await.unwrap();
+    for want in ["two", "three"] {
+        assert_eq!(next_text(&mut ws).await, format!("{n}:{want}"));
+    }
+    assert_eq!(alive.got(), ["auth", "subscribe", "two", "three"]);
+    assert_eq!(dead.got(), ["auth", "subscribe", "one"]);
+    // Still the same client session.
+    ws.send(Message::text("four")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, format!("{n}:four"));
+}
+
+/// While no backend is there, client messages wait (in order) and go to
+/// the next backend that takes the session, after the preamble.
+#[tokio::test]
+async fn messages_sent_during_the_gap_wait_for_the_next_backend() {
+    let a = Backend::start("a").await;
+    let later = reserve_port();
+    let b_addr: std::net::SocketAddr = ([127, 0, 0, 1], later.port).into();
+    let gw = gateway(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: [ws://{}, ws://{b_addr}] }}\nroutes:\n  - {{ name: r, path: /ws, pool: p, mode: frames, resume: true, replay_first: 1, resume_timeout: 10s }}\n",
+        a.addr
+    ))
+    .await;
+    let mut ws = ws(gw.addr(), "h", "/ws").await; // b refuses: a takes it
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "a:hello");
+    a.kill.cancel();
+    // Long enough for upgate to see the backend go; no backend listens now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for m in ["x", "y", "z"] {
+        ws.send(Message::text(m)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = Backend::start_on("b", later.port).await;
+    for want in ["hello", "x", "y", "z"] {
+        assert_eq!(next_text(&mut ws).await, format!("b:{want}"));
+    }
+    assert_eq!(b.got(), ["hello", "x", "y", "z"]);
+}
+
+/// A backend closing with 1001 (going away, as on a deploy) moves the
+/// session; one closing with 1000 ends it normally.
+#[tokio::test]
+async fn close_1001_moves_the_session_and_close_1000_ends_it() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let gw = gateway(&yaml(&[&a, &b], ", resume: true, on_resume: resumed")).await;
+    let mut ws = ws(gw.addr(), "h", "/ws").await;
+    ws.send(Message::text("hi")).await.unwrap();
+    let first = next_text(&mut ws).await;
+    let other = if first.starts_with("a:") { "b" } else { "a" };
+    ws.send(Message::text("close:1001")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "resumed");
+    ws.send(Message::text("again")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, format!("{other}:again"));
+    ws.send(Message::text("close:1000")).await.unwrap();
+    assert_eq!(
+        close_of(&mut ws, Duration::from_secs(5)).await,
+        (1000, "bye".into())
+    );
+}
+
+#[tokio::test]
+async fn no_backend_within_resume_timeout_closes_with_the_reason() {
+    let a = Backend::start("a").await;
+    let gw = gateway(&yaml(&[&a], ", resume: true, resume_timeout: 500ms")).await;
+    let mut ws = ws(gw.addr(), "h", "/ws").await;
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "a:hi");
+    let started = std::time::Instant::now();
+    a.kill.cancel();
+    let (code, reason) = close_of(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(code, 1012, "{reason}");
+    assert!(
+        reason.contains("no backend took the session within 500ms"),
+        "{reason}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_full_resume_buffer_closes_with_1013() {
+    let a = Backend::start("a").await;
+    let gw = gateway(&yaml(
+        &[&a],
+        ", resume: true, resume_buffer: 10, resume_timeout: 10s",
+    ))
+    .await;
+    let mut ws = ws(gw.addr(), "h", "/ws").await;
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "a:hi");
+    a.kill.cancel();
+    // Wait until upgate noticed (the session is in its gap), then overflow.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ws.send(Message::text("0123456789abcdef")).await.unwrap();
+    let (code, reason) = close_of(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!((code, reason.as_str()), (1013, "resume buffer full"));
+}
+
+/// Frames keys where they mean nothing are config errors.
+#[test]
+fn frames_keys_belong_to_frames_routes() {
+    let cfg = |route: &str| {
+        upgate::Config::parse(
+            std::path::Path::new("routes.yaml"),
+            &format!("listen:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: [ws://127.0.0.1:9] }}\nroutes:\n  - {{ name: r, pool: p{route} }}\n"),
+        )
+    };
+    let e = cfg(", resume: true").unwrap_err().to_string();
+    assert!(
+        e.contains("`resume` is only used with `mode: frames`"),
+        "{e}"
+    );
+    let e = cfg(", mode: frames, replay_first: 1")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`replay_first` is only used with `resume: true`"),
+        "{e}"
+    );
+    let e = cfg(", mode: frames, linger: 1s").unwrap_err().to_string();
+    assert!(
+        e.contains("`linger` is only used with `mode: fanout`"),
+        "{e}"
+    );
+    let e = cfg(", max_message: 1000").unwrap_err().to_string();
+    assert!(
+        e.contains("`max_message` is only used with `mode: fanout` or `mode: frames`"),
+        "{e}"
+    );
+    assert!(cfg(", mode: frames, resume: true, replay_first: 2, max_message: 4096").is_ok());
+}
