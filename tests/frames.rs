@@ -365,3 +365,76 @@ fn frames_keys_belong_to_frames_routes() {
     );
     assert!(cfg(", mode: frames, resume: true, replay_first: 2, max_message: 4096").is_ok());
 }
+
+/// 1,000 live sessions over two backends; one backend is killed (its
+/// connections dropped without a Close, its listener gone). No client is
+/// disconnected: each of the dead backend's sessions is told it resumed,
+/// gets its preamble's answer from the other backend and goes on. Prints
+/// the time from the kill to each moved session's `on_resume` message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_sessions_outlive_their_backend() {
+    const N: usize = 1000;
+    let _ = rlimit::increase_nofile_limit(16_384);
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let gw = gateway(&yaml(
+        &[&a, &b],
+        ", resume: true, replay_first: 1, on_resume: resumed",
+    ))
+    .await;
+    let addr = gw.addr();
+    let (kill_tx, kill_rx) = tokio::sync::watch::channel(None::<std::time::Instant>);
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(N);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let (mut kill_rx, ready_tx) = (kill_rx.clone(), ready_tx.clone());
+        tasks.spawn(async move {
+            let mut ws = ws(addr, "h", "/ws").await;
+            let first = roundtrip(&mut ws, &format!("hello {i}")).await;
+            let on_a = first.starts_with("a:");
+            ready_tx.send(()).await.unwrap();
+            let killed = *kill_rx.wait_for(Option::is_some).await.unwrap();
+            let mut moved_after = None;
+            if on_a {
+                assert_eq!(next_text(&mut ws).await, "resumed");
+                moved_after = killed.map(|k| k.elapsed());
+                assert_eq!(next_text(&mut ws).await, format!("b:hello {i}"));
+            }
+            assert_eq!(
+                roundtrip(&mut ws, &format!("after {i}")).await,
+                format!("b:after {i}")
+            );
+            moved_after
+        });
+    }
+    for _ in 0..N {
+        ready_rx.recv().await.unwrap();
+    }
+    a.kill.cancel();
+    kill_tx.send(Some(std::time::Instant::now())).unwrap();
+    let mut gaps = Vec::new();
+    let mut done = 0;
+    while let Some(r) = tokio::time::timeout(Duration::from_secs(60), tasks.join_next())
+        .await
+        .expect("every session went on within 60 s")
+    {
+        if let Some(gap) = r.expect("a session failed") {
+            gaps.push(gap);
+        }
+        done += 1;
+    }
+    assert_eq!(done, N, "every session went on");
+    assert!(
+        gaps.len() >= N / 4,
+        "{} of {N} sessions were on the killed backend",
+        gaps.len()
+    );
+    gaps.sort();
+    let at = |q: f64| gaps[((gaps.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "frames resume: {} of {N} sessions moved, 0 disconnected; kill to on_resume p50 {:?}, p99 {:?}, max {:?}",
+        gaps.len(),
+        at(0.5),
+        at(0.99),
+        gaps[gaps.len() - 1]
+    );
+}
