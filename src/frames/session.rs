@@ -31,6 +31,9 @@ use crate::ws::reader::{Input, Reader};
 
 /// Bytes read from the client per read call.
 const READ: usize = 4096;
+/// How long a client that broke the protocol right after sending a message
+/// may still receive the backend's answer before its Close.
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn spawn(
@@ -201,6 +204,7 @@ impl Session<'_> {
         let (mut client_heard, mut backend_heard) = (Instant::now(), Instant::now());
         let mut redial_at: Option<Instant> = None;
         let mut retry = Duration::ZERO;
+        let mut forwarded: Option<Instant> = None;
         // Bytes that arrived with the upgrade are read like any others.
         let mut first = !reader.inbuf.is_empty();
         loop {
@@ -263,6 +267,7 @@ impl Session<'_> {
                         if self.cfg.resume && self.preamble.len() < self.cfg.replay_first {
                             self.preamble.push(msg.clone());
                         }
+                        forwarded = Some(Instant::now());
                         if let Some(code) = self.forward(msg).await {
                             let _ = send(&mut c, &frame::close(code, "resume buffer full")).await;
                             return self.end("resume_buffer_full", Some(code)).await;
@@ -278,6 +283,11 @@ impl Session<'_> {
                             .with("client_close", code);
                     }
                     Input::Bad(e) => {
+                        // Nothing more is read; the answer to what the client
+                        // sent just before may still go out first.
+                        if forwarded.is_some_and(|t| t.elapsed() < ANSWER_GRACE) {
+                            self.answers_first(&mut c).await;
+                        }
                         let _ = send(&mut c, &frame::close(e.code(), &e.to_string())).await;
                         return self.end("protocol", Some(e.code())).await;
                     }
@@ -413,6 +423,27 @@ impl Session<'_> {
                     return self.close_backend(Some(code::GOING_AWAY), "token expired").await.with("token_expired", Some(code::POLICY));
                 }
             }
+        }
+    }
+
+    /// Relays what the backend sends within [`ANSWER_GRACE`] (the answer to
+    /// the client's last message), up to the first pause of 50 ms after it.
+    async fn answers_first<C: AsyncWrite + Unpin>(&mut self, c: &mut C) {
+        let mut wait = ANSWER_GRACE;
+        while let Some(l) = &mut self.leg {
+            let Ok(Some(Ok(m))) = tokio::time::timeout(wait, l.ws.next()).await else {
+                return;
+            };
+            let (op, bytes) = match &m {
+                Message::Text(t) => (frame::OP_TEXT, t.as_bytes()),
+                Message::Binary(b) => (frame::OP_BINARY, &b[..]),
+                Message::Close(_) => return,
+                _ => continue,
+            };
+            if send(c, &frame::encode(op, bytes)).await.is_err() {
+                return;
+            }
+            wait = Duration::from_millis(50);
         }
     }
 

@@ -1,8 +1,8 @@
 """Grades an Autobahn fuzzingclient run (reports/index.json).
 
-upgate-fanout (upgate's own endpoint): no FAILED, no NON-STRICT, and
-UNIMPLEMENTED only in 12.*/13.* (permessage-deflate offers declined on
-purpose). upgate-splice: every case graded exactly as direct (behavior and
+upgate-fanout and upgate-frames (upgate's own endpoint, and for frames its
+client leg to the backend too): no FAILED, no NON-STRICT, and UNIMPLEMENTED
+only in 12.*/13.* (permessage-deflate offers declined on purpose). upgate-splice: every case graded exactly as direct (behavior and
 close behavior). Prints a table and a closing line; exits 1 on any breach.
 """
 import collections
@@ -22,15 +22,19 @@ def main(path):
         counts = collections.Counter(r["behavior"] for r in index[agent].values())
         print(f"{agent:15} " + ", ".join(f"{n} {b}" for b, n in sorted(counts.items())))
     fan = index.get("upgate-fanout", {})
-    for case in sorted(fan, key=key):
-        b = fan[case]["behavior"]
-        close = fan[case]["behaviorClose"]
-        allowed = b in ("OK", "INFORMATIONAL") or (
-            b == "UNIMPLEMENTED" and case.split(".")[0] in ("12", "13")
-        )
-        if not allowed or close not in ("OK", "INFORMATIONAL"):
-            ok = False
-            print(f"upgate-fanout {case}: {b} (close {close})")
+    own = 0
+    for agent in ("upgate-fanout", "upgate-frames"):
+        results = index.get(agent, {})
+        own += len(results)
+        for case in sorted(results, key=key):
+            b = results[case]["behavior"]
+            close = results[case]["behaviorClose"]
+            allowed = b in ("OK", "INFORMATIONAL") or (
+                b == "UNIMPLEMENTED" and case.split(".")[0] in ("12", "13")
+            )
+            if not allowed or close not in ("OK", "INFORMATIONAL"):
+                ok = False
+                print(f"{agent} {case}: {b} (close {close})")
     direct, splice = index.get("direct", {}), index.get("upgate-splice", {})
     if set(direct) != set(splice):
         ok = False
@@ -43,7 +47,7 @@ def main(path):
                 f"upgate-splice {case}: {s['behavior']}/{s['behaviorClose']}"
                 f" but direct {d['behavior']}/{d['behaviorClose']}"
             )
-    n = len(fan) + len(splice)
+    n = own + len(splice)
     if ok:
         print(f"autobahn: {n} passed, 0 failed")
     else:

@@ -7,7 +7,10 @@
 #                  backend, so the route echoes a lone client and the suite
 #                  judges upgate's own WebSocket endpoint (0 FAILED, 0
 #                  NON-STRICT; UNIMPLEMENTED only for deflate offers declined
-#                  on purpose).
+#                  on purpose);
+#   upgate-frames  a `mode: frames` route over the same backend: upgate's
+#                  endpoint towards the client, its client towards the backend
+#                  (same grades as fan-out).
 # wstest is Python 2.7 only: it is installed into target/autobahn/ from the
 # pins beside this script, with the machine image's pyenv CPython 2.7.18.
 #   tests/autobahn/run.sh            # all but 9.* (limits/performance); of the deflate
@@ -69,6 +72,7 @@ pools:
   echo: { backends: ['ws://$echo_addr'] }
 routes:
   - { name: splice, path: /splice, pool: echo, strip_prefix: true }
+  - { name: frames, path: /frames, pool: echo, strip_prefix: true, mode: frames, max_message: 16777216 }
   - name: fanout
     path: /fanout
     pool: echo
@@ -92,7 +96,8 @@ cat >"$out/spec.json" <<JSON
   "servers": [
     {"agent": "direct", "url": "ws://$echo_addr/"},
     {"agent": "upgate-splice", "url": "ws://$gw/splice"},
-    {"agent": "upgate-fanout", "url": "ws://$gw/fanout"}
+    {"agent": "upgate-fanout", "url": "ws://$gw/fanout"},
+    {"agent": "upgate-frames", "url": "ws://$gw/frames"}
   ],
   "cases": $cases,
   "exclude-cases": ["9.*"],
