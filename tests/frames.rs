@@ -49,7 +49,21 @@ impl Backend {
                 };
                 let (g, k) = (g.clone(), k.clone());
                 tokio::spawn(async move {
-                    let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    // Selects the first subprotocol offered, if any.
+                    let select = |req: &http::Request<()>, mut resp: http::Response<()>| {
+                        let first = req
+                            .headers()
+                            .get("sec-websocket-protocol")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.split(',').next())
+                            .map(|p| p.trim().to_string());
+                        if let Some(p) = first {
+                            resp.headers_mut()
+                                .insert("sec-websocket-protocol", p.parse().unwrap());
+                        }
+                        Ok(resp)
+                    };
+                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, select).await else {
                         return;
                     };
                     loop {
@@ -437,4 +451,99 @@ async fn a_thousand_sessions_outlive_their_backend() {
         at(0.99),
         gaps[gaps.len() - 1]
     );
+}
+
+/// One server frame (unmasked, payload under 64 KiB): its first byte and payload.
+async fn read_frame(tcp: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; 2];
+    tcp.read_exact(&mut h).await.unwrap();
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            tcp.read_exact(&mut l).await.unwrap();
+            usize::from(u16::from_be_bytes(l))
+        }
+        n => usize::from(n),
+    };
+    let mut p = vec![0u8; len];
+    tcp.read_exact(&mut p).await.unwrap();
+    (h[0], p)
+}
+
+/// The client leg negotiates permessage-deflate with upgate while the
+/// backend leg stays plain; the subprotocol the backend selected is the
+/// client's, and a resumed session's new backend must select it too.
+#[tokio::test]
+async fn compression_and_subprotocol_are_negotiated_per_leg() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let gw = gateway(&yaml(
+        &[&a, &b],
+        ", compression: true, resume: true, on_resume: resumed",
+    ))
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Protocol: chat.v2, chat.v1\r\n\
+          Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-protocol: chat.v2\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.contains("sec-websocket-extensions: permessage-deflate"),
+        "{head}"
+    );
+    // A masked, uncompressed text frame; its answer comes compressed (RSV1).
+    let text = "hello hello hello hello hello hello hello hello";
+    let mask = [7u8, 1, 9, 3];
+    let mut f = vec![0x81, 0x80 | text.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(text.bytes().enumerate().map(|(i, c)| c ^ mask[i % 4]));
+    let inflate = |p: &[u8]| {
+        let mut d = flate2::Decompress::new(false);
+        let mut input = p.to_vec();
+        input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut out = Vec::with_capacity(1024);
+        d.decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    tcp.write_all(&f).await.unwrap();
+    let (b0, p) = read_frame(&mut tcp).await;
+    assert_eq!(b0, 0xC1, "FIN + RSV1 + text");
+    let first = inflate(&p);
+    assert!(first.ends_with(&format!(":{text}")), "{first}");
+    let (dead, alive) = if first.starts_with("a:") {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert_eq!(dead.got(), [text], "the backend got plain text");
+    // Moved: the new backend selected chat.v2 as well, or it would not be used.
+    dead.kill.cancel();
+    let (b0, p) = read_frame(&mut tcp).await;
+    let resumed = if b0 & 0x40 != 0 {
+        inflate(&p)
+    } else {
+        String::from_utf8(p).unwrap()
+    };
+    assert_eq!(resumed, "resumed");
+    tcp.write_all(&f).await.unwrap();
+    let (_, p) = read_frame(&mut tcp).await;
+    assert_eq!(inflate(&p), format!("{}:{text}", alive.name));
 }

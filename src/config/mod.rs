@@ -208,6 +208,8 @@ pub struct FramesConfig {
     pub resume_timeout: Duration,
     /// A text message to the client after each resume.
     pub on_resume: Option<String>,
+    /// Offer permessage-deflate to clients (the backend leg stays plain).
+    pub compression: bool,
     /// Largest client message (1009 beyond).
     pub max_message: usize,
     /// Client messages per second (1008 beyond); `None`: no limit.

@@ -196,11 +196,12 @@ impl RawRoute {
     }
 
     /// Keys shared by fan-out and frames routes (their client-leg guards).
-    pub const SHARED_KEYS: [&'static str; 4] = [
+    pub const SHARED_KEYS: [&'static str; 5] = [
         "max_message",
         "ping_interval",
         "pong_timeout",
         "client_rate",
+        "compression",
     ];
 
     /// The fan-out keys this route sets, by name (to refuse them on a splice route).

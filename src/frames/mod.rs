@@ -155,7 +155,8 @@ pub async fn dial(
 }
 
 /// Spawns a frames session: the client's upgrade, the connected backend
-/// leg (socket and the bytes behind its 101), and how to dial again.
+/// leg (socket and the bytes behind its 101), how to dial again, and
+/// whether the client leg negotiated permessage-deflate.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
     life: &Lifecycle,
@@ -166,6 +167,9 @@ pub fn spawn(
     ends: Ends,
     cfg: Arc<FramesConfig>,
     redial: Redial,
+    deflate: bool,
 ) {
-    session::spawn(life, conn, client, backend, guard, ends, cfg, redial);
+    session::spawn(
+        life, conn, client, backend, guard, ends, cfg, redial, deflate,
+    );
 }

@@ -26,6 +26,7 @@ use crate::lifecycle::Lifecycle;
 use crate::metrics::RouteStats;
 use crate::session::conn::{client_leg, Busy, Leg};
 use crate::session::{expiry, Ends};
+use crate::ws::deflate::InflateError;
 use crate::ws::frame::{self, code};
 use crate::ws::reader::{Input, Reader};
 
@@ -45,6 +46,7 @@ pub(super) fn spawn(
     ends: Ends,
     cfg: Arc<FramesConfig>,
     redial: Redial,
+    deflate: bool,
 ) {
     let stop = life.hard_stop.clone();
     let span = tracing::Span::current();
@@ -69,6 +71,7 @@ pub(super) fn spawn(
                 held: VecDeque::new(),
                 held_bytes: 0,
                 lost: None,
+                deflate,
                 resumes: 0,
                 up: 0,
                 down: 0,
@@ -149,6 +152,8 @@ struct Session<'a> {
     held_bytes: usize,
     /// Set while no backend leg is open (resuming).
     lost: Option<Lost>,
+    /// The client leg negotiated permessage-deflate.
+    deflate: bool,
     resumes: u64,
     up: u64,
     down: u64,
@@ -196,7 +201,7 @@ impl Session<'_> {
         C: AsyncRead + AsyncWrite + Unpin,
     {
         let cfg = self.cfg.clone();
-        let mut reader = Reader::new(pending.to_vec(), cfg.max_message, false);
+        let mut reader = Reader::new(pending.to_vec(), cfg.max_message, self.deflate);
         let mut buf = [0u8; READ];
         let mut bucket = cfg.client_rate.map(|r| (f64::from(r), Instant::now()));
         let mut keepalive = tokio::time::interval(cfg.ping_interval);
@@ -225,7 +230,22 @@ impl Session<'_> {
                             return self.end("io_error", None).await;
                         }
                     }
-                    Input::Message(op, payload, _) => {
+                    Input::Message(op, payload, compressed) => {
+                        let payload = if compressed {
+                            match crate::ws::deflate::inflate(&payload, cfg.max_message) {
+                                Ok(p) => p,
+                                Err(e) => {
+                                    let code = match e {
+                                        InflateError::TooBig => code::TOO_BIG,
+                                        InflateError::Corrupt => code::INVALID_DATA,
+                                    };
+                                    let _ = send(&mut c, &frame::close(code, &e.to_string())).await;
+                                    return self.end("protocol", Some(code)).await;
+                                }
+                            }
+                        } else {
+                            payload
+                        };
                         if let Some((tokens, at)) = &mut bucket {
                             let rate = f64::from(cfg.client_rate.unwrap_or(1));
                             *tokens = (*tokens + at.elapsed().as_secs_f64() * rate).min(rate);
@@ -241,7 +261,7 @@ impl Session<'_> {
                             *tokens -= 1.0;
                         }
                         let msg = if op == frame::OP_TEXT {
-                            // The reader checked it as it arrived.
+                            // Plain text was checked as it arrived, inflated text is checked here.
                             match String::from_utf8(payload) {
                                 Ok(t) => Message::text(t),
                                 Err(_) => {
@@ -330,7 +350,7 @@ impl Session<'_> {
                             self.down += 1;
                             self.stats.messages_down.fetch_add(1, Relaxed);
                             self.stats.bytes_down.fetch_add(bytes.len() as u64, Relaxed);
-                            if send(&mut c, &frame::encode(op, bytes)).await.is_err() {
+                            if send(&mut c, &self.encode(op, bytes)).await.is_err() {
                                 return self.close_backend(None, "client gone").await.with("io_error", None);
                             }
                         }
@@ -440,10 +460,23 @@ impl Session<'_> {
                 Message::Close(_) => return,
                 _ => continue,
             };
-            if send(c, &frame::encode(op, bytes)).await.is_err() {
+            let out = self.encode(op, bytes);
+            if send(c, &out).await.is_err() {
                 return;
             }
             wait = Duration::from_millis(50);
+        }
+    }
+
+    /// A data frame for the client, compressed when that was negotiated and pays.
+    fn encode(&self, op: u8, payload: &[u8]) -> Bytes {
+        match self
+            .deflate
+            .then(|| crate::ws::deflate::compress(payload))
+            .flatten()
+        {
+            Some(z) => frame::encode_compressed(op, &z),
+            None => frame::encode(op, payload),
         }
     }
 

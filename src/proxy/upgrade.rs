@@ -46,10 +46,18 @@ pub(super) async fn upgrade(
     let mut headers = forward_headers(req.headers(), conn, client_host);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if route.frames.is_some() {
-        // upgate is the backend's WebSocket client: no extension on that leg.
-        headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
-    }
+    // A frames route: upgate is the backend's WebSocket client (no
+    // extension on that leg) and the client's server (compression, if the
+    // route allows it and the client offers it).
+    let client_deflate = match &route.frames {
+        Some(f) => {
+            headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+            f.compression
+                .then(|| crate::ws::deflate::negotiate(req.headers()))
+                .flatten()
+        }
+        None => None,
+    };
     // An HTTP/2 client (RFC 8441) sends no key: the gateway is the
     // WebSocket client of the backend leg, and checks the answer itself.
     let own_key = ws::is_h2_websocket(&req).then(ws::new_key);
@@ -153,7 +161,14 @@ pub(super) async fn upgrade(
                             ends,
                             cfg.clone(),
                             redial,
+                            client_deflate.is_some(),
                         );
+                        if let Some(ext) = client_deflate {
+                            headers.insert(
+                                header::SEC_WEBSOCKET_EXTENSIONS,
+                                HeaderValue::from_static(ext),
+                            );
+                        }
                     }
                 }
                 let mut out = Response::new(crate::error::empty());

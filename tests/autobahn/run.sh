@@ -72,7 +72,7 @@ pools:
   echo: { backends: ['ws://$echo_addr'] }
 routes:
   - { name: splice, path: /splice, pool: echo, strip_prefix: true }
-  - { name: frames, path: /frames, pool: echo, strip_prefix: true, mode: frames, max_message: 16777216 }
+  - { name: frames, path: /frames, pool: echo, strip_prefix: true, mode: frames, max_message: 16777216, compression: true, client_rate: 1000000 }
   - name: fanout
     path: /fanout
     pool: echo
