@@ -49,7 +49,9 @@ impl Backend {
                 };
                 let (g, k) = (g.clone(), k.clone());
                 tokio::spawn(async move {
-                    // Selects the first subprotocol offered, if any.
+                    // Selects the first subprotocol offered, if any (the
+                    // callback's type is tungstenite's, large error and all).
+                    #[allow(clippy::result_large_err)]
                     let select = |req: &http::Request<()>, mut resp: http::Response<()>| {
                         let first = req
                             .headers()
