@@ -90,6 +90,8 @@ pub struct RouteStats {
     /// found none within `resume_timeout`.
     pub resumes: AtomicU64,
     pub resume_failures: AtomicU64,
+    /// Of the resumes, those asked for by the pool's rebalancer.
+    pub rebalance_moves: AtomicU64,
     pub session_duration: Histogram,
     pub handshake: Histogram,
     /// Sessions admitted under the route's limits.
@@ -182,6 +184,7 @@ impl Default for RouteStats {
             messages_down: AtomicU64::new(0),
             resumes: AtomicU64::new(0),
             resume_failures: AtomicU64::new(0),
+            rebalance_moves: AtomicU64::new(0),
             session_duration: Histogram::new(&SESSION_BUCKETS),
             handshake: Histogram::new(&HANDSHAKE_BUCKETS),
             admitted: Default::default(),

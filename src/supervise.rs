@@ -28,15 +28,17 @@ pub enum Kind {
     ConfigWatch,
     FanoutChannel,
     JwksRefresh,
+    Rebalance,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::HealthCheck,
         Kind::DnsDiscovery,
         Kind::ConfigWatch,
         Kind::FanoutChannel,
         Kind::JwksRefresh,
+        Kind::Rebalance,
     ];
 
     pub fn label(self) -> &'static str {
@@ -46,13 +48,14 @@ impl Kind {
             Kind::ConfigWatch => "config_watch",
             Kind::FanoutChannel => "fanout_channel",
             Kind::JwksRefresh => "jwks_refresh",
+            Kind::Rebalance => "rebalance",
         }
     }
 }
 
 /// Panics caught, per kind.
 #[derive(Debug, Default)]
-pub struct Panics([AtomicU64; 5]);
+pub struct Panics([AtomicU64; Kind::ALL.len()]);
 
 impl Panics {
     pub fn count(&self, kind: Kind) -> u64 {

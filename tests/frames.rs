@@ -24,6 +24,8 @@ struct Backend {
     addr: std::net::SocketAddr,
     got: Arc<Mutex<Vec<String>>>,
     kill: CancellationToken,
+    /// Open WebSocket sessions.
+    live: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Backend {
@@ -41,13 +43,15 @@ impl Backend {
         let got = Arc::new(Mutex::new(Vec::new()));
         let kill = CancellationToken::new();
         let (g, k) = (got.clone(), kill.clone());
+        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let l = live.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = tokio::select! {
                     r = listener.accept() => r.unwrap(),
                     _ = k.cancelled() => return,
                 };
-                let (g, k) = (g.clone(), k.clone());
+                let (g, k, l) = (g.clone(), k.clone(), l.clone());
                 tokio::spawn(async move {
                     // Selects the first subprotocol offered, if any (the
                     // callback's type is tungstenite's, large error and all).
@@ -68,6 +72,14 @@ impl Backend {
                     let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, select).await else {
                         return;
                     };
+                    l.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    struct Down(Arc<std::sync::atomic::AtomicUsize>);
+                    impl Drop for Down {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                    let _down = Down(l);
                     loop {
                         let m = tokio::select! {
                             m = ws.next() => m,
@@ -108,6 +120,7 @@ impl Backend {
             addr,
             got,
             kill,
+            live,
         }
     }
 
@@ -548,4 +561,69 @@ async fn compression_and_subprotocol_are_negotiated_per_leg() {
     tcp.write_all(&f).await.unwrap();
     let (_, p) = read_frame(&mut tcp).await;
     assert_eq!(inflate(&p), format!("{}:{text}", alive.name));
+}
+
+/// A backend joins a pool whose sessions all sit on the other: the
+/// rebalancer moves frames sessions to it at `max_moves_per_second` until
+/// the spread is even, and no client is disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalancing_moves_sessions_to_a_new_backend_at_the_configured_pace() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const N: usize = 40;
+    let a = Backend::start("a").await;
+    let later = reserve_port();
+    let b_addr: std::net::SocketAddr = ([127, 0, 0, 1], later.port).into();
+    let gw = gateway(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  p:\n    backends: [ws://{}, ws://{b_addr}]\n    eject_after: 1000\n    rebalance: {{ max_moves_per_second: 10, tolerance: 0.1 }}\nroutes:\n  - {{ name: r, path: /ws, pool: p, mode: frames, resume: true, on_resume: resumed }}\n",
+        a.addr
+    ))
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..N {
+        let mut ws = ws(gw.addr(), "h", "/ws").await;
+        assert_eq!(
+            roundtrip(&mut ws, &format!("hi {i}")).await,
+            format!("a:hi {i}")
+        );
+        clients.push(ws);
+    }
+    let b = Backend::start_on("b", later.port).await;
+    let started = std::time::Instant::now();
+    let mut first_move = None;
+    loop {
+        let on_b = b.live.load(SeqCst);
+        if on_b >= 1 && first_move.is_none() {
+            first_move = Some(started.elapsed());
+        }
+        if on_b >= N / 2 - 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "only {on_b} moved in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let spread = started.elapsed() - first_move.unwrap_or_default();
+    // 20 moves at 10 a second take at least two ticks of the rebalancer.
+    assert!(spread >= Duration::from_millis(800), "{spread:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (on_a, on_b) = (a.live.load(SeqCst), b.live.load(SeqCst));
+    assert_eq!(on_a + on_b, N);
+    assert!(
+        (N / 2 - 2..=N / 2 + 2).contains(&on_b),
+        "a {on_a}, b {on_b}"
+    );
+    // Every client is still in its session; the moved ones were told.
+    let mut moved = 0;
+    for (i, ws) in clients.iter_mut().enumerate() {
+        let mut answer = roundtrip(ws, &format!("again {i}")).await;
+        if answer == "resumed" {
+            moved += 1;
+            answer = next_text(ws).await;
+        }
+        assert!(answer.ends_with(&format!(":again {i}")), "{answer}");
+    }
+    assert_eq!(moved, on_b);
+    eprintln!("rebalance: {on_b} of {N} sessions moved to the new backend over {spread:?}, 0 disconnected");
 }

@@ -284,6 +284,13 @@ impl Collector for GatewayCollector {
         )?;
         family(
             &mut enc,
+            "upgate_frames_rebalance_moves",
+            "mode: frames sessions moved to a less loaded backend by their pool's rebalance: (also counted in upgate_frames_resumes_total).",
+            Counter,
+            &per_route(&|s| s.rebalance_moves.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
             "upgate_session_bytes",
             "Bytes moved by spliced sessions (up = client to backend); live sessions add theirs once a second while the admin listener runs, and the rest as they end.",
             Counter,

@@ -21,6 +21,7 @@ pub mod connector;
 pub mod discovery;
 pub mod health;
 pub mod pool;
+pub mod rebalance;
 pub mod upgrade;
 pub mod upstream;
 

@@ -54,9 +54,32 @@ pub struct Backend {
     /// Failed attempts and passive ejections, for `/metrics`.
     pub failures: std::sync::atomic::AtomicU64,
     pub ejections: std::sync::atomic::AtomicU64,
+    /// Sessions the rebalancer asks to leave this backend (claimed one by one).
+    shed: AtomicUsize,
+    shed_wake: tokio::sync::Notify,
 }
 
 impl Backend {
+    /// Woken when the rebalancer asks sessions to leave this backend.
+    pub fn shed_wake(&self) -> &tokio::sync::Notify {
+        &self.shed_wake
+    }
+
+    /// Claims one of the moves asked of this backend.
+    pub fn take_shed(&self) -> bool {
+        self.shed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Asks `n` sessions to leave (replacing any unclaimed request).
+    pub fn request_shed(&self, n: usize) {
+        self.shed.store(n, Ordering::Release);
+        if n > 0 {
+            self.shed_wake.notify_waiters();
+        }
+    }
+
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
@@ -120,6 +143,7 @@ pub struct Pool {
     /// The configured backends (discovered ones expand into one per address).
     pub(super) specs: Vec<crate::config::BackendSpec>,
     pub dns_refresh: Duration,
+    pub rebalance: Option<crate::config::Rebalance>,
     /// Round-robin position; also rotates where `least_conn` starts scanning.
     next: AtomicUsize,
     /// Random picks for `p2c`.
@@ -196,6 +220,7 @@ impl Pool {
             members: arc_swap::ArcSwap::from_pointee(Members::new(backends)),
             specs: cfg.backends.clone(),
             dns_refresh: cfg.dns_refresh,
+            rebalance: cfg.rebalance,
             next: AtomicUsize::new(0),
             rng: Rng::new(balance::fnv1a(cfg.name.as_bytes())),
             tls,
@@ -463,6 +488,8 @@ pub(super) fn new_backend(
         retired: tokio_util::sync::CancellationToken::new(),
         failures: std::sync::atomic::AtomicU64::new(0),
         ejections: std::sync::atomic::AtomicU64::new(0),
+        shed: AtomicUsize::new(0),
+        shed_wake: tokio::sync::Notify::new(),
     })
 }
 

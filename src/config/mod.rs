@@ -135,6 +135,18 @@ pub struct PoolConfig {
     /// Ramp-up period of a backend that comes (back) up; zero for none.
     pub slow_start: Duration,
     pub dns_refresh: Duration,
+    /// Move live sessions towards an even spread (`rebalance:`).
+    pub rebalance: Option<Rebalance>,
+}
+
+/// A pool's `rebalance:` settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rebalance {
+    /// Sessions asked to move per second, at most, over the whole pool.
+    pub max_moves_per_second: u32,
+    /// The spread is even enough when no backend holds more than the mean
+    /// times `1 + tolerance` (plus one session).
+    pub tolerance: f64,
 }
 
 /// How a pool's backends are probed.

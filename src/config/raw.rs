@@ -102,6 +102,15 @@ pub struct RawPool {
     pub slow_start: Option<Dur>,
     /// How often `discover: dns` backends are resolved again.
     pub dns_refresh: Option<Dur>,
+    /// Move live sessions towards an even spread (frames routes with resume).
+    pub rebalance: Option<RawRebalance>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRebalance {
+    pub max_moves_per_second: Option<u32>,
+    pub tolerance: Option<f64>,
 }
 
 /// What happens to live sessions when active checks mark their backend down.

@@ -234,7 +234,12 @@ pub(super) fn pools(
                     ));
                 }
             }
+            let rebalance = match &p.rebalance {
+                None => None,
+                Some(r) => Some(rebalance(cx, &name, p.balance, r)?),
+            };
             Ok(PoolConfig {
+                rebalance,
                 name,
                 balance: p.balance,
                 hash_key: p.hash_key,
@@ -491,6 +496,44 @@ pub(super) fn admin(
 
 /// Looks a pool up by name, or errs at the given key.
 type FindPool<'a> = dyn Fn(&str, &[Seg]) -> Result<usize, ConfigError> + 'a;
+
+/// A pool's `rebalance:` settings, with their defaults.
+fn rebalance(
+    cx: &Ctx,
+    name: &str,
+    balance: Balance,
+    r: &raw::RawRebalance,
+) -> Result<Rebalance, ConfigError> {
+    let at = |k| {
+        [
+            Seg::Key("pools"),
+            Seg::Key(name),
+            Seg::Key("rebalance"),
+            Seg::Key(k),
+        ]
+    };
+    if balance == Balance::Hash {
+        return Err(cx.err(
+            &[Seg::Key("pools"), Seg::Key(name), Seg::Key("rebalance")],
+            "not used with `balance: hash` (the hash decides where each key goes)",
+        ));
+    }
+    let max_moves_per_second = r.max_moves_per_second.unwrap_or(10);
+    if max_moves_per_second == 0 {
+        return Err(cx.err(&at("max_moves_per_second"), "must be at least 1"));
+    }
+    let tolerance = r.tolerance.unwrap_or(0.2);
+    if !(0.0..=10.0).contains(&tolerance) {
+        return Err(cx.err(
+            &at("tolerance"),
+            "must be between 0 and 10 (a fraction of the mean)",
+        ));
+    }
+    Ok(Rebalance {
+        max_moves_per_second,
+        tolerance,
+    })
+}
 
 /// Validates a `mode: frames` route's keys, with their defaults.
 fn frames_config(cx: &Ctx, i: usize, r: &raw::RawRoute) -> Result<FramesConfig, ConfigError> {

@@ -78,11 +78,13 @@ pub async fn backend_leg(io: BackendIo, rest: Bytes) -> BackendWs {
         .await
 }
 
-/// Opens a new backend leg: the balancer's order, `avoid` (the backend
-/// just lost) last, each tried once.
+/// Opens a new backend leg: the balancer's order (or, for a rebalancing
+/// move, the least loaded first), `avoid` (the backend just left) last,
+/// each tried once.
 pub async fn dial(
     r: &Redial,
     avoid: Option<&Backend>,
+    least_loaded: bool,
 ) -> Result<(BackendWs, BackendGuard), BackendError> {
     let mut order: Vec<Arc<Backend>> = r.pool.try_order(r.hash_key).collect();
     if order.is_empty() {
@@ -96,6 +98,9 @@ pub async fn dial(
             .filter(|b| !b.drain)
             .cloned()
             .collect();
+    }
+    if least_loaded {
+        order.sort_by_key(|b| b.active());
     }
     if let Some(a) = avoid {
         order.sort_by_key(|b| std::ptr::eq(&**b, a));

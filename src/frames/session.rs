@@ -138,6 +138,8 @@ struct Lost {
     since: Instant,
     /// The backend lost: tried last.
     from: Option<Arc<Backend>>,
+    /// A rebalancing move (to the least loaded backend).
+    moving: bool,
 }
 
 struct Session<'a> {
@@ -332,6 +334,12 @@ impl Session<'_> {
             }
             let lost_deadline = self.lost.as_ref().map(|l| l.since + cfg.resume_timeout);
             let avoid = self.lost.as_ref().and_then(|l| l.from.clone());
+            // The backend this session is on, when it may move (`resume`).
+            let current = self
+                .leg
+                .as_ref()
+                .filter(|_| cfg.resume)
+                .map(|l| l.guard.backend().clone());
             tokio::select! {
                 r = c.read(&mut buf) => match r {
                     Ok(0) => return self.close_backend(None, "client gone").await.with("eof", None),
@@ -380,7 +388,7 @@ impl Session<'_> {
                         }
                     }
                 }
-                r = redial(&self.redial, redial_at, avoid) => {
+                r = redial(&self.redial, redial_at, avoid, self.lost.as_ref().is_some_and(|l| l.moving)) => {
                     match r {
                         Ok((ws, guard)) => {
                             redial_at = None;
@@ -406,6 +414,11 @@ impl Session<'_> {
                     }
                 }
                 _ = sleep_until(lost_deadline) => {}
+                _ = shed(current) => {
+                    self.stats.rebalance_moves.fetch_add(1, Relaxed);
+                    self.lose(code::SERVICE_RESTART, "moved by rebalancing".into(), "rebalance").await;
+                    redial_at = Some(Instant::now());
+                }
                 _ = keepalive.tick() => {
                     let now = Instant::now();
                     if now.duration_since(client_heard) > cfg.ping_interval + cfg.pong_timeout {
@@ -524,6 +537,7 @@ impl Session<'_> {
             reason,
             since: Instant::now(),
             from,
+            moving: cause == "rebalance",
         });
     }
 
@@ -584,17 +598,37 @@ async fn send<C: AsyncWrite + Unpin>(c: &mut C, bytes: &[u8]) -> io::Result<()> 
     c.flush().await
 }
 
-/// Dials at `at` (never without one), `avoid` last.
+/// Dials at `at` (never without one), `avoid` last; a rebalancing move
+/// goes to the least loaded backend.
 async fn redial(
     r: &Redial,
     at: Option<Instant>,
     avoid: Option<Arc<Backend>>,
+    moving: bool,
 ) -> Result<(BackendWs, BackendGuard), crate::backend::BackendError> {
     let Some(at) = at else {
         return std::future::pending().await;
     };
     tokio::time::sleep_until(at).await;
-    super::dial(r, avoid.as_deref()).await
+    super::dial(r, avoid.as_deref(), moving).await
+}
+
+/// Resolves when the rebalancer asks sessions to leave the current
+/// backend and this session claimed one of those moves (never without a
+/// leg, or without `resume`).
+async fn shed(backend: Option<Arc<Backend>>) {
+    let Some(b) = backend else {
+        return std::future::pending().await;
+    };
+    loop {
+        let wake = b.shed_wake().notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        if b.take_shed() {
+            return;
+        }
+        wake.await;
+    }
 }
 
 /// The backend leg's next event (never without a leg).

@@ -443,10 +443,11 @@ fn tls_acceptors(
         .collect()
 }
 
-/// Starts a pool's health checks and DNS discovery, supervised; they end
-/// with `pool.life`.
+/// Starts a pool's health checks, rebalancer and DNS discovery,
+/// supervised; they end with `pool.life`.
 fn start_pool(pool: &Arc<Pool>, shared: &Shared, resolver: &Resolver) {
     crate::backend::checker::spawn(pool, &shared.life.tasks, &shared.life.panics);
+    crate::backend::rebalance::spawn(pool, &shared.life.tasks, &shared.life.panics);
     if pool.discovers() {
         let (pool, resolver) = (pool.clone(), resolver.clone());
         let life = pool.life.clone();
