@@ -30,6 +30,7 @@ fn pool_w(balance: Balance, weights: &[u32]) -> Pool {
         max_attempts: 3,
         slow_start: Duration::ZERO,
         dns_refresh: Duration::from_secs(10),
+        rebalance: None,
     };
     Pool::new(&cfg).unwrap()
 }
