@@ -414,6 +414,9 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
     let start = |name: &str, ips: usize| -> Result<Proc, String> {
         match name {
             "upgate" => targets::upgate("upgate", &bin_dir, 18080, &work, &certs, ips),
+            "upgate-frames" => {
+                targets::upgate("upgate-frames", &bin_dir, 18100, &work, &certs, ips)
+            }
             "upgate-base" => match &a.bins.base_bin_dir {
                 Some(d) => targets::upgate("upgate-base", d, 18090, &work, &certs, ips),
                 None => Err("upgate-base needs --base-bin-dir".into()),

@@ -162,7 +162,8 @@ pub fn certs(work: &Path) -> Result<Certs, String> {
 /// upgate with one runtime thread; `backend_ips` loopback addresses in its pool.
 /// An upgate binary from `bin_dir` with one runtime thread, listening on
 /// `port` (plain) and `port + 363` (TLS); `backend_ips` loopback addresses in its pool.
-/// `name` tells builds apart (`upgate-base` is a build of another commit).
+/// `name` tells builds apart (`upgate-base` is a build of another commit);
+/// `upgate-frames` routes with `mode: frames` instead of splicing.
 pub fn upgate(
     name: &str,
     bin_dir: &Path,
@@ -171,12 +172,17 @@ pub fn upgate(
     certs: &Certs,
     backend_ips: usize,
 ) -> Result<Proc, String> {
+    let route = if name == "upgate-frames" {
+        "{ name: echo, pool: echo, mode: frames, max_message: 67108864 }"
+    } else {
+        "{ name: echo, pool: echo }"
+    };
     let tls_port = port + 363;
     let backends: Vec<String> = (0..backend_ips.max(1))
         .map(|i| format!("ws://127.0.0.{}:{BACKEND_PORT}", i + 1))
         .collect();
     let yaml = format!(
-        "server: {{ max_connections: 400000, shutdown_grace: 1s }}\nlisten:\n  - addr: 127.0.0.1:{port}\n  - addr: 127.0.0.1:{tls_port}\n    tls: {{ certs: [{{ cert: {}, key: {} }}] }}\npools:\n  echo: {{ backends: [{}] }}\nroutes:\n  - {{ name: echo, pool: echo }}\n",
+        "server: {{ max_connections: 400000, shutdown_grace: 1s }}\nlisten:\n  - addr: 127.0.0.1:{port}\n  - addr: 127.0.0.1:{tls_port}\n    tls: {{ certs: [{{ cert: {}, key: {} }}] }}\npools:\n  echo: {{ backends: [{}] }}\nroutes:\n  - {route}\n",
         certs.cert.display(),
         certs.key.display(),
         backends.join(", ")

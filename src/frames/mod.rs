@@ -61,12 +61,13 @@ pub struct Redial {
     pub tcp_keepalive: Duration,
 }
 
-/// The backend leg's WebSocket settings: small buffers (most sessions are
-/// idle), messages up to 64 MiB.
+/// The backend leg's WebSocket settings: a small read buffer (most sessions
+/// are idle); writes collect up to 64 KiB until the session flushes a whole
+/// batch of client messages at once; messages up to 64 MiB.
 pub fn backend_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4096)
-        .write_buffer_size(0)
+        .write_buffer_size(64 << 10)
         .max_message_size(Some(64 << 20))
         .max_frame_size(Some(64 << 20))
 }

@@ -2,13 +2,15 @@
 //! guards, and resuming on another backend.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -30,8 +32,10 @@ use crate::ws::deflate::InflateError;
 use crate::ws::frame::{self, code};
 use crate::ws::reader::{Input, Reader};
 
-/// Bytes read from the client per read call.
+/// Room made in the client's buffer before each read.
 const READ: usize = 4096;
+/// Backend messages written to the client in one write, at most.
+const BATCH: usize = 64;
 /// How long a client that broke the protocol right after sending a message
 /// may still receive the backend's answer before its Close.
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
@@ -61,17 +65,20 @@ pub(super) fn spawn(
             };
             let ws = super::backend_leg(backend.0, backend.1).await;
             let watch_down = cfg.resume || ends.backend_down.is_some();
+            let movable = cfg.resume;
             let started = Instant::now();
             let mut s = Session {
                 cfg,
                 redial,
                 stats: ends.stats.stats(),
-                leg: Some(Upstream::new(ws, guard, watch_down)),
+                leg: Some(Upstream::new(ws, guard, watch_down, movable)),
                 preamble: Vec::new(),
                 held: VecDeque::new(),
                 held_bytes: 0,
                 lost: None,
                 deflate,
+                unflushed: false,
+                stash: None,
                 resumes: 0,
                 up: 0,
                 down: 0,
@@ -103,30 +110,51 @@ pub(super) fn spawn(
     );
 }
 
-/// The current backend leg.
+type Waiting = Pin<Box<dyn Future<Output = FromBackend> + Send>>;
+
+/// The current backend leg, and what ends or moves it besides its stream.
+/// The waits are made once per leg and polled in place, so the session's
+/// loop registers no waker anew per message.
 struct Upstream {
     ws: BackendWs,
     guard: BackendGuard,
-    /// Health checks marked the backend down.
-    down: CancellationToken,
-    /// A reload drained or removed the backend.
-    retired: CancellationToken,
+    /// Health checks marked the backend down, or a reload drained or removed it.
+    gone: Waiting,
+    /// The rebalancer asked this session to move (only with `resume`).
+    shed: Option<Waiting>,
 }
 
 impl Upstream {
     /// `watch_down`: health checks marking the backend down end this leg
-    /// (with `resume`, or `on_backend_down: close`).
-    fn new(ws: BackendWs, guard: BackendGuard, watch_down: bool) -> Upstream {
-        let b = guard.backend();
+    /// (with `resume`, or `on_backend_down: close`); `movable`: the session
+    /// takes rebalancing moves (`resume`).
+    fn new(ws: BackendWs, guard: BackendGuard, watch_down: bool, movable: bool) -> Upstream {
+        let b = guard.backend().clone();
+        let down = watch_down.then(|| b.down_token());
+        let retired = b.retired().clone();
+        let gone = Box::pin(async move {
+            let down = async {
+                match down {
+                    Some(d) => d.cancelled_owned().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = down => FromBackend::Gone("backend marked down by health checks".into()),
+                _ = retired.cancelled_owned() => FromBackend::Gone("backend drained or removed by a reload".into()),
+            }
+        });
+        let shed = movable.then(|| {
+            Box::pin(async move {
+                shed(&b).await;
+                FromBackend::Shed
+            }) as Waiting
+        });
         Upstream {
-            down: if watch_down {
-                b.down_token()
-            } else {
-                CancellationToken::new()
-            },
-            retired: b.retired().clone(),
             ws,
             guard,
+            gone,
+            shed,
         }
     }
 }
@@ -156,6 +184,10 @@ struct Session<'a> {
     lost: Option<Lost>,
     /// The client leg negotiated permessage-deflate.
     deflate: bool,
+    /// Client messages fed to the backend leg but not flushed yet.
+    unflushed: bool,
+    /// A backend event read while batching, handled next.
+    stash: Option<FromBackend>,
     resumes: u64,
     up: u64,
     down: u64,
@@ -188,6 +220,8 @@ enum FromBackend {
     Close(u16, String),
     /// The connection ended without a Close, or failed.
     Gone(String),
+    /// The rebalancer asked this session to move, and it claimed the move.
+    Shed,
     Nothing,
 }
 
@@ -204,7 +238,6 @@ impl Session<'_> {
     {
         let cfg = self.cfg.clone();
         let mut reader = Reader::new(pending.to_vec(), cfg.max_message, self.deflate);
-        let mut buf = [0u8; READ];
         let mut bucket = cfg.client_rate.map(|r| (f64::from(r), Instant::now()));
         let mut keepalive = tokio::time::interval(cfg.ping_interval);
         keepalive.tick().await;
@@ -212,6 +245,11 @@ impl Session<'_> {
         let mut redial_at: Option<Instant> = None;
         let mut retry = Duration::ZERO;
         let mut forwarded: Option<Instant> = None;
+        // Made once: polled in place by every turn of the loop.
+        let stopped = stop.cancelled();
+        let route_gone = ends.route_retired.cancelled();
+        let expired = expiry(ends.expires);
+        tokio::pin!(stopped, route_gone, expired);
         // Bytes that arrived with the upgrade are read like any others.
         let mut first = !reader.inbuf.is_empty();
         loop {
@@ -315,6 +353,17 @@ impl Session<'_> {
                     }
                 }
             }
+            if self.unflushed {
+                self.unflushed = false;
+                if let Some(l) = &mut self.leg {
+                    if let Err(e) = l.ws.flush().await {
+                        if cfg.resume {
+                            self.lose(code::SERVICE_RESTART, format!("sending to the backend: {e}"), "gone").await;
+                            redial_at = Some(Instant::now());
+                        }
+                    }
+                }
+            }
             if let (Some(lost), true) = (&self.lost, self.leg.is_none()) {
                 if lost.since.elapsed() >= cfg.resume_timeout {
                     let (code, reason) = (
@@ -334,35 +383,42 @@ impl Session<'_> {
             }
             let lost_deadline = self.lost.as_ref().map(|l| l.since + cfg.resume_timeout);
             let avoid = self.lost.as_ref().and_then(|l| l.from.clone());
-            // The backend this session is on, when it may move (`resume`).
-            let current = self
-                .leg
-                .as_ref()
-                .filter(|_| cfg.resume)
-                .map(|l| l.guard.backend().clone());
             tokio::select! {
-                r = c.read(&mut buf) => match r {
+                r = read_into(&mut c, &mut reader.inbuf) => match r {
                     Ok(0) => return self.close_backend(None, "client gone").await.with("eof", None),
-                    Ok(n) => reader.inbuf.extend_from_slice(&buf[..n]),
+                    Ok(_) => {}
                     Err(_) => return self.close_backend(None, "client gone").await.with("io_error", None),
                 },
-                b = next_from(&mut self.leg) => {
+                b = next_from(&mut self.leg, &mut self.stash) => {
                     backend_heard = Instant::now();
                     match b {
                         FromBackend::Message(m) => {
-                            let (op, bytes) = match &m {
-                                Message::Text(t) => (frame::OP_TEXT, t.as_bytes()),
-                                Message::Binary(b) => (frame::OP_BINARY, &b[..]),
-                                _ => continue,
-                            };
-                            self.down += 1;
-                            self.stats.messages_down.fetch_add(1, Relaxed);
-                            self.stats.bytes_down.fetch_add(bytes.len() as u64, Relaxed);
-                            if send(&mut c, &self.encode(op, bytes)).await.is_err() {
+                            // This message and any others already arrived, in one write.
+                            let mut out = BytesMut::new();
+                            self.push_down(&mut out, &m);
+                            for _ in 1..BATCH {
+                                let Some(l) = &mut self.leg else { break };
+                                match l.ws.next().now_or_never() {
+                                    None => break,
+                                    Some(Some(Ok(m @ (Message::Text(_) | Message::Binary(_))))) => {
+                                        self.push_down(&mut out, &m);
+                                    }
+                                    Some(other) => {
+                                        self.stash = Some(classify(other));
+                                        break;
+                                    }
+                                }
+                            }
+                            if send(&mut c, &out).await.is_err() {
                                 return self.close_backend(None, "client gone").await.with("io_error", None);
                             }
                         }
                         FromBackend::Nothing => {}
+                        FromBackend::Shed => {
+                            self.stats.rebalance_moves.fetch_add(1, Relaxed);
+                            self.lose(code::SERVICE_RESTART, "moved by rebalancing".into(), "rebalance").await;
+                            redial_at = Some(Instant::now());
+                        }
                         FromBackend::Close(code, reason) if !(cfg.resume && moves(code)) => {
                             // Passed through as the backend said it.
                             let bytes = if code == 1005 { frame::encode(frame::OP_CLOSE, b"") } else { frame::close(code, &reason) };
@@ -394,7 +450,7 @@ impl Session<'_> {
                             redial_at = None;
                             retry = Duration::ZERO;
                             backend_heard = Instant::now();
-                            if let Err(e) = self.resumed(Upstream::new(ws, guard, true)).await {
+                            if let Err(e) = self.resumed(Upstream::new(ws, guard, true, true)).await {
                                 self.lose(code::SERVICE_RESTART, e, "gone").await;
                                 redial_at = Some(Instant::now() + Duration::from_millis(50));
                                 continue;
@@ -414,11 +470,6 @@ impl Session<'_> {
                     }
                 }
                 _ = sleep_until(lost_deadline) => {}
-                _ = shed(current) => {
-                    self.stats.rebalance_moves.fetch_add(1, Relaxed);
-                    self.lose(code::SERVICE_RESTART, "moved by rebalancing".into(), "rebalance").await;
-                    redial_at = Some(Instant::now());
-                }
                 _ = keepalive.tick() => {
                     let now = Instant::now();
                     if now.duration_since(client_heard) > cfg.ping_interval + cfg.pong_timeout {
@@ -443,15 +494,15 @@ impl Session<'_> {
                         }
                     }
                 }
-                _ = stop.cancelled() => {
+                _ = &mut stopped => {
                     let _ = send(&mut c, &frame::close(code::GOING_AWAY, "gateway shutting down")).await;
                     return self.close_backend(Some(code::GOING_AWAY), "gateway shutting down").await.with("shutdown", Some(code::GOING_AWAY));
                 }
-                _ = ends.route_retired.cancelled() => {
+                _ = &mut route_gone => {
                     let _ = send(&mut c, &frame::close(code::GOING_AWAY, "route removed or changed by a reload")).await;
                     return self.close_backend(Some(code::GOING_AWAY), "route removed").await.with("drained", Some(code::GOING_AWAY));
                 }
-                _ = expiry(ends.expires) => {
+                _ = &mut expired => {
                     let _ = send(&mut c, &frame::close(code::POLICY, "token expired")).await;
                     return self.close_backend(Some(code::GOING_AWAY), "token expired").await.with("token_expired", Some(code::POLICY));
                 }
@@ -462,6 +513,9 @@ impl Session<'_> {
     /// Relays what the backend sends within [`ANSWER_GRACE`] (the answer to
     /// the client's last message), up to the first pause of 50 ms after it.
     async fn answers_first<C: AsyncWrite + Unpin>(&mut self, c: &mut C) {
+        if let Some(l) = self.leg.as_mut().filter(|_| self.unflushed) {
+            let _ = l.ws.flush().await;
+        }
         let mut wait = ANSWER_GRACE;
         while let Some(l) = &mut self.leg {
             let Ok(Some(Ok(m))) = tokio::time::timeout(wait, l.ws.next()).await else {
@@ -481,6 +535,22 @@ impl Session<'_> {
         }
     }
 
+    /// Counts a backend message and appends its frame for the client to `out`.
+    fn push_down(&mut self, out: &mut BytesMut, m: &Message) {
+        let (op, bytes) = match m {
+            Message::Text(t) => (frame::OP_TEXT, t.as_bytes()),
+            Message::Binary(b) => (frame::OP_BINARY, &b[..]),
+            _ => return,
+        };
+        self.down += 1;
+        self.stats.messages_down.fetch_add(1, Relaxed);
+        self.stats.bytes_down.fetch_add(bytes.len() as u64, Relaxed);
+        match self.deflate.then(|| crate::ws::deflate::compress(bytes)).flatten() {
+            Some(z) => frame::append(out, op, &z, true),
+            None => frame::append(out, op, bytes, false),
+        }
+    }
+
     /// A data frame for the client, compressed when that was negotiated and pays.
     fn encode(&self, op: u8, payload: &[u8]) -> Bytes {
         match self
@@ -497,7 +567,9 @@ impl Session<'_> {
     /// `Some(code)` when the hold is full.
     async fn forward(&mut self, msg: Message) -> Option<u16> {
         if let Some(l) = &mut self.leg {
-            let Err(e) = l.ws.send(msg.clone()).await else {
+            // Fed, not flushed: the batch is flushed once it is all in.
+            let Err(e) = l.ws.feed(msg.clone()).await else {
+                self.unflushed = true;
                 return None;
             };
             if !self.cfg.resume {
@@ -613,13 +685,9 @@ async fn redial(
     super::dial(r, avoid.as_deref(), moving).await
 }
 
-/// Resolves when the rebalancer asks sessions to leave the current
-/// backend and this session claimed one of those moves (never without a
-/// leg, or without `resume`).
-async fn shed(backend: Option<Arc<Backend>>) {
-    let Some(b) = backend else {
-        return std::future::pending().await;
-    };
+/// Resolves when the rebalancer asks sessions to leave `b` and this
+/// session claimed one of those moves.
+async fn shed(b: &Backend) {
     loop {
         let wake = b.shed_wake().notified();
         tokio::pin!(wake);
@@ -631,24 +699,45 @@ async fn shed(backend: Option<Arc<Backend>>) {
     }
 }
 
-/// The backend leg's next event (never without a leg).
-async fn next_from(leg: &mut Option<Upstream>) -> FromBackend {
+/// What the backend's stream yielded, in the session's terms.
+fn classify(m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -> FromBackend {
+    match m {
+        Some(Ok(Message::Close(f))) => match f {
+            Some(f) => FromBackend::Close(u16::from(f.code), f.reason.to_string()),
+            None => FromBackend::Close(1005, String::new()),
+        },
+        Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => FromBackend::Message(m),
+        Some(Ok(_)) => FromBackend::Nothing,
+        Some(Err(e)) => FromBackend::Gone(e.to_string()),
+        None => FromBackend::Gone("connection closed".into()),
+    }
+}
+
+/// Reads what the client sent into `buf` (the reader's buffer).
+async fn read_into<C: AsyncRead + Unpin>(c: &mut C, buf: &mut Vec<u8>) -> io::Result<usize> {
+    buf.reserve(READ);
+    c.read_buf(buf).await
+}
+
+/// The backend leg's next event: one set aside by a batch first (never
+/// without a leg).
+async fn next_from(leg: &mut Option<Upstream>, stash: &mut Option<FromBackend>) -> FromBackend {
+    if let Some(s) = stash.take() {
+        return s;
+    }
     let Some(l) = leg else {
         return std::future::pending().await;
     };
+    let shed = async {
+        match &mut l.shed {
+            Some(s) => s.await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        m = l.ws.next() => match m {
-            Some(Ok(Message::Close(f))) => match f {
-                Some(f) => FromBackend::Close(u16::from(f.code), f.reason.to_string()),
-                None => FromBackend::Close(1005, String::new()),
-            },
-            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => FromBackend::Message(m),
-            Some(Ok(_)) => FromBackend::Nothing,
-            Some(Err(e)) => FromBackend::Gone(e.to_string()),
-            None => FromBackend::Gone("connection closed".into()),
-        },
-        _ = l.down.cancelled() => FromBackend::Gone("backend marked down by health checks".into()),
-        _ = l.retired.cancelled() => FromBackend::Gone("backend drained or removed by a reload".into()),
+        m = l.ws.next() => classify(m),
+        g = &mut l.gone => g,
+        s = shed => s,
     }
 }
 

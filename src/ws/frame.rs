@@ -36,6 +36,18 @@ pub fn encode_compressed(opcode: u8, payload: &[u8]) -> Bytes {
 
 fn encode_with(first: u8, payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(payload.len() + 10);
+    append_with(&mut out, first, payload);
+    out.freeze()
+}
+
+/// Appends one complete server frame to `out` (several frames, one write).
+pub fn append(out: &mut BytesMut, opcode: u8, payload: &[u8], compressed: bool) {
+    let first = if compressed { 0xC0 } else { 0x80 } | opcode;
+    out.reserve(payload.len() + 10);
+    append_with(out, first, payload);
+}
+
+fn append_with(out: &mut BytesMut, first: u8, payload: &[u8]) {
     out.put_u8(first);
     let n = payload.len();
     if n < 126 {
@@ -48,7 +60,6 @@ fn encode_with(first: u8, payload: &[u8]) -> Bytes {
         out.put_u64(n as u64);
     }
     out.put_slice(payload);
-    out.freeze()
 }
 
 /// A close frame; the reason is cut to fit the 125-byte control payload.
