@@ -641,7 +641,10 @@ async fn a_rolling_restart_of_three_backends_disconnects_nobody() {
     for (p, n) in ports.iter().zip(names) {
         backends.push(Backend::start_on(n, p.port).await);
     }
-    let list: Vec<String> = ports.iter().map(|p| format!("ws://127.0.0.1:{}", p.port)).collect();
+    let list: Vec<String> = ports
+        .iter()
+        .map(|p| format!("ws://127.0.0.1:{}", p.port))
+        .collect();
     let gw = gateway(&format!(
         "listen:\n  - addr: 127.0.0.1:0\npools:\n  p:\n    backends: [{}]\n    eject_after: 0\nroutes:\n  - {{ name: r, path: /ws, pool: p, mode: frames, resume: true, replay_first: 1 }}\n",
         list.join(", ")
@@ -678,7 +681,10 @@ async fn a_rolling_restart_of_three_backends_disconnects_nobody() {
             break;
         }
     }
-    let live: usize = backends.iter().map(|b| b.live.load(std::sync::atomic::Ordering::SeqCst)).sum();
+    let live: usize = backends
+        .iter()
+        .map(|b| b.live.load(std::sync::atomic::Ordering::SeqCst))
+        .sum();
     assert_eq!(live, N, "every session has a backend");
     eprintln!("rolling restart of 3 backends under {N} sessions in {took:?}: 0 disconnected");
 }

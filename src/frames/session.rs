@@ -27,6 +27,7 @@ use crate::config::FramesConfig;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::RouteStats;
 use crate::session::conn::{client_leg, Busy, Leg};
+use crate::session::splice::ReadReady;
 use crate::session::{expiry, Ends};
 use crate::ws::deflate::InflateError;
 use crate::ws::frame::{self, code};
@@ -69,7 +70,7 @@ pub(super) fn spawn(
             let started = Instant::now();
             let mut s = Session {
                 cfg,
-                redial,
+                redial: Arc::new(redial),
                 stats: ends.stats.stats(),
                 leg: Some(Upstream::new(ws, guard, watch_down, movable)),
                 preamble: Vec::new(),
@@ -172,7 +173,7 @@ struct Lost {
 
 struct Session<'a> {
     cfg: Arc<FramesConfig>,
-    redial: Redial,
+    redial: Arc<Redial>,
     stats: &'a RouteStats,
     leg: Option<Upstream>,
     /// The first `replay_first` client messages.
@@ -234,15 +235,19 @@ impl Session<'_> {
         stop: &CancellationToken,
     ) -> Out
     where
-        C: AsyncRead + AsyncWrite + Unpin,
+        C: AsyncRead + AsyncWrite + ReadReady + Unpin,
     {
         let cfg = self.cfg.clone();
         let mut reader = Reader::new(pending.to_vec(), cfg.max_message, self.deflate);
+        // `pending` may be a slice of hyper's whole read buffer: let it go now,
+        // not when the session ends.
+        drop(pending);
         let mut bucket = cfg.client_rate.map(|r| (f64::from(r), Instant::now()));
         let mut keepalive = tokio::time::interval(cfg.ping_interval);
         keepalive.tick().await;
         let (mut client_heard, mut backend_heard) = (Instant::now(), Instant::now());
         let mut redial_at: Option<Instant> = None;
+        let mut dialing: Option<Dialing> = None;
         let mut retry = Duration::ZERO;
         let mut forwarded: Option<Instant> = None;
         // Made once: polled in place by every turn of the loop.
@@ -353,12 +358,21 @@ impl Session<'_> {
                     }
                 }
             }
+            if reader.inbuf.is_empty() && reader.inbuf.capacity() > 0 {
+                // An idle session keeps no read buffer.
+                reader.inbuf = Vec::new();
+            }
             if self.unflushed {
                 self.unflushed = false;
                 if let Some(l) = &mut self.leg {
                     if let Err(e) = l.ws.flush().await {
                         if cfg.resume {
-                            self.lose(code::SERVICE_RESTART, format!("sending to the backend: {e}"), "gone").await;
+                            self.lose(
+                                code::SERVICE_RESTART,
+                                format!("sending to the backend: {e}"),
+                                "gone",
+                            )
+                            .await;
                             redial_at = Some(Instant::now());
                         }
                     }
@@ -382,7 +396,16 @@ impl Session<'_> {
                 }
             }
             let lost_deadline = self.lost.as_ref().map(|l| l.since + cfg.resume_timeout);
-            let avoid = self.lost.as_ref().and_then(|l| l.from.clone());
+            // A dial, once started, runs to its end across turns of the loop.
+            if let (None, Some(at)) = (&dialing, redial_at.take()) {
+                let r = self.redial.clone();
+                let avoid = self.lost.as_ref().and_then(|l| l.from.clone());
+                let moving = self.lost.as_ref().is_some_and(|l| l.moving);
+                dialing = Some(Box::pin(async move {
+                    tokio::time::sleep_until(at).await;
+                    super::dial(&r, avoid.as_deref(), moving).await
+                }));
+            }
             tokio::select! {
                 r = read_into(&mut c, &mut reader.inbuf) => match r {
                     Ok(0) => return self.close_backend(None, "client gone").await.with("eof", None),
@@ -444,7 +467,8 @@ impl Session<'_> {
                         }
                     }
                 }
-                r = redial(&self.redial, redial_at, avoid, self.lost.as_ref().is_some_and(|l| l.moving)) => {
+                r = poll_dialing(&mut dialing) => {
+                    dialing = None;
                     match r {
                         Ok((ws, guard)) => {
                             redial_at = None;
@@ -545,7 +569,11 @@ impl Session<'_> {
         self.down += 1;
         self.stats.messages_down.fetch_add(1, Relaxed);
         self.stats.bytes_down.fetch_add(bytes.len() as u64, Relaxed);
-        match self.deflate.then(|| crate::ws::deflate::compress(bytes)).flatten() {
+        match self
+            .deflate
+            .then(|| crate::ws::deflate::compress(bytes))
+            .flatten()
+        {
             Some(z) => frame::append(out, op, &z, true),
             None => frame::append(out, op, bytes, false),
         }
@@ -602,7 +630,15 @@ impl Session<'_> {
         if let Some(mut l) = self.leg.take() {
             info!(backend = %l.guard.backend().url, cause, reason, "backend leg lost; resuming");
             from = Some(l.guard.backend().clone());
-            let _ = tokio::time::timeout(Duration::from_millis(200), l.ws.close(None)).await;
+            if cause != "gone" {
+                // Still there (it asked to go, or is being left): say goodbye.
+                let frame = CloseFrame {
+                    code: CloseCode::Away,
+                    reason: "session moved".into(),
+                };
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), l.ws.close(Some(frame))).await;
+            }
         }
         self.lost.get_or_insert(Lost {
             code,
@@ -670,19 +706,21 @@ async fn send<C: AsyncWrite + Unpin>(c: &mut C, bytes: &[u8]) -> io::Result<()> 
     c.flush().await
 }
 
-/// Dials at `at` (never without one), `avoid` last; a rebalancing move
-/// goes to the least loaded backend.
-async fn redial(
-    r: &Redial,
-    at: Option<Instant>,
-    avoid: Option<Arc<Backend>>,
-    moving: bool,
+/// A dial for a new backend leg in progress.
+type Dialing = Pin<
+    Box<
+        dyn Future<Output = Result<(BackendWs, BackendGuard), crate::backend::BackendError>> + Send,
+    >,
+>;
+
+/// The dial's outcome (never without one).
+async fn poll_dialing(
+    d: &mut Option<Dialing>,
 ) -> Result<(BackendWs, BackendGuard), crate::backend::BackendError> {
-    let Some(at) = at else {
-        return std::future::pending().await;
-    };
-    tokio::time::sleep_until(at).await;
-    super::dial(r, avoid.as_deref(), moving).await
+    match d {
+        Some(f) => f.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves when the rebalancer asks sessions to leave `b` and this
@@ -713,8 +751,13 @@ fn classify(m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -
     }
 }
 
-/// Reads what the client sent into `buf` (the reader's buffer).
-async fn read_into<C: AsyncRead + Unpin>(c: &mut C, buf: &mut Vec<u8>) -> io::Result<usize> {
+/// Reads what the client sent into `buf` (the reader's buffer), making room
+/// only once the socket is readable: an idle plain-TCP session holds no buffer.
+async fn read_into<C: AsyncRead + ReadReady + Unpin>(
+    c: &mut C,
+    buf: &mut Vec<u8>,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| c.poll_read_ready(cx)).await?;
     buf.reserve(READ);
     c.read_buf(buf).await
 }

@@ -232,7 +232,14 @@ fn redial(
     protocol: Option<HeaderValue>,
     settings: &crate::config::ServerSettings,
 ) -> crate::frames::Redial {
-    let route = route.clone();
+    // Only what the request head needs: every live session holds this.
+    let route = crate::config::RouteConfig {
+        auth: None,
+        origins: None,
+        fanout: None,
+        frames: None,
+        ..route.clone()
+    };
     let mut headers = headers.clone();
     headers.insert(
         header::SEC_WEBSOCKET_VERSION,
