@@ -470,9 +470,10 @@ pub async fn idle(
 }
 
 /// Opens `n` connections and keeps them open for `hold`, reading and
-/// discarding what arrives (fan-out subscribers, for the dashboard's
-/// screenshot). Returns (opened, bytes received).
-pub async fn hold(t: &Target, n: usize, hold: Duration) -> (usize, u64) {
+/// discarding what arrives (fan-out subscribers, sessions held through a
+/// rolling restart). Returns (opened, ended before `hold` was over, bytes
+/// received).
+pub async fn hold(t: &Target, n: usize, hold: Duration) -> (usize, usize, u64) {
     let until = tokio::time::Instant::now() + hold;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..n {
@@ -486,21 +487,27 @@ pub async fn hold(t: &Target, n: usize, hold: Duration) -> (usize, u64) {
             };
             let mut got = buf.len() as u64;
             let mut b = vec![0u8; 4096];
-            while let Ok(Ok(k)) = tokio::time::timeout_at(until, s.read(&mut b)).await {
-                if k == 0 {
-                    break;
+            let mut ended = false;
+            loop {
+                match tokio::time::timeout_at(until, s.read(&mut b)).await {
+                    Ok(Ok(k)) if k > 0 => got += k as u64,
+                    Ok(_) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(_) => break,
                 }
-                got += k as u64;
             }
-            Some(got)
+            Some((got, ended))
         });
     }
-    let (mut opened, mut bytes) = (0, 0);
+    let (mut opened, mut ended, mut bytes) = (0, 0, 0);
     while let Some(r) = tasks.join_next().await {
-        if let Ok(Some(b)) = r {
+        if let Ok(Some((b, e))) = r {
             opened += 1;
+            ended += usize::from(e);
             bytes += b;
         }
     }
-    (opened, bytes)
+    (opened, ended, bytes)
 }

@@ -252,8 +252,8 @@ async fn load_cmd(a: LoadArgs) -> Result<(), String> {
         }
         "handshakes" => print_measured(&load::handshakes(&t, a.conns, warm, dur).await),
         "hold" => {
-            let (opened, bytes) = load::hold(&t, a.conns, dur).await;
-            println!("held {opened} connections, received {bytes} bytes");
+            let (opened, ended, bytes) = load::hold(&t, a.conns, dur).await;
+            println!("held {opened} connections, {ended} ended early, received {bytes} bytes");
         }
         "idle" => {
             let linger = Duration::from_secs(30);
