@@ -153,14 +153,7 @@ impl Partial<'_> {
             .enumerate()
             .map(|(k, &s)| {
                 let end = starts.get(k + 1).copied().unwrap_or(self.lines.len());
-                let key = self.lines[s]
-                    .split(':')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .trim_matches(|c| c == '"' || c == '\'')
-                    .to_string();
-                (key, s, end)
+                (key_of(self.lines[s]), s, end)
             })
             .collect()
     }
@@ -287,14 +280,7 @@ impl Partial<'_> {
 
     fn mark_broken(&mut self, header: usize, s: usize) {
         if self.lines[header].starts_with("pools") {
-            let name = self.lines[s]
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .trim_matches(|c| c == '"' || c == '\'')
-                .to_string();
-            self.parsed.broken_pools.push(name);
+            self.parsed.broken_pools.push(key_of(self.lines[s]));
         }
     }
 
@@ -354,6 +340,16 @@ impl Partial<'_> {
             .collect();
         spans(&starts, end)
     }
+}
+
+/// The key a `key: value` line starts with, unquoted.
+fn key_of(line: &str) -> String {
+    line.split(':')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .trim_matches(|c| c == '"' || c == '\'')
+        .to_string()
 }
 
 /// Consecutive ranges from each start to the next (the last to `end`).

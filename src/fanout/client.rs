@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 use super::{Channel, Hub};
 use crate::config::{ClientMessages, SlowClient};
 use crate::session::splice::ReadReady;
-use crate::ws::deflate::InflateError;
 use crate::ws::frame::{self, code, FrameError};
 use crate::ws::reader::{Input, Reader};
 
@@ -421,10 +420,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                             match crate::ws::deflate::inflate(&payload, cfg.max_message) {
                                 Ok(p) => p,
                                 Err(e) => {
-                                    let code = match e {
-                                        InflateError::TooBig => code::TOO_BIG,
-                                        InflateError::Corrupt => code::INVALID_DATA,
-                                    };
+                                    let code = e.code();
                                     out.end = End::Protocol;
                                     out.close_code = Some(code);
                                     break Some(frame::close(code, &e.to_string()));

@@ -21,23 +21,20 @@
 
 mod session;
 
+pub use session::spawn;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::StatusCode;
-use hyper::upgrade::OnUpgrade;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::backend::pool::{Backend, BackendGuard, Pool};
 use crate::backend::upstream::BackendIo;
 use crate::backend::BackendError;
-use crate::config::FramesConfig;
-use crate::lifecycle::Lifecycle;
-use crate::session::conn::Busy;
-use crate::session::Ends;
 
 /// The backend leg of a frames session.
 pub type BackendWs = WebSocketStream<BackendIo>;
@@ -158,24 +155,4 @@ pub async fn dial(
         }
     }
     Err(last)
-}
-
-/// Spawns a frames session: the client's upgrade, the connected backend
-/// leg (socket and the bytes behind its 101), how to dial again, and
-/// whether the client leg negotiated permessage-deflate.
-#[allow(clippy::too_many_arguments)]
-pub fn spawn(
-    life: &Lifecycle,
-    conn: Busy,
-    client: OnUpgrade,
-    backend: (BackendIo, Bytes),
-    guard: BackendGuard,
-    ends: Ends,
-    cfg: Arc<FramesConfig>,
-    redial: Redial,
-    deflate: bool,
-) {
-    session::spawn(
-        life, conn, client, backend, guard, ends, cfg, redial, deflate,
-    );
 }

@@ -26,10 +26,9 @@ use crate::backend::upstream::BackendIo;
 use crate::config::FramesConfig;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::RouteStats;
-use crate::session::conn::{client_leg, Busy, Leg};
+use crate::session::conn::{upgraded, Busy, Leg};
 use crate::session::splice::ReadReady;
 use crate::session::{expiry, Ends};
-use crate::ws::deflate::InflateError;
 use crate::ws::frame::{self, code};
 use crate::ws::reader::{Input, Reader};
 
@@ -41,8 +40,11 @@ const BATCH: usize = 64;
 /// may still receive the backend's answer before its Close.
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
+/// Spawns a frames session: the client's upgrade, the connected backend
+/// leg (socket and the bytes behind its 101), how to dial again, and
+/// whether the client leg negotiated permessage-deflate.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn spawn(
+pub fn spawn(
     life: &Lifecycle,
     conn: Busy,
     client: OnUpgrade,
@@ -57,12 +59,8 @@ pub(super) fn spawn(
     let span = tracing::Span::current();
     life.tasks.spawn(
         async move {
-            let client = match client.await {
-                Ok(up) => client_leg(up, conn.tls),
-                Err(e) => {
-                    debug!(error = %e, "client upgrade did not complete");
-                    return;
-                }
+            let Some(client) = upgraded(client, conn.tls).await else {
+                return;
             };
             let ws = super::backend_leg(backend.0, backend.1).await;
             let watch_down = cfg.resume || ends.backend_down.is_some();
@@ -280,10 +278,7 @@ impl Session<'_> {
                             match crate::ws::deflate::inflate(&payload, cfg.max_message) {
                                 Ok(p) => p,
                                 Err(e) => {
-                                    let code = match e {
-                                        InflateError::TooBig => code::TOO_BIG,
-                                        InflateError::Corrupt => code::INVALID_DATA,
-                                    };
+                                    let code = e.code();
                                     let _ = send(&mut c, &frame::close(code, &e.to_string())).await;
                                     return self.end("protocol", Some(code)).await;
                                 }

@@ -97,6 +97,18 @@ impl Leg {
     }
 }
 
+/// The client's leg once hyper has finished its upgrade (`None`, logged, if
+/// the client went away before).
+pub async fn upgraded(client: hyper::upgrade::OnUpgrade, tls: bool) -> Option<Leg> {
+    match client.await {
+        Ok(up) => Some(client_leg(up, tls)),
+        Err(e) => {
+            tracing::debug!(error = %e, "client upgrade did not complete");
+            None
+        }
+    }
+}
+
 /// The client side: the listener's socket type comes back from hyper.
 pub fn client_leg(up: Upgraded, tls: bool) -> Leg {
     let up = if tls {

@@ -7,11 +7,11 @@ use std::io;
 use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, Instrument};
+use tracing::{info, Instrument};
 
 use crate::backend::pool::BackendGuard;
 use crate::lifecycle::Lifecycle;
-use conn::{client_leg, Busy, Leg};
+use conn::{Busy, Leg};
 pub mod conn;
 mod frame_watch;
 pub mod splice;
@@ -91,12 +91,8 @@ pub fn spawn(
     let span = tracing::Span::current();
     life.tasks.spawn(
         async move {
-            let client = match client.await {
-                Ok(up) => client_leg(up, conn.tls),
-                Err(e) => {
-                    debug!(error = %e, "client upgrade did not complete");
-                    return;
-                }
+            let Some(client) = conn::upgraded(client, conn.tls).await else {
+                return;
             };
             let backend = match backend {
                 (BackendIo::Tcp(s), rest) => Leg::Tcp(s, rest),

@@ -141,6 +141,16 @@ pub enum InflateError {
     Corrupt,
 }
 
+impl InflateError {
+    /// The close code the client gets for it.
+    pub fn code(self) -> u16 {
+        match self {
+            InflateError::TooBig => super::frame::code::TOO_BIG,
+            InflateError::Corrupt => super::frame::code::INVALID_DATA,
+        }
+    }
+}
+
 thread_local! {
     /// One inflater per runtime thread, reset for every message (clients
     /// use no context takeover), so clients keep no window of their own.
