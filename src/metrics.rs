@@ -16,6 +16,38 @@ const SESSION_BUCKETS: [f64; 10] = [
 const HANDSHAKE_BUCKETS: [f64; 10] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
 ];
+const RESUME_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
+
+/// Why a frames session moved to another backend (`upgate_frames_resumes_total{cause}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeCause {
+    /// The backend closed with 1001, 1012, 1013 or 1014.
+    Close,
+    /// The connection ended without a Close, failed, or stopped answering pings.
+    Gone,
+    /// Health checks marked the backend down, or a reload drained or removed it.
+    Down,
+    /// The pool's rebalancer asked for the move.
+    Rebalance,
+}
+
+impl ResumeCause {
+    pub const ALL: [ResumeCause; 4] = [
+        ResumeCause::Close,
+        ResumeCause::Gone,
+        ResumeCause::Down,
+        ResumeCause::Rebalance,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ResumeCause::Close => "backend_close",
+            ResumeCause::Gone => "backend_gone",
+            ResumeCause::Down => "backend_down",
+            ResumeCause::Rebalance => "rebalance",
+        }
+    }
+}
 
 /// A histogram of fixed buckets over atomics.
 #[derive(Debug)]
@@ -88,10 +120,10 @@ pub struct RouteStats {
     pub messages_down: AtomicU64,
     /// `mode: frames` sessions moved to another backend, and those that
     /// found none within `resume_timeout`.
-    pub resumes: AtomicU64,
+    pub resumes: [AtomicU64; ResumeCause::ALL.len()],
     pub resume_failures: AtomicU64,
-    /// Of the resumes, those asked for by the pool's rebalancer.
-    pub rebalance_moves: AtomicU64,
+    /// From losing a backend leg to the next one taking the session.
+    pub resume_gap: Histogram,
     pub session_duration: Histogram,
     pub handshake: Histogram,
     /// Sessions admitted under the route's limits.
@@ -182,9 +214,9 @@ impl Default for RouteStats {
             bytes_down: AtomicU64::new(0),
             messages_up: AtomicU64::new(0),
             messages_down: AtomicU64::new(0),
-            resumes: AtomicU64::new(0),
+            resumes: Default::default(),
             resume_failures: AtomicU64::new(0),
-            rebalance_moves: AtomicU64::new(0),
+            resume_gap: Histogram::new(&RESUME_BUCKETS),
             session_duration: Histogram::new(&SESSION_BUCKETS),
             handshake: Histogram::new(&HANDSHAKE_BUCKETS),
             admitted: Default::default(),

@@ -304,13 +304,37 @@ async fn messages_sent_during_the_gap_wait_for_the_next_backend() {
 #[tokio::test]
 async fn close_1001_moves_the_session_and_close_1000_ends_it() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let gw = gateway(&yaml(&[&a, &b], ", resume: true, on_resume: resumed")).await;
+    let gw = gateway(&format!(
+        "admin: {{ addr: '127.0.0.1:0' }}\n{}",
+        yaml(&[&a, &b], ", resume: true, on_resume: resumed")
+    ))
+    .await;
+    let admin = gw.admin.expect("admin");
     let mut ws = ws(gw.addr(), "h", "/ws").await;
     ws.send(Message::text("hi")).await.unwrap();
     let first = next_text(&mut ws).await;
     let other = if first.starts_with("a:") { "b" } else { "a" };
     ws.send(Message::text("close:1001")).await.unwrap();
     assert_eq!(next_text(&mut ws).await, "resumed");
+    // Counted by cause, with the gap it took.
+    let resumes = "upgate_frames_resumes_total";
+    assert_eq!(
+        metric(admin, resumes, r#"route="r",cause="backend_close""#).await,
+        1
+    );
+    assert_eq!(
+        metric(admin, resumes, r#"route="r",cause="backend_gone""#).await,
+        0
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "upgate_frames_resume_gap_seconds_count",
+            r#"route="r""#
+        )
+        .await,
+        1
+    );
     ws.send(Message::text("again")).await.unwrap();
     assert_eq!(next_text(&mut ws).await, format!("{other}:again"));
     ws.send(Message::text("close:1000")).await.unwrap();

@@ -10,7 +10,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::metrics::{Histogram, ListenerStats, Outcome, RouteStats};
+use crate::metrics::{Histogram, ListenerStats, Outcome, ResumeCause, RouteStats};
 use crate::state::Shared;
 
 /// A registry whose one collector reads the gateway's state.
@@ -271,9 +271,17 @@ impl Collector for GatewayCollector {
         family(
             &mut enc,
             "upgate_frames_resumes",
-            "mode: frames sessions moved to another backend (resume: true) without the client noticing.",
+            "mode: frames sessions moved to another backend (resume: true) without the client noticing, by cause (backend_close: it closed with 1001/1012/1013/1014; backend_gone: EOF, reset or silence; backend_down: health checks or a reload; rebalance: the pool's rebalancer).",
             Counter,
-            &per_route(&|s| s.resumes.load(Relaxed)),
+            &per_route_by(
+                "cause",
+                &[
+                    ("backend_close", &|s| s.resumes[ResumeCause::Close as usize].load(Relaxed)),
+                    ("backend_gone", &|s| s.resumes[ResumeCause::Gone as usize].load(Relaxed)),
+                    ("backend_down", &|s| s.resumes[ResumeCause::Down as usize].load(Relaxed)),
+                    ("rebalance", &|s| s.resumes[ResumeCause::Rebalance as usize].load(Relaxed)),
+                ],
+            ),
         )?;
         family(
             &mut enc,
@@ -281,13 +289,6 @@ impl Collector for GatewayCollector {
             "mode: frames sessions closed because no backend took them within resume_timeout.",
             Counter,
             &per_route(&|s| s.resume_failures.load(Relaxed)),
-        )?;
-        family(
-            &mut enc,
-            "upgate_frames_rebalance_moves",
-            "mode: frames sessions moved to a less loaded backend by their pool's rebalance: (also counted in upgate_frames_resumes_total).",
-            Counter,
-            &per_route(&|s| s.rebalance_moves.load(Relaxed)),
         )?;
         family(
             &mut enc,
@@ -329,6 +330,16 @@ impl Collector for GatewayCollector {
             .iter()
             .map(|(n, s)| (l("route", n.to_string()), &s.handshake))
             .collect();
+        let gaps: Vec<(Labels, &Histogram)> = routes
+            .iter()
+            .map(|(n, s)| (l("route", n.to_string()), &s.resume_gap))
+            .collect();
+        histograms(
+            &mut enc,
+            "upgate_frames_resume_gap_seconds",
+            "mode: frames sessions without a backend: from losing a backend leg to the next one taking the session.",
+            &gaps,
+        )?;
         histograms(
             &mut enc,
             "upgate_upgrade_duration_seconds",

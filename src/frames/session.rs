@@ -25,7 +25,7 @@ use crate::backend::pool::{Backend, BackendGuard};
 use crate::backend::upstream::BackendIo;
 use crate::config::FramesConfig;
 use crate::lifecycle::Lifecycle;
-use crate::metrics::RouteStats;
+use crate::metrics::{ResumeCause, RouteStats};
 use crate::session::conn::{upgraded, Busy, Leg};
 use crate::session::splice::ReadReady;
 use crate::session::{expiry, Ends};
@@ -139,8 +139,8 @@ impl Upstream {
                 }
             };
             tokio::select! {
-                _ = down => FromBackend::Gone("backend marked down by health checks".into()),
-                _ = retired.cancelled_owned() => FromBackend::Gone("backend drained or removed by a reload".into()),
+                _ = down => FromBackend::Down("backend marked down by health checks".into()),
+                _ = retired.cancelled_owned() => FromBackend::Down("backend drained or removed by a reload".into()),
             }
         });
         let shed = movable.then(|| {
@@ -165,8 +165,8 @@ struct Lost {
     since: Instant,
     /// The backend lost: tried last.
     from: Option<Arc<Backend>>,
-    /// A rebalancing move (to the least loaded backend).
-    moving: bool,
+    /// Why: a rebalancing move goes to the least loaded backend.
+    cause: ResumeCause,
 }
 
 struct Session<'a> {
@@ -219,6 +219,8 @@ enum FromBackend {
     Close(u16, String),
     /// The connection ended without a Close, or failed.
     Gone(String),
+    /// Health checks marked the backend down, or a reload drained or removed it.
+    Down(String),
     /// The rebalancer asked this session to move, and it claimed the move.
     Shed,
     Nothing,
@@ -365,7 +367,7 @@ impl Session<'_> {
                             self.lose(
                                 code::SERVICE_RESTART,
                                 format!("sending to the backend: {e}"),
-                                "gone",
+                                ResumeCause::Gone,
                             )
                             .await;
                             redial_at = Some(Instant::now());
@@ -395,7 +397,10 @@ impl Session<'_> {
             if let (None, Some(at)) = (&dialing, redial_at.take()) {
                 let r = self.redial.clone();
                 let avoid = self.lost.as_ref().and_then(|l| l.from.clone());
-                let moving = self.lost.as_ref().is_some_and(|l| l.moving);
+                let moving = self
+                    .lost
+                    .as_ref()
+                    .is_some_and(|l| l.cause == ResumeCause::Rebalance);
                 dialing = Some(Box::pin(async move {
                     tokio::time::sleep_until(at).await;
                     super::dial(&r, avoid.as_deref(), moving).await
@@ -433,8 +438,7 @@ impl Session<'_> {
                         }
                         FromBackend::Nothing => {}
                         FromBackend::Shed => {
-                            self.stats.rebalance_moves.fetch_add(1, Relaxed);
-                            self.lose(code::SERVICE_RESTART, "moved by rebalancing".into(), "rebalance").await;
+                            self.lose(code::SERVICE_RESTART, "moved by rebalancing".into(), ResumeCause::Rebalance).await;
                             redial_at = Some(Instant::now());
                         }
                         FromBackend::Close(code, reason) if !(cfg.resume && moves(code)) => {
@@ -449,14 +453,18 @@ impl Session<'_> {
                             return Out { end: "backend_close", code: Some(code) };
                         }
                         FromBackend::Close(code, reason) => {
-                            self.lose(code, format!("backend closed with {code} {reason}"), "close").await;
+                            self.lose(code, format!("backend closed with {code} {reason}"), ResumeCause::Close).await;
                             redial_at = Some(Instant::now());
                         }
                         FromBackend::Gone(why) if cfg.resume => {
-                            self.lose(code::SERVICE_RESTART, why, "gone").await;
+                            self.lose(code::SERVICE_RESTART, why, ResumeCause::Gone).await;
                             redial_at = Some(Instant::now());
                         }
-                        FromBackend::Gone(why) => {
+                        FromBackend::Down(why) if cfg.resume => {
+                            self.lose(code::SERVICE_RESTART, why, ResumeCause::Down).await;
+                            redial_at = Some(Instant::now());
+                        }
+                        FromBackend::Gone(why) | FromBackend::Down(why) => {
                             let _ = send(&mut c, &frame::close(code::INTERNAL, &format!("backend lost: {why}"))).await;
                             return Out { end: "backend_lost", code: Some(code::INTERNAL) };
                         }
@@ -470,7 +478,7 @@ impl Session<'_> {
                             retry = Duration::ZERO;
                             backend_heard = Instant::now();
                             if let Err(e) = self.resumed(Upstream::new(ws, guard, true, true)).await {
-                                self.lose(code::SERVICE_RESTART, e, "gone").await;
+                                self.lose(code::SERVICE_RESTART, e, ResumeCause::Gone).await;
                                 redial_at = Some(Instant::now() + Duration::from_millis(50));
                                 continue;
                             }
@@ -501,14 +509,14 @@ impl Session<'_> {
                     if let Some(l) = &mut self.leg {
                         if now.duration_since(backend_heard) > cfg.ping_interval + cfg.pong_timeout {
                             if cfg.resume {
-                                self.lose(code::SERVICE_RESTART, "backend silent: no answer to pings".into(), "gone").await;
+                                self.lose(code::SERVICE_RESTART, "backend silent: no answer to pings".into(), ResumeCause::Gone).await;
                                 redial_at = Some(now);
                             } else {
                                 let _ = send(&mut c, &frame::close(code::INTERNAL, "backend silent: no answer to pings")).await;
                                 return Out { end: "backend_lost", code: Some(code::INTERNAL) };
                             }
                         } else if l.ws.send(Message::Ping(Default::default())).await.is_err() && cfg.resume {
-                            self.lose(code::SERVICE_RESTART, "backend gone".into(), "gone").await;
+                            self.lose(code::SERVICE_RESTART, "backend gone".into(), ResumeCause::Gone).await;
                             redial_at = Some(now);
                         }
                     }
@@ -603,7 +611,7 @@ impl Session<'_> {
             self.lose(
                 code::SERVICE_RESTART,
                 format!("sending to the backend: {e}"),
-                "gone",
+                ResumeCause::Gone,
             )
             .await;
         }
@@ -620,12 +628,12 @@ impl Session<'_> {
     }
 
     /// The backend leg is gone: keep the session, remember why.
-    async fn lose(&mut self, code: u16, reason: String, cause: &'static str) {
+    async fn lose(&mut self, code: u16, reason: String, cause: ResumeCause) {
         let mut from = None;
         if let Some(mut l) = self.leg.take() {
-            info!(backend = %l.guard.backend().url, cause, reason, "backend leg lost; resuming");
+            info!(backend = %l.guard.backend().url, cause = cause.label(), reason, "backend leg lost; resuming");
             from = Some(l.guard.backend().clone());
-            if cause != "gone" {
+            if cause != ResumeCause::Gone {
                 // Still there (it asked to go, or is being left): say goodbye.
                 let frame = CloseFrame {
                     code: CloseCode::Away,
@@ -640,7 +648,7 @@ impl Session<'_> {
             reason,
             since: Instant::now(),
             from,
-            moving: cause == "rebalance",
+            cause,
         });
     }
 
@@ -659,9 +667,13 @@ impl Session<'_> {
             }
         }
         up.ws.flush().await.map_err(|e| e.to_string())?;
-        let gap = self.lost.take().map(|l| l.since.elapsed());
+        let lost = self.lost.take();
+        let gap = lost.as_ref().map(|l| l.since.elapsed());
         self.resumes += 1;
-        self.stats.resumes.fetch_add(1, Relaxed);
+        if let Some(l) = &lost {
+            self.stats.resumes[l.cause as usize].fetch_add(1, Relaxed);
+            self.stats.resume_gap.observe(l.since.elapsed());
+        }
         info!(backend = %up.guard.backend().url, gap_ms = gap.map(|g| g.as_millis() as u64), "session resumed");
         self.leg = Some(up);
         Ok(())
