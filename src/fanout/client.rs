@@ -36,7 +36,7 @@ const FLUSH_STATS: u64 = 1024;
 /// How long a client that broke the protocol right after forwarding a
 /// message may still receive what the channel publishes (the upstream's
 /// answer, for an echo or request/response feed) before its Close.
-const ANSWER_GRACE: Duration = Duration::from_secs(1);
+const ANSWER_GRACE: Duration = Duration::from_millis(500);
 
 pub(super) struct Cx<'a> {
     pub hub: &'a Hub,

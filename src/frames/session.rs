@@ -38,7 +38,7 @@ const READ: usize = 4096;
 const BATCH: usize = 64;
 /// How long a client that broke the protocol right after sending a message
 /// may still receive the backend's answer before its Close.
-const ANSWER_GRACE: Duration = Duration::from_secs(1);
+const ANSWER_GRACE: Duration = Duration::from_millis(500);
 
 /// Spawns a frames session: the client's upgrade, the connected backend
 /// leg (socket and the bytes behind its 101), how to dial again, and
@@ -281,7 +281,9 @@ impl Session<'_> {
                                 Ok(p) => p,
                                 Err(e) => {
                                     let code = e.code();
-                                    let _ = send(&mut c, &frame::close(code, &e.to_string())).await;
+                                    let _ =
+                                        close_client(&mut c, &frame::close(code, &e.to_string()))
+                                            .await;
                                     return self.end("protocol", Some(code)).await;
                                 }
                             }
@@ -293,7 +295,7 @@ impl Session<'_> {
                             *tokens = (*tokens + at.elapsed().as_secs_f64() * rate).min(rate);
                             *at = Instant::now();
                             if *tokens < 1.0 {
-                                let _ = send(
+                                let _ = close_client(
                                     &mut c,
                                     &frame::close(code::POLICY, "message rate limit exceeded"),
                                 )
@@ -307,7 +309,7 @@ impl Session<'_> {
                             match String::from_utf8(payload) {
                                 Ok(t) => Message::text(t),
                                 Err(_) => {
-                                    let _ = send(
+                                    let _ = close_client(
                                         &mut c,
                                         &frame::close(
                                             code::INVALID_DATA,
@@ -331,13 +333,14 @@ impl Session<'_> {
                         }
                         forwarded = Some(Instant::now());
                         if let Some(code) = self.forward(msg).await {
-                            let _ = send(&mut c, &frame::close(code, "resume buffer full")).await;
+                            let _ = close_client(&mut c, &frame::close(code, "resume buffer full"))
+                                .await;
                             return self.end("resume_buffer_full", Some(code)).await;
                         }
                     }
                     Input::Close(code) => {
                         let echo = code.unwrap_or(code::NORMAL);
-                        let _ = send(&mut c, &frame::close(echo, "")).await;
+                        let _ = close_client(&mut c, &frame::close(echo, "")).await;
                         let _ = c.shutdown().await;
                         return self
                             .close_backend(code, "client closed")
@@ -350,7 +353,7 @@ impl Session<'_> {
                         if forwarded.is_some_and(|t| t.elapsed() < ANSWER_GRACE) {
                             self.answers_first(&mut c).await;
                         }
-                        let _ = send(&mut c, &frame::close(e.code(), &e.to_string())).await;
+                        let _ = close_client(&mut c, &frame::close(e.code(), &e.to_string())).await;
                         return self.end("protocol", Some(e.code())).await;
                     }
                 }
@@ -385,7 +388,7 @@ impl Session<'_> {
                         ),
                     );
                     self.stats.resume_failures.fetch_add(1, Relaxed);
-                    let _ = send(&mut c, &frame::close(code, &reason)).await;
+                    let _ = close_client(&mut c, &frame::close(code, &reason)).await;
                     return Out {
                         end: "resume_timeout",
                         code: Some(code),
@@ -465,7 +468,7 @@ impl Session<'_> {
                             redial_at = Some(Instant::now());
                         }
                         FromBackend::Gone(why) | FromBackend::Down(why) => {
-                            let _ = send(&mut c, &frame::close(code::INTERNAL, &format!("backend lost: {why}"))).await;
+                            let _ = close_client(&mut c, &frame::close(code::INTERNAL, &format!("backend lost: {why}"))).await;
                             return Out { end: "backend_lost", code: Some(code::INTERNAL) };
                         }
                     }
@@ -500,7 +503,7 @@ impl Session<'_> {
                 _ = keepalive.tick() => {
                     let now = Instant::now();
                     if now.duration_since(client_heard) > cfg.ping_interval + cfg.pong_timeout {
-                        let _ = send(&mut c, &frame::close(code::GOING_AWAY, "no answer to pings")).await;
+                        let _ = close_client(&mut c, &frame::close(code::GOING_AWAY, "no answer to pings")).await;
                         return self.close_backend(None, "client silent").await.with("pong_timeout", Some(code::GOING_AWAY));
                     }
                     if send(&mut c, &frame::encode(frame::OP_PING, b"")).await.is_err() {
@@ -512,7 +515,7 @@ impl Session<'_> {
                                 self.lose(code::SERVICE_RESTART, "backend silent: no answer to pings".into(), ResumeCause::Gone).await;
                                 redial_at = Some(now);
                             } else {
-                                let _ = send(&mut c, &frame::close(code::INTERNAL, "backend silent: no answer to pings")).await;
+                                let _ = close_client(&mut c, &frame::close(code::INTERNAL, "backend silent: no answer to pings")).await;
                                 return Out { end: "backend_lost", code: Some(code::INTERNAL) };
                             }
                         } else if l.ws.send(Message::Ping(Default::default())).await.is_err() && cfg.resume {
@@ -522,15 +525,15 @@ impl Session<'_> {
                     }
                 }
                 _ = &mut stopped => {
-                    let _ = send(&mut c, &frame::close(code::GOING_AWAY, "gateway shutting down")).await;
+                    let _ = close_client(&mut c, &frame::close(code::GOING_AWAY, "gateway shutting down")).await;
                     return self.close_backend(Some(code::GOING_AWAY), "gateway shutting down").await.with("shutdown", Some(code::GOING_AWAY));
                 }
                 _ = &mut route_gone => {
-                    let _ = send(&mut c, &frame::close(code::GOING_AWAY, "route removed or changed by a reload")).await;
+                    let _ = close_client(&mut c, &frame::close(code::GOING_AWAY, "route removed or changed by a reload")).await;
                     return self.close_backend(Some(code::GOING_AWAY), "route removed").await.with("drained", Some(code::GOING_AWAY));
                 }
                 _ = &mut expired => {
-                    let _ = send(&mut c, &frame::close(code::POLICY, "token expired")).await;
+                    let _ = close_client(&mut c, &frame::close(code::POLICY, "token expired")).await;
                     return self.close_backend(Some(code::GOING_AWAY), "token expired").await.with("token_expired", Some(code::POLICY));
                 }
             }
@@ -705,6 +708,14 @@ impl Out {
             code: code.or(self.code),
         }
     }
+}
+
+/// Sends the client our Close and half-closes: the connection's end is then
+/// a clean FIN, whatever the client still sends (its Close reply) is not
+/// answered with a reset.
+async fn close_client<C: AsyncWrite + Unpin>(c: &mut C, close: &[u8]) -> io::Result<()> {
+    send(c, close).await?;
+    c.shutdown().await
 }
 
 /// Writes a whole frame to the client.
