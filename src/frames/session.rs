@@ -341,11 +341,9 @@ impl Session<'_> {
                     Input::Close(code) => {
                         let echo = code.unwrap_or(code::NORMAL);
                         let _ = close_client(&mut c, &frame::close(echo, "")).await;
-                        let _ = c.shutdown().await;
                         return self
-                            .close_backend(code, "client closed")
-                            .await
-                            .with("client_close", code);
+                            .finish(code, "client closed", "client_close", code)
+                            .await;
                     }
                     Input::Bad(e) => {
                         // Nothing more is read; the answer to what the client
@@ -411,9 +409,9 @@ impl Session<'_> {
             }
             tokio::select! {
                 r = read_into(&mut c, &mut reader.inbuf) => match r {
-                    Ok(0) => return self.close_backend(None, "client gone").await.with("eof", None),
+                    Ok(0) => return self.finish(None, "client gone", "eof", None).await,
                     Ok(_) => {}
-                    Err(_) => return self.close_backend(None, "client gone").await.with("io_error", None),
+                    Err(_) => return self.finish(None, "client gone", "io_error", None).await,
                 },
                 b = next_from(&mut self.leg, &mut self.stash) => {
                     backend_heard = Instant::now();
@@ -436,7 +434,7 @@ impl Session<'_> {
                                 }
                             }
                             if send(&mut c, &out).await.is_err() {
-                                return self.close_backend(None, "client gone").await.with("io_error", None);
+                                return self.finish(None, "client gone", "io_error", None).await;
                             }
                         }
                         FromBackend::Nothing => {}
@@ -487,7 +485,7 @@ impl Session<'_> {
                             }
                             if let Some(text) = &cfg.on_resume {
                                 if send(&mut c, &frame::encode(frame::OP_TEXT, text.as_bytes())).await.is_err() {
-                                    return self.close_backend(None, "client gone").await.with("io_error", None);
+                                    return self.finish(None, "client gone", "io_error", None).await;
                                 }
                             }
                         }
@@ -504,10 +502,10 @@ impl Session<'_> {
                     let now = Instant::now();
                     if now.duration_since(client_heard) > cfg.ping_interval + cfg.pong_timeout {
                         let _ = close_client(&mut c, &frame::close(code::GOING_AWAY, "no answer to pings")).await;
-                        return self.close_backend(None, "client silent").await.with("pong_timeout", Some(code::GOING_AWAY));
+                        return self.finish(None, "client silent", "pong_timeout", Some(code::GOING_AWAY)).await;
                     }
                     if send(&mut c, &frame::encode(frame::OP_PING, b"")).await.is_err() {
-                        return self.close_backend(None, "client gone").await.with("io_error", None);
+                        return self.finish(None, "client gone", "io_error", None).await;
                     }
                     if let Some(l) = &mut self.leg {
                         if now.duration_since(backend_heard) > cfg.ping_interval + cfg.pong_timeout {
@@ -526,15 +524,15 @@ impl Session<'_> {
                 }
                 _ = &mut stopped => {
                     let _ = close_client(&mut c, &frame::close(code::GOING_AWAY, "gateway shutting down")).await;
-                    return self.close_backend(Some(code::GOING_AWAY), "gateway shutting down").await.with("shutdown", Some(code::GOING_AWAY));
+                    return self.finish(Some(code::GOING_AWAY), "gateway shutting down", "shutdown", Some(code::GOING_AWAY)).await;
                 }
                 _ = &mut route_gone => {
                     let _ = close_client(&mut c, &frame::close(code::GOING_AWAY, "route removed or changed by a reload")).await;
-                    return self.close_backend(Some(code::GOING_AWAY), "route removed").await.with("drained", Some(code::GOING_AWAY));
+                    return self.finish(Some(code::GOING_AWAY), "route removed", "drained", Some(code::GOING_AWAY)).await;
                 }
                 _ = &mut expired => {
                     let _ = close_client(&mut c, &frame::close(code::POLICY, "token expired")).await;
-                    return self.close_backend(Some(code::GOING_AWAY), "token expired").await.with("token_expired", Some(code::POLICY));
+                    return self.finish(Some(code::GOING_AWAY), "token expired", "token_expired", Some(code::POLICY)).await;
                 }
             }
         }
@@ -551,13 +549,13 @@ impl Session<'_> {
             let Ok(Some(Ok(m))) = tokio::time::timeout(wait, l.ws.next()).await else {
                 return;
             };
-            let (op, bytes) = match &m {
-                Message::Text(t) => (frame::OP_TEXT, t.as_bytes()),
-                Message::Binary(b) => (frame::OP_BINARY, &b[..]),
+            match &m {
+                Message::Text(_) | Message::Binary(_) => {}
                 Message::Close(_) => return,
                 _ => continue,
-            };
-            let out = self.encode(op, bytes);
+            }
+            let mut out = BytesMut::new();
+            self.push_down(&mut out, &m);
             if send(c, &out).await.is_err() {
                 return;
             }
@@ -582,18 +580,6 @@ impl Session<'_> {
         {
             Some(z) => frame::append(out, op, &z, true),
             None => frame::append(out, op, bytes, false),
-        }
-    }
-
-    /// A data frame for the client, compressed when that was negotiated and pays.
-    fn encode(&self, op: u8, payload: &[u8]) -> Bytes {
-        match self
-            .deflate
-            .then(|| crate::ws::deflate::compress(payload))
-            .flatten()
-        {
-            Some(z) => frame::encode_compressed(op, &z),
-            None => frame::encode(op, payload),
         }
     }
 
@@ -682,8 +668,8 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Closes the backend leg (with `code`, or 1000) and ends.
-    async fn close_backend(&mut self, code: Option<u16>, why: &str) -> Out {
+    /// Closes the backend leg (with `code`, or 1000, saying `why`).
+    async fn close_backend(&mut self, code: Option<u16>, why: &str) {
         if let Some(l) = &mut self.leg {
             let frame = CloseFrame {
                 code: CloseCode::from(code.unwrap_or(code::NORMAL)),
@@ -691,22 +677,25 @@ impl Session<'_> {
             };
             let _ = tokio::time::timeout(Duration::from_secs(1), l.ws.close(Some(frame))).await;
         }
-        Out { end: "", code }
     }
 
-    async fn end(&mut self, end: &'static str, code: Option<u16>) -> Out {
-        self.close_backend(Some(code::GOING_AWAY), "client closed")
-            .await;
+    /// Closes the backend leg and ends the session as `end`, the client
+    /// having been closed with `code` (if at all).
+    async fn finish(
+        &mut self,
+        backend_code: Option<u16>,
+        why: &str,
+        end: &'static str,
+        code: Option<u16>,
+    ) -> Out {
+        self.close_backend(backend_code, why).await;
         Out { end, code }
     }
-}
 
-impl Out {
-    fn with(self, end: &'static str, code: Option<u16>) -> Out {
-        Out {
-            end,
-            code: code.or(self.code),
-        }
+    /// Ends after a client error: the backend is told the client went away.
+    async fn end(&mut self, end: &'static str, code: Option<u16>) -> Out {
+        self.finish(Some(code::GOING_AWAY), "client closed", end, code)
+            .await
     }
 }
 

@@ -152,6 +152,17 @@ impl<'a> Direction<'a> {
         }
     }
 
+    /// Adds what moved since the last report to the route's counters.
+    fn report(&mut self) {
+        let r = &mut self.report;
+        let now = (self.total, self.frames.messages);
+        if now != r.sent {
+            r.bytes.fetch_add(now.0 - r.sent.0, Relaxed);
+            r.messages.fetch_add(now.1 - r.sent.1, Relaxed);
+            r.sent = now;
+        }
+    }
+
     fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<u64>>
     where
         R: AsyncRead + ReadReady + Unpin,
@@ -228,19 +239,6 @@ impl<'a> Direction<'a> {
                     }
                 }
             }
-        }
-    }
-}
-
-impl Direction<'_> {
-    /// Adds what moved since the last report to the route's counters.
-    fn report(&mut self) {
-        let r = &mut self.report;
-        let now = (self.total, self.frames.messages);
-        if now != r.sent {
-            r.bytes.fetch_add(now.0 - r.sent.0, Relaxed);
-            r.messages.fetch_add(now.1 - r.sent.1, Relaxed);
-            r.sent = now;
         }
     }
 }
