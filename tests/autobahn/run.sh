@@ -83,6 +83,9 @@ routes:
     compression: true
     max_message: 16777216
     linger: 0s
+    # One channel per connection: a shared one could hand a case the echo of
+    # the previous case's last message (it happened once in CI, 7.3.1).
+    channel: header:Sec-WebSocket-Key
     channel_opens_per_ip: 1000000
 YAML
 RUST_LOG=warn,upgate=info "$bin" --config "$out/routes.yaml" >"$out/gateway.log" 2>&1 &
