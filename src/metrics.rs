@@ -122,6 +122,8 @@ pub struct RouteStats {
     /// found none within `resume_timeout`.
     pub resumes: [AtomicU64; ResumeCause::ALL.len()],
     pub resume_failures: AtomicU64,
+    /// Sessions closed with 1012 because the rebalancer asked them to leave (`rebalance: close`).
+    pub rebalance_closes: AtomicU64,
     /// From losing a backend leg to the next one taking the session.
     pub resume_gap: Histogram,
     pub session_duration: Histogram,
@@ -216,6 +218,7 @@ impl Default for RouteStats {
             messages_down: AtomicU64::new(0),
             resumes: Default::default(),
             resume_failures: AtomicU64::new(0),
+            rebalance_closes: AtomicU64::new(0),
             resume_gap: Histogram::new(&RESUME_BUCKETS),
             session_duration: Histogram::new(&SESSION_BUCKETS),
             handshake: Histogram::new(&HANDSHAKE_BUCKETS),

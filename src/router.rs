@@ -149,6 +149,7 @@ mod tests {
                 origins: None,
                 limits: Default::default(),
                 auth: None,
+                rebalance_close: false,
             })
             .collect();
         RouteTable::new(&cfgs)

@@ -1,6 +1,8 @@
 //! `mode: frames`: upgate speaks WebSocket on both legs, relays messages
 //! and close codes, and with `resume: true` moves a session to another
-//! backend when its backend dies or asks clients to go away.
+//! backend when its backend dies or asks clients to go away. Rebalancing:
+//! resuming sessions move; splice (and frames) routes with `rebalance:
+//! close` close with 1012 at a frame boundary, paced.
 
 mod support;
 
@@ -107,6 +109,13 @@ impl Backend {
                                 if ws.send(Message::Binary(b)).await.is_err() {
                                     return;
                                 }
+                            }
+                            Some(Ok(Message::Close(f))) => {
+                                let code = f.map_or(1005, |f| u16::from(f.code));
+                                g.lock().unwrap().push(format!("closed:{code}"));
+                                // tungstenite answers the Close; the stream then ends.
+                                while let Some(Ok(_)) = ws.next().await {}
+                                return;
                             }
                             Some(Ok(_)) => {}
                             _ => return,
@@ -652,6 +661,249 @@ async fn rebalancing_moves_sessions_to_a_new_backend_at_the_configured_pace() {
     eprintln!("rebalance: {on_b} of {N} sessions moved to the new backend over {spread:?}, 0 disconnected");
 }
 
+/// How a streaming client's session ended, and the session it opened again.
+struct Ended {
+    code: u16,
+    reason: String,
+    at: std::time::Instant,
+    /// Who answered first on the new session.
+    answer: String,
+    _again: Ws<tokio::net::TcpStream>,
+}
+
+/// Streams 20 KB binary messages (one in flight) until the session is
+/// closed or `stop` is cancelled; every echo must come back intact. A
+/// closed client reconnects at once, as real ones do. Returns how it was
+/// closed, or the still-open stream.
+async fn stream_until_closed(
+    gw: std::net::SocketAddr,
+    mut ws: Ws<tokio::net::TcpStream>,
+    i: usize,
+    stop: CancellationToken,
+) -> Result<Ended, Ws<tokio::net::TcpStream>> {
+    let mut n = 0u32;
+    loop {
+        if stop.is_cancelled() {
+            return Err(ws);
+        }
+        n += 1;
+        let mut payload = vec![(i % 251) as u8; 20_000];
+        payload[..4].copy_from_slice(&n.to_be_bytes());
+        // A send may meet the Close already: the read below tells.
+        let _ = ws.send(Message::Binary(payload.clone().into())).await;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => {
+                    assert!(b[..] == payload[..], "client {i}: echo {n} corrupted");
+                    break;
+                }
+                Some(Ok(Message::Close(Some(f)))) => {
+                    let at = std::time::Instant::now();
+                    // Let tungstenite send its answer and see the end.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                        while let Some(Ok(_)) = ws.next().await {}
+                    })
+                    .await;
+                    let mut again = support::ws(gw, "h", "/ws").await;
+                    let answer = roundtrip(&mut again, &format!("back {i}")).await;
+                    return Ok(Ended {
+                        code: u16::from(f.code),
+                        reason: f.reason.to_string(),
+                        at,
+                        answer,
+                        _again: again,
+                    });
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("client {i}: expected an echo or a Close, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// `rebalance: close` on a splice route: a backend joins a pool whose
+/// sessions all sit on the other; the rebalancer closes sessions of the
+/// loaded one with 1012 at `max_moves_per_second`, at a frame boundary
+/// while they stream 20 KB messages both ways (no client sees a broken
+/// frame; the backend gets a Close 1001), and the clients that reconnect
+/// land on the new backend (least_conn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_close_ends_splice_sessions_with_1012_at_the_configured_pace() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const N: usize = 30;
+    let a = Backend::start("a").await;
+    let later = reserve_port();
+    let b_addr: std::net::SocketAddr = ([127, 0, 0, 1], later.port).into();
+    let gw = gateway(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\npools:\n  p:\n    backends: [ws://{}, ws://{b_addr}]\n    balance: least_conn\n    eject_after: 1000\n    rebalance: {{ max_moves_per_second: 5, tolerance: 0.1 }}\nroutes:\n  - {{ name: r, path: /ws, pool: p, rebalance: close }}\n",
+        a.addr
+    ))
+    .await;
+    let admin = gw.admin.expect("admin");
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let mut ws = ws(gw.addr(), "h", "/ws").await;
+        assert_eq!(
+            roundtrip(&mut ws, &format!("hi {i}")).await,
+            format!("a:hi {i}")
+        );
+        tasks.push(tokio::spawn(stream_until_closed(
+            gw.addr(),
+            ws,
+            i,
+            stop.clone(),
+        )));
+    }
+    let b = Backend::start_on("b", later.port).await;
+    let started = std::time::Instant::now();
+    // Until half the sessions were closed and the spread stays even.
+    while a.live.load(SeqCst) > N / 2 + 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "a still holds {}",
+            a.live.load(SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.cancel();
+    let mut ended = Vec::new();
+    let mut open = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.expect("client task") {
+            Ok(e) => ended.push((i, e)),
+            Err(ws) => open.push((i, ws)),
+        }
+    }
+    let closes = ended.len();
+    assert!((N / 2 - 1..=N / 2 + 1).contains(&closes), "{closes} closed");
+    for (i, e) in &ended {
+        assert_eq!(
+            (e.code, e.reason.as_str()),
+            (1012, "service restart: rebalancing, reconnect"),
+            "client {i}"
+        );
+    }
+    // Paced: about 15 closes at 5 a second span at least two ticks.
+    let first = ended.iter().map(|(_, e)| e.at).min().expect("closes");
+    let last = ended.iter().map(|(_, e)| e.at).max().expect("closes");
+    let spread = last - first;
+    assert!(
+        spread >= Duration::from_millis(1500),
+        "{closes} closes in {spread:?}"
+    );
+    // The backend was told the client went away, once per closed session.
+    let told = a.got().iter().filter(|m| *m == "closed:1001").count();
+    assert_eq!(told, closes, "Close 1001 at the old backend");
+    wait_metric(
+        admin,
+        "upgate_rebalance_closes_total",
+        "route=\"r\"",
+        closes as u64,
+    )
+    .await;
+    // Reconnected clients landed on the new backend; the others stayed on a.
+    for (i, e) in &ended {
+        assert_eq!(e.answer, format!("b:back {i}"));
+    }
+    assert_eq!(
+        (a.live.load(SeqCst), b.live.load(SeqCst)),
+        (N - closes, closes)
+    );
+    for (i, ws) in open.iter_mut() {
+        ws.send(Message::text(format!("still {i}"))).await.unwrap();
+        loop {
+            match ws.next().await.expect("open").expect("frame") {
+                Message::Text(t) => {
+                    assert_eq!(t.as_str(), format!("a:still {i}"));
+                    break;
+                }
+                Message::Binary(_) | Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    eprintln!("rebalance: close: {closes} of {N} splice sessions closed with 1012 over {spread:?}; {} stayed", open.len());
+    drop(b);
+}
+
+/// `rebalance: close` on a frames route without resume closes with 1012
+/// too; where it means nothing it is a config error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_close_on_a_frames_route_and_where_it_is_refused() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let a = Backend::start("a").await;
+    let later = reserve_port();
+    let b_addr: std::net::SocketAddr = ([127, 0, 0, 1], later.port).into();
+    let gw = gateway(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  p:\n    backends: [ws://{}, ws://{b_addr}]\n    eject_after: 1000\n    rebalance: {{ max_moves_per_second: 10 }}\nroutes:\n  - {{ name: r, path: /ws, pool: p, mode: frames, rebalance: close }}\n",
+        a.addr
+    ))
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let mut ws = ws(gw.addr(), "h", "/ws").await;
+        assert_eq!(
+            roundtrip(&mut ws, &format!("hi {i}")).await,
+            format!("a:hi {i}")
+        );
+        clients.push(ws);
+    }
+    let _b = Backend::start_on("b", later.port).await;
+    let mut closed = 0;
+    for ws in clients.iter_mut() {
+        if let Ok(Some(Ok(Message::Close(Some(f))))) =
+            tokio::time::timeout(Duration::from_millis(3000), ws.next()).await
+        {
+            assert_eq!(u16::from(f.code), 1012);
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 2, "4 sessions on a, 0 on b: 2 leave");
+    // Both went through the frames session's close: the backend heard 1001.
+    for _ in 0..100 {
+        if a.got().iter().filter(|m| *m == "closed:1001").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.got().iter().filter(|m| *m == "closed:1001").count(), 2);
+    assert_eq!(a.live.load(SeqCst), 2);
+
+    let cfg = |pool: &str, route: &str| {
+        upgate::Config::parse(
+            std::path::Path::new("routes.yaml"),
+            &format!("listen:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: [ws://127.0.0.1:9]{pool} }}\nroutes:\n  - {{ name: r, pool: p, rebalance: close{route} }}\n"),
+        )
+    };
+    let e = cfg("", "").unwrap_err().to_string();
+    assert!(
+        e.contains("routes[0].rebalance") && e.contains("pool `p` has no `rebalance:` settings"),
+        "{e}"
+    );
+    let r = ", rebalance: { max_moves_per_second: 3 }";
+    assert!(cfg(r, "").is_ok());
+    let e = cfg(r, ", mode: frames, resume: true")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("moves its sessions without closing them"), "{e}");
+    let e = cfg(r, ", mode: fanout").unwrap_err().to_string();
+    assert!(
+        e.contains("fan-out sessions have no backend of their own"),
+        "{e}"
+    );
+    let e = cfg(r, "").map(|_| ()).and_then(|_| {
+        upgate::Config::parse(
+            std::path::Path::new("routes.yaml"),
+            "listen:\n  - addr: 127.0.0.1:0\npools:\n  p: { backends: [ws://127.0.0.1:9] }\nroutes:\n  - { name: r, pool: p, rebalance: later }\n",
+        )
+        .map(|_| ())
+    });
+    let e = e.unwrap_err().to_string();
+    assert!(e.contains("rebalance") && e.contains("close"), "{e}");
+}
+
 /// A rolling restart: three backends, 1,000 live sessions; each backend in
 /// turn is killed and started again on its port. No client is disconnected
 /// and every session still answers at the end.
@@ -711,4 +963,52 @@ async fn a_rolling_restart_of_three_backends_disconnects_nobody() {
         .sum();
     assert_eq!(live, N, "every session has a backend");
     eprintln!("rolling restart of 3 backends under {N} sessions in {took:?}: 0 disconnected");
+}
+
+/// The demo's `live` route, as `routes.yaml` ships it: the page's "restart"
+/// makes the backend serving the session close everything with 1012 (a
+/// redeploy); the live session moves to the other backend, is told, gets
+/// its first message's answer again from there and goes on, while a
+/// spliced chat session on the restarted backend is closed.
+#[tokio::test]
+async fn the_demo_restart_moves_the_live_session_and_closes_chat() {
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/routes.yaml"))
+        .expect("routes.yaml");
+    let start = shipped.find("  - name: live").expect("the live route");
+    let len = shipped[start + 4..]
+        .find("  - name:")
+        .expect("a route after it");
+    let live = &shipped[start..start + 4 + len];
+    let backends = echo_backends(&["echo-1", "echo-2"]).await;
+    let gw = gateway(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  chat:\n    backends: [ws://{}, ws://{}]\nroutes:\n  - {{ name: chat, path: /chat, pool: chat }}\n{live}",
+        backends.addrs[0], backends.addrs[1]
+    ))
+    .await;
+    let who = |answer: &str| answer.split_whitespace().next().unwrap_or("").to_string();
+    let mut page = ws(gw.addr(), "h", "/live").await;
+    let first = who(&whoami(&mut page).await);
+    // A chat session on the same backend.
+    let mut chat = loop {
+        let mut c = ws(gw.addr(), "h", "/chat").await;
+        if who(&whoami(&mut c).await) == first {
+            break c;
+        }
+    };
+    page.send(Message::text("/restart")).await.unwrap();
+    let got = [next_text(&mut page).await, next_text(&mut page).await];
+    let told = got.iter().position(|m| m == r#"{"resumed":true}"#);
+    let Some(told) = told else {
+        panic!("no on_resume message: {got:?}")
+    };
+    let now = who(&got[1 - told]);
+    assert!(
+        now.starts_with("backend=echo-") && now != first,
+        "{first} -> {now}"
+    );
+    assert_eq!(
+        close_of(&mut chat, Duration::from_secs(5)).await,
+        (1012, "demo backend restarting".to_string())
+    );
+    assert_eq!(roundtrip(&mut page, "still here").await, "still here");
 }

@@ -292,6 +292,13 @@ impl Collector for GatewayCollector {
         )?;
         family(
             &mut enc,
+            "upgate_rebalance_closes",
+            "Sessions closed with 1012 (Service Restart) at a frame boundary because the pool's rebalancer asked them to leave (rebalance: close); their clients reconnect.",
+            Counter,
+            &per_route(&|s| s.rebalance_closes.load(Relaxed)),
+        )?;
+        family(
+            &mut enc,
             "upgate_session_bytes",
             "Bytes moved by spliced sessions (up = client to backend); live sessions add theirs once a second while the admin listener runs, and the rest as they end.",
             Counter,

@@ -60,16 +60,25 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Woken when the rebalancer asks sessions to leave this backend.
-    pub fn shed_wake(&self) -> &tokio::sync::Notify {
-        &self.shed_wake
-    }
-
     /// Claims one of the moves asked of this backend.
-    pub fn take_shed(&self) -> bool {
+    fn take_shed(&self) -> bool {
         self.shed
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
             .is_ok()
+    }
+
+    /// Resolves once the rebalancer asks sessions to leave this backend and
+    /// the caller claimed one of those moves.
+    pub async fn shed_claimed(&self) {
+        loop {
+            let wake = self.shed_wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            if self.take_shed() {
+                return;
+            }
+            wake.await;
+        }
     }
 
     /// Asks `n` sessions to leave (replacing any unclaimed request).

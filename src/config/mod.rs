@@ -203,6 +203,9 @@ pub struct RouteConfig {
     pub limits: Limits,
     /// Who may connect (`auth:`); `None`: anyone.
     pub auth: Option<auth::AuthConfig>,
+    /// `rebalance: close`: sessions the pool's rebalancer asks to leave close
+    /// with 1012 at a frame boundary, so their clients reconnect elsewhere.
+    pub rebalance_close: bool,
 }
 
 /// A `mode: frames` route: upgate speaks WebSocket to the client and to the

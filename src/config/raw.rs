@@ -180,6 +180,9 @@ pub struct RawRoute {
     pub max_channels: Option<usize>,
     pub channels: Option<Vec<String>>,
     pub channel_opens_per_ip: Option<u32>,
+    /// `close`: sessions the pool's rebalancer asks to leave are closed with
+    /// 1012 so their clients reconnect (splice, and frames without resume).
+    pub rebalance: Option<RouteRebalance>,
     // `mode: frames` only.
     pub resume: Option<bool>,
     pub replay_first: Option<usize>,
@@ -243,6 +246,14 @@ impl RawRoute {
             .map(|(k, _)| k)
             .collect()
     }
+}
+
+/// What a route's sessions do when the pool's rebalancer asks some to leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteRebalance {
+    /// Close with 1012 Service Restart at a frame boundary; the client reconnects.
+    Close,
 }
 
 /// What a route does with an upgraded connection.

@@ -425,6 +425,24 @@ pub(super) fn routes(
                 max_sessions: r.max_sessions,
                 max_sessions_per_ip: r.max_sessions_per_ip,
             };
+            let rebalance_close = r.rebalance.is_some();
+            if rebalance_close {
+                let why = if fanout.is_some() {
+                    Some("fan-out sessions have no backend of their own to leave".to_string())
+                } else if frames.as_ref().is_some_and(|f| f.resume) {
+                    Some("a frames route with `resume: true` moves its sessions without closing them; remove the key".to_string())
+                } else if pools[pool].rebalance.is_none() {
+                    Some(format!(
+                        "pool `{}` has no `rebalance:` settings (max_moves_per_second, tolerance), so nothing asks sessions to leave",
+                        pools[pool].name
+                    ))
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(cx.err(&at("rebalance"), why));
+                }
+            }
             let auth = match r.auth {
                 Some(a) => Some(super::auth::auth(cx, i, a, resolve, pools)?),
                 None => None,
@@ -441,6 +459,7 @@ pub(super) fn routes(
                 frames,
                 origins,
                 limits,
+                rebalance_close,
             })
         })();
         match item {

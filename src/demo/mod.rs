@@ -5,9 +5,11 @@
 //!
 //! Echo protocol (text messages): anything is echoed back, except
 //! `/whoami` (answered with the backend's name, the request path and the
-//! upgrade request's headers) and `/close CODE REASON` (the backend closes
-//! with that code). Plain HTTP: `/` is the demo page, `/health` answers `ok`,
-//! and any other request gets a dump of what the backend received.
+//! upgrade request's headers), `/close CODE REASON` (the backend closes
+//! with that code) and `/restart` (a redeploy, simulated: the backend closes
+//! every WebSocket session it holds with 1012 and refuses upgrades with 503
+//! for [`RESTART_DOWN`]). Plain HTTP: `/` is the demo page, `/health`
+//! answers `ok`, and any other request gets a dump of what the backend received.
 
 mod page;
 
@@ -53,6 +55,32 @@ pub struct Backend {
     pub kind: Kind,
 }
 
+/// How long a demo backend refuses upgrades after `/restart`.
+pub const RESTART_DOWN: Duration = Duration::from_secs(2);
+
+/// A demo backend's restarts: each bumps the generation its sessions watch.
+struct Restarts {
+    generation: tokio::sync::watch::Sender<u64>,
+    down_until: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Restarts {
+    fn restart(&self) {
+        if let Ok(mut d) = self.down_until.lock() {
+            *d = Some(tokio::time::Instant::now() + RESTART_DOWN);
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn down(&self) -> bool {
+        self.down_until
+            .lock()
+            .ok()
+            .and_then(|d| *d)
+            .is_some_and(|t| t > tokio::time::Instant::now())
+    }
+}
+
 /// Serves `listener` until `stop` is cancelled. Upgraded WebSocket sessions
 /// outlive `stop` (as a real server's would while it drains).
 pub async fn serve(listener: TcpListener, backend: Backend, stop: CancellationToken) {
@@ -68,6 +96,10 @@ pub async fn serve_killable(
     kill: CancellationToken,
 ) {
     let backend = Arc::new(backend);
+    let restarts = Arc::new(Restarts {
+        generation: tokio::sync::watch::Sender::new(0),
+        down_until: std::sync::Mutex::new(None),
+    });
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
@@ -77,9 +109,11 @@ pub async fn serve_killable(
         let b = backend.clone();
         let stop = stop.clone();
         let kill = kill.clone();
+        let r = restarts.clone();
         tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req| handle(b.clone(), kill.clone(), peer, req));
+            let svc = hyper::service::service_fn(move |req| {
+                handle(b.clone(), kill.clone(), r.clone(), peer, req)
+            });
             let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
                 .into_owned();
@@ -129,6 +163,7 @@ fn describe(b: &Backend, peer: SocketAddr, req: &http::request::Parts) -> String
 async fn handle(
     b: Arc<Backend>,
     kill: CancellationToken,
+    restarts: Arc<Restarts>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -153,6 +188,16 @@ async fn handle(
                 text(StatusCode::OK, "text/plain; charset=utf-8", s)
             }
         });
+    }
+    if restarts.down() {
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "restarting\n",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        return Ok(r);
     }
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
         return Ok(text(
@@ -184,7 +229,7 @@ async fn handle(
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
         let session = async {
             match b2.kind {
-                Kind::Echo => echo(ws, whoami).await,
+                Kind::Echo => echo(ws, whoami, &restarts).await,
                 Kind::Ticker => ticker(ws, &b2.name, &path_q).await,
             }
         };
@@ -217,10 +262,35 @@ fn clone_parts<B>(req: &Request<B>) -> (http::request::Parts, ()) {
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
-async fn echo(mut ws: Ws, whoami: String) {
-    while let Some(Ok(msg)) = ws.next().await {
+async fn echo(mut ws: Ws, whoami: String, restarts: &Restarts) {
+    let mut generation = restarts.generation.subscribe();
+    loop {
+        let msg = tokio::select! {
+            m = ws.next() => match m {
+                Some(Ok(m)) => m,
+                _ => return,
+            },
+            _ = generation.changed() => {
+                // Going down for a redeploy, as a well-behaved server does.
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: CloseCode::Restart,
+                        reason: "demo backend restarting".into(),
+                    }))
+                    .await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Some(Ok(_)) = ws.next().await {}
+                })
+                .await;
+                return;
+            }
+        };
         let reply = match msg {
             Message::Text(t) if t.as_str() == "/whoami" => Message::text(whoami.clone()),
+            Message::Text(t) if t.as_str() == "/restart" => {
+                restarts.restart();
+                continue;
+            }
             Message::Text(t) if t.starts_with("/close ") => {
                 let mut it = t.as_str()[7..].splitn(2, ' ');
                 let code = it

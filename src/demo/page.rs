@@ -18,6 +18,13 @@ through the same gateway and port: <code>/chat</code> goes to two echo backends 
 <pre id="cl"></pre></section>
 <section><div>Ticker: <span id="ts" class="st">connecting…</span> <span id="tc">0</span> ticks</div>
 <pre id="tl"></pre></section>
+<section><div>Live session (<code>/live</code>, <code>mode: frames</code>, <code>resume: true</code>):
+<span id="ls" class="st">connecting…</span>, served by <b id="lb">?</b>, moved <b id="lr">0</b> times</div>
+<p>Restart the backend serving this session: it closes all its sessions with 1012 (as a server being
+redeployed does) and refuses new ones for 2 s. This session moves to the other backend and stays open;
+a chat session on the restarted backend above is closed (splice cannot move).</p>
+<button id="rb">Restart its backend</button>
+<pre id="ll"></pre></section>
 <script>
 const base = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host;
 function open(path, st, log, onmsg) {
@@ -34,5 +41,14 @@ chat.addEventListener('open', () => chat.send('/whoami'));
 document.getElementById('f').onsubmit = e => { e.preventDefault(); chat.send(document.getElementById('m').value); };
 let n = 0;
 open('/ticker?pair=EURUSD', 'ts', 'tl', () => { document.getElementById('tc').textContent = ++n; });
+let moves = 0;
+const live = open('/live', 'ls', 'll');
+live.addEventListener('open', () => live.send('/whoami'));
+live.addEventListener('message', e => {
+  const m = /^backend=(\S+)/.exec(e.data);
+  if (m) document.getElementById('lb').textContent = m[1];
+  if (e.data === '{"resumed":true}') document.getElementById('lr').textContent = ++moves;
+});
+document.getElementById('rb').onclick = () => live.send('/restart');
 </script></body></html>
 "#;

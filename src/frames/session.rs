@@ -27,7 +27,7 @@ use crate::config::FramesConfig;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{ResumeCause, RouteStats};
 use crate::session::conn::{upgraded, Busy, Leg};
-use crate::session::splice::ReadReady;
+use crate::session::splice::{ReadReady, REBALANCE_REASON};
 use crate::session::{expiry, Ends};
 use crate::ws::frame::{self, code};
 use crate::ws::reader::{Input, Reader};
@@ -64,7 +64,8 @@ pub fn spawn(
             };
             let ws = super::backend_leg(backend.0, backend.1).await;
             let watch_down = cfg.resume || ends.backend_down.is_some();
-            let movable = cfg.resume;
+            // Rebalancing moves a resuming session, and closes one with `rebalance: close`.
+            let movable = cfg.resume || ends.rebalance_close;
             let started = Instant::now();
             let mut s = Session {
                 cfg,
@@ -119,7 +120,7 @@ struct Upstream {
     guard: BackendGuard,
     /// Health checks marked the backend down, or a reload drained or removed it.
     gone: Waiting,
-    /// The rebalancer asked this session to move (only with `resume`).
+    /// The rebalancer asked this session to move (`resume`) or to close (`rebalance: close`).
     shed: Option<Waiting>,
 }
 
@@ -145,7 +146,7 @@ impl Upstream {
         });
         let shed = movable.then(|| {
             Box::pin(async move {
-                shed(&b).await;
+                b.shed_claimed().await;
                 FromBackend::Shed
             }) as Waiting
         });
@@ -438,6 +439,12 @@ impl Session<'_> {
                             }
                         }
                         FromBackend::Nothing => {}
+                        FromBackend::Shed if !cfg.resume => {
+                            self.stats.rebalance_closes.fetch_add(1, Relaxed);
+                            let close = frame::close(code::SERVICE_RESTART, REBALANCE_REASON);
+                            let _ = close_client(&mut c, &close).await;
+                            return self.finish(Some(code::GOING_AWAY), "client moved by rebalancing", "rebalanced", Some(code::SERVICE_RESTART)).await;
+                        }
                         FromBackend::Shed => {
                             self.lose(code::SERVICE_RESTART, "moved by rebalancing".into(), ResumeCause::Rebalance).await;
                             redial_at = Some(Instant::now());
@@ -727,20 +734,6 @@ async fn poll_dialing(
     match d {
         Some(f) => f.as_mut().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Resolves when the rebalancer asks sessions to leave `b` and this
-/// session claimed one of those moves.
-async fn shed(b: &Backend) {
-    loop {
-        let wake = b.shed_wake().notified();
-        tokio::pin!(wake);
-        wake.as_mut().enable();
-        if b.take_shed() {
-            return;
-        }
-        wake.await;
     }
 }
 

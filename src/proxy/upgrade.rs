@@ -130,6 +130,7 @@ pub(super) async fn upgrade(
                     admission,
                     expires: auth.expires,
                     who: auth.who,
+                    rebalance_close: route.rebalance_close,
                 };
                 match &route.frames {
                     None => crate::session::spawn(

@@ -37,6 +37,17 @@ impl FrameWatch {
         }
     }
 
+    /// Bytes still to pass before the stream sits at a frame boundary: 0 at
+    /// one; while a header is incomplete, the bytes it needs at least (ask
+    /// again once they are fed). Meaningless once a Close was seen.
+    pub(crate) fn to_boundary(&self) -> u64 {
+        if self.have > 0 {
+            (Self::header_len(&self.hdr[..self.have]) - self.have) as u64
+        } else {
+            self.skip
+        }
+    }
+
     pub(crate) fn feed(&mut self, mut b: &[u8]) {
         while self.seen.is_none() && !b.is_empty() {
             if self.skip > 0 {
@@ -159,6 +170,43 @@ mod tests {
         let mut w = FrameWatch::default();
         w.feed(&wire[..wire.len() - 4]);
         assert_eq!(w.seen, None, "no close until its code is complete");
+    }
+
+    /// Fed exactly `to_boundary()` bytes at a time, the watch stops at each
+    /// frame's end, never inside one, whatever the frame sizes.
+    #[test]
+    fn to_boundary_leads_from_frame_end_to_frame_end() {
+        let mut wire = Vec::new();
+        let mut ends = Vec::new();
+        for (op, len, mask) in [
+            (0x1, 5, Some([1, 2, 3, 4])),
+            (0x2, 300, None),
+            (0x9, 0, Some([4, 3, 2, 1])),
+            (0x2, 70_000, Some([7, 7, 7, 7])),
+            (0x0, 126, None),
+        ] {
+            wire.extend(frame(op, &vec![0xab; len], mask));
+            ends.push(wire.len());
+        }
+        let mut w = FrameWatch::default();
+        assert_eq!(w.to_boundary(), 0, "a fresh stream sits at a boundary");
+        let mut at = 0;
+        let mut stops = Vec::new();
+        // Start each frame with one byte, as a reader that is just past a boundary.
+        while at < wire.len() {
+            w.feed(&wire[at..at + 1]);
+            at += 1;
+            loop {
+                let need = w.to_boundary() as usize;
+                if need == 0 {
+                    break;
+                }
+                w.feed(&wire[at..at + need]);
+                at += need;
+            }
+            stops.push(at);
+        }
+        assert_eq!(stops, ends);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! past the HTTP head), splice it with the backend socket, and log how it ended.
 
 use std::io;
+use std::pin::Pin;
 
 use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
@@ -55,6 +56,9 @@ pub struct Ends {
     pub expires: Option<std::time::SystemTime>,
     /// Who the token says the client is, for the access log.
     pub who: Option<String>,
+    /// `rebalance: close`: the session closes (1012) when the pool's
+    /// rebalancer asks sessions to leave its backend.
+    pub rebalance_close: bool,
 }
 
 /// Resolves when `at` has passed; never without one.
@@ -88,6 +92,7 @@ pub fn spawn(
     let stats = ends.stats;
     let admission = ends.admission;
     let (expires, who) = (ends.expires, ends.who);
+    let rebalance_close = ends.rebalance_close;
     let span = tracing::Span::current();
     life.tasks.spawn(
         async move {
@@ -99,10 +104,13 @@ pub fn spawn(
                 (tls, rest) => Leg::Other(Box::new(tls), rest),
             };
             let started = tokio::time::Instant::now();
+            let leave: splice::Leave =
+                rebalance_close.then(|| Box::pin(guard.backend().shed_claimed()) as Pin<Box<_>>);
             // How the session ended, for the access log.
             let (end, moved, error) = tokio::select! {
                 // The splice adds its bytes and messages to the route's counters itself.
-                r = run(client, backend, half_close, stats.stats()) => match r {
+                r = run(client, backend, half_close, stats.stats(), leave) => match r {
+                    Ok(m) if m.rebalanced => ("rebalanced", Some(m), None),
                     Ok(m) => ("closed", Some(m), None),
                     Err(e) => ("io_error", None, Some(e)),
                 },
@@ -115,9 +123,13 @@ pub fn spawn(
             let took = started.elapsed();
             let s = stats.stats();
             s.session_duration.observe(took);
-            if end == "token_expired" {
+            {
                 use std::sync::atomic::Ordering::Relaxed;
-                s.auth.expired_sessions.fetch_add(1, Relaxed);
+                match end {
+                    "token_expired" => s.auth.expired_sessions.fetch_add(1, Relaxed),
+                    "rebalanced" => s.rebalance_closes.fetch_add(1, Relaxed),
+                    _ => 0,
+                };
             }
             // One line per session (target `upgate::access`); the span adds peer and
             // route. Byte counts are known when the splice itself finished.
@@ -148,15 +160,19 @@ async fn run(
     backend: Leg,
     half_close: std::time::Duration,
     stats: &crate::metrics::RouteStats,
+    leave: splice::Leave<'_>,
 ) -> io::Result<splice::Moved> {
     match (client, backend) {
         (Leg::Tcp(mut c, cp), Leg::Tcp(mut b, bp)) => {
-            splice::splice(&mut c, cp, &mut b, bp, half_close, stats).await
+            splice::splice(&mut c, cp, &mut b, bp, half_close, stats, leave).await
         }
         (c, b) => {
             let ((mut c, cp), (mut b, bp)) = (c.into_io(), b.into_io());
             // Boxed: keeps this path's state out of every plain session's task.
-            Box::pin(splice::splice(&mut c, cp, &mut b, bp, half_close, stats)).await
+            Box::pin(splice::splice(
+                &mut c, cp, &mut b, bp, half_close, stats, leave,
+            ))
+            .await
         }
     }
 }

@@ -45,7 +45,19 @@ pub struct Moved {
     pub closed_by: Option<&'static str>,
     /// The code of the first Close frame, when it carried one.
     pub close_code: Option<u16>,
+    /// The pool's rebalancer asked the session to leave: upgate closed
+    /// both legs at a frame boundary (1012 to the client).
+    pub rebalanced: bool,
 }
+
+/// What the client is told when the rebalancer closes its session.
+pub const REBALANCE_REASON: &str = "service restart: rebalancing, reconnect";
+/// How long both peers get to answer the Closes of a rebalancing close.
+const LEAVE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Asks a live splice to end cleanly: resolves when the session should
+/// leave (the rebalancer asked); `None` where nothing does.
+pub type Leave<'a> = Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>;
 
 thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
@@ -243,6 +255,98 @@ impl<'a> Direction<'a> {
     }
 }
 
+impl Direction<'_> {
+    /// Ends this direction cleanly in the middle of a session: delivers what
+    /// was read, then relays exactly up to the end of the frame in flight
+    /// (never a byte past it), writes `close`, and reads (and drops) what its
+    /// peer still sends until that peer's own Close (its answer to the Close
+    /// the other direction wrote) or EOF; then half-closes the writer.
+    async fn leave<R, W>(&mut self, r: &mut R, w: &mut W, close: &[u8]) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        if !self.pending.is_empty() {
+            w.write_all(&self.pending).await?;
+            self.total += self.pending.len() as u64;
+            self.pending = Bytes::new();
+        }
+        if let Some((mut buf, pos, len)) = self.held.take() {
+            w.write_all(&buf.bytes()[pos..len]).await?;
+            self.total += (len - pos) as u64;
+        }
+        let mut buf = Buf::take();
+        loop {
+            let need = self.frames.to_boundary();
+            if need == 0 {
+                break;
+            }
+            let room = usize::try_from(need).unwrap_or(BUF_SIZE).min(BUF_SIZE);
+            let n = r.read(&mut buf.bytes()[..room]).await?;
+            if n == 0 {
+                return Ok(()); // the peer went away inside a frame
+            }
+            self.frames.feed(&buf.bytes()[..n]);
+            w.write_all(&buf.bytes()[..n]).await?;
+            self.total += n as u64;
+        }
+        w.write_all(close).await?;
+        w.flush().await?;
+        // From the boundary on, nothing is relayed: a fresh watch finds the answer.
+        let mut rest = FrameWatch::default();
+        while rest.seen.is_none() {
+            let n = r.read(buf.bytes()).await?;
+            if n == 0 {
+                break;
+            }
+            rest.feed(&buf.bytes()[..n]);
+        }
+        w.shutdown().await
+    }
+}
+
+/// Ends a live session the rebalancer asked to leave: each direction is
+/// taken to a frame boundary; the client gets Close 1012 (Service Restart)
+/// so it reconnects and lands on a less loaded backend, the backend a
+/// (masked) Close 1001 as if the client went away; both answers are awaited
+/// for at most `grace`.
+async fn leave<C, B>(
+    up: &mut Direction<'_>,
+    down: &mut Direction<'_>,
+    client: &mut C,
+    backend: &mut B,
+    grace: std::time::Duration,
+) -> Moved
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    use crate::ws::frame::{self, code};
+    let to_client = frame::close(code::SERVICE_RESTART, REBALANCE_REASON);
+    let mut mask = [0u8; 4];
+    // A mask only needs to be unpredictable to the page that could craft the
+    // frame; should the system RNG fail, a fixed one is still valid framing.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut mask);
+    let to_backend = frame::close_masked(code::GOING_AWAY, "client moved by rebalancing", mask);
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut br, mut bw) = tokio::io::split(backend);
+    let _ = tokio::time::timeout(grace, async {
+        tokio::join!(
+            up.leave(&mut cr, &mut bw, &to_backend),
+            down.leave(&mut br, &mut cw, &to_client)
+        )
+    })
+    .await;
+    Moved {
+        client_to_backend: up.total,
+        backend_to_client: down.total,
+        closed_by: Some("upgate"),
+        close_code: Some(code::SERVICE_RESTART),
+        rebalanced: true,
+    }
+}
+
 /// However the session ends (EOF, error, or its task cancelled), the route's
 /// counters get the rest.
 impl Drop for Direction<'_> {
@@ -258,6 +362,9 @@ impl Drop for Direction<'_> {
 /// Once one direction has ended, the other gets `half_close_timeout` to end
 /// too; then the session is closed, so a peer that never finishes its side
 /// cannot hold it open forever.
+///
+/// When `leave` resolves while both directions are open and no Close has
+/// passed, both legs are closed at a frame boundary (see [`leave`]).
 pub async fn splice<C, B>(
     client: &mut C,
     client_pending: Bytes,
@@ -265,6 +372,7 @@ pub async fn splice<C, B>(
     backend_pending: Bytes,
     half_close_timeout: std::time::Duration,
     stats: &RouteStats,
+    mut asked_to_leave: Leave<'_>,
 ) -> io::Result<Moved>
 where
     C: AsyncRead + AsyncWrite + ReadReady + Unpin,
@@ -275,9 +383,18 @@ where
     let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut closed_by = None;
     let mut close_code = None;
-    poll_fn(|cx| {
+    let ended = poll_fn(|cx| -> Poll<io::Result<Option<Moved>>> {
         let u = up.poll(cx, client, backend)?;
         let d = down.poll(cx, backend, client)?;
+        if let Some(l) = asked_to_leave.as_mut() {
+            if u.is_pending() && d.is_pending() && l.as_mut().poll(cx).is_ready() {
+                asked_to_leave = None;
+                let open = !(up.eof || down.eof || up.done || down.done);
+                if open && up.frames.seen.is_none() && down.frames.seen.is_none() {
+                    return Poll::Ready(Ok(None));
+                }
+            }
+        }
         if close_code.is_none() {
             // The first Close frame decides who closed, and with what code.
             let first = match (up.frames.seen, down.frames.seen) {
@@ -298,27 +415,37 @@ where
             };
         }
         match (u, d) {
-            (Poll::Ready(u), Poll::Ready(d)) => Poll::Ready(Ok(Moved {
+            (Poll::Ready(u), Poll::Ready(d)) => Poll::Ready(Ok(Some(Moved {
                 client_to_backend: u,
                 backend_to_client: d,
                 closed_by,
                 close_code: close_code.flatten(),
-            })),
+                rebalanced: false,
+            }))),
             (Poll::Pending, Poll::Pending) => Poll::Pending,
             _ => {
                 let timer =
                     linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(half_close_timeout)));
                 ready!(timer.as_mut().poll(cx));
-                Poll::Ready(Ok(Moved {
+                Poll::Ready(Ok(Some(Moved {
                     client_to_backend: up.total,
                     backend_to_client: down.total,
                     closed_by,
                     close_code: close_code.flatten(),
-                }))
+                    rebalanced: false,
+                })))
             }
         }
     })
-    .await
+    .await?;
+    match ended {
+        Some(moved) => Ok(moved),
+        None => {
+            let grace = half_close_timeout.min(LEAVE_GRACE);
+            // Boxed: a rare path whose state stays out of every session's task.
+            Ok(Box::pin(leave(&mut up, &mut down, client, backend, grace)).await)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -358,6 +485,7 @@ mod tests {
                 Bytes::from_static(backend_pending),
                 half_close,
                 &RouteStats::default(),
+                None,
             )
             .await
         });
@@ -379,7 +507,7 @@ mod tests {
                     // Through trait objects, as TLS legs are spliced.
                     let mut c: Box<dyn Io> = Box::new(gw_client);
                     let mut b: Box<dyn Io> = Box::new(gw_backend);
-                    splice(&mut c, Bytes::new(), &mut b, Bytes::new(), T, &stats).await
+                    splice(&mut c, Bytes::new(), &mut b, Bytes::new(), T, &stats, None).await
                 } else {
                     splice(
                         &mut gw_client,
@@ -388,6 +516,7 @@ mod tests {
                         Bytes::new(),
                         T,
                         &stats,
+                        None,
                     )
                     .await
                 }
@@ -455,6 +584,7 @@ mod tests {
                 backend_to_client: 8,
                 closed_by: Some("client"),
                 close_code: None,
+                rebalanced: false,
             }
         );
     }
@@ -474,6 +604,7 @@ mod tests {
                 Bytes::new(),
                 T,
                 stats,
+                None,
             )
             .await
         });
@@ -506,6 +637,95 @@ mod tests {
         assert_eq!(stats.messages_up.load(Relaxed), sent + 1, "after the end");
         assert_eq!(stats.bytes_up.load(Relaxed), 8 * (sent + 1));
         assert_eq!(stats.messages_down.load(Relaxed), 0);
+    }
+
+    /// Asked to leave while a frame is half through each direction, the
+    /// splice relays each frame to its end and not a byte further, then
+    /// closes: the client gets 1012, the backend a masked 1001; bytes the
+    /// peers send after the boundary are dropped, not relayed.
+    #[tokio::test]
+    async fn leaving_closes_both_legs_at_a_frame_boundary() {
+        use crate::ws::frame;
+        let (mut client, mut gw_client) = pair().await;
+        let (mut gw_backend, mut backend) = pair().await;
+        let (go, leave) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let leave: Leave = Some(Box::pin(async {
+                let _ = leave.await;
+            }));
+            splice(
+                &mut gw_client,
+                Bytes::new(),
+                &mut gw_backend,
+                Bytes::new(),
+                T,
+                &RouteStats::default(),
+                leave,
+            )
+            .await
+        });
+        // A masked 300-byte client frame and a 70,000-byte backend frame,
+        // each sent up to its middle.
+        let mut up = vec![0x82, 0x80 | 126, 0x01, 0x2c, 1, 2, 3, 4];
+        up.extend((0..300u32).map(|i| (i as u8) ^ [1, 2, 3, 4][i as usize % 4]));
+        let mut down = vec![0x82, 127];
+        down.extend_from_slice(&70_000u64.to_be_bytes());
+        down.extend((0..70_000u32).map(|i| i as u8));
+        client.write_all(&up[..100]).await.unwrap();
+        backend.write_all(&down[..30_000]).await.unwrap();
+        let mut got_up = vec![0u8; 100];
+        backend.read_exact(&mut got_up).await.unwrap();
+        let mut got_down = vec![0u8; 30_000];
+        client.read_exact(&mut got_down).await.unwrap();
+        go.send(()).unwrap();
+        // The rest of each frame, and a whole next frame that must not pass.
+        let next = frame::close_masked(1000, "too late", [9, 9, 9, 9]);
+        client.write_all(&up[100..]).await.unwrap();
+        client.write_all(&next).await.unwrap();
+        backend.write_all(&down[30_000..]).await.unwrap();
+        backend
+            .write_all(&frame::encode(frame::OP_TEXT, b"late"))
+            .await
+            .unwrap();
+        // The backend: its frame's end, then our Close 1001, then nothing but
+        // the end of the stream once it answered.
+        let mut rest = vec![0u8; up.len() - 100];
+        backend.read_exact(&mut rest).await.unwrap();
+        got_up.extend(rest);
+        assert_eq!(got_up, up);
+        let mut head = [0u8; 6];
+        backend.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[0], 0x88, "a Close");
+        assert_eq!(head[1] & 0x80, 0x80, "masked, as a client's");
+        let mut body = vec![0u8; usize::from(head[1] & 0x7f)];
+        backend.read_exact(&mut body).await.unwrap();
+        frame::unmask(&mut body, [head[2], head[3], head[4], head[5]]);
+        assert_eq!(&body[..2], &1001u16.to_be_bytes());
+        backend.write_all(&frame::close(1001, "")).await.unwrap(); // its answer
+        let mut after = Vec::new();
+        backend.read_to_end(&mut after).await.unwrap();
+        assert!(after.is_empty(), "nothing past the Close: {after:?}");
+        // The client: the backend frame's end, then Close 1012 and its reason.
+        let mut rest = vec![0u8; down.len() - 30_000];
+        client.read_exact(&mut rest).await.unwrap();
+        got_down.extend(rest);
+        assert!(got_down == down, "the backend's frame arrived whole");
+        let expect = frame::close(1012, REBALANCE_REASON);
+        let mut close = vec![0u8; expect.len()];
+        client.read_exact(&mut close).await.unwrap();
+        assert_eq!(close, expect);
+        let mut after = Vec::new();
+        client.read_to_end(&mut after).await.unwrap();
+        assert!(after.is_empty(), "nothing past the Close: {after:?}");
+        let moved = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("ended")
+            .unwrap()
+            .unwrap();
+        assert!(moved.rebalanced);
+        assert_eq!(moved.client_to_backend, up.len() as u64);
+        assert_eq!(moved.backend_to_client, down.len() as u64);
+        assert_eq!(moved.close_code, Some(1012));
     }
 
     #[tokio::test]

@@ -64,6 +64,23 @@ fn append_with(out: &mut BytesMut, first: u8, payload: &[u8]) {
 
 /// A close frame; the reason is cut to fit the 125-byte control payload.
 pub fn close(code: u16, reason: &str) -> Bytes {
+    encode(OP_CLOSE, &close_payload(code, reason))
+}
+
+/// A close frame as a client sends it (masked with `mask`), for a gateway
+/// that ends a backend connection it relays for a client.
+pub fn close_masked(code: u16, reason: &str, mask: [u8; 4]) -> Bytes {
+    let mut p = close_payload(code, reason);
+    unmask(&mut p, mask); // masking and unmasking are the same XOR
+    let mut out = BytesMut::with_capacity(p.len() + 6);
+    out.put_u8(0x80 | OP_CLOSE);
+    out.put_u8(0x80 | p.len() as u8); // at most 125: fits the 7-bit length
+    out.put_slice(&mask);
+    out.put_slice(&p);
+    out.freeze()
+}
+
+fn close_payload(code: u16, reason: &str) -> Vec<u8> {
     let mut cut = reason.len().min(123);
     while !reason.is_char_boundary(cut) {
         cut -= 1;
@@ -71,7 +88,7 @@ pub fn close(code: u16, reason: &str) -> Bytes {
     let mut p = Vec::with_capacity(2 + cut);
     p.extend_from_slice(&code.to_be_bytes());
     p.extend_from_slice(&reason.as_bytes()[..cut]);
-    encode(OP_CLOSE, &p)
+    p
 }
 
 /// A parsed client frame header: where its payload sits in the buffer.
