@@ -34,13 +34,13 @@ pub enum Stream {
 }
 
 impl Stream {
-    async fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+    pub(crate) async fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Stream::Plain(s) => s.read(b).await,
             Stream::Tls(s) => s.read(b).await,
         }
     }
-    async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+    pub(crate) async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
         match self {
             Stream::Plain(s) => s.write_all(b).await,
             Stream::Tls(s) => {

@@ -11,6 +11,7 @@ mod fanout;
 mod load;
 mod proc_stat;
 mod proto;
+mod resume;
 mod targets;
 
 use std::collections::BTreeMap;
@@ -41,6 +42,8 @@ enum Cmd {
     Fanout(FanoutArgs),
     /// JWT verification's cost per handshake (ES256, RS256 against no auth).
     Auth(auth::AuthArgs),
+    /// `mode: frames` with resume: time from a backend's SIGKILL to each moved session's next echo.
+    Resume(resume::ResumeArgs),
 }
 
 #[derive(clap::Args)]
@@ -114,8 +117,9 @@ pub(crate) struct Bins {
     /// Directory holding upgate and upgate-bench-backend (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-    /// Directory holding an upgate build of another commit, measured as target `upgate-base`
-    /// (as `upgate`) for before/after comparisons in the same run.
+    /// Directory holding an upgate build of another commit, measured as targets `upgate-base`
+    /// (as `upgate`) and `upgate-frames-base` (as `upgate-frames`) for before/after
+    /// comparisons in the same run.
     #[arg(long)]
     base_bin_dir: Option<PathBuf>,
 }
@@ -182,6 +186,12 @@ fn main() -> Result<(), String> {
         Cmd::Auth(a) => rt.block_on(async {
             tokio::select! {
                 r = auth::auth_suite(a) => r,
+                _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+            }
+        }),
+        Cmd::Resume(a) => rt.block_on(async {
+            tokio::select! {
+                r = resume::resume_suite(a) => r,
                 _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
             }
         }),
@@ -420,6 +430,10 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
             "upgate-base" => match &a.bins.base_bin_dir {
                 Some(d) => targets::upgate("upgate-base", d, 18090, &work, &certs, ips),
                 None => Err("upgate-base needs --base-bin-dir".into()),
+            },
+            "upgate-frames-base" => match &a.bins.base_bin_dir {
+                Some(d) => targets::upgate("upgate-frames-base", d, 18110, &work, &certs, ips),
+                None => Err("upgate-frames-base needs --base-bin-dir".into()),
             },
             "nginx" => targets::nginx(&work, &certs, fit),
             "haproxy" => targets::haproxy(&work, &certs, fit),

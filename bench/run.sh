@@ -7,11 +7,12 @@
 #   bench/run.sh fanout               # fan-out: 10,000 clients on one feed, direct vs upgate
 #   bench/run.sh fanout --rates 20,50,100 --rounds 1
 #   bench/run.sh auth                 # JWT verification per handshake: ES256, RS256 vs no auth
+#   bench/run.sh resume               # frames + resume: from a backend's SIGKILL to each moved session's next echo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cmd=suite
-if [ "${1:-}" = fanout ] || [ "${1:-}" = auth ]; then
+if [ "${1:-}" = fanout ] || [ "${1:-}" = auth ] || [ "${1:-}" = resume ]; then
   cmd=$1
   shift
 fi

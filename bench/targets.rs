@@ -163,7 +163,7 @@ pub fn certs(work: &Path) -> Result<Certs, String> {
 /// An upgate binary from `bin_dir` with one runtime thread, listening on
 /// `port` (plain) and `port + 363` (TLS); `backend_ips` loopback addresses in its pool.
 /// `name` tells builds apart (`upgate-base` is a build of another commit);
-/// `upgate-frames` routes with `mode: frames` instead of splicing.
+/// `upgate-frames` (and `upgate-frames-base`) route with `mode: frames` instead of splicing.
 pub fn upgate(
     name: &str,
     bin_dir: &Path,
@@ -172,7 +172,7 @@ pub fn upgate(
     certs: &Certs,
     backend_ips: usize,
 ) -> Result<Proc, String> {
-    let route = if name == "upgate-frames" {
+    let route = if name.starts_with("upgate-frames") {
         "{ name: echo, pool: echo, mode: frames, max_message: 67108864 }"
     } else {
         "{ name: echo, pool: echo }"

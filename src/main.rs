@@ -129,7 +129,7 @@ async fn run(config: Config, with_demo: bool) -> Result<(), String> {
             tracing::info!(%addr, "connections must start with a PROXY protocol header");
         }
         if with_demo {
-            println!("demo page:  {scheme}://{addr}/        chat: {ws}://{addr}/chat   ticker: {ws}://{addr}/ticker?pair=EURUSD");
+            println!("demo page:  {scheme}://{addr}/        chat: {ws}://{addr}/chat   ticker: {ws}://{addr}/ticker?pair=EURUSD   live (resumes): {ws}://{addr}/live");
         }
     }
     if with_demo {

@@ -1001,7 +1001,17 @@ async fn the_demo_restart_moves_the_live_session_and_closes_chat() {
     let Some(told) = told else {
         panic!("no on_resume message: {got:?}")
     };
-    let now = who(&got[1 - told]);
+    let again = &got[1 - told];
+    let now = who(again);
+    // The new backend got the same request: path, client host, forwarding headers.
+    for line in [
+        "path=/live ",
+        "\nhost: h\n",
+        "\nx-forwarded-for: 127.0.0.1\n",
+        "\nsec-websocket-version: 13\n",
+    ] {
+        assert!(again.contains(line), "{line:?} missing in {again}");
+    }
     assert!(
         now.starts_with("backend=echo-") && now != first,
         "{first} -> {now}"

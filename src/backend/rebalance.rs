@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::backend::pool::Pool;
 use crate::config::Rebalance;
@@ -37,6 +37,7 @@ pub fn spawn(pool: &Arc<Pool>, tasks: &TaskTracker, panics: &Arc<Panics>) {
 async fn run(pool: Arc<Pool>, cfg: Rebalance) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut asking = false;
     loop {
         tick.tick().await;
         let members = pool.backends();
@@ -47,9 +48,15 @@ async fn run(pool: Arc<Pool>, cfg: Rebalance) {
         let loads: Vec<usize> = usable.iter().map(|b| b.active()).collect();
         let moves = plan(&loads, cfg.max_moves_per_second as usize, cfg.tolerance);
         let asked: usize = moves.iter().sum();
-        if asked > 0 {
+        // Logged once per episode (sessions that cannot move would repeat it each second).
+        if asked > 0 && !asking {
             info!(pool = %pool.name, ?loads, asked, "rebalancing: asking sessions to move");
+        } else if asked > 0 {
+            debug!(pool = %pool.name, ?loads, asked, "rebalancing: asking sessions to move");
+        } else if asking {
+            info!(pool = %pool.name, ?loads, "rebalancing: spread even again");
         }
+        asking = asked > 0;
         for b in members.iter() {
             let n = usable
                 .iter()

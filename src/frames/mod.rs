@@ -63,7 +63,7 @@ pub struct Redial {
 /// batch of client messages at once; messages up to 64 MiB.
 pub fn backend_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .write_buffer_size(64 << 10)
         .max_message_size(Some(64 << 20))
         .max_frame_size(Some(64 << 20))
@@ -110,6 +110,8 @@ pub async fn dial(
             continue;
         };
         let attempt = async {
+            // Paced: see `Pool::resume_dials` (never closed, so never an error).
+            let _slot = r.pool.resume_dials.acquire().await;
             let mut io = r.pool.connect(&b).await?;
             let answer = crate::backend::upgrade::exchange(
                 &mut io,

@@ -83,8 +83,10 @@ pub fn spawn(
                 up: 0,
                 down: 0,
             };
+            // Both boxed: inline, the plain path's state (3 KB) would size
+            // the task of every TLS session too, which holds its own in a box.
             let out = match client {
-                Leg::Tcp(c, pending) => s.run(c, pending, &ends, &stop).await,
+                Leg::Tcp(c, pending) => Box::pin(s.run(c, pending, &ends, &stop)).await,
                 Leg::Other(c, pending) => Box::pin(s.run(c, pending, &ends, &stop)).await,
             };
             if out.end == "token_expired" {
@@ -635,8 +637,10 @@ impl Session<'_> {
                     code: CloseCode::Away,
                     reason: "session moved".into(),
                 };
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(200), l.ws.close(Some(frame))).await;
+                // Boxed: a rare wait whose state would otherwise size every
+                // session's task (each client message's path inlines this).
+                let bye = tokio::time::timeout(Duration::from_millis(200), l.ws.close(Some(frame)));
+                let _ = Box::pin(bye).await;
             }
         }
         self.lost.get_or_insert(Lost {
@@ -751,15 +755,40 @@ fn classify(m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -
     }
 }
 
-/// Reads what the client sent into `buf` (the reader's buffer), making room
-/// only once the socket is readable: an idle plain-TCP session holds no buffer.
+thread_local! {
+    /// Where a session whose buffer is released reads first (see `read_into`).
+    static SCRATCH: std::cell::RefCell<Box<[u8; READ]>> = std::cell::RefCell::new(Box::new([0; READ]));
+}
+
+/// Reads what the client sent into `buf` (the reader's buffer). An idle
+/// session holds no buffer: a plain socket is read only once readable, and
+/// a session whose buffer was released (every TLS session at rest: TLS
+/// cannot tell readiness without reading) reads into this thread's scratch
+/// buffer and copies what came, so waiting costs nothing.
 async fn read_into<C: AsyncRead + ReadReady + Unpin>(
     c: &mut C,
     buf: &mut Vec<u8>,
 ) -> io::Result<usize> {
     std::future::poll_fn(|cx| c.poll_read_ready(cx)).await?;
-    buf.reserve(READ);
-    c.read_buf(buf).await
+    if buf.capacity() > 0 {
+        buf.reserve(READ);
+        return c.read_buf(buf).await;
+    }
+    std::future::poll_fn(|cx| {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let mut rb = tokio::io::ReadBuf::new(&mut s[..]);
+            match Pin::new(&mut *c).poll_read(cx, &mut rb) {
+                std::task::Poll::Ready(Ok(())) => {
+                    buf.extend_from_slice(rb.filled());
+                    std::task::Poll::Ready(Ok(rb.filled().len()))
+                }
+                std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            }
+        })
+    })
+    .await
 }
 
 /// The backend leg's next event: one set aside by a batch first (never

@@ -233,29 +233,56 @@ fn redial(
     protocol: Option<HeaderValue>,
     settings: &crate::config::ServerSettings,
 ) -> crate::frames::Redial {
-    // Only what the request head needs: every live session holds this.
-    let route = crate::config::RouteConfig {
-        auth: None,
-        origins: None,
-        fanout: None,
-        frames: None,
-        ..route.clone()
+    // Every live session holds this: the head is rendered once, but for the
+    // parts that depend on the backend (its base path and, without
+    // `preserve_host`, its authority) and the key. Rendering also copies the
+    // header values, which are slices of the client connection's whole
+    // read buffer (8 KiB) a clone would keep alive.
+    let path = if route.strip_prefix {
+        crate::router::strip(&route.path, uri.path())
+    } else {
+        uri.path()
     };
-    let mut headers = headers.clone();
-    headers.insert(
-        header::SEC_WEBSOCKET_VERSION,
-        HeaderValue::from_static("13"),
-    );
-    let uri = uri.clone();
-    let client_host = client_host.map(str::to_string);
+    let rest: Box<str> = match uri.query() {
+        Some(q) => format!("{path}?{q}").into(),
+        None => path.into(),
+    };
+    let host: Option<Box<str>> = client_host
+        .filter(|h| route.preserve_host && HeaderValue::from_str(h).is_ok())
+        .map(Into::into);
+    let mut block = Vec::with_capacity(headers.len() * 48 + 32);
+    for (name, value) in headers {
+        if name == header::HOST
+            || name == header::SEC_WEBSOCKET_KEY
+            || name == header::SEC_WEBSOCKET_VERSION
+        {
+            continue;
+        }
+        block.extend_from_slice(name.as_str().as_bytes());
+        block.extend_from_slice(b": ");
+        block.extend_from_slice(value.as_bytes());
+        block.extend_from_slice(b"\r\n");
+    }
+    block.extend_from_slice(b"sec-websocket-version: 13\r\n");
+    let block: Box<[u8]> = block.into();
+    let protocol = protocol.and_then(|p| HeaderValue::from_bytes(p.as_bytes()).ok());
     crate::frames::Redial {
         pool: pool.clone(),
         head: Box::new(move |backend, key| {
-            let mut h = headers.clone();
-            set_host(&mut h, &route, client_host.as_deref(), backend);
-            h.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_str(key).ok()?);
-            let pq = backend_path(&route, backend, &uri).ok()?;
-            Some(crate::backend::upgrade::request_head(&pq, &h))
+            let base = &backend.url.base_path;
+            let pq = http::uri::PathAndQuery::try_from(format!("{base}{rest}")).ok()?;
+            let host = host.as_deref().unwrap_or(backend.authority.as_str());
+            let mut out = Vec::with_capacity(block.len() + pq.as_str().len() + host.len() + 96);
+            out.extend_from_slice(b"GET ");
+            out.extend_from_slice(pq.as_str().as_bytes());
+            out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+            out.extend_from_slice(host.as_bytes());
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&block);
+            out.extend_from_slice(b"sec-websocket-key: ");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\r\n\r\n");
+            Some(out)
         }),
         hash_key: key,
         protocol,
