@@ -33,6 +33,7 @@ pub struct ResumeArgs {
 }
 
 const PORT: u16 = 18120;
+const ADMIN: u16 = 18121;
 const BACKENDS: [u16; 2] = [19011, 19012];
 
 /// The floor: `n` clients reconnecting straight to the surviving backend
@@ -106,7 +107,7 @@ pub async fn resume_suite(a: ResumeArgs) -> Result<(), String> {
     let started = now_utc();
     let mut rows = Vec::new();
     for round in 0..a.rounds {
-        let (r, floor, exit) = one_round(&a, &bin_dir, &work).await?;
+        let (r, floor, exit, gap) = one_round(&a, &bin_dir, &work).await?;
         let moved: Vec<f64> = r
             .iter()
             .filter(|p| p.moved)
@@ -121,6 +122,7 @@ pub async fn resume_suite(a: ResumeArgs) -> Result<(), String> {
             .collect();
         let ended = r.iter().filter(|p| p.took.is_none()).count();
         let row = Row {
+            gap,
             exit_ms: exit.as_secs_f64() * 1e3,
             floor: pct(&floor),
             n_floor: floor.len(),
@@ -131,7 +133,7 @@ pub async fn resume_suite(a: ResumeArgs) -> Result<(), String> {
             ended,
         };
         eprintln!(
-            "round {}: {} moved: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} stayed: p99 {:.1} ms; {} ended; floor ({} reconnecting straight to the backend): p50 {:.1} ms, p99 {:.1} ms; the killed backend was reaped {:.1} ms after the kill",
+            "round {}: {} moved: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} stayed: p99 {:.1} ms; {} ended; floor ({} reconnecting straight to the backend): p50 {:.1} ms, p99 {:.1} ms; the killed backend was reaped {:.1} ms after the kill; upgate's resume gaps: {} of {} within 100 ms, {} within 250 ms",
             round + 1,
             row.n_moved,
             row.moved.0,
@@ -144,11 +146,14 @@ pub async fn resume_suite(a: ResumeArgs) -> Result<(), String> {
             row.floor.0,
             row.floor.1,
             row.exit_ms,
+            row.gap.within_100ms,
+            row.gap.count,
+            row.gap.within_250ms,
         );
         rows.push(row);
     }
     let mut report = format!(
-        "## Resume after a backend's death (`mode: frames`, `resume: true`), {started}\n\n{}. upgate with {} runtime thread(s){}, two echo backends (separate processes) and the load generator on core 1. {} sessions by round robin over both backends, each with its preamble sent (`replay_first: 1`); one backend is killed with SIGKILL; every client then sends a probe (again 20, 40, 80… ms after the kill until answered). Time from the kill to the first probe's echo, per session, in ms; *moved*: sessions of the killed backend (their preamble came back again, from the other one). *Floor*: afterwards, as many clients as were moved reconnect straight to the surviving backend (no proxy; at most {} connecting at once, as upgate paces its resumes) and send their preamble: from the start to each echo. That is the work a resume cannot avoid (a new backend connection, upgrade and preamble per session) done without upgate, on the same machine in the same round.\n\n| round | moved sessions | p50 | p99 | max | unaffected sessions, p99 | sessions ended | floor p50 | floor p99 | p99 ÷ floor p99 | killed backend reaped after |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "## Resume after a backend's death (`mode: frames`, `resume: true`), {started}\n\n{}. upgate with {} runtime thread(s){}, two echo backends (separate processes) and the load generator on core 1. {} sessions by round robin over both backends, each with its preamble sent (`replay_first: 1`); one backend is killed with SIGKILL; every client then sends a probe (again 20, 40, 80… ms after the kill until answered). Time from the kill to the first probe's echo, per session, in ms; *moved*: sessions of the killed backend (their preamble came back again, from the other one). *upgate's gap*: its own `upgate_frames_resume_gap_seconds` histogram (from noticing the backend leg was lost to the new leg taking the session). *Floor*: afterwards, as many clients as were moved reconnect straight to the surviving backend (no proxy; at most {} connecting at once, as upgate paces its resumes) and send their preamble: from the start to each echo. That is the work a resume cannot avoid (a new backend connection, upgrade and preamble per session) done without upgate, on the same machine in the same round.\n\n| round | moved sessions | p50 | p99 | max | unaffected sessions, p99 | sessions ended | floor p50 | floor p99 | p99 ÷ floor p99 | killed backend reaped after | upgate's gap ≤ 100 ms / ≤ 250 ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         crate::machine_info(),
         a.threads,
         if a.threads == 1 { " pinned to core 0" } else { "" },
@@ -157,7 +162,7 @@ pub async fn resume_suite(a: ResumeArgs) -> Result<(), String> {
     );
     for (i, r) in rows.iter().enumerate() {
         report.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.2} | {:.1} |\n",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.2} | {:.1} | {} / {} of {} |\n",
             i + 1,
             r.n_moved,
             r.moved.0,
@@ -168,11 +173,14 @@ pub async fn resume_suite(a: ResumeArgs) -> Result<(), String> {
             r.floor.0,
             r.floor.1,
             r.moved.1 / r.floor.1,
-            r.exit_ms
+            r.exit_ms,
+            r.gap.within_100ms,
+            r.gap.within_250ms,
+            r.gap.count
         ));
     }
     report.push_str(&format!(
-        "| median | | {:.1} | {:.1} | {:.1} | {:.1} | | {:.1} | {:.1} | {:.2} | {:.1} |\n",
+        "| median | | {:.1} | {:.1} | {:.1} | {:.1} | | {:.1} | {:.1} | {:.2} | {:.1} | |\n",
         median(rows.iter().map(|r| r.moved.0).collect()),
         median(rows.iter().map(|r| r.moved.1).collect()),
         median(rows.iter().map(|r| r.moved.2).collect()),
@@ -188,6 +196,8 @@ pub async fn resume_suite(a: ResumeArgs) -> Result<(), String> {
 }
 
 struct Row {
+    /// upgate's own view: resume gaps within 100 and 250 ms.
+    gap: Gaps,
     /// From the SIGKILL until the killed process was reaped.
     exit_ms: f64,
     /// The reconnect storm straight to the backend: p50, p99, max.
@@ -215,7 +225,7 @@ async fn one_round(
     a: &ResumeArgs,
     bin_dir: &std::path::Path,
     work: &std::path::Path,
-) -> Result<(Vec<Probe>, Vec<f64>, Duration), String> {
+) -> Result<(Vec<Probe>, Vec<f64>, Duration, Gaps), String> {
     let mut backends = Vec::new();
     for port in BACKENDS {
         let listen = format!("127.0.0.1:{port}");
@@ -237,7 +247,7 @@ async fn one_round(
         backends.push(p);
     }
     let yaml = format!(
-        "server: {{ max_connections: 100000, shutdown_grace: 1s }}\nlisten:\n  - addr: 127.0.0.1:{PORT}\npools:\n  echo: {{ backends: [ws://127.0.0.1:{}, ws://127.0.0.1:{}] }}\nroutes:\n  - {{ name: echo, pool: echo, mode: frames, resume: true, replay_first: 1 }}\n",
+        "server: {{ max_connections: 100000, shutdown_grace: 1s }}\nadmin: {{ addr: 127.0.0.1:{ADMIN} }}\nlisten:\n  - addr: 127.0.0.1:{PORT}\npools:\n  echo: {{ backends: [ws://127.0.0.1:{}, ws://127.0.0.1:{}] }}\nroutes:\n  - {{ name: echo, pool: echo, mode: frames, resume: true, replay_first: 1 }}\n",
         BACKENDS[0], BACKENDS[1]
     );
     let cfg = work.join("resume.yaml");
@@ -302,10 +312,11 @@ async fn one_round(
         }
     }
     let exit = exit.await.unwrap_or_default();
+    let gap = resume_gaps().await;
     let floor = reconnect_storm(backends[1].plain, a.sessions / 2).await;
     drop(proxy);
     drop(backends);
-    Ok((out, floor, exit))
+    Ok((out, floor, exit, gap))
 }
 
 /// One client: opens, sends its preamble, waits for its echo, reports
@@ -425,5 +436,39 @@ async fn next_text(
             Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
             Ok(_) => return None,
         }
+    }
+}
+
+/// Counts from upgate's `upgate_frames_resume_gap_seconds` histogram.
+#[derive(Debug, Default, Clone, Copy)]
+struct Gaps {
+    count: u64,
+    within_100ms: u64,
+    within_250ms: u64,
+}
+
+/// Reads the resume-gap histogram from upgate's admin listener.
+async fn resume_gaps() -> Gaps {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut body = String::new();
+    if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", ADMIN)).await {
+        let req = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+        if s.write_all(req.as_bytes()).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await;
+        }
+    }
+    let value = |prefix: &str, le: Option<&str>| -> u64 {
+        body.lines()
+            .find(|l| {
+                l.starts_with(prefix) && le.is_none_or(|le| l.contains(&format!("le=\"{le}\"")))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    Gaps {
+        count: value("upgate_frames_resume_gap_seconds_count", None),
+        within_100ms: value("upgate_frames_resume_gap_seconds_bucket", Some("0.1")),
+        within_250ms: value("upgate_frames_resume_gap_seconds_bucket", Some("0.25")),
     }
 }

@@ -23,12 +23,16 @@ mod session;
 
 pub use session::spawn;
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
@@ -37,7 +41,76 @@ use crate::backend::upstream::BackendIo;
 use crate::backend::BackendError;
 
 /// The backend leg of a frames session.
-pub type BackendWs = WebSocketStream<BackendIo>;
+pub type BackendWs = WebSocketStream<Gulp<BackendIo>>;
+
+/// The backend socket as the backend leg's WebSocket reads it. tungstenite
+/// reads at most its read buffer (512 B here, kept small: every idle
+/// session holds one) per call; this reads the socket in `BUF_SIZE` gulps
+/// into a buffer borrowed from the splice's per-thread pool and hands it
+/// out, giving the buffer back once drained (or when the socket has
+/// nothing). So a 64 KiB message costs two or three reads, not 64, and a
+/// quiet session holds no gulp buffer. Writes pass through.
+pub struct Gulp<S> {
+    io: S,
+    /// A gulp not yet handed out: the buffer and the unread range.
+    held: Option<(crate::session::splice::Buf, usize, usize)>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Gulp<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.held.is_none() {
+            let mut buf = crate::session::splice::Buf::take();
+            let mut rb = ReadBuf::new(buf.bytes());
+            // Pending or an error: the buffer goes back to the pool here.
+            ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
+            if n == 0 {
+                return Poll::Ready(Ok(())); // EOF
+            }
+            this.held = Some((buf, 0, n));
+        }
+        if let Some((buf, pos, len)) = &mut this.held {
+            let k = (*len - *pos).min(out.remaining());
+            out.put_slice(&buf.bytes()[*pos..*pos + k]);
+            *pos += k;
+            if *pos == *len {
+                this.held = None;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Gulp<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, b)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, b)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// Builds the upgrade request head for a backend with a given key.
 pub type HeadFor = Box<dyn Fn(&Backend, &str) -> Option<Vec<u8>> + Send + Sync>;
@@ -59,11 +132,11 @@ pub struct Redial {
 }
 
 /// The backend leg's WebSocket settings: a small read buffer (most sessions
-/// are idle); writes collect up to 64 KiB until the session flushes a whole
+/// are idle, and the socket is read in large gulps by [`Gulp`]); writes collect up to 64 KiB until the session flushes a whole
 /// batch of client messages at once; messages up to 64 MiB.
 pub fn backend_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(512)
         .write_buffer_size(64 << 10)
         .max_message_size(Some(64 << 20))
         .max_frame_size(Some(64 << 20))
@@ -72,6 +145,7 @@ pub fn backend_config() -> WebSocketConfig {
 /// Wraps a backend socket that answered 101 (`rest`: bytes it sent right
 /// behind its head) as the backend leg.
 pub async fn backend_leg(io: BackendIo, rest: Bytes) -> BackendWs {
+    let io = Gulp { io, held: None };
     WebSocketStream::from_partially_read(io, rest.to_vec(), Role::Client, Some(backend_config()))
         .await
 }

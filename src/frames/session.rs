@@ -372,8 +372,7 @@ impl Session<'_> {
                                 code::SERVICE_RESTART,
                                 format!("sending to the backend: {e}"),
                                 ResumeCause::Gone,
-                            )
-                            .await;
+                            );
                             redial_at = Some(Instant::now());
                         }
                     }
@@ -448,7 +447,7 @@ impl Session<'_> {
                             return self.finish(Some(code::GOING_AWAY), "client moved by rebalancing", "rebalanced", Some(code::SERVICE_RESTART)).await;
                         }
                         FromBackend::Shed => {
-                            self.lose(code::SERVICE_RESTART, "moved by rebalancing".into(), ResumeCause::Rebalance).await;
+                            self.lose(code::SERVICE_RESTART, "moved by rebalancing".into(), ResumeCause::Rebalance);
                             redial_at = Some(Instant::now());
                         }
                         FromBackend::Close(code, reason) if !(cfg.resume && moves(code)) => {
@@ -463,15 +462,15 @@ impl Session<'_> {
                             return Out { end: "backend_close", code: Some(code) };
                         }
                         FromBackend::Close(code, reason) => {
-                            self.lose(code, format!("backend closed with {code} {reason}"), ResumeCause::Close).await;
+                            self.lose(code, format!("backend closed with {code} {reason}"), ResumeCause::Close);
                             redial_at = Some(Instant::now());
                         }
                         FromBackend::Gone(why) if cfg.resume => {
-                            self.lose(code::SERVICE_RESTART, why, ResumeCause::Gone).await;
+                            self.lose(code::SERVICE_RESTART, why, ResumeCause::Gone);
                             redial_at = Some(Instant::now());
                         }
                         FromBackend::Down(why) if cfg.resume => {
-                            self.lose(code::SERVICE_RESTART, why, ResumeCause::Down).await;
+                            self.lose(code::SERVICE_RESTART, why, ResumeCause::Down);
                             redial_at = Some(Instant::now());
                         }
                         FromBackend::Gone(why) | FromBackend::Down(why) => {
@@ -487,8 +486,9 @@ impl Session<'_> {
                             redial_at = None;
                             retry = Duration::ZERO;
                             backend_heard = Instant::now();
-                            if let Err(e) = self.resumed(Upstream::new(ws, guard, true, true)).await {
-                                self.lose(code::SERVICE_RESTART, e, ResumeCause::Gone).await;
+                            // Boxed: a rare wait (once per resume) whose state would size every session's task.
+                            if let Err(e) = Box::pin(self.resumed(Upstream::new(ws, guard, true, true))).await {
+                                self.lose(code::SERVICE_RESTART, e, ResumeCause::Gone);
                                 redial_at = Some(Instant::now() + Duration::from_millis(50));
                                 continue;
                             }
@@ -519,14 +519,14 @@ impl Session<'_> {
                     if let Some(l) = &mut self.leg {
                         if now.duration_since(backend_heard) > cfg.ping_interval + cfg.pong_timeout {
                             if cfg.resume {
-                                self.lose(code::SERVICE_RESTART, "backend silent: no answer to pings".into(), ResumeCause::Gone).await;
+                                self.lose(code::SERVICE_RESTART, "backend silent: no answer to pings".into(), ResumeCause::Gone);
                                 redial_at = Some(now);
                             } else {
                                 let _ = close_client(&mut c, &frame::close(code::INTERNAL, "backend silent: no answer to pings")).await;
                                 return Out { end: "backend_lost", code: Some(code::INTERNAL) };
                             }
                         } else if l.ws.send(Message::Ping(Default::default())).await.is_err() && cfg.resume {
-                            self.lose(code::SERVICE_RESTART, "backend gone".into(), ResumeCause::Gone).await;
+                            self.lose(code::SERVICE_RESTART, "backend gone".into(), ResumeCause::Gone);
                             redial_at = Some(now);
                         }
                     }
@@ -610,8 +610,7 @@ impl Session<'_> {
                 code::SERVICE_RESTART,
                 format!("sending to the backend: {e}"),
                 ResumeCause::Gone,
-            )
-            .await;
+            );
         }
         if !self.cfg.resume {
             return None;
@@ -626,21 +625,26 @@ impl Session<'_> {
     }
 
     /// The backend leg is gone: keep the session, remember why.
-    async fn lose(&mut self, code: u16, reason: String, cause: ResumeCause) {
+    ///
+    /// Not async: a wait here would size every session's task (each client
+    /// message's path can lose the leg), so a goodbye to a backend that is
+    /// still there runs on its own short task.
+    fn lose(&mut self, code: u16, reason: String, cause: ResumeCause) {
         let mut from = None;
         if let Some(mut l) = self.leg.take() {
             info!(backend = %l.guard.backend().url, cause = cause.label(), reason, "backend leg lost; resuming");
             from = Some(l.guard.backend().clone());
             if cause != ResumeCause::Gone {
-                // Still there (it asked to go, or is being left): say goodbye.
+                // Still there (it asked to go, or is being left): say goodbye,
+                // for at most 200 ms; the leg (and its backend's count) goes then.
                 let frame = CloseFrame {
                     code: CloseCode::Away,
                     reason: "session moved".into(),
                 };
-                // Boxed: a rare wait whose state would otherwise size every
-                // session's task (each client message's path inlines this).
-                let bye = tokio::time::timeout(Duration::from_millis(200), l.ws.close(Some(frame)));
-                let _ = Box::pin(bye).await;
+                tokio::spawn(async move {
+                    let bye = l.ws.close(Some(frame));
+                    let _ = tokio::time::timeout(Duration::from_millis(200), bye).await;
+                });
             }
         }
         self.lost.get_or_insert(Lost {

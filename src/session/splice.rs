@@ -64,16 +64,17 @@ thread_local! {
 }
 
 /// A pooled buffer, returned to this thread's pool on drop.
-struct Buf(Option<Box<[u8]>>);
+pub(crate) struct Buf(Option<Box<[u8]>>);
 
 impl Buf {
-    fn take() -> Buf {
+    /// A `BUF_SIZE` buffer from this thread's pool (a new one if it is empty).
+    pub(crate) fn take() -> Buf {
         let b = POOL.with(|p| p.borrow_mut().pop());
         Buf(Some(
             b.unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice()),
         ))
     }
-    fn bytes(&mut self) -> &mut [u8] {
+    pub(crate) fn bytes(&mut self) -> &mut [u8] {
         self.0.as_deref_mut().unwrap_or_default()
     }
 }

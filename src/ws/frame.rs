@@ -290,18 +290,32 @@ impl Utf8Check {
 }
 
 /// Removes the client's mask in place from `payload`, which starts `offset`
-/// bytes into its frame's payload.
+/// bytes into its frame's payload. Eight bytes at a time (the mask turned
+/// to start at `offset` and repeated into a word): a byte loop costs a
+/// cycle per byte, which is most of what a 64 KiB message costs to relay.
 pub fn unmask_from(payload: &mut [u8], mask: [u8; 4], offset: usize) {
-    for (i, b) in payload.iter_mut().enumerate() {
-        *b ^= mask[(offset + i) & 3];
+    let m = [
+        mask[offset & 3],
+        mask[(offset + 1) & 3],
+        mask[(offset + 2) & 3],
+        mask[(offset + 3) & 3],
+    ];
+    let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    let mut chunks = payload.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        c.copy_from_slice(&(u64::from_ne_bytes(w) ^ word).to_ne_bytes());
+    }
+    // The tail starts at a multiple of 8 from `offset`: the same turn of the mask.
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= m[i & 3];
     }
 }
 
 /// Removes the client's mask in place.
 pub fn unmask(payload: &mut [u8], mask: [u8; 4]) {
-    for (i, b) in payload.iter_mut().enumerate() {
-        *b ^= mask[i & 3];
-    }
+    unmask_from(payload, mask, 0);
 }
 
 #[cfg(test)]
@@ -437,6 +451,33 @@ mod tests {
             assert_eq!(c.feed(&[*b]), Ok(()));
         }
         assert_eq!(c.finish(), Ok(()));
+    }
+
+    /// The word-at-a-time unmask equals the plain byte loop for every
+    /// offset, length and split.
+    #[test]
+    fn unmasking_matches_the_byte_loop() {
+        let mut r = rng(3);
+        for _ in 0..2_000 {
+            let n = (r() % 300) as usize;
+            let offset = (r() % 4096) as usize;
+            let mask = (r() as u32).to_be_bytes();
+            let data: Vec<u8> = (0..n).map(|_| r() as u8).collect();
+            let mut want = data.clone();
+            for (i, b) in want.iter_mut().enumerate() {
+                *b ^= mask[(offset + i) & 3];
+            }
+            let mut got = data.clone();
+            unmask_from(&mut got, mask, offset);
+            assert_eq!(got, want, "n {n}, offset {offset}");
+            // In two pieces.
+            let cut = if n == 0 { 0 } else { (r() as usize) % n };
+            let mut split = data.clone();
+            let (a, b) = split.split_at_mut(cut);
+            unmask_from(a, mask, offset);
+            unmask_from(b, mask, offset + cut);
+            assert_eq!(split, want, "n {n}, offset {offset}, cut {cut}");
+        }
     }
 
     #[test]
