@@ -89,24 +89,7 @@ pub async fn auth_suite(a: AuthArgs) -> Result<(), String> {
         auth("ec.pem"),
         auth("rsa.pem"),
     );
-    let cfg = work.join("auth.yaml");
-    std::fs::write(&cfg, yaml).map_err(|e| e.to_string())?;
-    let cfg_s = cfg.display().to_string();
-    let child = targets::spawn(
-        PORT,
-        "0",
-        &bin_dir.join("upgate"),
-        &["--config", &cfg_s, "--threads", "1"],
-        &[("RUST_LOG", "warn")],
-        &work.join("upgate.log"),
-    )?;
-    let proxy = targets::Proc {
-        name: "upgate".into(),
-        plain: std::net::SocketAddr::from(([127, 0, 0, 1], PORT)),
-        tls: None,
-        child: Some(child),
-    };
-    targets::wait_port(proxy.plain, "upgate")?;
+    let proxy = targets::upgate_with(&bin_dir, &work, "auth", &yaml, PORT, "0", 1)?;
 
     let dur = Duration::from_secs_f64(a.duration);
     // Per route: handshakes/s and CPU µs per handshake, one entry per round.

@@ -250,25 +250,8 @@ async fn one_round(
         "server: {{ max_connections: 100000, shutdown_grace: 1s }}\nadmin: {{ addr: 127.0.0.1:{ADMIN} }}\nlisten:\n  - addr: 127.0.0.1:{PORT}\npools:\n  echo: {{ backends: [ws://127.0.0.1:{}, ws://127.0.0.1:{}] }}\nroutes:\n  - {{ name: echo, pool: echo, mode: frames, resume: true, replay_first: 1 }}\n",
         BACKENDS[0], BACKENDS[1]
     );
-    let cfg = work.join("resume.yaml");
-    std::fs::write(&cfg, yaml).map_err(|e| e.to_string())?;
-    let cfg_s = cfg.display().to_string();
-    let threads = a.threads.to_string();
-    let child = targets::spawn(
-        PORT,
-        if a.threads == 1 { "0" } else { "0,1" },
-        &bin_dir.join("upgate"),
-        &["--config", &cfg_s, "--threads", &threads],
-        &[("RUST_LOG", "warn")],
-        &work.join("upgate.log"),
-    )?;
-    let proxy = targets::Proc {
-        name: "upgate".into(),
-        plain: std::net::SocketAddr::from(([127, 0, 0, 1], PORT)),
-        tls: None,
-        child: Some(child),
-    };
-    targets::wait_port(proxy.plain, "upgate")?;
+    let cores = if a.threads == 1 { "0" } else { "0,1" };
+    let proxy = targets::upgate_with(bin_dir, work, "resume", &yaml, PORT, cores, a.threads)?;
     let t = Target {
         addr: proxy.plain,
         host: "localhost".into(),

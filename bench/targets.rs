@@ -408,7 +408,22 @@ pub fn upgate_fanout(
     let yaml = format!(
         "server: {{ max_connections: 400000, shutdown_grace: 1s }}\nlisten:\n  - addr: 127.0.0.1:{port}\npools:\n  feed: {{ backends: ['ws://127.0.0.1:{FEED_PORT}'] }}\nroutes:\n  - {{ name: feed, path: /feed, pool: feed, mode: fanout, strip_prefix: true }}\n"
     );
-    let cfg = work.join("upgate-fanout.yaml");
+    upgate_with(bin_dir, work, "upgate-fanout", &yaml, port, cores, threads)
+}
+
+/// An upgate from `bin_dir` running `yaml` (written to `work/NAME.yaml`,
+/// logging to `work/NAME.log`), pinned to `cores` with `threads` runtime
+/// threads, once it listens on `port`.
+pub fn upgate_with(
+    bin_dir: &Path,
+    work: &Path,
+    name: &str,
+    yaml: &str,
+    port: u16,
+    cores: &str,
+    threads: usize,
+) -> Result<Proc, String> {
+    let cfg = work.join(format!("{name}.yaml"));
     std::fs::write(&cfg, yaml).map_err(|e| e.to_string())?;
     let cfg_s = cfg.display().to_string();
     let child = spawn(
@@ -417,7 +432,7 @@ pub fn upgate_fanout(
         &bin_dir.join("upgate"),
         &["--config", &cfg_s, "--threads", &threads.to_string()],
         &[("RUST_LOG", "warn")],
-        &work.join("upgate-fanout.log"),
+        &work.join(format!("{name}.log")),
     )?;
     wait_port(addr(port), "upgate")?;
     Ok(Proc {
