@@ -1,5 +1,5 @@
 //! Finds the outside tools some integration tests drive (a headless
-//! browser, `systemd-analyze`, `cargo deb`) so that a test whose tool is
+//! browser, `systemd-analyze`, `cargo deb`, `haproxy` and `ip` for the fleet) so that a test whose tool is
 //! missing is compiled as `#[ignore]`d with the reason: `cargo test` then
 //! prints `ignored, needs chromium …` and counts it in its summary line,
 //! instead of a silent `ok`. With `UPGATE_REQUIRE_<TOOL>` set (as `.ci/run`
@@ -20,6 +20,8 @@ const TOOLS: &[(&str, &[&str], &str)] = &[
         "UPGATE_REQUIRE_SYSTEMD",
     ),
     ("no_cargo_deb", &["cargo-deb"], "UPGATE_REQUIRE_DEB"),
+    ("no_haproxy", &["haproxy"], "UPGATE_REQUIRE_FLEET"),
+    ("no_iproute", &["ip"], "UPGATE_REQUIRE_FLEET"),
 ];
 
 fn main() {
