@@ -111,15 +111,16 @@ async fn subscriber(addr: SocketAddr, path: Arc<str>, sh: Arc<Shared>, stop: Arc
 /// or the source itself for direct); `source` is the feed process.
 /// The processes a run watches.
 pub struct Watch {
-    /// Serves the clients: upgate, or the source itself for direct.
-    pub server: Option<u32>,
+    /// Serve the clients: upgate (a core and its edges for tiers), or the
+    /// source itself for direct; their CPU and RSS are summed.
+    pub server: Vec<u32>,
     /// The feed.
     pub source: Option<u32>,
     pub source_port: u16,
 }
 
 pub async fn run(
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     path: &str,
     n: usize,
     (warm, dur): (Duration, Duration),
@@ -139,12 +140,17 @@ pub async fn run(
     });
     let stop = Arc::new(AtomicBool::new(false));
     let path: Arc<str> = path.into();
-    let rss_before = server.and_then(proc_stat::rss_kib);
+    let sum_rss =
+        |pids: &[u32]| -> Option<u64> { pids.iter().map(|p| proc_stat::rss_kib(*p)).sum() };
+    let sum_cpu =
+        |pids: &[u32]| -> Option<f64> { pids.iter().map(|p| proc_stat::cpu_secs(*p)).sum() };
+    let rss_before = sum_rss(&server);
     let mut tasks = tokio::task::JoinSet::new();
     // Connect in waves so the accept backlog never overflows.
     for chunk in 0..n.div_ceil(500) {
         let k = 500.min(n - chunk * 500);
-        for _ in 0..k {
+        for i in 0..k {
+            let addr = addrs[(chunk * 500 + i) % addrs.len()];
             tasks.spawn(subscriber(addr, path.clone(), sh.clone(), stop.clone()));
         }
         let target = (chunk * 500 + k).saturating_sub(50);
@@ -162,22 +168,16 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(warm).await;
-    let rss_after = server.and_then(proc_stat::rss_kib);
+    let rss_after = sum_rss(&server);
     let me = std::process::id();
-    let cpu0 = (
-        server.and_then(proc_stat::cpu_secs),
-        source.and_then(proc_stat::cpu_secs),
-    );
+    let cpu0 = (sum_cpu(&server), source.and_then(proc_stat::cpu_secs));
     let me0 = proc_stat::cpu_secs(me);
     sh.recording.store(true, Ordering::Relaxed);
     let t = Instant::now();
     tokio::time::sleep(dur).await;
     sh.recording.store(false, Ordering::Relaxed);
     let secs = t.elapsed().as_secs_f64();
-    let cpu1 = (
-        server.and_then(proc_stat::cpu_secs),
-        source.and_then(proc_stat::cpu_secs),
-    );
+    let cpu1 = (sum_cpu(&server), source.and_then(proc_stat::cpu_secs));
     let me1 = proc_stat::cpu_secs(me);
     let deliveries = sh.deliveries.load(Ordering::Relaxed);
     let source_conns = established_on(source_port);
@@ -202,7 +202,7 @@ pub async fn run(
         // The tree includes the processes this one started.
         loadgen_cpu: me1.zip(me0).map(|(b, a)| {
             let children = cpu1.0.zip(cpu0.0).map_or(0.0, |(b, a)| b - a)
-                + if server == source {
+                + if source.is_some_and(|s| server.contains(&s)) {
                     0.0
                 } else {
                     cpu1.1.zip(cpu0.1).map_or(0.0, |(b, a)| b - a)

@@ -656,11 +656,11 @@ async fn fanout_suite(a: FanoutArgs) -> Result<(), String> {
                         let feed =
                             targets::feed(&bin_dir, &work, "0", (rate, a.size), t == "floor")?;
                         let w = fanout::Watch {
-                            server: feed.pid(),
+                            server: feed.pid().into_iter().collect(),
                             source: feed.pid(),
                             source_port: targets::FEED_PORT,
                         };
-                        fanout::run(feed.plain, "/", clients, (warm, dur), w).await
+                        fanout::run(&[feed.plain], "/", clients, (warm, dur), w).await
                     }
                     // One runtime thread on core 0 (as in the suite), or one per core.
                     "upgate" | "upgate-2t" | "upgate-base" => {
@@ -678,11 +678,27 @@ async fn fanout_suite(a: FanoutArgs) -> Result<(), String> {
                             }
                         };
                         let w = fanout::Watch {
-                            server: gw.pid(),
+                            server: gw.pid().into_iter().collect(),
                             source: feed.pid(),
                             source_port: targets::FEED_PORT,
                         };
-                        fanout::run(gw.plain, "/feed", clients, (warm, dur), w).await
+                        fanout::run(&[gw.plain], "/feed", clients, (warm, dur), w).await
+                    }
+                    // Three edge upgates over a core upgate over the source
+                    // (docs/deployment.md, "Tiered fan-out"); clients spread
+                    // over the edges. Core on core 1 with the source, edges on core 0.
+                    "upgate-tiers" => {
+                        let feed = targets::feed(&bin_dir, &work, "1", (rate, a.size), false)?;
+                        let (core, edges) = targets::upgate_tiers(&bin_dir, &work, 3)?;
+                        let mut server: Vec<u32> = core.pid().into_iter().collect();
+                        server.extend(edges.iter().filter_map(|e| e.pid()));
+                        let addrs: Vec<_> = edges.iter().map(|e| e.plain).collect();
+                        let w = fanout::Watch {
+                            server,
+                            source: feed.pid(),
+                            source_port: targets::FEED_PORT,
+                        };
+                        fanout::run(&addrs, "/feed", clients, (warm, dur), w).await
                     }
                     other => return Err(format!("unknown fan-out target {other}")),
                 };
@@ -724,7 +740,7 @@ fn render_fanout(
     let _ = writeln!(
         o,
         "{}. {clients} clients subscribed to one feed of {} B messages. `floor`: every client connects to a source that writes each message to every socket from one plain loop, one write(2) per client per tick carrying all messages due, stamped with the time they were due (core 0): the least any server can spend on this many loopback sockets here. `direct`: every client connects to the source, which sends each its own copy (source on core 0). \
-         `upgate`: clients connect to a `mode: fanout` route; upgate (one runtime thread, core 0) holds one upstream connection (source on core 1). `upgate-2t`: the same with two runtime threads on both cores. Load generator on core 1. \
+         `upgate`: clients connect to a `mode: fanout` route; upgate (one runtime thread, core 0) holds one upstream connection (source on core 1). `upgate-2t`: the same with two runtime threads on both cores. `upgate-tiers`: clients spread over three edge upgates (core 0, one thread each) whose fan-out pool is a core upgate's fan-out route (core 1, one thread), which holds the one upstream connection; serving CPU and RSS are the four processes' sum. Load generator on core 1. \
          {} rounds × {} s after a 2 s warm-up; medians (min–max over rounds). Latency: send timestamp in the message → client read.\n",
         machine_info(),
         a.size,

@@ -411,6 +411,38 @@ pub fn upgate_fanout(
     upgate_with(bin_dir, work, "upgate-fanout", &yaml, port, cores, threads)
 }
 
+/// A core upgate (fan-out route `/feed` over the feed, core 1) and `edges`
+/// edge upgates (fan-out route `/feed` over the core, keeping the path;
+/// core 0), one runtime thread each: tiered fan-out.
+pub fn upgate_tiers(
+    bin_dir: &Path,
+    work: &Path,
+    edges: usize,
+) -> Result<(Proc, Vec<Proc>), String> {
+    let core_port = 18071;
+    let yaml = format!(
+        "server: {{ max_connections: 400000, shutdown_grace: 1s }}\nlisten:\n  - addr: 127.0.0.1:{core_port}\npools:\n  feed: {{ backends: ['ws://127.0.0.1:{FEED_PORT}'] }}\nroutes:\n  - {{ name: feed, path: /feed, pool: feed, mode: fanout, strip_prefix: true }}\n"
+    );
+    let core = upgate_with(bin_dir, work, "upgate-core", &yaml, core_port, "1", 1)?;
+    let mut out = Vec::new();
+    for i in 0..edges {
+        let port = core_port + 1 + i as u16;
+        let yaml = format!(
+            "server: {{ max_connections: 400000, shutdown_grace: 1s }}\nlisten:\n  - addr: 127.0.0.1:{port}\npools:\n  core: {{ backends: ['ws://127.0.0.1:{core_port}'] }}\nroutes:\n  - {{ name: feed, path: /feed, pool: core, mode: fanout }}\n"
+        );
+        out.push(upgate_with(
+            bin_dir,
+            work,
+            &format!("upgate-edge{i}"),
+            &yaml,
+            port,
+            "0",
+            1,
+        )?);
+    }
+    Ok((core, out))
+}
+
 /// An upgate from `bin_dir` running `yaml` (written to `work/NAME.yaml`,
 /// logging to `work/NAME.log`), pinned to `cores` with `threads` runtime
 /// threads, once it listens on `port`.

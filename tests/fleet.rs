@@ -491,7 +491,18 @@ fn losing_an_upgate_host_fails_no_new_session() {
     let on_victim = held_on.iter().filter(|u| **u == victim_ip).count();
     assert!(on_victim > 0, "no session on u1: {held_on:?}");
     fleet.kill("u1");
+    let killed = Instant::now();
     tx.send(()).expect("holder alive");
+    // HAProxy's checks on /readyz (every 200 ms, down after 2 misses) take
+    // the host out of rotation; until then `redispatch` retries elsewhere.
+    let mut marked_down = None;
+    while killed.elapsed() < Duration::from_secs(5) {
+        if fleet.log("hap").contains("upgates/u1 is DOWN") {
+            marked_down = Some(killed.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let (ok, failed, first_fail, last_fail, landed, ended, relanded) =
         holder.join().expect("holder");
     assert_eq!(
@@ -507,8 +518,12 @@ fn losing_an_upgate_host_fails_no_new_session() {
     assert!(relanded
         .iter()
         .all(|(was, now)| *was == victim_ip && *now != victim_ip));
+    let Some(marked_down) = marked_down else {
+        fleet.dump_logs();
+        panic!("HAProxy never marked u1 down");
+    };
     eprintln!(
-        "fleet: u1 killed under 30 sessions ({on_victim} on it): {ok} new sessions in the next 3 s, {failed} failed; its {ended} clients reconnected elsewhere"
+        "fleet: u1 killed under 30 sessions ({on_victim} on it): HAProxy marked it down after {marked_down:?}; {ok} new sessions in the next 3 s, {failed} failed; its {ended} clients reconnected elsewhere"
     );
 }
 
