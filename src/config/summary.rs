@@ -50,6 +50,9 @@ impl Config {
                     "frames".to_string()
                 });
             }
+            if r.rebalance_close {
+                notes.push("rebalance: close (1012)".to_string());
+            }
             if let Some(f) = &r.fanout {
                 let sources: Vec<&str> = f
                     .sources
@@ -106,10 +109,16 @@ impl Config {
                     s
                 })
                 .collect();
-            let hash = p
+            let mut hash = p
                 .hash_key
                 .as_ref()
                 .map_or(String::new(), |k| format!(" on {k}"));
+            if let Some(r) = &p.rebalance {
+                hash.push_str(&format!(
+                    ", rebalance {}/s within {}",
+                    r.max_moves_per_second, r.tolerance
+                ));
+            }
             w!(
                 out,
                 "pool {} ({}{hash}, connect_timeout {:?}): {}",
