@@ -24,6 +24,11 @@ const SUBNET: &str = "10.241.0";
 const HAPROXY: &str = "10.241.0.2";
 const CLIENT: &str = "10.241.0.100";
 
+/// The upgates' and backends' log filter: `FLEET_LOG`, or `info`.
+fn fleet_log() -> String {
+    std::env::var("FLEET_LOG").unwrap_or_else(|_| "info".into())
+}
+
 /// Runs `ip ARGS`; an error names the command.
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
@@ -125,6 +130,7 @@ impl Fleet {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns(name), program])
             .args(args)
+            .env("RUST_LOG", fleet_log())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -582,8 +588,13 @@ fn a_rolling_upgrade_of_every_upgate_host_fails_no_handshake() {
                 terms
             });
             let (mut ok, mut failed) = (0, Vec::new());
+            let began = Instant::now();
             while !stop.load(Ordering::Relaxed) {
-                match open(&format!("n{ok}")).await {
+                let at = began.elapsed();
+                match open(&format!("n{ok}"))
+                    .await
+                    .map_err(|e| format!("{e} (opened {at:?} into the upgrade)"))
+                {
                     Ok(mut ws) => {
                         if answers(&mut ws).await {
                             ok += 1;
@@ -610,6 +621,7 @@ fn a_rolling_upgrade_of_every_upgate_host_fails_no_handshake() {
             panic!("the sessions were not held")
         });
     let upgate = env!("CARGO_BIN_EXE_upgate");
+    let began = Instant::now();
     for u in ["u1", "u2", "u3"] {
         let old: Vec<u32> = fleet
             .procs
@@ -630,6 +642,7 @@ fn a_rolling_upgrade_of_every_upgate_host_fails_no_handshake() {
                 &cfg,
                 "run",
             ])
+            .env("RUST_LOG", fleet_log())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -650,15 +663,38 @@ fn a_rolling_upgrade_of_every_upgate_host_fails_no_handshake() {
                 .status();
         }
         let ip_of = format!("{SUBNET}.1{}", &u[1..]);
+        eprintln!("SIGTERM to the old {u} at {:?}", began.elapsed());
         term_tx
             .send(Some((ip_of, Instant::now())))
             .expect("client alive");
-        std::thread::sleep(Duration::from_millis(800));
+        // One host at a time, as operators roll: the old process must have
+        // exited (at most `shutdown_grace` later) before the next host.
+        // While both processes share the admin port, HAProxy's checks meet
+        // the old one's `503 draining` about half the time and may mark the
+        // host down; overlapping every host's drain could so mark them all
+        // down at once (seen: ~400 ms without a server).
+        let t0 = Instant::now();
+        loop {
+            let mut alive = false;
+            for (_, c) in fleet.procs.iter_mut().filter(|(n, _)| n == u) {
+                alive |= matches!(c.try_wait(), Ok(None));
+            }
+            if !alive {
+                break;
+            }
+            assert!(
+                t0.elapsed() < grace + Duration::from_secs(5),
+                "the old {u} did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        fleet.procs.retain(|(n, _)| n != u);
     }
-    // Past the last host's grace, so every held session has ended.
-    std::thread::sleep(grace + Duration::from_millis(700));
     term_tx.send(None).expect("client alive");
     let (ok, failed, terms, ended) = client.join().expect("client");
+    if !failed.is_empty() {
+        fleet.dump_logs();
+    }
     assert!(
         failed.is_empty(),
         "{} of {} new sessions failed during the rolling upgrade: {failed:?}",

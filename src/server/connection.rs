@@ -131,7 +131,7 @@ async fn watchdog(
 /// shutdown (or idleness) asks it to finish gracefully and keeps polling
 /// it, until the hard stop.
 macro_rules! drive {
-    ($cx:expr, $info:expr, $deadline:expr, $conn:expr) => {
+    ($cx:expr, $info:expr, $deadline:expr, $first:expr, $conn:expr) => {
         async {
             // Boxed: the connection's state is freed as soon as it ends (at an
             // upgrade), while the task itself may be referenced a little longer.
@@ -153,7 +153,34 @@ macro_rules! drive {
                         debug!("idle connection closed");
                     }
                 },
-                _ = $cx.stop.cancelled() => {}
+                _ = $cx.stop.cancelled() => {
+                    // HTTP/1.1: shut down only once idle. One with a request
+                    // in flight would have its 101 answered `Connection: close`
+                    // (the client refuses it), and one accepted just before
+                    // shutdown whose first request has not started would be
+                    // taken for idle and reset (its client, often a balancer,
+                    // already sent the request). Both are driven on: the first
+                    // until its request is done (an upgrade ends the connection
+                    // here and goes on as a session, drained like the others),
+                    // the second until its first-head deadline at most.
+                    if let Some(first) = $first {
+                        let idle = async {
+                            loop {
+                                let started = $info.requests.load(Ordering::Relaxed) > 0;
+                                let busy = $info.busy.load(Ordering::Relaxed) > 0;
+                                if !busy && (started || tokio::time::Instant::now() >= first) {
+                                    break;
+                                }
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                        };
+                        tokio::select! {
+                            r = conn.as_mut() => return r,
+                            _ = idle => {}
+                            _ = $cx.shared.life.hard_stop.cancelled() => return Ok(()),
+                        }
+                    }
+                }
             }
             conn.as_mut().graceful_shutdown();
             tokio::select! {
@@ -186,6 +213,7 @@ pub(super) async fn serve<I>(
             cx,
             info,
             Some(deadline),
+            None::<tokio::time::Instant>,
             cx.builders.h2.serve_connection(io, svc)
         )
     } else {
@@ -194,7 +222,13 @@ pub(super) async fn serve<I>(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let mut h1 = cx.builders.h1.clone();
         h1.header_read_timeout(left.max(Duration::from_millis(1)));
-        drive!(cx, info, None, h1.serve_connection(io, svc).with_upgrades())
+        drive!(
+            cx,
+            info,
+            None,
+            Some(deadline),
+            h1.serve_connection(io, svc).with_upgrades()
+        )
     };
     if let Err(e) = res {
         if e.is_timeout() && info.requests.load(Ordering::Relaxed) == 0 {
