@@ -83,7 +83,7 @@ impl Fleet {
             std::process::id() % 100_000,
             FLEETS.fetch_add(1, Ordering::Relaxed) % 10
         );
-        let mut f = Fleet {
+        let f = Fleet {
             tag,
             hosts: Vec::new(),
             procs: Vec::new(),
@@ -100,7 +100,6 @@ impl Fleet {
             }
             Err(e) => {
                 eprintln!("SKIPPED: network namespaces cannot be made here ({e}); the fleet tests need root and iproute2");
-                f.hosts.clear();
                 None
             }
         }
@@ -208,9 +207,26 @@ impl Fleet {
         Some(f)
     }
 
-    /// Runs `job` on a thread inside host `name`'s network namespace, with
-    /// its own runtime: every socket it opens lives in that namespace.
+    /// Runs `job` on a thread inside host `name`'s network namespace and
+    /// waits for it (a panic there reports every process's output).
     fn on<T, Fut>(&self, name: &str, job: impl FnOnce() -> Fut + Send + 'static) -> T
+    where
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        self.spawn_on(name, job).join().unwrap_or_else(|e| {
+            self.dump_logs();
+            std::panic::resume_unwind(e)
+        })
+    }
+
+    /// Starts `job` on a thread inside host `name`'s network namespace, with
+    /// its own runtime: every socket it opens lives in that namespace.
+    fn spawn_on<T, Fut>(
+        &self,
+        name: &str,
+        job: impl FnOnce() -> Fut + Send + 'static,
+    ) -> std::thread::JoinHandle<T>
     where
         Fut: std::future::Future<Output = T>,
         T: Send + 'static,
@@ -228,11 +244,6 @@ impl Fleet {
                 .build()
                 .expect("runtime")
                 .block_on(job())
-        })
-        .join()
-        .unwrap_or_else(|e| {
-            self.dump_logs();
-            std::panic::resume_unwind(e)
         })
     }
 
@@ -433,60 +444,49 @@ fn losing_an_upgate_host_fails_no_new_session() {
     // 30 held sessions over the three upgates.
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let path = format!("/var/run/netns/{}", fleet.ns("client"));
-    let holder = std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("namespace file");
-        // SAFETY: as in `Fleet::on`: only this new thread changes namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            until_ready().await;
-            let mut held = Vec::new();
-            for i in 0..30 {
-                let mut ws = open(&format!("h{i}")).await.expect("held session");
-                let (_, u, _) = who(&mut ws).await;
-                held.push((u, ws));
-            }
-            let _ = done_tx.send(held.iter().map(|(u, _)| u.clone()).collect::<Vec<_>>());
-            // Wait for the kill, then see who ended, and open as many again
-            // while counting failures of new sessions, for 3 s.
-            let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
-            let killed_at = Instant::now();
-            let (mut ok, mut failed, mut first_fail, mut last_fail) = (0, 0, None, None);
-            let mut landed = Vec::new();
-            while killed_at.elapsed() < Duration::from_secs(3) {
-                match open(&format!("n{ok}")).await {
-                    Ok(mut ws) => {
-                        let (_, u, _) = who(&mut ws).await;
-                        landed.push(u);
-                        ok += 1;
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        first_fail.get_or_insert(killed_at.elapsed());
-                        last_fail = Some((killed_at.elapsed(), e));
-                    }
+    let holder = fleet.spawn_on("client", move || async move {
+        until_ready().await;
+        let mut held = Vec::new();
+        for i in 0..30 {
+            let mut ws = open(&format!("h{i}")).await.expect("held session");
+            let (_, u, _) = who(&mut ws).await;
+            held.push((u, ws));
+        }
+        let _ = done_tx.send(held.iter().map(|(u, _)| u.clone()).collect::<Vec<_>>());
+        // Wait for the kill, then see who ended, and open as many again
+        // while counting failures of new sessions, for 3 s.
+        let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
+        let killed_at = Instant::now();
+        let (mut ok, mut failed, mut first_fail, mut last_fail) = (0, 0, None, None);
+        let mut landed = Vec::new();
+        while killed_at.elapsed() < Duration::from_secs(3) {
+            match open(&format!("n{ok}")).await {
+                Ok(mut ws) => {
+                    let (_, u, _) = who(&mut ws).await;
+                    landed.push(u);
+                    ok += 1;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            // The lost host's clients: their sessions ended; they reconnect.
-            let mut ended = 0;
-            let mut relanded = Vec::new();
-            for (u, ws) in held.iter_mut() {
-                let alive = answers(ws).await;
-                if !alive {
-                    ended += 1;
-                    let mut again = open("back").await.expect("reconnect");
-                    let (_, now, _) = who(&mut again).await;
-                    relanded.push((u.clone(), now));
+                Err(e) => {
+                    failed += 1;
+                    first_fail.get_or_insert(killed_at.elapsed());
+                    last_fail = Some((killed_at.elapsed(), e));
                 }
             }
-            (ok, failed, first_fail, last_fail, landed, ended, relanded)
-        })
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The lost host's clients: their sessions ended; they reconnect.
+        let mut ended = 0;
+        let mut relanded = Vec::new();
+        for (u, ws) in held.iter_mut() {
+            let alive = answers(ws).await;
+            if !alive {
+                ended += 1;
+                let mut again = open("back").await.expect("reconnect");
+                let (_, now, _) = who(&mut again).await;
+                relanded.push((u.clone(), now));
+            }
+        }
+        (ok, failed, first_fail, last_fail, landed, ended, relanded)
     });
     let Ok(held_on) = done_rx.recv_timeout(Duration::from_secs(60)) else {
         fleet.dump_logs();
@@ -550,69 +550,58 @@ fn a_rolling_upgrade_of_every_upgate_host_fails_no_handshake() {
     let grace = Duration::from_secs(3);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Vec<String>>();
     let (term_tx, term_rx) = std::sync::mpsc::channel::<Option<(String, Instant)>>();
-    let path = format!("/var/run/netns/{}", fleet.ns("client"));
-    let client = std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("namespace file");
-        // SAFETY: as in `Fleet::on`: only this new thread changes namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            use futures_util::StreamExt;
-            until_ready().await;
-            // 15 held sessions; each records when it ended.
-            let mut ends = Vec::new();
-            let mut hosts = Vec::new();
-            for i in 0..15 {
-                let mut ws = open(&format!("h{i}")).await.expect("held session");
-                let (_, u, _) = who(&mut ws).await;
-                hosts.push(u.clone());
-                ends.push(tokio::spawn(async move {
-                    while let Some(Ok(_)) = ws.next().await {}
-                    (u, Instant::now())
-                }));
+    let client = fleet.spawn_on("client", move || async move {
+        use futures_util::StreamExt;
+        until_ready().await;
+        // 15 held sessions; each records when it ended.
+        let mut ends = Vec::new();
+        let mut hosts = Vec::new();
+        for i in 0..15 {
+            let mut ws = open(&format!("h{i}")).await.expect("held session");
+            let (_, u, _) = who(&mut ws).await;
+            hosts.push(u.clone());
+            ends.push(tokio::spawn(async move {
+                while let Some(Ok(_)) = ws.next().await {}
+                (u, Instant::now())
+            }));
+        }
+        let _ = ready_tx.send(hosts);
+        // New sessions every 20 ms until the upgrade is over.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let terms = tokio::task::spawn_blocking(move || {
+            let mut terms = Vec::new();
+            while let Ok(Some(t)) = term_rx.recv() {
+                terms.push(t);
             }
-            let _ = ready_tx.send(hosts);
-            // New sessions every 20 ms until the upgrade is over.
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let s = stop.clone();
-            let terms = tokio::task::spawn_blocking(move || {
-                let mut terms = Vec::new();
-                while let Ok(Some(t)) = term_rx.recv() {
-                    terms.push(t);
-                }
-                s.store(true, Ordering::Relaxed);
-                terms
-            });
-            let (mut ok, mut failed) = (0, Vec::new());
-            let began = Instant::now();
-            while !stop.load(Ordering::Relaxed) {
-                let at = began.elapsed();
-                match open(&format!("n{ok}"))
-                    .await
-                    .map_err(|e| format!("{e} (opened {at:?} into the upgrade)"))
-                {
-                    Ok(mut ws) => {
-                        if answers(&mut ws).await {
-                            ok += 1;
-                        } else {
-                            failed.push("no answer after the upgrade".to_string());
-                        }
+            s.store(true, Ordering::Relaxed);
+            terms
+        });
+        let (mut ok, mut failed) = (0, Vec::new());
+        let began = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let at = began.elapsed();
+            match open(&format!("n{ok}"))
+                .await
+                .map_err(|e| format!("{e} (opened {at:?} into the upgrade)"))
+            {
+                Ok(mut ws) => {
+                    if answers(&mut ws).await {
+                        ok += 1;
+                    } else {
+                        failed.push("no answer after the upgrade".to_string());
                     }
-                    Err(e) => failed.push(e),
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                Err(e) => failed.push(e),
             }
-            let terms = terms.await.expect("terms");
-            let mut ended = Vec::new();
-            for e in ends {
-                ended.push(e.await.expect("end"));
-            }
-            (ok, failed, terms, ended)
-        })
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let terms = terms.await.expect("terms");
+        let mut ended = Vec::new();
+        for e in ends {
+            ended.push(e.await.expect("end"));
+        }
+        (ok, failed, terms, ended)
     });
     let hosts = ready_rx
         .recv_timeout(Duration::from_secs(60))
