@@ -59,7 +59,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    fn new(bounds: &'static [f64]) -> Histogram {
+    pub(crate) fn new(bounds: &'static [f64]) -> Histogram {
         Histogram {
             bounds,
             counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
@@ -79,15 +79,17 @@ impl Histogram {
             .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
     }
 
-    /// (sum, count, cumulative buckets) as Prometheus wants them.
+    /// (sum, count, per-bucket counts): prometheus-client's encoder makes
+    /// the `le` buckets cumulative itself, so they are passed as counted.
     pub(crate) fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let mut acc = 0;
+        let mut total = 0u64;
         let mut buckets = Vec::with_capacity(self.counts.len());
         for (i, c) in self.counts.iter().enumerate() {
-            acc += c.load(Relaxed);
-            buckets.push((self.bounds.get(i).copied().unwrap_or(f64::INFINITY), acc));
+            let n = c.load(Relaxed);
+            total = total.saturating_add(n);
+            buckets.push((self.bounds.get(i).copied().unwrap_or(f64::INFINITY), n));
         }
-        (self.sum_micros.load(Relaxed) as f64 / 1e6, acc, buckets)
+        (self.sum_micros.load(Relaxed) as f64 / 1e6, total, buckets)
     }
 }
 

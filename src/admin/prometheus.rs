@@ -521,3 +521,41 @@ impl Collector for GatewayCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    struct One(Histogram);
+
+    impl std::fmt::Debug for One {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("One")
+        }
+    }
+
+    impl Collector for One {
+        fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            histograms(&mut enc, "h_seconds", "test", &[(vec![], &self.0)])
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_once() {
+        static BOUNDS: [f64; 3] = [0.1, 0.25, 1.0];
+        let h = Histogram::new(&BOUNDS);
+        for ms in [50, 60, 200, 300, 400, 2000] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let mut r = Registry::default();
+        r.register_collector(Box::new(One(h)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).expect("encodes");
+        for (le, n) in [("0.1", 2), ("0.25", 3), ("1.0", 5), ("+Inf", 6)] {
+            let line = format!("h_seconds_bucket{{le=\"{le}\"}} {n}");
+            assert!(text.contains(&line), "no `{line}` in:\n{text}");
+        }
+        assert!(text.contains("h_seconds_count 6"), "{text}");
+    }
+}
