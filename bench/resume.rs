@@ -9,9 +9,18 @@
 //! backend are told apart by their preamble's echo coming again (from the
 //! new backend). Reports p50/p99/max of that time for the moved sessions,
 //! the unaffected sessions' for comparison, and disconnects.
+//!
+//! In the same round, the same storm without upgate: the clients connect
+//! straight to the backends and, when theirs dies, reconnect to the other by
+//! themselves (paced as upgate paces its resumes) and send their preamble
+//! again: the same event with no proxy on the machine, the yardstick.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use upgate::backend::pool::RESUME_DIALS;
 
 use crate::load::{self, Target};
 use crate::{median, now_utc, proto, targets, Bins};
@@ -36,68 +45,16 @@ const PORT: u16 = 18120;
 const ADMIN: u16 = 18121;
 const BACKENDS: [u16; 2] = [19011, 19012];
 
-/// The floor: `n` clients reconnecting straight to the surviving backend
-/// (no proxy), at most `RESUME_DIALS` connecting at once as upgate's
-/// resumes do: connect, upgrade, preamble, its echo. Time from the start to
-/// each echo, in ms.
-async fn reconnect_storm(addr: std::net::SocketAddr, n: usize) -> Vec<f64> {
-    let t = Target {
-        addr,
-        host: "localhost".into(),
-        path: "/".into(),
-        tls: None,
-        pid: None,
-        paths: Default::default(),
-    };
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(
-        upgate::backend::pool::RESUME_DIALS,
-    ));
-    let t0 = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let (t, slots) = (t.clone(), slots.clone());
-        tasks.spawn(async move {
-            let slot = slots.acquire_owned().await.ok()?;
-            let mut buf = Vec::new();
-            let mut s =
-                tokio::time::timeout(Duration::from_secs(30), load::open(&t, None, &mut buf))
-                    .await
-                    .ok()?
-                    .ok()?;
-            drop(slot);
-            let hello = format!("hello {i}");
-            let mut frame = Vec::new();
-            proto::put_frame(&mut frame, proto::OP_TEXT, hello.as_bytes(), true);
-            s.write_all(&frame).await.ok()?;
-            let mut chunk = vec![0u8; 4096];
-            loop {
-                match next_text(&mut s, &mut buf, &mut chunk, Duration::from_secs(30)).await {
-                    Some(Some(x)) if x == hello => {
-                        return Some((t0.elapsed().as_secs_f64() * 1e3, s))
-                    }
-                    Some(Some(_)) => {}
-                    _ => return None,
-                }
-            }
-        });
-    }
-    let mut out = Vec::new();
-    let mut keep = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        if let Ok(Some((ms, s))) = r {
-            out.push(ms);
-            keep.push(s); // held until all are measured, as live sessions
-        }
-    }
-    out
-}
-
 /// One session's story after the kill.
 struct Probe {
     /// Its preamble came back again: it was moved to the other backend.
     moved: bool,
     /// From the kill to the first probe's echo; `None`: the session ended.
     took: Option<Duration>,
+    /// The session, held open until every session is measured: one that
+    /// ended as soon as it was measured would load upgate and the backend
+    /// with its teardown while others are still resuming.
+    held: Option<load::Stream>,
 }
 
 pub async fn resume_suite(a: ResumeArgs) -> Result<(), String> {
@@ -107,88 +64,67 @@ pub async fn resume_suite(a: ResumeArgs) -> Result<(), String> {
     let started = now_utc();
     let mut rows = Vec::new();
     for round in 0..a.rounds {
-        let (r, floor, exit, gap) = one_round(&a, &bin_dir, &work).await?;
-        let moved: Vec<f64> = r
-            .iter()
-            .filter(|p| p.moved)
-            .filter_map(|p| p.took)
-            .map(|d| d.as_secs_f64() * 1e3)
-            .collect();
-        let stayed: Vec<f64> = r
-            .iter()
-            .filter(|p| !p.moved)
-            .filter_map(|p| p.took)
-            .map(|d| d.as_secs_f64() * 1e3)
-            .collect();
-        let ended = r.iter().filter(|p| p.took.is_none()).count();
-        let row = Row {
+        let (through, direct, exit, gap) = one_round(&a, &bin_dir, &work).await?;
+        let (u, d) = (Side::of(&through), Side::of(&direct));
+        eprintln!(
+            "round {}: through upgate, {} moved: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} stayed: p99 {:.1} ms; {} ended; \
+             without upgate (clients reconnect themselves), {} moved: p50 {:.1} ms, p99 {:.1} ms; {} stayed: p99 {:.1} ms; {} ended; \
+             the killed backend was reaped {:.1} ms after the kill; upgate's resume gaps: {} of {} within 100 ms, {} within 250 ms",
+            round + 1,
+            u.n_moved, u.moved.0, u.moved.1, u.moved.2, u.n_stayed, u.stayed.1, u.ended,
+            d.n_moved, d.moved.0, d.moved.1, d.n_stayed, d.stayed.1, d.ended,
+            exit.as_secs_f64() * 1e3,
+            gap.within_100ms, gap.count, gap.within_250ms,
+        );
+        rows.push(Row {
             gap,
             exit_ms: exit.as_secs_f64() * 1e3,
-            floor: pct(&floor),
-            n_floor: floor.len(),
-            moved: pct(&moved),
-            stayed: pct(&stayed),
-            n_moved: moved.len(),
-            n_stayed: stayed.len(),
-            ended,
-        };
-        eprintln!(
-            "round {}: {} moved: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} stayed: p99 {:.1} ms; {} ended; floor ({} reconnecting straight to the backend): p50 {:.1} ms, p99 {:.1} ms; the killed backend was reaped {:.1} ms after the kill; upgate's resume gaps: {} of {} within 100 ms, {} within 250 ms",
-            round + 1,
-            row.n_moved,
-            row.moved.0,
-            row.moved.1,
-            row.moved.2,
-            row.n_stayed,
-            row.stayed.1,
-            row.ended,
-            row.n_floor,
-            row.floor.0,
-            row.floor.1,
-            row.exit_ms,
-            row.gap.within_100ms,
-            row.gap.count,
-            row.gap.within_250ms,
-        );
-        rows.push(row);
+            u,
+            d,
+        });
     }
     let mut report = format!(
-        "## Resume after a backend's death (`mode: frames`, `resume: true`), {started}\n\n{}. upgate with {} runtime thread(s){}, two echo backends (separate processes) and the load generator on core 1. {} sessions by round robin over both backends, each with its preamble sent (`replay_first: 1`); one backend is killed with SIGKILL; every client then sends a probe (again 20, 40, 80… ms after the kill until answered). Time from the kill to the first probe's echo, per session, in ms; *moved*: sessions of the killed backend (their preamble came back again, from the other one). *upgate's gap*: its own `upgate_frames_resume_gap_seconds` histogram (from noticing the backend leg was lost to the new leg taking the session). *Floor*: afterwards, as many clients as were moved reconnect straight to the surviving backend (no proxy; at most {} connecting at once, as upgate paces its resumes) and send their preamble: from the start to each echo. That is the work a resume cannot avoid (a new backend connection, upgrade and preamble per session) done without upgate, on the same machine in the same round.\n\n| round | moved sessions | p50 | p99 | max | unaffected sessions, p99 | sessions ended | floor p50 | floor p99 | p99 ÷ floor p99 | killed backend reaped after | upgate's gap ≤ 100 ms / ≤ 250 ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "## Resume after a backend's death (`mode: frames`, `resume: true`), {started}\n\n{}. upgate with {} runtime thread(s){}, two echo backends (separate processes) and the load generator on core 1. {} sessions by round robin over both backends, each with its preamble sent (`replay_first: 1`); one backend is killed with SIGKILL; every client then sends a probe (again 20, 40, 80… ms after the kill until answered). Time from the kill to the first probe's echo, per session, in ms; *moved*: sessions of the killed backend (their preamble came back again, from the other one). *upgate's gap*: its own `upgate_frames_resume_gap_seconds` histogram (from noticing the backend leg was lost to the new leg taking the session).\n\n*Without upgate*, in the same round: the same storm with the clients connected straight to the backends (half on the one killed) and reconnecting by themselves: a client whose connection ends connects to the other backend (at most {} connecting at once, as upgate paces its resumes), sends its preamble again and probes. That is the same event handled by the clients, with no proxy's work on the machine: a resume through upgate adds a hop but saves each client its reconnect.\n\n| round | moved sessions | p50 | p99 | max | unaffected, p99 | ended | without upgate: moved p50 | p99 | unaffected, p99 | ended | p99 ÷ without | killed backend reaped after | upgate's gap ≤ 100 ms / ≤ 250 ms / all |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         crate::machine_info(),
         a.threads,
         if a.threads == 1 { " pinned to core 0" } else { "" },
         a.sessions,
-        upgate::backend::pool::RESUME_DIALS
+        RESUME_DIALS
     );
     for (i, r) in rows.iter().enumerate() {
+        let (u, d) = (&r.u, &r.d);
         report.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.2} | {:.1} | {} / {} of {} |\n",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {} | {:.2} | {:.1} | {} / {} / {} |\n",
             i + 1,
-            r.n_moved,
-            r.moved.0,
-            r.moved.1,
-            r.moved.2,
-            r.stayed.1,
-            r.ended,
-            r.floor.0,
-            r.floor.1,
-            r.moved.1 / r.floor.1,
+            u.n_moved,
+            u.moved.0,
+            u.moved.1,
+            u.moved.2,
+            u.stayed.1,
+            u.ended,
+            d.moved.0,
+            d.moved.1,
+            d.stayed.1,
+            d.ended,
+            u.moved.1 / d.moved.1,
             r.exit_ms,
             r.gap.within_100ms,
             r.gap.within_250ms,
             r.gap.count
         ));
     }
+    let med = |f: &dyn Fn(&Row) -> f64| median(rows.iter().map(f).collect());
     report.push_str(&format!(
-        "| median | | {:.1} | {:.1} | {:.1} | {:.1} | | {:.1} | {:.1} | {:.2} | {:.1} | |\n",
-        median(rows.iter().map(|r| r.moved.0).collect()),
-        median(rows.iter().map(|r| r.moved.1).collect()),
-        median(rows.iter().map(|r| r.moved.2).collect()),
-        median(rows.iter().map(|r| r.stayed.1).collect()),
-        median(rows.iter().map(|r| r.floor.0).collect()),
-        median(rows.iter().map(|r| r.floor.1).collect()),
-        median(rows.iter().map(|r| r.moved.1 / r.floor.1).collect()),
-        median(rows.iter().map(|r| r.exit_ms).collect()),
+        "| median | | {:.1} | {:.1} | {:.1} | {:.1} | | {:.1} | {:.1} | {:.1} | | {:.2} | {:.1} | |\n",
+        med(&|r| r.u.moved.0),
+        med(&|r| r.u.moved.1),
+        med(&|r| r.u.moved.2),
+        med(&|r| r.u.stayed.1),
+        med(&|r| r.d.moved.0),
+        med(&|r| r.d.moved.1),
+        med(&|r| r.d.stayed.1),
+        med(&|r| r.u.moved.1 / r.d.moved.1),
+        med(&|r| r.exit_ms),
     ));
     crate::save_report(&a.out, "resume-", &started, &report)?;
     let _ = std::fs::remove_dir_all(&work);
@@ -198,17 +134,43 @@ pub async fn resume_suite(a: ResumeArgs) -> Result<(), String> {
 struct Row {
     /// upgate's own view: resume gaps within 100 and 250 ms.
     gap: Gaps,
-    /// From the SIGKILL until the killed process was reaped.
+    /// From the SIGKILL until the killed process was reaped (through upgate).
     exit_ms: f64,
-    /// The reconnect storm straight to the backend: p50, p99, max.
-    floor: (f64, f64, f64),
-    n_floor: usize,
-    /// p50, p99, max.
+    /// Through upgate.
+    u: Side,
+    /// Without upgate: the clients reconnect themselves.
+    d: Side,
+}
+
+/// One storm's figures, in ms.
+struct Side {
+    /// p50, p99, max of the moved sessions.
     moved: (f64, f64, f64),
     stayed: (f64, f64, f64),
     n_moved: usize,
     n_stayed: usize,
     ended: usize,
+}
+
+impl Side {
+    fn of(probes: &[Probe]) -> Side {
+        let ms = |moved: bool| -> Vec<f64> {
+            probes
+                .iter()
+                .filter(|p| p.moved == moved)
+                .filter_map(|p| p.took)
+                .map(|d| d.as_secs_f64() * 1e3)
+                .collect()
+        };
+        let (moved, stayed) = (ms(true), ms(false));
+        Side {
+            moved: pct(&moved),
+            stayed: pct(&stayed),
+            n_moved: moved.len(),
+            n_stayed: stayed.len(),
+            ended: probes.iter().filter(|p| p.took.is_none()).count(),
+        }
+    }
 }
 
 fn pct(v: &[f64]) -> (f64, f64, f64) {
@@ -221,56 +183,65 @@ fn pct(v: &[f64]) -> (f64, f64, f64) {
     (at(0.5), at(0.99), s[s.len() - 1])
 }
 
-async fn one_round(
-    a: &ResumeArgs,
+fn echo_backend(
     bin_dir: &std::path::Path,
     work: &std::path::Path,
-) -> Result<(Vec<Probe>, Vec<f64>, Duration, Gaps), String> {
-    let mut backends = Vec::new();
-    for port in BACKENDS {
-        let listen = format!("127.0.0.1:{port}");
-        let child = targets::spawn(
-            port,
-            "1",
-            &bin_dir.join("upgate-bench-backend"),
-            &["--listen", &listen],
-            &[],
-            &work.join(format!("backend-{port}.log")),
-        )?;
-        let p = targets::Proc {
-            name: format!("backend {port}"),
-            plain: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            tls: None,
-            child: Some(child),
-        };
-        targets::wait_port(p.plain, &p.name)?;
-        backends.push(p);
-    }
-    let yaml = format!(
-        "server: {{ max_connections: 100000, shutdown_grace: 1s }}\nadmin: {{ addr: 127.0.0.1:{ADMIN} }}\nlisten:\n  - addr: 127.0.0.1:{PORT}\npools:\n  echo: {{ backends: [ws://127.0.0.1:{}, ws://127.0.0.1:{}] }}\nroutes:\n  - {{ name: echo, pool: echo, mode: frames, resume: true, replay_first: 1 }}\n",
-        BACKENDS[0], BACKENDS[1]
-    );
-    let cores = if a.threads == 1 { "0" } else { "0,1" };
-    let proxy = targets::upgate_with(bin_dir, work, "resume", &yaml, PORT, cores, a.threads)?;
-    let t = Target {
-        addr: proxy.plain,
+    port: u16,
+) -> Result<targets::Proc, String> {
+    let listen = format!("127.0.0.1:{port}");
+    let child = targets::spawn(
+        port,
+        "1",
+        &bin_dir.join("upgate-bench-backend"),
+        &["--listen", &listen],
+        &[],
+        &work.join(format!("backend-{port}.log")),
+    )?;
+    let p = targets::Proc {
+        name: format!("backend {port}"),
+        plain: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        tls: None,
+        child: Some(child),
+    };
+    targets::wait_port(p.plain, &p.name)?;
+    Ok(p)
+}
+
+fn plain_target(addr: std::net::SocketAddr, pid: Option<u32>) -> Target {
+    Target {
+        addr,
         host: "localhost".into(),
         path: "/".into(),
         tls: None,
-        pid: proxy.pid(),
+        pid,
         paths: Default::default(),
-    };
+    }
+}
 
-    // Every session opened and its preamble answered before the kill.
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<(), String>>(a.sessions);
+/// Where a client connects, and (without upgate) where it reconnects by
+/// itself when its backend is gone, at most [`RESUME_DIALS`] at once.
+#[derive(Clone)]
+struct Plan {
+    first: Target,
+    fallback: Option<(Target, Arc<Semaphore>)>,
+}
+
+/// Opens one session per plan, kills `victim` once all have their
+/// preamble's echo, and follows every session to its first probe's echo.
+/// Returns the probes and the time the killed process took to be reaped.
+async fn storm(
+    plans: Vec<Plan>,
+    victim: &mut targets::Proc,
+) -> Result<(Vec<Probe>, Duration), String> {
+    let n = plans.len();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<(), String>>(n);
     let (go_tx, go_rx) = tokio::sync::watch::channel::<Option<Instant>>(None);
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..a.sessions {
-        let (t, ready, go) = (t.clone(), ready_tx.clone(), go_rx.clone());
-        tasks.spawn(session(t, i, ready, go));
+    for (i, plan) in plans.into_iter().enumerate() {
+        tasks.spawn(session(plan, i, ready_tx.clone(), go_rx.clone()));
     }
     drop(ready_tx);
-    for _ in 0..a.sessions {
+    for _ in 0..n {
         match tokio::time::timeout(Duration::from_secs(60), ready_rx.recv()).await {
             Ok(Some(Ok(()))) => {}
             Ok(Some(Err(e))) => return Err(format!("opening the sessions: {e}")),
@@ -278,14 +249,14 @@ async fn one_round(
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut victim = backends[0].child.take().ok_or("no backend process")?;
+    let mut child = victim.child.take().ok_or("no backend process")?;
     let t0 = Instant::now();
-    victim.kill().map_err(|e| format!("kill: {e}"))?;
+    child.kill().map_err(|e| format!("kill: {e}"))?;
     let _ = go_tx.send(Some(t0));
     // How long the kernel takes to tear the dead process and its sockets
     // down: part of what every session waits for, on this machine's core 1.
     let exit = tokio::task::spawn_blocking(move || {
-        let _ = victim.wait();
+        let _ = child.wait();
         t0.elapsed()
     });
     let mut out = Vec::new();
@@ -295,28 +266,89 @@ async fn one_round(
         }
     }
     let exit = exit.await.unwrap_or_default();
+    // Every session measured: close them, and let the teardown pass.
+    for p in &mut out {
+        p.held = None;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok((out, exit))
+}
+
+/// One round: the storm through upgate, then the same storm without it.
+async fn one_round(
+    a: &ResumeArgs,
+    bin_dir: &std::path::Path,
+    work: &std::path::Path,
+) -> Result<(Vec<Probe>, Vec<Probe>, Duration, Gaps), String> {
+    let mut backends = Vec::new();
+    for port in BACKENDS {
+        backends.push(echo_backend(bin_dir, work, port)?);
+    }
+    let yaml = format!(
+        "server: {{ max_connections: 100000, shutdown_grace: 1s }}\nadmin: {{ addr: 127.0.0.1:{ADMIN} }}\nlisten:\n  - addr: 127.0.0.1:{PORT}\npools:\n  echo: {{ backends: [ws://127.0.0.1:{}, ws://127.0.0.1:{}] }}\nroutes:\n  - {{ name: echo, pool: echo, mode: frames, resume: true, replay_first: 1 }}\n",
+        BACKENDS[0], BACKENDS[1]
+    );
+    let cores = if a.threads == 1 { "0" } else { "0,1" };
+    let proxy = targets::upgate_with(bin_dir, work, "resume", &yaml, PORT, cores, a.threads)?;
+    let via = plain_target(proxy.plain, proxy.pid());
+    let plans = (0..a.sessions)
+        .map(|_| Plan {
+            first: via.clone(),
+            fallback: None,
+        })
+        .collect();
+    let (through, exit) = storm(plans, &mut backends[0]).await?;
     let gap = resume_gaps().await;
-    let floor = reconnect_storm(backends[1].plain, a.sessions / 2).await;
     drop(proxy);
+
+    // Without upgate: the killed backend back on its port, half the
+    // clients on it; they notice its death themselves and reconnect to
+    // the other one, paced as upgate paces its resumes.
+    drop(backends.remove(0));
+    backends.insert(0, echo_backend(bin_dir, work, BACKENDS[0])?);
+    let slots = Arc::new(Semaphore::new(RESUME_DIALS));
+    let survivor = plain_target(backends[1].plain, None);
+    let plans = (0..a.sessions)
+        .map(|i| {
+            if i % 2 == 0 {
+                Plan {
+                    first: plain_target(backends[0].plain, None),
+                    fallback: Some((survivor.clone(), slots.clone())),
+                }
+            } else {
+                Plan {
+                    first: survivor.clone(),
+                    fallback: None,
+                }
+            }
+        })
+        .collect();
+    let (direct, _) = storm(plans, &mut backends[0]).await?;
     drop(backends);
-    Ok((out, floor, exit, gap))
+    Ok((through, direct, exit, gap))
 }
 
 /// One client: opens, sends its preamble, waits for its echo, reports
-/// ready; after the kill, probes until a probe's echo arrives.
+/// ready; after the kill, probes until a probe's echo arrives. With a
+/// fallback (no upgate), a session that ends reconnects there once, sends
+/// its preamble again and goes on probing.
 async fn session(
-    t: Target,
+    plan: Plan,
     i: usize,
     ready: tokio::sync::mpsc::Sender<Result<(), String>>,
     mut go: tokio::sync::watch::Receiver<Option<Instant>>,
 ) -> Probe {
-    let ended = Probe {
-        moved: false,
+    let ended = |moved| Probe {
+        moved,
         took: None,
+        held: None,
     };
     let mut buf = Vec::new();
-    let opened =
-        tokio::time::timeout(Duration::from_secs(30), load::open(&t, None, &mut buf)).await;
+    let opened = tokio::time::timeout(
+        Duration::from_secs(30),
+        load::open(&plan.first, None, &mut buf),
+    )
+    .await;
     let mut s = match opened {
         Ok(Ok(s)) => s,
         other => {
@@ -325,7 +357,7 @@ async fn session(
                 _ => "timed out".into(),
             };
             let _ = ready.send(Err(e)).await;
-            return ended;
+            return ended(false);
         }
     };
     let hello = format!("hello {i}");
@@ -333,17 +365,16 @@ async fn session(
     proto::put_frame(&mut frame, proto::OP_TEXT, hello.as_bytes(), true);
     if s.write_all(&frame).await.is_err() {
         let _ = ready.send(Err("preamble not sent".into())).await;
-        return ended;
+        return ended(false);
     }
     let mut chunk = vec![0u8; 4096];
-    // Reads frames from `s` into `buf`; the texts received, or None at the end.
     loop {
         match next_text(&mut s, &mut buf, &mut chunk, Duration::from_secs(30)).await {
             Some(Some(t)) if t == hello => break,
             Some(Some(_)) => {}
             _ => {
                 let _ = ready.send(Err("no preamble echo".into())).await;
-                return ended;
+                return ended(false);
             }
         }
     }
@@ -353,19 +384,18 @@ async fn session(
             break t0;
         }
         if go.changed().await.is_err() {
-            return ended;
+            return ended(false);
         }
     };
     let probe = format!("probe {i}");
+    let mut fallback = plan.fallback;
     let mut moved = false;
     let mut sent = 0u32;
     let deadline = t0 + Duration::from_secs(20);
     loop {
-        frame.clear();
+        let mut frame = Vec::new();
         proto::put_frame(&mut frame, proto::OP_TEXT, probe.as_bytes(), true);
-        if s.write_all(&frame).await.is_err() {
-            return Probe { moved, took: None };
-        }
+        let mut gone = s.write_all(&frame).await.is_err();
         // Read until a probe's echo, or until it is time to probe again:
         // 20, 40, 80… ms after the kill. (A probe written to the backend in
         // the instant it died is lost; probes sent during the gap are held
@@ -373,23 +403,48 @@ async fn session(
         // the very machine being measured.)
         let again = t0 + Duration::from_millis(20 << sent.min(8));
         sent += 1;
-        loop {
+        while !gone {
             let left = again.saturating_duration_since(Instant::now());
             match next_text(&mut s, &mut buf, &mut chunk, left).await {
                 Some(Some(t)) if t == probe => {
                     return Probe {
                         moved,
                         took: Some(t0.elapsed()),
+                        held: Some(s),
                     }
                 }
                 Some(Some(t)) if t == hello => moved = true,
                 Some(Some(_)) => {}
                 Some(None) => break, // no answer yet: probe again
-                None => return Probe { moved, took: None },
+                None => gone = true,
             }
         }
+        if gone {
+            // Without upgate, the client's own reconnect.
+            let Some((t, slots)) = fallback.take() else {
+                return ended(moved);
+            };
+            let Ok(slot) = slots.acquire_owned().await else {
+                return ended(moved);
+            };
+            buf.clear();
+            s = match tokio::time::timeout(Duration::from_secs(30), load::open(&t, None, &mut buf))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                _ => return ended(moved),
+            };
+            drop(slot);
+            moved = true;
+            let mut frame = Vec::new();
+            proto::put_frame(&mut frame, proto::OP_TEXT, hello.as_bytes(), true);
+            if s.write_all(&frame).await.is_err() {
+                return ended(moved);
+            }
+            continue; // and probe at once
+        }
         if Instant::now() > deadline {
-            return Probe { moved, took: None };
+            return ended(moved);
         }
     }
 }
