@@ -154,6 +154,25 @@ struct LoadArgs {
     sources: usize,
 }
 
+/// A cipher suite's place in Chrome's ClientHello (lower first).
+fn browser_rank(s: rustls::CipherSuite) -> usize {
+    use rustls::CipherSuite as C;
+    [
+        C::TLS13_AES_128_GCM_SHA256,
+        C::TLS13_AES_256_GCM_SHA384,
+        C::TLS13_CHACHA20_POLY1305_SHA256,
+        C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ]
+    .iter()
+    .position(|x| *x == s)
+    .unwrap_or(usize::MAX)
+}
+
 fn tls_client(
     roots: &[rustls_pki_types::CertificateDer<'static>],
     resume: bool,
@@ -162,7 +181,14 @@ fn tls_client(
     for r in roots {
         let _ = store.add(r.clone());
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // Offered in a browser's order (Chrome's: AES-128-GCM first), not
+    // rustls's (AES-256-GCM-SHA384 first), so the servers measured hash
+    // the handshake with SHA-256 as they do for browsers.
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| browser_rank(s.suite()));
+    let provider = Arc::new(provider);
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("default TLS versions")

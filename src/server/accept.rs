@@ -116,7 +116,6 @@ pub(super) async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: Cancellati
         // One deadline from here to a complete first request head: PROXY
         // header, TLS handshake and the head share `handshake_timeout`.
         let deadline = tokio::time::Instant::now() + cx.handshake_timeout;
-        let _ = tcp.set_nodelay(true);
         let tls = l.tls.load_full();
         let proxy_protocol = l.proxy_protocol.load(Ordering::Relaxed);
         l.stats.accepted.fetch_add(1, Ordering::Relaxed);

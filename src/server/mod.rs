@@ -485,8 +485,9 @@ fn serve_listener(l: Listener, cx: &Arc<AcceptCx>) -> Live {
     }
 }
 
-/// A listening socket. `keepalive` is set on it once: Linux copies it to
-/// every accepted connection, so it costs nothing per connection.
+/// A listening socket. `keepalive` and `TCP_NODELAY` are set on it once:
+/// Linux copies both to every accepted connection, so they cost no system
+/// call per connection (`accepted_sockets_inherit_nodelay_and_keepalive`).
 fn bind_socket(addr: SocketAddr, keepalive: Duration) -> std::io::Result<TcpListener> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -504,7 +505,28 @@ fn bind_socket(addr: SocketAddr, keepalive: Duration) -> std::io::Result<TcpList
     }
     sock.set_nonblocking(true)?;
     crate::backend::upstream::keepalive((&sock).into(), keepalive);
+    sock.set_tcp_nodelay(true)?;
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
     TcpListener::from_std(sock.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-connection system calls `bind_socket` saves rely on Linux
+    /// copying the listener's options to each accepted socket.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        let idle = Duration::from_secs(37);
+        let l = bind_socket("127.0.0.1:0".parse().expect("addr"), idle).expect("bind");
+        let addr = l.local_addr().expect("local addr");
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (s, _) = l.accept().await.expect("accept");
+        assert!(s.nodelay().expect("nodelay"));
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().expect("keepalive"));
+        assert_eq!(sock.tcp_keepalive_time().expect("keepalive idle"), idle);
+    }
 }
