@@ -249,7 +249,49 @@ async fn feed_loop(
     }
 }
 
+/// The floor for a WebSocket proxy's work: accept (the listener's
+/// `TCP_NODELAY` is inherited), read the request head, connect to `up`, write
+/// the head, then copy bytes both ways until either side ends. No parsing
+/// beyond the head's end, no routing, no logging, no limits: what every
+/// proxy must do at least, so its CPU per handshake and per message is
+/// the kernel's share plus the least user-space work.
+async fn relay(l: TcpListener, up: SocketAddr) {
+    loop {
+        let Ok((mut c, _)) = l.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut head = Vec::with_capacity(1024);
+            loop {
+                if head.len() > 16 << 10 || c.read_buf(&mut head).await.ok()? == 0 {
+                    return None;
+                }
+                if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let mut b = TcpStream::connect(up).await.ok()?;
+            b.set_nodelay(true).ok()?;
+            b.write_all(&head).await.ok()?;
+            drop(head);
+            tokio::io::copy_bidirectional(&mut c, &mut b).await.ok()
+        });
+    }
+}
+
+/// A listener with `TCP_NODELAY` set once, for accepted sockets to inherit.
+fn listen_nodelay(a: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(a), socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(true)?;
+    s.bind(&a.into())?;
+    s.listen(4096)?;
+    TcpListener::from_std(s.into())
+}
+
 fn main() -> std::io::Result<()> {
+    let mut relays: Vec<(SocketAddr, SocketAddr)> = Vec::new();
     let mut addrs: Vec<SocketAddr> = Vec::new();
     let mut feeds: Vec<SocketAddr> = Vec::new();
     let mut feed = Feed {
@@ -285,18 +327,31 @@ fn main() -> std::io::Result<()> {
                 feed.size = v.parse().map_err(std::io::Error::other)?;
             }
             "--floor" => use_floor = true,
+            "--relay" => {
+                let v = args
+                    .next()
+                    .ok_or_else(|| std::io::Error::other("--relay needs LISTEN=UPSTREAM"))?;
+                let (l, u) = v
+                    .split_once('=')
+                    .ok_or_else(|| std::io::Error::other("--relay needs LISTEN=UPSTREAM"))?;
+                relays.push((
+                    l.parse().map_err(std::io::Error::other)?,
+                    u.parse().map_err(std::io::Error::other)?,
+                ));
+            }
             "-h" | "--help" => {
                 println!(
-                    "upgate-bench-backend [--listen ADDR]... [--feed ADDR]... [--feed-rate MSGS_PER_S] [--feed-size BYTES] [--floor]\n\
+                    "upgate-bench-backend [--listen ADDR]... [--feed ADDR]... [--feed-rate MSGS_PER_S] [--feed-size BYTES] [--floor] [--relay LISTEN=UPSTREAM]...\n\
                      Fast WebSocket backends for the benchmark: echo on --listen, a timestamped feed on --feed\n\
-                     (--floor: feed connections written by one plain thread, the kernel floor)."
+                     (--floor: feed connections written by one plain thread, the kernel floor);\n\
+                     --relay: the least a proxy does (read the head, connect, copy both ways), the proxy floor."
                 );
                 return Ok(());
             }
             other => return Err(std::io::Error::other(format!("unknown argument {other}"))),
         }
     }
-    if addrs.is_empty() && feeds.is_empty() {
+    if addrs.is_empty() && feeds.is_empty() && relays.is_empty() {
         addrs.push("127.0.0.1:9001".parse().map_err(std::io::Error::other)?);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -335,6 +390,11 @@ fn main() -> std::io::Result<()> {
                     }
                 }
             });
+        }
+        for (l, up) in relays {
+            let l = listen_nodelay(l)?;
+            eprintln!("upgate-bench-backend: relay on {:?} to {up}", l.local_addr());
+            set.spawn(relay(l, up));
         }
         while set.join_next().await.is_some() {}
         Ok(())

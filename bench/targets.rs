@@ -207,6 +207,28 @@ pub fn upgate(
     })
 }
 
+/// The proxy floor (`upgate-bench-backend --relay`): reads the head,
+/// connects, copies both ways; one thread on core 0 like the proxies. Plain only.
+pub fn relay(bin_dir: &Path, work: &Path) -> Result<Proc, String> {
+    let port = 18130;
+    let spec = format!("127.0.0.1:{port}=127.0.0.1:{BACKEND_PORT}");
+    let child = spawn(
+        port,
+        "0",
+        &bin_dir.join("upgate-bench-backend"),
+        &["--relay", &spec],
+        &[],
+        &work.join("floor.log"),
+    )?;
+    wait_port(addr(port), "floor")?;
+    Ok(Proc {
+        name: "floor".into(),
+        plain: addr(port),
+        tls: None,
+        child: Some(child),
+    })
+}
+
 pub fn nginx(work: &Path, certs: &Certs, max_conns: usize) -> Result<Proc, String> {
     let bin = which("nginx").ok_or("nginx not installed")?;
     let dir = work.join("nginx");
