@@ -393,7 +393,10 @@ fn main() -> std::io::Result<()> {
         }
         for (l, up) in relays {
             let l = listen_nodelay(l)?;
-            eprintln!("upgate-bench-backend: relay on {:?} to {up}", l.local_addr());
+            eprintln!(
+                "upgate-bench-backend: relay on {:?} to {up}",
+                l.local_addr()
+            );
             set.spawn(relay(l, up));
         }
         while set.join_next().await.is_some() {}

@@ -61,14 +61,16 @@ pub struct Ends {
     pub rebalance_close: bool,
 }
 
-/// Resolves when `at` has passed; never without one.
+/// Resolves when `at` has passed; never without one. The timer is boxed:
+/// inline it would add its 112 bytes to every session's task, and most
+/// sessions have no token that expires.
 pub async fn expiry(at: Option<std::time::SystemTime>) {
     match at {
         Some(t) => {
-            tokio::time::sleep(
+            Box::pin(tokio::time::sleep(
                 t.duration_since(std::time::SystemTime::now())
                     .unwrap_or_default(),
-            )
+            ))
             .await
         }
         None => std::future::pending().await,
@@ -155,24 +157,45 @@ pub fn spawn(
     );
 }
 
-async fn run(
+/// The splice of one session. Not an `async fn`: one would keep both legs
+/// twice in its state (as arguments and as the matched pair) next to the
+/// splice that holds them, about 250 bytes per idle session.
+fn run<'a>(
     client: Leg,
     backend: Leg,
     half_close: std::time::Duration,
-    stats: &crate::metrics::RouteStats,
-    leave: splice::Leave<'_>,
-) -> io::Result<splice::Moved> {
+    stats: &'a crate::metrics::RouteStats,
+    leave: splice::Leave<'a>,
+) -> impl std::future::Future<Output = io::Result<splice::Moved>> + Send + 'a {
+    use futures_util::future::Either;
     match (client, backend) {
-        (Leg::Tcp(mut c, cp), Leg::Tcp(mut b, bp)) => {
-            splice::splice(&mut c, cp, &mut b, bp, half_close, stats, leave).await
+        (Leg::Tcp(c, cp), Leg::Tcp(b, bp)) => {
+            Either::Left(splice_owned(c, cp, b, bp, half_close, stats, leave))
         }
         (c, b) => {
-            let ((mut c, cp), (mut b, bp)) = (c.into_io(), b.into_io());
+            let ((c, cp), (b, bp)) = (c.into_io(), b.into_io());
             // Boxed: keeps this path's state out of every plain session's task.
-            Box::pin(splice::splice(
-                &mut c, cp, &mut b, bp, half_close, stats, leave,
-            ))
-            .await
+            Either::Right(Box::pin(splice_owned(
+                c, cp, b, bp, half_close, stats, leave,
+            )))
         }
     }
+}
+
+/// A splice over two legs it owns, each part stored once in the future.
+fn splice_owned<'a, C, B>(
+    mut c: C,
+    cp: Bytes,
+    mut b: B,
+    bp: Bytes,
+    half_close: std::time::Duration,
+    stats: &'a crate::metrics::RouteStats,
+    leave: splice::Leave<'a>,
+) -> impl std::future::Future<Output = io::Result<splice::Moved>> + Send + 'a
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + splice::ReadReady + Unpin + Send + 'a,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + splice::ReadReady + Unpin + Send + 'a,
+{
+    let mut s = splice::Splice::new(cp, bp, stats);
+    async move { s.run(&mut c, &mut b, half_close, leave).await }
 }

@@ -373,14 +373,74 @@ pub async fn splice<C, B>(
     backend_pending: Bytes,
     half_close_timeout: std::time::Duration,
     stats: &RouteStats,
-    mut asked_to_leave: Leave<'_>,
+    asked_to_leave: Leave<'_>,
 ) -> io::Result<Moved>
 where
     C: AsyncRead + AsyncWrite + ReadReady + Unpin,
     B: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
-    let mut up = Direction::new(client_pending, &stats.bytes_up, &stats.messages_up);
-    let mut down = Direction::new(backend_pending, &stats.bytes_down, &stats.messages_down);
+    Splice::new(client_pending, backend_pending, stats)
+        .run(client, backend, half_close_timeout, asked_to_leave)
+        .await
+}
+
+/// Both directions of a session's splice, made before it runs so that a
+/// session keeps them in one place: passed by value into the running future
+/// they would be stored twice (an `async fn` keeps its arguments and its
+/// own copies), 200 bytes each.
+pub struct Splice<'a> {
+    up: Direction<'a>,
+    down: Direction<'a>,
+}
+
+impl<'a> Splice<'a> {
+    /// `client_pending` and `backend_pending`: bytes each side sent right
+    /// behind the upgrade, delivered first.
+    pub fn new(client_pending: Bytes, backend_pending: Bytes, stats: &'a RouteStats) -> Self {
+        Splice {
+            up: Direction::new(client_pending, &stats.bytes_up, &stats.messages_up),
+            down: Direction::new(backend_pending, &stats.bytes_down, &stats.messages_down),
+        }
+    }
+
+    /// Moves bytes both ways until both directions end (or one ends and the
+    /// other does within `half_close_timeout`), or the session is asked to leave.
+    pub async fn run<C, B>(
+        &mut self,
+        client: &mut C,
+        backend: &mut B,
+        half_close_timeout: std::time::Duration,
+        mut asked_to_leave: Leave<'_>,
+    ) -> io::Result<Moved>
+    where
+        C: AsyncRead + AsyncWrite + ReadReady + Unpin,
+        B: AsyncRead + AsyncWrite + ReadReady + Unpin,
+    {
+        let Splice { up, down } = self;
+        run_both(
+            up,
+            down,
+            client,
+            backend,
+            half_close_timeout,
+            &mut asked_to_leave,
+        )
+        .await
+    }
+}
+
+async fn run_both<C, B>(
+    up: &mut Direction<'_>,
+    down: &mut Direction<'_>,
+    client: &mut C,
+    backend: &mut B,
+    half_close_timeout: std::time::Duration,
+    asked_to_leave: &mut Leave<'_>,
+) -> io::Result<Moved>
+where
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin,
+    B: AsyncRead + AsyncWrite + ReadReady + Unpin,
+{
     let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut closed_by = None;
     let mut close_code = None;
@@ -389,7 +449,7 @@ where
         let d = down.poll(cx, backend, client)?;
         if let Some(l) = asked_to_leave.as_mut() {
             if u.is_pending() && d.is_pending() && l.as_mut().poll(cx).is_ready() {
-                asked_to_leave = None;
+                *asked_to_leave = None;
                 let open = !(up.eof || down.eof || up.done || down.done);
                 if open && up.frames.seen.is_none() && down.frames.seen.is_none() {
                     return Poll::Ready(Ok(None));
@@ -444,7 +504,7 @@ where
         None => {
             let grace = half_close_timeout.min(LEAVE_GRACE);
             // Boxed: a rare path whose state stays out of every session's task.
-            Ok(Box::pin(leave(&mut up, &mut down, client, backend, grace)).await)
+            Ok(Box::pin(leave(up, down, client, backend, grace)).await)
         }
     }
 }
