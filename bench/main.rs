@@ -84,11 +84,12 @@ struct SuiteArgs {
     /// Measured seconds per scenario run (after a 1 s warm-up).
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
-    /// Targets to include.
+    /// Targets to include: direct, upgate, floor (the least a proxy does), nginx,
+    /// haproxy, caddy; upgate-frames; upgate-base and upgate-frames-base with --base-bin-dir.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,upgate,nginx,haproxy,caddy"
+        default_value = "direct,upgate,floor,nginx,haproxy,caddy"
     )]
     targets: Vec<String>,
     /// Scenarios to run (a–g, see the README).
