@@ -356,16 +356,8 @@ impl Drop for Direction<'_> {
     }
 }
 
-/// Splices `client` and `backend` until both directions reach EOF (or one
-/// fails). `*_pending` are bytes each side sent that were read before the
-/// upgrade finished; they are delivered first.
-///
-/// Once one direction has ended, the other gets `half_close_timeout` to end
-/// too; then the session is closed, so a peer that never finishes its side
-/// cannot hold it open forever.
-///
-/// When `leave` resolves while both directions are open and no Close has
-/// passed, both legs are closed at a frame boundary (see [`leave`]).
+/// [`Splice::run`] in one call (the tests' shorthand).
+#[cfg(test)]
 pub async fn splice<C, B>(
     client: &mut C,
     client_pending: Bytes,
@@ -403,8 +395,15 @@ impl<'a> Splice<'a> {
         }
     }
 
-    /// Moves bytes both ways until both directions end (or one ends and the
-    /// other does within `half_close_timeout`), or the session is asked to leave.
+    /// Splices `client` and `backend` until both directions reach EOF (or one
+    /// fails). The pending bytes given to [`Splice::new`] are delivered first.
+    ///
+    /// Once one direction has ended, the other gets `half_close_timeout` to end
+    /// too; then the session is closed, so a peer that never finishes its side
+    /// cannot hold it open forever.
+    ///
+    /// When `leave` resolves while both directions are open and no Close has
+    /// passed, both legs are closed at a frame boundary (see [`leave`]).
     pub async fn run<C, B>(
         &mut self,
         client: &mut C,
@@ -417,94 +416,71 @@ impl<'a> Splice<'a> {
         B: AsyncRead + AsyncWrite + ReadReady + Unpin,
     {
         let Splice { up, down } = self;
-        run_both(
-            up,
-            down,
-            client,
-            backend,
-            half_close_timeout,
-            &mut asked_to_leave,
-        )
-        .await
-    }
-}
-
-async fn run_both<C, B>(
-    up: &mut Direction<'_>,
-    down: &mut Direction<'_>,
-    client: &mut C,
-    backend: &mut B,
-    half_close_timeout: std::time::Duration,
-    asked_to_leave: &mut Leave<'_>,
-) -> io::Result<Moved>
-where
-    C: AsyncRead + AsyncWrite + ReadReady + Unpin,
-    B: AsyncRead + AsyncWrite + ReadReady + Unpin,
-{
-    let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    let mut closed_by = None;
-    let mut close_code = None;
-    let ended = poll_fn(|cx| -> Poll<io::Result<Option<Moved>>> {
-        let u = up.poll(cx, client, backend)?;
-        let d = down.poll(cx, backend, client)?;
-        if let Some(l) = asked_to_leave.as_mut() {
-            if u.is_pending() && d.is_pending() && l.as_mut().poll(cx).is_ready() {
-                *asked_to_leave = None;
-                let open = !(up.eof || down.eof || up.done || down.done);
-                if open && up.frames.seen.is_none() && down.frames.seen.is_none() {
-                    return Poll::Ready(Ok(None));
+        let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut closed_by = None;
+        let mut close_code = None;
+        let ended = poll_fn(|cx| -> Poll<io::Result<Option<Moved>>> {
+            let u = up.poll(cx, client, backend)?;
+            let d = down.poll(cx, backend, client)?;
+            if let Some(l) = asked_to_leave.as_mut() {
+                if u.is_pending() && d.is_pending() && l.as_mut().poll(cx).is_ready() {
+                    asked_to_leave = None;
+                    let open = !(up.eof || down.eof || up.done || down.done);
+                    if open && up.frames.seen.is_none() && down.frames.seen.is_none() {
+                        return Poll::Ready(Ok(None));
+                    }
                 }
             }
-        }
-        if close_code.is_none() {
-            // The first Close frame decides who closed, and with what code.
-            let first = match (up.frames.seen, down.frames.seen) {
-                (Some(c), _) => Some(("client", c)),
-                (None, Some(c)) => Some(("backend", c)),
-                _ => None,
-            };
-            if let Some((side, code)) = first {
-                closed_by = Some(side);
-                close_code = Some(code);
+            if close_code.is_none() {
+                // The first Close frame decides who closed, and with what code.
+                let first = match (up.frames.seen, down.frames.seen) {
+                    (Some(c), _) => Some(("client", c)),
+                    (None, Some(c)) => Some(("backend", c)),
+                    _ => None,
+                };
+                if let Some((side, code)) = first {
+                    closed_by = Some(side);
+                    close_code = Some(code);
+                }
             }
-        }
-        if closed_by.is_none() {
-            closed_by = match (&u, &d) {
-                (Poll::Ready(_), _) => Some("client"),
-                (_, Poll::Ready(_)) => Some("backend"),
-                _ => None,
-            };
-        }
-        match (u, d) {
-            (Poll::Ready(u), Poll::Ready(d)) => Poll::Ready(Ok(Some(Moved {
-                client_to_backend: u,
-                backend_to_client: d,
-                closed_by,
-                close_code: close_code.flatten(),
-                rebalanced: false,
-            }))),
-            (Poll::Pending, Poll::Pending) => Poll::Pending,
-            _ => {
-                let timer =
-                    linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(half_close_timeout)));
-                ready!(timer.as_mut().poll(cx));
-                Poll::Ready(Ok(Some(Moved {
-                    client_to_backend: up.total,
-                    backend_to_client: down.total,
+            if closed_by.is_none() {
+                closed_by = match (&u, &d) {
+                    (Poll::Ready(_), _) => Some("client"),
+                    (_, Poll::Ready(_)) => Some("backend"),
+                    _ => None,
+                };
+            }
+            match (u, d) {
+                (Poll::Ready(u), Poll::Ready(d)) => Poll::Ready(Ok(Some(Moved {
+                    client_to_backend: u,
+                    backend_to_client: d,
                     closed_by,
                     close_code: close_code.flatten(),
                     rebalanced: false,
-                })))
+                }))),
+                (Poll::Pending, Poll::Pending) => Poll::Pending,
+                _ => {
+                    let timer = linger
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(half_close_timeout)));
+                    ready!(timer.as_mut().poll(cx));
+                    Poll::Ready(Ok(Some(Moved {
+                        client_to_backend: up.total,
+                        backend_to_client: down.total,
+                        closed_by,
+                        close_code: close_code.flatten(),
+                        rebalanced: false,
+                    })))
+                }
             }
-        }
-    })
-    .await?;
-    match ended {
-        Some(moved) => Ok(moved),
-        None => {
-            let grace = half_close_timeout.min(LEAVE_GRACE);
-            // Boxed: a rare path whose state stays out of every session's task.
-            Ok(Box::pin(leave(up, down, client, backend, grace)).await)
+        })
+        .await?;
+        match ended {
+            Some(moved) => Ok(moved),
+            None => {
+                let grace = half_close_timeout.min(LEAVE_GRACE);
+                // Boxed: a rare path whose state stays out of every session's task.
+                Ok(Box::pin(leave(up, down, client, backend, grace)).await)
+            }
         }
     }
 }
