@@ -44,14 +44,26 @@ pub fn client_frames(data: &[u8]) {
     }
 }
 
-/// The splice's frame watch (close codes for the access log), in pieces.
+/// The splice's frame watch (close codes for the access log), in pieces:
+/// fed in pieces (headers straddling reads) it must see what it sees fed
+/// at once (headers read in place).
 pub fn frame_watch(data: &[u8]) {
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
-    let mut w = crate::session::FrameWatch::default();
+    let mut pieces = crate::session::FrameWatch::default();
     for piece in rest.chunks(usize::from(first) + 1) {
-        w.feed(piece);
+        pieces.feed(piece);
+    }
+    let mut whole = crate::session::FrameWatch::default();
+    whole.feed(rest);
+    assert_eq!(pieces.seen, whole.seen, "close seen differs by read sizes");
+    assert_eq!(
+        pieces.messages, whole.messages,
+        "messages differ by read sizes"
+    );
+    if pieces.seen.is_none() {
+        assert_eq!(pieces.to_boundary(), whole.to_boundary());
     }
 }
 

@@ -62,12 +62,17 @@ fn main() -> ExitCode {
     let rt = match cli.threads {
         Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(memory::on_park)
             .build(),
         Some(n) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n.max(1))
             .enable_all()
+            .on_thread_park(memory::on_park)
             .build(),
-        None => tokio::runtime::Runtime::new(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .on_thread_park(memory::on_park)
+            .build(),
     };
     let rt = match rt {
         Ok(rt) => rt,
@@ -115,7 +120,6 @@ fn check(file: &Path) -> Result<(), String> {
 }
 
 async fn run(config: Config, with_demo: bool) -> Result<(), String> {
-    memory::give_back_freed_memory();
     let stop_demo = CancellationToken::new();
     if with_demo {
         demo::start_all(&stop_demo).await?;

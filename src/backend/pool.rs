@@ -44,7 +44,9 @@ pub struct Backend {
     pub drain: bool,
     pub health: Health,
     /// Cancelled (and replaced) when active checks mark this backend down:
-    /// sessions that hold the current token close.
+    /// sessions that hold the current token close. Each is a child of
+    /// `retired`, so a session that watches both waits on this one only
+    /// (and tells the two apart by `retired.is_cancelled()`).
     down: arc_swap::ArcSwap<tokio_util::sync::CancellationToken>,
     /// Live upgraded sessions; `least_conn` and `p2c` read it.
     active: AtomicUsize,
@@ -98,16 +100,14 @@ impl Backend {
         &self.retired
     }
 
-    /// A token cancelled when this backend is next marked down.
+    /// A token cancelled when this backend is next marked down, or retired.
     pub fn down_token(&self) -> tokio_util::sync::CancellationToken {
         (**self.down.load()).clone()
     }
 
     /// Closes the sessions holding the current token; later sessions get a new one.
     pub fn signal_down(&self) {
-        let old = self
-            .down
-            .swap(Arc::new(tokio_util::sync::CancellationToken::new()));
+        let old = self.down.swap(Arc::new(self.retired.child_token()));
         old.cancel();
     }
 }
@@ -496,6 +496,7 @@ pub(super) fn new_backend(
             source,
         }
     })?;
+    let retired = tokio_util::sync::CancellationToken::new();
     Ok(Backend {
         url: u.clone(),
         tls_name: tls_name.to_string(),
@@ -504,9 +505,9 @@ pub(super) fn new_backend(
         id: balance::fnv1a(u.to_string().as_bytes()),
         drain: spec.drain,
         health: Health::new(born),
-        down: arc_swap::ArcSwap::from_pointee(tokio_util::sync::CancellationToken::new()),
+        down: arc_swap::ArcSwap::from_pointee(retired.child_token()),
         active: AtomicUsize::new(0),
-        retired: tokio_util::sync::CancellationToken::new(),
+        retired,
         failures: std::sync::atomic::AtomicU64::new(0),
         ejections: std::sync::atomic::AtomicU64::new(0),
         shed: AtomicUsize::new(0),

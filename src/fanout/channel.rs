@@ -328,7 +328,11 @@ async fn pump(
                     return Lost::Error(e.to_string());
                 }
             }
-            _ = down.cancelled() => return Lost::Error("backend marked down by health checks".into()),
+            _ = down.cancelled() => return Lost::Error(if retired.is_cancelled() {
+                "backend removed by a reload"
+            } else {
+                "backend marked down by health checks"
+            }.into()),
             _ = retired.cancelled() => return Lost::Error("backend removed by a reload".into()),
             _ = end.cancelled() => return Lost::End,
         }

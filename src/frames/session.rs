@@ -142,8 +142,10 @@ impl Upstream {
                 }
             };
             tokio::select! {
+                // A down token is a child of `retired`: both fire on a retirement.
+                biased;
+                _ = retired.cancelled() => FromBackend::Down("backend drained or removed by a reload".into()),
                 _ = down => FromBackend::Down("backend marked down by health checks".into()),
-                _ = retired.cancelled_owned() => FromBackend::Down("backend drained or removed by a reload".into()),
             }
         });
         let shed = movable.then(|| {

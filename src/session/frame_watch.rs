@@ -8,15 +8,16 @@
 /// the two code bytes; payloads are skipped by count.
 #[derive(Debug, Default)]
 pub(crate) struct FrameWatch {
-    /// Header bytes gathered so far (a header is 2–14 bytes and may straddle reads).
+    /// Header bytes gathered so far, when a header straddles reads (a
+    /// header is 2–14 bytes).
     hdr: [u8; 14],
-    have: usize,
-    /// Payload bytes of the current frame still to pass.
-    skip: u64,
+    have: u8,
     /// Inside a Close frame: its mask, and the code bytes seen so far.
-    close: Option<([u8; 4], [u8; 2], usize)>,
+    close: Option<([u8; 4], [u8; 2], u8)>,
     /// Set at the first Close frame: its code (`None` when it carried none).
     pub(crate) seen: Option<Option<u16>>,
+    /// Payload bytes of the current frame still to pass.
+    skip: u64,
     /// Data messages begun so far (a text or binary frame; continuations
     /// and control frames are not counted).
     pub(crate) messages: u64,
@@ -41,8 +42,9 @@ impl FrameWatch {
     /// one; while a header is incomplete, the bytes it needs at least (ask
     /// again once they are fed). Meaningless once a Close was seen.
     pub(crate) fn to_boundary(&self) -> u64 {
-        if self.have > 0 {
-            (Self::header_len(&self.hdr[..self.have]) - self.have) as u64
+        let have = usize::from(self.have);
+        if have > 0 {
+            (Self::header_len(&self.hdr[..have]) - have) as u64
         } else {
             self.skip
         }
@@ -55,8 +57,9 @@ impl FrameWatch {
                     .len()
                     .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
                 if let Some((mask, code, got)) = &mut self.close {
-                    for &x in b[..n].iter().take(2 - *got) {
-                        code[*got] = x ^ mask[*got];
+                    for &x in b[..n].iter().take(2 - usize::from(*got)) {
+                        let i = usize::from(*got);
+                        code[i] = x ^ mask[i];
                         *got += 1;
                     }
                 }
@@ -69,41 +72,58 @@ impl FrameWatch {
                 }
                 continue;
             }
-            let need = Self::header_len(&self.hdr[..self.have]);
-            let take = (need - self.have).min(b.len());
-            self.hdr[self.have..self.have + take].copy_from_slice(&b[..take]);
-            self.have += take;
+            // A whole header in this read (the usual case): read it in place.
+            if self.have == 0 && b.len() >= 2 {
+                let need = Self::header_len(&b[..2]);
+                if let Some((h, rest)) = b.split_at_checked(need) {
+                    self.start(h);
+                    b = rest;
+                    continue;
+                }
+            }
+            // A header that straddles reads: gather it.
+            let have = usize::from(self.have);
+            let need = Self::header_len(&self.hdr[..have]);
+            let take = (need - have).min(b.len());
+            self.hdr[have..have + take].copy_from_slice(&b[..take]);
+            let have = have + take;
+            self.have = have as u8; // at most 14
             b = &b[take..];
-            if self.have < Self::header_len(&self.hdr[..self.have]) {
+            if have < Self::header_len(&self.hdr[..have]) {
                 continue;
             }
-            let h = &self.hdr[..self.have];
-            let (len, at) = match h[1] & 0x7f {
-                126 => (u64::from(u16::from_be_bytes([h[2], h[3]])), 4),
-                127 => {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(&h[2..10]);
-                    (u64::from_be_bytes(a), 10)
-                }
-                n => (u64::from(n), 2),
-            };
-            let mut mask = [0u8; 4];
-            if h[1] & 0x80 != 0 {
-                mask.copy_from_slice(&h[at..at + 4]);
+            let hdr = self.hdr;
+            self.have = 0;
+            self.start(&hdr[..have]);
+        }
+    }
+
+    /// Takes in one complete frame header.
+    fn start(&mut self, h: &[u8]) {
+        let (len, at) = match h[1] & 0x7f {
+            126 => (u64::from(u16::from_be_bytes([h[2], h[3]])), 4),
+            127 => {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&h[2..10]);
+                (u64::from_be_bytes(a), 10)
             }
-            match h[0] & 0x0f {
-                0x1 | 0x2 => self.messages += 1,
-                _ => {}
-            }
-            if h[0] & 0x0f == 0x8 {
+            n => (u64::from(n), 2),
+        };
+        let mut mask = [0u8; 4];
+        if h[1] & 0x80 != 0 {
+            mask.copy_from_slice(&h[at..at + 4]);
+        }
+        match h[0] & 0x0f {
+            0x1 | 0x2 => self.messages += 1,
+            0x8 => {
                 if len == 0 {
                     self.seen = Some(None);
                 }
                 self.close = Some((mask, [0; 2], 0));
             }
-            self.skip = len;
-            self.have = 0;
+            _ => {}
         }
+        self.skip = len;
     }
 }
 

@@ -44,7 +44,8 @@ pub struct Authenticated {
 
 /// What, besides the peers, ends a session.
 pub struct Ends {
-    /// Cancelled when active checks mark the backend down (`on_backend_down: close`).
+    /// Cancelled when active checks mark the backend down (`on_backend_down: close`),
+    /// or when it is retired (the backend's down tokens are children of its retirement).
     pub backend_down: Option<CancellationToken>,
     /// Cancelled when a reload removed the route and its drain period is over.
     pub route_retired: CancellationToken,
@@ -89,11 +90,19 @@ pub fn spawn(
     half_close: std::time::Duration,
 ) {
     let stop = life.hard_stop.clone();
-    let down = ends.backend_down.unwrap_or_default();
+    // One wait for the backend: its down token is a child of its retirement.
+    let backend_gone = ends
+        .backend_down
+        .unwrap_or_else(|| guard.backend().retired().clone());
     let route_retired = ends.route_retired;
     let stats = ends.stats;
     let admission = ends.admission;
-    let (expires, who) = (ends.expires, ends.who);
+    // Kept as long as the session; a boxed `str` is a word smaller than a `String`.
+    let (expires, who) = (ends.expires, ends.who.map(String::into_boxed_str));
+    // Boxed until the client's upgrade completes, then moved out (and the box
+    // freed): the task's state keeps a moved-from capture for its whole life,
+    // so a pointer costs an idle session 8 bytes where the pair costs 64.
+    let backend = Box::new(backend);
     let rebalance_close = ends.rebalance_close;
     let span = tracing::Span::current();
     life.tasks.spawn(
@@ -101,7 +110,7 @@ pub fn spawn(
             let Some(client) = conn::upgraded(client, conn.tls).await else {
                 return;
             };
-            let backend = match backend {
+            let backend = match *backend {
                 (BackendIo::Tcp(s), rest) => Leg::Tcp(s, rest),
                 (tls, rest) => Leg::Other(Box::new(tls), rest),
             };
@@ -117,9 +126,11 @@ pub fn spawn(
                     Err(e) => ("io_error", None, Some(e)),
                 },
                 _ = stop.cancelled() => ("shutdown", None, None),
-                _ = down.cancelled() => ("backend_down", None, None),
+                _ = backend_gone.cancelled() => match guard.backend().retired().is_cancelled() {
+                    true => ("drained", None, None),
+                    false => ("backend_down", None, None),
+                },
                 _ = route_retired.cancelled() => ("drained", None, None),
-                _ = guard.backend().retired().cancelled() => ("drained", None, None),
                 _ = expiry(expires) => ("token_expired", None, None),
             };
             let took = started.elapsed();

@@ -32,6 +32,8 @@ use crate::metrics::{report_epoch, RouteStats};
 
 /// Size of a pooled copy buffer.
 pub const BUF_SIZE: usize = 32 * 1024;
+// Positions in a buffer are kept as `u32`.
+const _: () = assert!(BUF_SIZE <= u32::MAX as usize);
 /// Buffers kept for reuse per runtime thread; beyond this they are freed.
 const POOL_MAX: usize = 64;
 
@@ -120,15 +122,15 @@ struct Report<'a> {
     bytes: &'a AtomicU64,
     messages: &'a AtomicU64,
     sent: (u64, u64),
-    epoch: u64,
 }
 
 /// One direction of a splice.
 struct Direction<'a> {
     /// Bytes read before the upgrade finished, delivered first.
     pending: Bytes,
-    /// Data read but not yet written: the buffer and the unwritten range.
-    held: Option<(Buf, usize, usize)>,
+    /// Data read but not yet written: the buffer and the unwritten range
+    /// (within `BUF_SIZE`, so `u32`: an idle session's state stays small).
+    held: Option<(Buf, u32, u32)>,
     /// Written bytes that may still sit in a TLS layer's buffer.
     need_flush: bool,
     eof: bool,
@@ -136,6 +138,9 @@ struct Direction<'a> {
     total: u64,
     frames: FrameWatch,
     report: Report<'a>,
+    /// The reporting epoch last reported in (its low bits are enough to
+    /// see a tick).
+    epoch: u32,
 }
 
 impl<'a> Direction<'a> {
@@ -148,8 +153,8 @@ impl<'a> Direction<'a> {
                 bytes,
                 messages,
                 sent: (0, 0),
-                epoch: report_epoch(),
             },
+            epoch: report_epoch() as u32,
             total: 0,
             // An empty `Bytes` split off hyper's read buffer still keeps that
             // whole buffer alive: let it go.
@@ -199,11 +204,13 @@ impl<'a> Direction<'a> {
             }
             if let Some((buf, pos, len)) = &mut self.held {
                 while *pos < *len {
-                    let n = ready!(Pin::new(&mut *w).poll_write(cx, &buf.bytes()[*pos..*len]))?;
+                    let unwritten = &buf.bytes()[*pos as usize..*len as usize];
+                    let n = ready!(Pin::new(&mut *w).poll_write(cx, unwritten))?;
                     if n == 0 {
                         return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                     }
-                    *pos += n;
+                    // A write never takes more than it was given: n <= len - pos.
+                    *pos += n.min(unwritten.len()) as u32;
                     self.total += n as u64;
                 }
                 self.held = None; // the buffer goes back to the pool
@@ -235,9 +242,9 @@ impl<'a> Direction<'a> {
                         self.need_flush = false;
                     }
                     // Live counters, at most once per epoch (a second).
-                    let epoch = report_epoch();
-                    if epoch != self.report.epoch {
-                        self.report.epoch = epoch;
+                    let epoch = report_epoch() as u32;
+                    if epoch != self.epoch {
+                        self.epoch = epoch;
                         self.report();
                     }
                     return Poll::Pending;
@@ -248,7 +255,8 @@ impl<'a> Direction<'a> {
                         self.eof = true;
                     } else {
                         self.frames.feed(&buf.bytes()[..n]);
-                        self.held = Some((buf, 0, n));
+                        // n <= BUF_SIZE (the read's buffer), which fits a u32.
+                        self.held = Some((buf, 0, n as u32));
                     }
                 }
             }
@@ -274,8 +282,9 @@ impl Direction<'_> {
             self.pending = Bytes::new();
         }
         if let Some((mut buf, pos, len)) = self.held.take() {
-            w.write_all(&buf.bytes()[pos..len]).await?;
-            self.total += (len - pos) as u64;
+            w.write_all(&buf.bytes()[pos as usize..len as usize])
+                .await?;
+            self.total += u64::from(len - pos);
         }
         let mut buf = Buf::take();
         loop {
@@ -493,6 +502,15 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     const T: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// An idle session's task holds its splice: both directions' state is
+    /// part of every live session's memory (docs/performance.md, "Idle memory").
+    #[test]
+    fn splice_state_stays_small() {
+        assert!(std::mem::size_of::<FrameWatch>() <= 48);
+        assert!(std::mem::size_of::<Direction<'_>>() <= 160);
+        assert!(std::mem::size_of::<Splice<'_>>() <= 320);
+    }
 
     /// A connected pair of loopback TCP sockets.
     async fn pair() -> (TcpStream, TcpStream) {
