@@ -18,6 +18,11 @@
 
 mod proto;
 
+/// The allocator upgate uses: the floor targets' memory is then what the
+/// least work costs, not another allocator's fragmentation.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -279,6 +284,75 @@ async fn relay(l: TcpListener, up: SocketAddr) {
     }
 }
 
+/// The floor for a TLS-terminating proxy's memory and CPU: the relay above
+/// behind upgate's own rustls config (same provider, certificate, ALPN and
+/// resumption), and a copy that holds no buffer while both sides are quiet
+/// (it waits for either socket to be readable, then reads into a buffer
+/// made for that read). What an idle connection costs here is rustls's
+/// state, two sockets and one task: the least a rustls-based proxy keeps.
+async fn tls_relay(l: TcpListener, up: SocketAddr, tls: tokio_rustls::TlsAcceptor) {
+    loop {
+        let Ok((c, _)) = l.accept().await else {
+            continue;
+        };
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let mut c = tls.accept(c).await.ok()?;
+            let mut head = Vec::with_capacity(1024);
+            loop {
+                if head.len() > 16 << 10 || c.read_buf(&mut head).await.ok()? == 0 {
+                    return None;
+                }
+                if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let mut b = TcpStream::connect(up).await.ok()?;
+            b.set_nodelay(true).ok()?;
+            b.write_all(&head).await.ok()?;
+            drop(head);
+            lean_copy(&mut c, &mut b).await
+        });
+    }
+}
+
+/// Copies both ways until either side ends, holding a buffer only while
+/// moving data. tokio-rustls returns `Pending` only once the socket would
+/// block and rustls holds no plaintext, so waiting on the raw socket's
+/// readiness after that misses nothing.
+async fn lean_copy(
+    c: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    b: &mut TcpStream,
+) -> Option<()> {
+    use futures_util::FutureExt as _;
+    loop {
+        // Drain what is there now, each way.
+        loop {
+            let mut buf = vec![0u8; 16 << 10];
+            match c.read(&mut buf).now_or_never() {
+                None => break,
+                Some(Ok(0)) | Some(Err(_)) => return None,
+                Some(Ok(n)) => b.write_all(&buf[..n]).await.ok()?,
+            }
+        }
+        loop {
+            let mut buf = vec![0u8; 16 << 10];
+            match b.try_read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Ok(0) | Err(_) => return None,
+                Ok(n) => {
+                    c.write_all(&buf[..n]).await.ok()?;
+                    c.flush().await.ok()?;
+                }
+            }
+        }
+        tokio::select! {
+            r = c.get_ref().0.readable() => r.ok()?,
+            r = b.readable() => r.ok()?,
+        }
+    }
+}
+
 /// A listener with `TCP_NODELAY` set once, for accepted sockets to inherit.
 fn listen_nodelay(a: SocketAddr) -> std::io::Result<TcpListener> {
     let s = socket2::Socket::new(socket2::Domain::for_address(a), socket2::Type::STREAM, None)?;
@@ -292,6 +366,8 @@ fn listen_nodelay(a: SocketAddr) -> std::io::Result<TcpListener> {
 
 fn main() -> std::io::Result<()> {
     let mut relays: Vec<(SocketAddr, SocketAddr)> = Vec::new();
+    let mut tls_relays: Vec<(SocketAddr, SocketAddr)> = Vec::new();
+    let mut cert_key: Option<(std::path::PathBuf, std::path::PathBuf)> = None;
     let mut addrs: Vec<SocketAddr> = Vec::new();
     let mut feeds: Vec<SocketAddr> = Vec::new();
     let mut feed = Feed {
@@ -339,19 +415,54 @@ fn main() -> std::io::Result<()> {
                     u.parse().map_err(std::io::Error::other)?,
                 ));
             }
+            "--tls-relay" => {
+                let v = args
+                    .next()
+                    .ok_or_else(|| std::io::Error::other("--tls-relay needs LISTEN=UPSTREAM"))?;
+                let (l, u) = v
+                    .split_once('=')
+                    .ok_or_else(|| std::io::Error::other("--tls-relay needs LISTEN=UPSTREAM"))?;
+                tls_relays.push((
+                    l.parse().map_err(std::io::Error::other)?,
+                    u.parse().map_err(std::io::Error::other)?,
+                ));
+            }
+            "--cert" => {
+                let (c, k) = (args.next(), args.next());
+                match (c, k) {
+                    (Some(c), Some(k)) => cert_key = Some((c.into(), k.into())),
+                    _ => return Err(std::io::Error::other("--cert needs CERT.pem KEY.pem")),
+                }
+            }
             "-h" | "--help" => {
                 println!(
-                    "upgate-bench-backend [--listen ADDR]... [--feed ADDR]... [--feed-rate MSGS_PER_S] [--feed-size BYTES] [--floor] [--relay LISTEN=UPSTREAM]...\n\
+                    "upgate-bench-backend [--listen ADDR]... [--feed ADDR]... [--feed-rate MSGS_PER_S] [--feed-size BYTES] [--floor] [--relay LISTEN=UPSTREAM]... [--tls-relay LISTEN=UPSTREAM --cert CERT.pem KEY.pem]\n\
                      Fast WebSocket backends for the benchmark: echo on --listen, a timestamped feed on --feed\n\
                      (--floor: feed connections written by one plain thread, the kernel floor);\n\
-                     --relay: the least a proxy does (read the head, connect, copy both ways), the proxy floor."
+                     --relay: the least a proxy does (read the head, connect, copy both ways), the proxy floor;\n\
+                     --tls-relay: the same behind upgate's rustls config, holding no buffer while idle."
                 );
                 return Ok(());
             }
             other => return Err(std::io::Error::other(format!("unknown argument {other}"))),
         }
     }
-    if addrs.is_empty() && feeds.is_empty() && relays.is_empty() {
+    let acceptor = match (&cert_key, tls_relays.is_empty()) {
+        (_, true) => None,
+        (None, false) => return Err(std::io::Error::other("--tls-relay needs --cert")),
+        (Some((cert, key)), false) => {
+            let files = [upgate::config::CertFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                line: 0,
+            }];
+            let resumption = upgate::tls::Resumption::new().map_err(std::io::Error::other)?;
+            let cfg =
+                upgate::tls::server_config(&files, &resumption).map_err(std::io::Error::other)?;
+            Some(tokio_rustls::TlsAcceptor::from(cfg))
+        }
+    };
+    if addrs.is_empty() && feeds.is_empty() && relays.is_empty() && tls_relays.is_empty() {
         addrs.push("127.0.0.1:9001".parse().map_err(std::io::Error::other)?);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -398,6 +509,17 @@ fn main() -> std::io::Result<()> {
                 l.local_addr()
             );
             set.spawn(relay(l, up));
+        }
+        for (l, up) in tls_relays {
+            let l = listen_nodelay(l)?;
+            let Some(acceptor) = acceptor.clone() else {
+                break;
+            };
+            eprintln!(
+                "upgate-bench-backend: TLS relay on {:?} to {up}",
+                l.local_addr()
+            );
+            set.spawn(tls_relay(l, up, acceptor));
         }
         while set.join_next().await.is_some() {}
         Ok(())

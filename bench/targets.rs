@@ -208,23 +208,41 @@ pub fn upgate(
 }
 
 /// The proxy floor (`upgate-bench-backend --relay`): reads the head,
-/// connects, copies both ways; one thread on core 0 like the proxies. Plain only.
-pub fn relay(bin_dir: &Path, work: &Path) -> Result<Proc, String> {
+/// connects, copies both ways; one thread on core 0 like the proxies. Its
+/// TLS port (`--tls-relay`) does the same behind upgate's rustls config and
+/// holds no buffer while idle: the floor for TLS rows and TLS idle memory.
+pub fn relay(bin_dir: &Path, work: &Path, certs: &Certs) -> Result<Proc, String> {
     let port = 18130;
+    let tls_port = port + 1;
     let spec = format!("127.0.0.1:{port}=127.0.0.1:{BACKEND_PORT}");
+    let tls_spec = format!("127.0.0.1:{tls_port}=127.0.0.1:{BACKEND_PORT}");
+    let (cert, key) = (
+        certs.cert.display().to_string(),
+        certs.key.display().to_string(),
+    );
     let child = spawn(
         port,
         "0",
         &bin_dir.join("upgate-bench-backend"),
-        &["--relay", &spec],
-        &[],
+        &[
+            "--relay",
+            &spec,
+            "--tls-relay",
+            &tls_spec,
+            "--cert",
+            &cert,
+            &key,
+        ],
+        // Pages freed go back at once: the floor's memory is the least possible.
+        &[("MIMALLOC_PURGE_DELAY", "0")],
         &work.join("floor.log"),
     )?;
     wait_port(addr(port), "floor")?;
+    wait_port(addr(tls_port), "floor (TLS)")?;
     Ok(Proc {
         name: "floor".into(),
         plain: addr(port),
-        tls: None,
+        tls: Some(addr(tls_port)),
         child: Some(child),
     })
 }
