@@ -102,3 +102,73 @@ async fn out_of_descriptors_is_a_503_that_never_blames_the_backend() {
         "{reports} accept-failure lines:\n{log}"
     );
 }
+
+/// The process's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// A burst of sessions closes and the gateway goes quiet: the memory they
+/// used goes back to the system at once, not at the next burst (the runtime
+/// thread gives its free pages back when it parks). One thread, so that
+/// what is measured is that thread's pages; its buffer pool (up to 2 MiB,
+/// refilled by the last reads) stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_of_closed_sessions_goes_back_to_the_system() {
+    const SESSIONS: usize = 2000;
+    raise_nofile();
+    let be = echo_backends(&["a"]).await;
+    let dir = TempDir::new("rss");
+    let file = dir.0.join("routes.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "server: {{ watch_interval: 0s }}\nlisten:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: ['ws://{}'] }}\nroutes:\n  - {{ name: chat, path: /chat, pool: p }}\n",
+            be.addrs[0]
+        ),
+    )
+    .expect("write config");
+    let mut gw = Upgate::start_with_args(&file, &["--threads", "1"]);
+    let addr = gw.listening_addr().await;
+    let pid = gw.pid();
+    let before = rss_kib(pid);
+
+    // The sessions open at once, each echoing, opened 100 at a time.
+    let mut open = Vec::new();
+    while open.len() < SESSIONS {
+        let batch = (0..100).map(|i| async move {
+            let mut s = ws(addr, "h", "/chat").await;
+            assert_eq!(roundtrip(&mut s, &i.to_string()).await, i.to_string());
+            s
+        });
+        open.extend(futures_util::future::join_all(batch).await);
+    }
+    let held = rss_kib(pid);
+    assert!(
+        held > before + 4096,
+        "{SESSIONS} sessions grew RSS only {before} -> {held} KiB"
+    );
+    drop(open);
+
+    // At least half the growth given back within 5 s.
+    let target = before + (held - before) / 2;
+    let t0 = std::time::Instant::now();
+    let mut low = rss_kib(pid);
+    while low > target {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "RSS {before} KiB before, {held} with {SESSIONS} sessions, at least {low} in the 5 s after they closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        low = low.min(rss_kib(pid));
+    }
+    eprintln!(
+        "RSS {before} KiB before, {held} with {SESSIONS} sessions, {low} {:?} after they closed",
+        t0.elapsed()
+    );
+}

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, Instrument};
+use tracing::info;
 
 use crate::backend::pool::BackendGuard;
 use crate::lifecycle::Lifecycle;
@@ -42,6 +42,20 @@ pub struct Authenticated {
     pub token_protocol: Option<String>,
 }
 
+/// What a spliced session's access-log line says about the request that
+/// opened it (the peer comes from its connection). The session keeps these
+/// few strings instead of running inside the request's span: a span lives
+/// in the subscriber with its formatted fields, which cost an idle session
+/// 1.3–3 KiB at the default log level (docs/performance.md, "Idle memory").
+#[derive(Debug)]
+pub struct Access {
+    pub route: Box<str>,
+    pub host: Box<str>,
+    pub path: Box<str>,
+    /// `"1.1"`, or `"2"` for a WebSocket on an HTTP/2 stream.
+    pub http: &'static str,
+}
+
 /// What, besides the peers, ends a session.
 pub struct Ends {
     /// Cancelled when active checks mark the backend down (`on_backend_down: close`),
@@ -60,6 +74,8 @@ pub struct Ends {
     /// `rebalance: close`: the session closes (1012) when the pool's
     /// rebalancer asks sessions to leave its backend.
     pub rebalance_close: bool,
+    /// For the access log (spliced sessions; frames sessions run in the request's span).
+    pub access: Box<Access>,
 }
 
 /// Resolves when `at` has passed; never without one. The timer is boxed:
@@ -104,68 +120,70 @@ pub fn spawn(
     // so a pointer costs an idle session 8 bytes where the pair costs 64.
     let backend = Box::new(backend);
     let rebalance_close = ends.rebalance_close;
-    let span = tracing::Span::current();
-    life.tasks.spawn(
-        async move {
-            let Some(client) = conn::upgraded(client, conn.tls).await else {
-                return;
+    let access = ends.access;
+    life.tasks.spawn(async move {
+        let Some(client) = conn::upgraded(client, conn.tls).await else {
+            return;
+        };
+        let backend = match *backend {
+            (BackendIo::Tcp(s), rest) => Leg::Tcp(s, rest),
+            (tls, rest) => Leg::Other(Box::new(tls), rest),
+        };
+        let started = tokio::time::Instant::now();
+        let leave: splice::Leave =
+            rebalance_close.then(|| Box::pin(guard.backend().shed_claimed()) as Pin<Box<_>>);
+        // How the session ended, for the access log.
+        let (end, moved, error) = tokio::select! {
+            // The splice adds its bytes and messages to the route's counters itself.
+            r = run(client, backend, half_close, stats.stats(), leave) => match r {
+                Ok(m) if m.rebalanced => ("rebalanced", Some(m), None),
+                Ok(m) => ("closed", Some(m), None),
+                Err(e) => ("io_error", None, Some(e)),
+            },
+            _ = stop.cancelled() => ("shutdown", None, None),
+            _ = backend_gone.cancelled() => match guard.backend().retired().is_cancelled() {
+                true => ("drained", None, None),
+                false => ("backend_down", None, None),
+            },
+            _ = route_retired.cancelled() => ("drained", None, None),
+            _ = expiry(expires) => ("token_expired", None, None),
+        };
+        let took = started.elapsed();
+        let s = stats.stats();
+        s.session_duration.observe(took);
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            match end {
+                "token_expired" => s.auth.expired_sessions.fetch_add(1, Relaxed),
+                "rebalanced" => s.rebalance_closes.fetch_add(1, Relaxed),
+                _ => 0,
             };
-            let backend = match *backend {
-                (BackendIo::Tcp(s), rest) => Leg::Tcp(s, rest),
-                (tls, rest) => Leg::Other(Box::new(tls), rest),
-            };
-            let started = tokio::time::Instant::now();
-            let leave: splice::Leave =
-                rebalance_close.then(|| Box::pin(guard.backend().shed_claimed()) as Pin<Box<_>>);
-            // How the session ended, for the access log.
-            let (end, moved, error) = tokio::select! {
-                // The splice adds its bytes and messages to the route's counters itself.
-                r = run(client, backend, half_close, stats.stats(), leave) => match r {
-                    Ok(m) if m.rebalanced => ("rebalanced", Some(m), None),
-                    Ok(m) => ("closed", Some(m), None),
-                    Err(e) => ("io_error", None, Some(e)),
-                },
-                _ = stop.cancelled() => ("shutdown", None, None),
-                _ = backend_gone.cancelled() => match guard.backend().retired().is_cancelled() {
-                    true => ("drained", None, None),
-                    false => ("backend_down", None, None),
-                },
-                _ = route_retired.cancelled() => ("drained", None, None),
-                _ = expiry(expires) => ("token_expired", None, None),
-            };
-            let took = started.elapsed();
-            let s = stats.stats();
-            s.session_duration.observe(took);
-            {
-                use std::sync::atomic::Ordering::Relaxed;
-                match end {
-                    "token_expired" => s.auth.expired_sessions.fetch_add(1, Relaxed),
-                    "rebalanced" => s.rebalance_closes.fetch_add(1, Relaxed),
-                    _ => 0,
-                };
-            }
-            // One line per session (target `upgate::access`); the span adds peer and
-            // route. Byte counts are known when the splice itself finished.
-            info!(
-                target: "upgate::access",
-                backend = %guard.backend().url,
-                duration_ms = took.as_millis() as u64,
-                bytes_up = moved.map(|m| m.client_to_backend),
-                bytes_down = moved.map(|m| m.backend_to_client),
-                closed_by = moved.and_then(|m| m.closed_by),
-                close_code = moved.and_then(|m| m.close_code),
-                end,
-                user = who.as_deref(),
-                error = error.as_ref().map(tracing::field::display),
-                "session"
-            );
-            // `conn` (the connection-limit slot), `guard` (the backend's live
-            // count) and the session's place under the route's limits drop here.
-            drop(conn);
-            drop(admission);
         }
-        .instrument(span),
-    );
+        // One line per session (target `upgate::access`). Byte counts are
+        // known when the splice itself finished.
+        info!(
+            target: "upgate::access",
+            peer = %conn.peer,
+            host = &*access.host,
+            path = &*access.path,
+            route = %access.route,
+            http = access.http,
+            backend = %guard.backend().url,
+            duration_ms = took.as_millis() as u64,
+            bytes_up = moved.map(|m| m.client_to_backend),
+            bytes_down = moved.map(|m| m.backend_to_client),
+            closed_by = moved.and_then(|m| m.closed_by),
+            close_code = moved.and_then(|m| m.close_code),
+            end,
+            user = who.as_deref(),
+            error = error.as_ref().map(tracing::field::display),
+            "session"
+        );
+        // `conn` (the connection-limit slot), `guard` (the backend's live
+        // count) and the session's place under the route's limits drop here.
+        drop(conn);
+        drop(admission);
+    });
 }
 
 /// The splice of one session. Not an `async fn`: one would keep both legs

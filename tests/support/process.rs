@@ -23,6 +23,13 @@ impl Upgate {
         Upgate::spawn(cmd)
     }
 
+    /// The same with extra arguments.
+    pub fn start_with_args(config: &std::path::Path, args: &[&str]) -> Upgate {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_upgate"));
+        cmd.arg("--config").arg(config).args(args);
+        Upgate::spawn(cmd)
+    }
+
     /// The same with extra environment variables.
     pub fn start_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> Upgate {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_upgate"));
@@ -65,6 +72,11 @@ impl Upgate {
             }
         });
         Upgate { child, lines, all }
+    }
+
+    /// The process id (for reading its memory from `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Every log line so far, joined.
