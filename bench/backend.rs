@@ -266,22 +266,31 @@ async fn relay(l: TcpListener, up: SocketAddr) {
             continue;
         };
         tokio::spawn(async move {
-            let mut head = Vec::with_capacity(1024);
-            loop {
-                if head.len() > 16 << 10 || c.read_buf(&mut head).await.ok()? == 0 {
-                    return None;
-                }
-                if head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let mut b = TcpStream::connect(up).await.ok()?;
-            b.set_nodelay(true).ok()?;
-            b.write_all(&head).await.ok()?;
-            drop(head);
+            let mut b = pass_head(&mut c, up).await?;
             tokio::io::copy_bidirectional(&mut c, &mut b).await.ok()
         });
     }
+}
+
+/// Reads a request head from `c` (up to 16 KiB), connects to `up` and
+/// writes the head there: the relays' one step before copying.
+async fn pass_head<S: tokio::io::AsyncRead + Unpin>(
+    c: &mut S,
+    up: SocketAddr,
+) -> Option<TcpStream> {
+    let mut head = Vec::with_capacity(1024);
+    loop {
+        if head.len() > 16 << 10 || c.read_buf(&mut head).await.ok()? == 0 {
+            return None;
+        }
+        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let mut b = TcpStream::connect(up).await.ok()?;
+    b.set_nodelay(true).ok()?;
+    b.write_all(&head).await.ok()?;
+    Some(b)
 }
 
 /// The floor for a TLS-terminating proxy's memory and CPU: the relay above
@@ -298,19 +307,7 @@ async fn tls_relay(l: TcpListener, up: SocketAddr, tls: tokio_rustls::TlsAccepto
         let tls = tls.clone();
         tokio::spawn(async move {
             let mut c = tls.accept(c).await.ok()?;
-            let mut head = Vec::with_capacity(1024);
-            loop {
-                if head.len() > 16 << 10 || c.read_buf(&mut head).await.ok()? == 0 {
-                    return None;
-                }
-                if head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let mut b = TcpStream::connect(up).await.ok()?;
-            b.set_nodelay(true).ok()?;
-            b.write_all(&head).await.ok()?;
-            drop(head);
+            let mut b = pass_head(&mut c, up).await?;
             lean_copy(&mut c, &mut b).await
         });
     }
