@@ -323,26 +323,29 @@ async fn lean_copy(
 ) -> Option<()> {
     use futures_util::FutureExt as _;
     loop {
-        // Drain what is there now, each way.
+        // Drain what is there now, each way, through one buffer made for
+        // this wake-up (capacity only: reads fill it, nothing zeroes it).
+        let mut buf = Vec::with_capacity(16 << 10);
         loop {
-            let mut buf = vec![0u8; 16 << 10];
-            match c.read(&mut buf).now_or_never() {
+            buf.clear();
+            match c.read_buf(&mut buf).now_or_never() {
                 None => break,
                 Some(Ok(0)) | Some(Err(_)) => return None,
-                Some(Ok(n)) => b.write_all(&buf[..n]).await.ok()?,
+                Some(Ok(_)) => b.write_all(&buf).await.ok()?,
             }
         }
         loop {
-            let mut buf = vec![0u8; 16 << 10];
-            match b.try_read(&mut buf) {
+            buf.clear();
+            match b.try_read_buf(&mut buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Ok(0) | Err(_) => return None,
-                Ok(n) => {
-                    c.write_all(&buf[..n]).await.ok()?;
+                Ok(_) => {
+                    c.write_all(&buf).await.ok()?;
                     c.flush().await.ok()?;
                 }
             }
         }
+        drop(buf);
         tokio::select! {
             r = c.get_ref().0.readable() => r.ok()?,
             r = b.readable() => r.ok()?,
@@ -359,6 +362,17 @@ fn listen_nodelay(a: SocketAddr) -> std::io::Result<TcpListener> {
     s.bind(&a.into())?;
     s.listen(4096)?;
     TcpListener::from_std(s.into())
+}
+
+/// A relay's `LISTEN=UPSTREAM` argument.
+fn relay_spec(flag: &str, v: Option<String>) -> std::io::Result<(SocketAddr, SocketAddr)> {
+    let bad = || std::io::Error::other(format!("{flag} needs LISTEN=UPSTREAM"));
+    let v = v.ok_or_else(bad)?;
+    let (l, u) = v.split_once('=').ok_or_else(bad)?;
+    Ok((
+        l.parse().map_err(std::io::Error::other)?,
+        u.parse().map_err(std::io::Error::other)?,
+    ))
 }
 
 fn main() -> std::io::Result<()> {
@@ -400,30 +414,8 @@ fn main() -> std::io::Result<()> {
                 feed.size = v.parse().map_err(std::io::Error::other)?;
             }
             "--floor" => use_floor = true,
-            "--relay" => {
-                let v = args
-                    .next()
-                    .ok_or_else(|| std::io::Error::other("--relay needs LISTEN=UPSTREAM"))?;
-                let (l, u) = v
-                    .split_once('=')
-                    .ok_or_else(|| std::io::Error::other("--relay needs LISTEN=UPSTREAM"))?;
-                relays.push((
-                    l.parse().map_err(std::io::Error::other)?,
-                    u.parse().map_err(std::io::Error::other)?,
-                ));
-            }
-            "--tls-relay" => {
-                let v = args
-                    .next()
-                    .ok_or_else(|| std::io::Error::other("--tls-relay needs LISTEN=UPSTREAM"))?;
-                let (l, u) = v
-                    .split_once('=')
-                    .ok_or_else(|| std::io::Error::other("--tls-relay needs LISTEN=UPSTREAM"))?;
-                tls_relays.push((
-                    l.parse().map_err(std::io::Error::other)?,
-                    u.parse().map_err(std::io::Error::other)?,
-                ));
-            }
+            "--relay" => relays.push(relay_spec(&a, args.next())?),
+            "--tls-relay" => tls_relays.push(relay_spec(&a, args.next())?),
             "--cert" => {
                 let (c, k) = (args.next(), args.next());
                 match (c, k) {
