@@ -46,7 +46,7 @@ pub struct Authenticated {
 /// opened it (the peer comes from its connection). The session keeps these
 /// few strings instead of running inside the request's span: a span lives
 /// in the subscriber with its formatted fields, which cost an idle session
-/// 1.3–3 KiB at the default log level (docs/performance.md, "Idle memory").
+/// 1.1–2.4 KiB at the default log level (docs/performance.md, "Idle memory").
 #[derive(Debug)]
 pub struct Access {
     pub route: Box<str>,
