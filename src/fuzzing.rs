@@ -248,3 +248,145 @@ pub fn auth_token(data: &[u8]) {
         assert!(known, "refusal text not upgate's own: {d}");
     }
 }
+
+/// The edge's TLS stream (its sans-IO core) against a real rustls client,
+/// in memory. With the first byte's top bit clear, the rest is raw bytes
+/// from a "client" (a hostile handshake, fed in pieces); set, a handshake
+/// completes and the rest is a script of operations: the client writes,
+/// updates its keys, closes, the wire is delivered in pieces of the sizes
+/// the script picks (or with a flipped byte), the server reads into buffers
+/// of those sizes and writes back. Plaintext must arrive whole and in order
+/// both ways until a byte is flipped, and no buffer may outgrow its bound.
+pub fn tls_stream(data: &[u8]) {
+    use crate::tls::stream::{memory, Step};
+    use std::io::{Read, Write};
+    use tokio::io::ReadBuf;
+
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let (mut core, mut client) = memory::pair();
+    let mut space = [0u8; 256];
+    if first & 0x80 == 0 {
+        let step = usize::from(first & 0x3f) + 1;
+        for piece in rest.chunks(step) {
+            let Ok(room) = core.room() else { return };
+            let n = piece.len().min(room.len());
+            room[..n].copy_from_slice(&piece[..n]);
+            core.received(n);
+            let mut dst = ReadBuf::new(&mut space);
+            if core.process(&mut dst).is_err() {
+                return;
+            }
+            core.rest();
+            core.check_bounds();
+        }
+        return;
+    }
+    if !memory::handshake(&mut core, &mut client) {
+        panic!("the in-memory handshake failed");
+    }
+    let (mut sent_up, mut got_up) = (Vec::new(), Vec::new());
+    let (mut sent_down, mut got_down) = (Vec::new(), Vec::new());
+    let mut wire: Vec<u8> = Vec::new();
+    let mut intact = true;
+    let mut counter = 0u8;
+    let mut ops = rest.iter();
+    while let Some(&op) = ops.next() {
+        let arg = usize::from(ops.next().copied().unwrap_or(0));
+        match op % 8 {
+            0 if !client.is_handshaking() => {
+                let bytes: Vec<u8> = (0..arg * 67)
+                    .map(|_| {
+                        counter = counter.wrapping_add(1);
+                        counter
+                    })
+                    .collect();
+                let n = client.writer().write(&bytes).unwrap_or(0);
+                sent_up.extend_from_slice(&bytes[..n]);
+            }
+            1 => {
+                let _ = client.refresh_traffic_keys();
+            }
+            2 => {
+                while client.wants_write() {
+                    if client.write_tls(&mut wire).is_err() {
+                        break;
+                    }
+                }
+            }
+            3 => {
+                // Deliver up to `arg * 31 + 1` bytes of the wire to the server.
+                let n = (arg * 31 + 1).min(wire.len());
+                let mut piece: Vec<u8> = wire.drain(..n).collect();
+                if arg == 255 && !piece.is_empty() {
+                    piece[0] ^= 0x40;
+                    intact = false;
+                }
+                let mut at = 0;
+                while at < piece.len() {
+                    let Ok(room) = core.room() else { return };
+                    let k = (piece.len() - at).min(room.len());
+                    room[..k].copy_from_slice(&piece[at..at + k]);
+                    core.received(k);
+                    at += k;
+                }
+                core.check_bounds();
+            }
+            4 => {
+                let size = (arg % space.len()) + 1;
+                loop {
+                    let mut dst = ReadBuf::new(&mut space[..size]);
+                    if !core.take_plain(&mut dst) {
+                        match core.process(&mut dst) {
+                            Ok(Step::Data) => {}
+                            Ok(_) => {
+                                got_up.extend_from_slice(dst.filled());
+                                break;
+                            }
+                            Err(_) if !intact => return,
+                            Err(e) => panic!("an intact stream failed: {e}"),
+                        }
+                    }
+                    got_up.extend_from_slice(dst.filled());
+                }
+                core.rest();
+                core.check_bounds();
+            }
+            5 => {
+                let bytes = vec![arg as u8; arg * 131];
+                match core.encrypt(&bytes) {
+                    Ok(n) => sent_down.extend_from_slice(&bytes[..n]),
+                    Err(_) if !intact || core.peer_closed() => return,
+                    Err(e) => panic!("an intact stream failed to write: {e}"),
+                }
+            }
+            6 => {
+                let out = core.pending().to_vec();
+                core.sent(out.len());
+                let mut rd = &out[..];
+                while !rd.is_empty() {
+                    if client.read_tls(&mut rd).is_err() || client.process_new_packets().is_err() {
+                        return;
+                    }
+                }
+                let _ = client.reader().read_to_end(&mut got_down);
+            }
+            _ => {
+                if arg == 0 {
+                    client.send_close_notify();
+                }
+            }
+        }
+        if intact {
+            assert!(
+                sent_up.starts_with(&got_up),
+                "the server read what the client did not send"
+            );
+            assert!(
+                sent_down.starts_with(&got_down),
+                "the client read what the server did not send"
+            );
+        }
+    }
+}

@@ -30,6 +30,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod buffers;
 pub mod config;
 pub mod demo;
 pub mod error;

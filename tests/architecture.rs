@@ -103,8 +103,13 @@ fn top_level_modules_depend_one_way() {
 fn the_bottom_layers_depend_on_nothing_above_them() {
     let g = graph();
     let deps = |m: &str| g.get(m).cloned().unwrap_or_default();
-    // Configuration and counters are the foundation: nothing of the crate.
+    // Configuration, counters and the buffer pool are the foundation: nothing of the crate.
     assert!(deps("config").is_empty(), "config -> {:?}", deps("config"));
+    assert!(
+        deps("buffers").is_empty(),
+        "buffers -> {:?}",
+        deps("buffers")
+    );
     assert!(
         deps("metrics").is_empty(),
         "metrics -> {:?}",

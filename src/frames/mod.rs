@@ -53,7 +53,7 @@ pub type BackendWs = WebSocketStream<Gulp<BackendIo>>;
 pub struct Gulp<S> {
     io: S,
     /// A gulp not yet handed out: the buffer and the unread range.
-    held: Option<(crate::session::splice::Buf, usize, usize)>,
+    held: Option<(crate::buffers::Buf, usize, usize)>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Gulp<S> {
@@ -64,7 +64,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gulp<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.held.is_none() {
-            let mut buf = crate::session::splice::Buf::take();
+            let mut buf = crate::buffers::Buf::take();
             let mut rb = ReadBuf::new(buf.bytes());
             // Pending or an error: the buffer goes back to the pool here.
             ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;

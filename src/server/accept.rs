@@ -173,8 +173,9 @@ pub(super) async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: Cancellati
                     },
                     // Boxed: the TLS state is large, and this keeps it out of
                     // the task of every connection, plain ones included.
-                    Some(acceptor) => {
-                        let handshake = Box::pin(acceptor.accept(tcp));
+                    Some(config) => {
+                        let handshake =
+                            Box::pin(crate::tls::stream::TlsStream::accept(tcp, config));
                         let r = tokio::time::timeout_at(deadline, handshake).await;
                         let counter = if matches!(r, Ok(Ok(_))) {
                             &info.listener.tls_ok
@@ -184,7 +185,7 @@ pub(super) async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: Cancellati
                         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         match r {
                             Ok(Ok(s)) => {
-                                let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                                let h2 = s.alpn_protocol() == Some(b"h2");
                                 Box::pin(serve(cx2, info, s, h2, deadline)).await
                             }
                             Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),

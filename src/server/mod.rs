@@ -16,7 +16,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -59,7 +58,7 @@ pub(super) struct Listener {
     pub(super) listener: TcpListener,
     pub(super) stats: Arc<crate::metrics::ListenerStats>,
     /// Swapped by a reload (new certificates) without touching the socket.
-    pub(super) tls: Arc<arc_swap::ArcSwapOption<TlsAcceptor>>,
+    pub(super) tls: Arc<arc_swap::ArcSwapOption<rustls::ServerConfig>>,
     /// `proxy_protocol:`, also changed by a reload.
     pub(super) proxy_protocol: Arc<AtomicBool>,
 }
@@ -68,7 +67,7 @@ pub(super) struct Listener {
 struct Live {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
-    tls: Arc<arc_swap::ArcSwapOption<TlsAcceptor>>,
+    tls: Arc<arc_swap::ArcSwapOption<rustls::ServerConfig>>,
     proxy_protocol: Arc<AtomicBool>,
     stats: Arc<crate::metrics::ListenerStats>,
 }
@@ -129,7 +128,7 @@ impl Gateway {
                     listener.local_addr().unwrap_or(l.addr),
                 )),
                 listener,
-                tls: Arc::new(arc_swap::ArcSwapOption::new(tls.map(Arc::new))),
+                tls: Arc::new(arc_swap::ArcSwapOption::new(tls)),
                 proxy_protocol: Arc::new(AtomicBool::new(l.proxy_protocol)),
             });
         }
@@ -382,7 +381,6 @@ impl Gateway {
             keep
         });
         for (lc, acceptor) in cfg.listeners.iter().zip(tls) {
-            let acceptor = acceptor.map(Arc::new);
             if let Some(l) = live.get(&lc.addr) {
                 l.tls.store(acceptor);
                 l.proxy_protocol.store(lc.proxy_protocol, Ordering::Relaxed);
@@ -420,11 +418,11 @@ impl ReloadHandle {
     }
 }
 
-/// A TLS acceptor per listener (None for plain ones), certificates loaded.
+/// A TLS config per listener (None for plain ones), certificates loaded.
 fn tls_acceptors(
     config: &Config,
     resumption: &tls::Resumption,
-) -> Result<Vec<Option<TlsAcceptor>>, StartError> {
+) -> Result<Vec<Option<Arc<rustls::ServerConfig>>>, StartError> {
     config
         .listeners
         .iter()
@@ -432,7 +430,7 @@ fn tls_acceptors(
         .map(|(index, l)| match &l.tls {
             None => Ok(None),
             Some(files) => tls::server_config(files, resumption)
-                .map(|c| Some(TlsAcceptor::from(c)))
+                .map(Some)
                 .map_err(|source| StartError::Tls {
                     file: config.source.clone(),
                     line: files.first().map_or(0, |f| f.line),

@@ -112,7 +112,7 @@ pub async fn upgraded(client: hyper::upgrade::OnUpgrade, tls: bool) -> Option<Le
 /// The client side: the listener's socket type comes back from hyper.
 pub fn client_leg(up: Upgraded, tls: bool) -> Leg {
     let up = if tls {
-        match up.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
+        match up.downcast::<TokioIo<crate::tls::stream::TlsStream>>() {
             Ok(p) => return Leg::Other(Box::new(p.io.into_inner()), p.read_buf),
             Err(up) => up,
         }

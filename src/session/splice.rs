@@ -17,7 +17,6 @@
 //! ticked (once a second, see `metrics::report_epoch`), and the rest when
 //! it is dropped — one relaxed load per wake-up on the hot path.
 
-use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
@@ -30,12 +29,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::frame_watch::FrameWatch;
 use crate::metrics::{report_epoch, RouteStats};
 
-/// Size of a pooled copy buffer.
-pub const BUF_SIZE: usize = 32 * 1024;
-// Positions in a buffer are kept as `u32`.
-const _: () = assert!(BUF_SIZE <= u32::MAX as usize);
-/// Buffers kept for reuse per runtime thread; beyond this they are freed.
-const POOL_MAX: usize = 64;
+use crate::buffers::Buf;
+pub use crate::buffers::BUF_SIZE;
 
 /// Bytes moved by a finished splice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,39 +55,6 @@ const LEAVE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Asks a live splice to end cleanly: resolves when the session should
 /// leave (the rebalancer asked); `None` where nothing does.
 pub type Leave<'a> = Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>;
-
-thread_local! {
-    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A pooled buffer, returned to this thread's pool on drop.
-pub(crate) struct Buf(Option<Box<[u8]>>);
-
-impl Buf {
-    /// A `BUF_SIZE` buffer from this thread's pool (a new one if it is empty).
-    pub(crate) fn take() -> Buf {
-        let b = POOL.with(|p| p.borrow_mut().pop());
-        Buf(Some(
-            b.unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice()),
-        ))
-    }
-    pub(crate) fn bytes(&mut self) -> &mut [u8] {
-        self.0.as_deref_mut().unwrap_or_default()
-    }
-}
-
-impl Drop for Buf {
-    fn drop(&mut self) {
-        if let Some(b) = self.0.take() {
-            POOL.with(|p| {
-                let mut p = p.borrow_mut();
-                if p.len() < POOL_MAX {
-                    p.push(b);
-                }
-            });
-        }
-    }
-}
 
 /// Streams whose readiness can be checked without reading. A plain TCP
 /// socket can: its leg takes a buffer only once data is there, so an idle
@@ -792,7 +754,7 @@ mod tests {
         // The session is idle now: its buffer went back to the pool of the
         // runtime thread (this test runs on a current-thread runtime).
         tokio::task::yield_now().await;
-        let pooled = POOL.with(|p| p.borrow().len());
+        let pooled = crate::buffers::pooled();
         assert!(pooled >= 1, "the buffer was not returned while idle");
         drop((client, backend));
         let _ = task.await;

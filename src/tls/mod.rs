@@ -12,6 +12,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::config::CertFiles;
 
+pub mod stream;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{}: cannot read certificate: {source}", path.display())]
