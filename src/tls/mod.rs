@@ -158,6 +158,7 @@ pub fn server_config(
     // Resumption: clients that come back skip the full handshake.
     cfg.ticketer = resumption.ticketer.clone();
     cfg.session_storage = resumption.sessions.clone();
+    cfg.send_tls13_tickets = 1;
     Ok(Arc::new(cfg))
 }
 

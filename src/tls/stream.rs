@@ -155,6 +155,11 @@ impl Core {
         self.conn.alpn_protocol()
     }
 
+    /// Whether received ciphertext waits to be processed.
+    pub(crate) fn has_input(&self) -> bool {
+        self.incoming.is_some()
+    }
+
     pub(crate) fn peer_closed(&self) -> bool {
         self.peer_closed
     }
@@ -306,6 +311,7 @@ impl Core {
                 Some((buf, used)) => &mut buf.bytes()[..*used as usize],
                 None => &mut [],
             };
+            let input_len = input.len();
             let status = conn.process_tls_records(input);
             let discard = status.discard;
             let done = match status.state? {
@@ -320,7 +326,12 @@ impl Core {
                         delivered |= n > 0;
                     }
                     match want {
-                        Want::Read if dst.remaining() == 0 => Some((Step::Data, false)),
+                        // Full, or everything received is read: the reader
+                        // goes on (anything rustls queued meanwhile is
+                        // answered on the next call, before any new input).
+                        Want::Read if dst.remaining() == 0 || discard >= input_len => {
+                            Some((Step::Data, false))
+                        }
                         _ => None,
                     }
                 }
@@ -567,6 +578,10 @@ impl AsyncRead for TlsStream {
             if this.core.peer_closed() {
                 return Poll::Ready(Ok(()));
             }
+            if !this.core.has_input() {
+                // Nothing received to process (everything before was read).
+                ready!(this.poll_fill(cx))?;
+            }
             let before = buf.filled().len();
             let step = this.core.process(buf).map_err(|e| this.failed(e))?;
             // Answers to the peer's handshake records (a key update) go out
@@ -577,7 +592,9 @@ impl AsyncRead for TlsStream {
             if buf.filled().len() > before || step == Step::PeerClosed {
                 return Poll::Ready(Ok(()));
             }
-            ready!(this.poll_fill(cx))?;
+            if this.core.has_input() {
+                ready!(this.poll_fill(cx))?;
+            }
         }
     }
 }
