@@ -135,3 +135,87 @@ async fn a_client_that_never_finishes_tls_is_dropped() {
         .expect("closed in time");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
 }
+
+/// A socket that sends at most `step` bytes per write and lets the other
+/// tasks run between writes, so the gateway reads records in pieces.
+struct Trickle {
+    tcp: tokio::net::TcpStream,
+    step: usize,
+    yielded: bool,
+}
+
+impl tokio::io::AsyncRead for Trickle {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Trickle {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if !self.yielded {
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        self.yielded = false;
+        let n = data.len().min(self.step);
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, &data[..n])
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn records_that_arrive_in_pieces_are_served_whole() {
+    // The edge reads TLS itself (rustls's unbuffered connection): a client
+    // whose handshake and records arrive a few bytes at a time must be
+    // served exactly like one that sends them whole.
+    let dir = TempDir::new("trickle");
+    let (c, k, der) = cert_files(&dir.0, "site", &["site.test"]);
+    let be = echo_backends(&["a"]).await;
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\n    tls: {{ certs: [{{ cert: {}, key: {} }}] }}\npools:\n  p: {{ backends: [ws://{}] }}\nroutes:\n  - {{ name: r, pool: p }}\n",
+        c.display(), k.display(), be.addrs[0]
+    );
+    let gw = gateway_in(&dir.0, &yaml).await;
+    for step in [1, 7, 997] {
+        let tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let io = Trickle {
+            tcp,
+            step,
+            yielded: false,
+        };
+        let name = rustls_pki_types::ServerName::try_from("site.test").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(client_config(
+            std::slice::from_ref(&der),
+            &[b"http/1.1"],
+        ))
+        .connect(name, io)
+        .await
+        .expect("a handshake sent in pieces");
+        let mut ws = ws_over(tls, "site.test", "/", &[]).await.unwrap();
+        assert_eq!(roundtrip(&mut ws, "first").await, "first");
+        // Several records (16 KiB each at most), each in many pieces.
+        let big: String = (0..40_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        assert!(roundtrip(&mut ws, &big).await == big, "step {step}: echoed whole");
+    }
+}
