@@ -215,7 +215,12 @@ async fn records_that_arrive_in_pieces_are_served_whole() {
         let mut ws = ws_over(tls, "site.test", "/", &[]).await.unwrap();
         assert_eq!(roundtrip(&mut ws, "first").await, "first");
         // Several records (16 KiB each at most), each in many pieces.
-        let big: String = (0..40_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
-        assert!(roundtrip(&mut ws, &big).await == big, "step {step}: echoed whole");
+        let big: String = (0..40_000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        assert!(
+            roundtrip(&mut ws, &big).await == big,
+            "step {step}: echoed whole"
+        );
     }
 }
