@@ -847,6 +847,43 @@ mod tests {
     }
 
     #[test]
+    fn a_handshake_message_over_64_kib_fails_the_connection() {
+        let (mut core, _) = memory::pair();
+        // A ClientHello announcing 65,520 bytes, in full-size records.
+        let mut body = vec![0x01, 0x00, 0xff, 0xf0];
+        body.resize(4 + 65_520, 0x42);
+        let mut wire = Vec::new();
+        for record in body.chunks(16_384) {
+            let len = u16::try_from(record.len()).unwrap().to_be_bytes();
+            wire.extend_from_slice(&[0x16, 0x03, 0x01, len[0], len[1]]);
+            wire.extend_from_slice(record);
+        }
+        let mut failed = false;
+        let mut at = 0;
+        while at < wire.len() {
+            let room = match core.room() {
+                Ok(room) => room,
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            };
+            let n = room.len().min(wire.len() - at).min(4096);
+            room[..n].copy_from_slice(&wire[at..at + n]);
+            core.received(n);
+            at += n;
+            core.check_bounds();
+            let mut none = ReadBuf::new(&mut []);
+            if core.process(&mut none).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "a handshake message over 64 KiB is refused");
+        core.check_bounds();
+    }
+
+    #[test]
     fn writes_larger_than_a_buffer_are_taken_in_parts_and_read_back_whole() {
         let (mut core, mut client) = memory::pair();
         assert!(memory::handshake(&mut core, &mut client));
