@@ -36,6 +36,13 @@ impl Buf {
     pub(crate) fn exact(bytes: &[u8]) -> Buf {
         Buf(Some(bytes.into()))
     }
+    /// A pooled buffer starting with a copy of `bytes` (at most `BUF_SIZE`).
+    pub(crate) fn pooled_copy(bytes: &[u8]) -> Buf {
+        let mut b = Buf::take();
+        let n = bytes.len().min(BUF_SIZE);
+        b.bytes()[..n].copy_from_slice(&bytes[..n]);
+        b
+    }
     pub(crate) fn len(&self) -> usize {
         self.0.as_deref().map_or(0, <[u8]>::len)
     }

@@ -75,8 +75,7 @@ impl Outgoing {
         let (s, e) = (*start as usize, *end as usize);
         if buf.len() < BUF_SIZE && buf.len() - e < need {
             // A small kept copy: back into a pooled buffer.
-            let mut pooled = Buf::take();
-            pooled.bytes()[..e - s].copy_from_slice(&buf.bytes()[s..e]);
+            let pooled = Buf::pooled_copy(&buf.bytes()[s..e]);
             (*buf, *start, *end) = (pooled, 0, u32_of(e - s));
         }
         let (s, e) = (*start as usize, *end as usize);
@@ -132,6 +131,14 @@ pub(crate) struct Core {
     close_queued: bool,
 }
 
+/// The room an encoding needs, when it had too little (for [`Outgoing::fill`]).
+fn encode_room(e: EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
+}
+
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
@@ -179,9 +186,7 @@ impl Core {
         let used_n = *used as usize;
         if buf.len() < BUF_SIZE {
             // A kept partial record: back into a pooled buffer.
-            let mut pooled = Buf::take();
-            pooled.bytes()[..used_n].copy_from_slice(&buf.bytes()[..used_n]);
-            *buf = pooled;
+            *buf = Buf::pooled_copy(&buf.bytes()[..used_n]);
         }
         if used_n == buf.len() {
             if buf.len() >= MAX_INCOMING {
@@ -367,12 +372,7 @@ impl Core {
                     }
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    outgoing.fill(|room| {
-                        encode.encode(room).map_err(|e| match e {
-                            EncodeError::InsufficientSize(s) => Some(s.required_size),
-                            _ => None,
-                        })
-                    })?;
+                    outgoing.fill(|room| encode.encode(room).map_err(encode_room))?;
                     None
                 }
                 // Encoded records stay in the outgoing buffer, in order,
@@ -455,12 +455,9 @@ impl Core {
             let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state else {
                 return;
             };
-            let encoded = self.outgoing.fill(|room| {
-                encode.encode(room).map_err(|e| match e {
-                    EncodeError::InsufficientSize(s) => Some(s.required_size),
-                    _ => None,
-                })
-            });
+            let encoded = self
+                .outgoing
+                .fill(|room| encode.encode(room).map_err(encode_room));
             if encoded.is_err() {
                 return;
             }
@@ -507,10 +504,6 @@ impl TlsStream {
     /// The protocol the client and upgate agreed on by ALPN.
     pub fn alpn_protocol(&self) -> Option<&[u8]> {
         self.core.alpn_protocol()
-    }
-
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.tcp
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -761,16 +754,14 @@ pub(crate) mod memory {
 
     /// Moves what the server has to send into the client.
     pub(crate) fn to_client(core: &mut Core, client: &mut ClientConnection) {
-        let mut wire = core.pending().to_vec();
-        let n = wire.len();
-        core.sent(n);
+        let wire = core.pending().to_vec();
+        core.sent(wire.len());
         let mut rd = &wire[..];
         while !rd.is_empty() {
             if client.read_tls(&mut rd).is_err() || client.process_new_packets().is_err() {
                 return;
             }
         }
-        wire.clear();
     }
 
     /// Runs the handshake to its end; whether it completed.
