@@ -67,6 +67,9 @@ pub enum ProxyError {
     /// The gateway ran out of descriptors, ports or memory reaching a backend.
     #[error("the gateway is short of local resources (file descriptors, ports or memory); try again shortly")]
     Local(#[source] BackendError),
+    /// A request on a path that cannot serve it: a bug of upgate's, answered 500.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     /// One failure answered to every client waiting for the same fan-out channel.
     #[error(transparent)]
     Shared(std::sync::Arc<ProxyError>),
@@ -104,6 +107,7 @@ impl ProxyError {
             ProxyError::ChannelFailed => StatusCode::BAD_GATEWAY,
             ProxyError::ChannelTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Shared(inner) => inner.status(),
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
                 StatusCode::UPGRADE_REQUIRED

@@ -21,6 +21,7 @@ use crate::state::{Shared, Snapshot};
 use crate::ws::{self, Forwarded};
 use std::sync::atomic::Ordering;
 
+pub mod direct;
 mod plain;
 mod upgrade;
 
@@ -95,33 +96,8 @@ where
             stats.http2_upgrades.fetch_add(1, Ordering::Relaxed);
         }
         let started = tokio::time::Instant::now();
-        let span = tracing::info_span!(
-            "ws",
-            peer = %conn.peer,
-            host,
-            path = req.uri().path(),
-            route = %r.name,
-            http = if h2 { "2" } else { "1.1" }
-        );
-        let admitted = if origin_ok(r, req.headers()) {
-            crate::limits::admit(stats, r.limits, conn.peer.ip(), &r.name)
-        } else {
-            let o = req.headers().get(header::ORIGIN).map(|o| {
-                let o = String::from_utf8_lossy(o.as_bytes());
-                o.chars().take(200).collect::<String>()
-            });
-            Err(ProxyError::Origin(o.unwrap_or_default()))
-        };
-        let resp = match admitted.map(|admission| Admitted {
-            route: r,
-            stats,
-            admission,
-            auth: grant.map(|g| Authenticated {
-                who: g.who,
-                expires: g.expires,
-                token_protocol: g.token_protocol,
-            }),
-        }) {
+        let span = ws_span(&conn, host, req.uri().path(), r, h2);
+        let resp = match admit(r, stats, &conn, req.headers(), grant) {
             Err(e) => Err(e),
             Ok(a) => match &state.hub {
                 Some(hub) => {
@@ -130,28 +106,15 @@ where
                         .await
                 }
                 None => {
-                    upgrade(&shared, &conn, &snapshot, a, &state.retired, req)
+                    let client = Client::Hyper(hyper::upgrade::on(&mut req));
+                    upgrade(&shared, &conn, &snapshot, a, &state.retired, req, client)
                         .instrument(span)
                         .await
+                        .map(|s| s.response)
                 }
             },
         };
-        let outcome = match &resp {
-            Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => Outcome::Ok,
-            Ok(r) if h2 && r.status() == StatusCode::OK => Outcome::Ok,
-            Ok(_) => Outcome::Refused,
-            Err(ProxyError::RouteFull { .. } | ProxyError::ChannelLimit { .. }) => {
-                Outcome::Rejected
-            }
-            Err(e) if e.status().is_client_error() => Outcome::Rejected,
-            Err(_) => Outcome::Failed,
-        };
-        let resp = resp.unwrap_or_else(|e| {
-            debug!(peer = %conn.peer, error = %e, "upgrade refused");
-            e.into_response()
-        });
-        stats.upgrade(outcome, started.elapsed());
-        return Ok(resp);
+        return Ok(answered(stats, &conn, resp, h2, started));
     }
     req.extensions_mut().insert(Matched {
         snapshot: snapshot.clone(),
@@ -159,6 +122,86 @@ where
         conn,
     });
     tower::ServiceExt::oneshot(http, req).await
+}
+
+/// Where a spliced session's client socket comes from.
+pub(crate) enum Client {
+    /// hyper's connection: the session waits for hyper's upgrade, in its own task.
+    Hyper(hyper::upgrade::OnUpgrade),
+    /// The direct path owns the socket: the session is handed back to run there.
+    Direct,
+}
+
+/// The answer to a WebSocket upgrade, and the session to run when it is a
+/// yes on the direct path.
+pub(crate) struct Switched {
+    pub(crate) response: Response<Body>,
+    pub(crate) session: Option<Box<crate::session::Pending>>,
+}
+
+/// The span a WebSocket upgrade runs in.
+fn ws_span(conn: &ConnInfo, host: &str, path: &str, r: &Route, h2: bool) -> tracing::Span {
+    tracing::info_span!(
+        "ws",
+        peer = %conn.peer,
+        host,
+        path,
+        route = %r.name,
+        http = if h2 { "2" } else { "1.1" }
+    )
+}
+
+/// A WebSocket request's `Origin` and the route's limits: its place under
+/// them, or why it has none.
+fn admit<'a>(
+    r: &'a Route,
+    stats: &'a Arc<crate::metrics::RouteStats>,
+    conn: &ConnInfo,
+    headers: &HeaderMap,
+    grant: Option<crate::auth::Grant>,
+) -> Result<Admitted<'a>, ProxyError> {
+    if !origin_ok(r, headers) {
+        let o = headers.get(header::ORIGIN).map(|o| {
+            let o = String::from_utf8_lossy(o.as_bytes());
+            o.chars().take(200).collect::<String>()
+        });
+        return Err(ProxyError::Origin(o.unwrap_or_default()));
+    }
+    let admission = crate::limits::admit(stats, r.limits, conn.peer.ip(), &r.name)?;
+    Ok(Admitted {
+        route: r,
+        stats,
+        admission,
+        auth: grant.map(|g| Authenticated {
+            who: g.who,
+            expires: g.expires,
+            token_protocol: g.token_protocol,
+        }),
+    })
+}
+
+/// Counts a WebSocket upgrade's outcome and turns a refusal into its answer.
+fn answered(
+    stats: &crate::metrics::RouteStats,
+    conn: &ConnInfo,
+    resp: Result<Response<Body>, ProxyError>,
+    h2: bool,
+    started: tokio::time::Instant,
+) -> Response<Body> {
+    let outcome = match &resp {
+        Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => Outcome::Ok,
+        Ok(r) if h2 && r.status() == StatusCode::OK => Outcome::Ok,
+        Ok(_) => Outcome::Refused,
+        Err(ProxyError::RouteFull { .. } | ProxyError::ChannelLimit { .. }) => Outcome::Rejected,
+        Err(e) if e.status().is_client_error() => Outcome::Rejected,
+        Err(_) => Outcome::Failed,
+    };
+    let resp = resp.unwrap_or_else(|e| {
+        debug!(peer = %conn.peer, error = %e, "upgrade refused");
+        e.into_response()
+    });
+    stats.upgrade(outcome, started.elapsed());
+    resp
 }
 
 /// Checks the route's `auth:` and, when it lets the request on, applies

@@ -7,32 +7,36 @@ use std::sync::Arc;
 use http::header::{self, HeaderValue};
 use http::StatusCode;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use std::sync::atomic::Ordering;
 use tracing::{info, warn};
 
 use super::{backend_path, forward_headers, hash_key, request_host, set_host};
+use super::{Client, Switched};
 use crate::backend::BackendError;
 use crate::backend::BackendGuard;
 use crate::config::OnBackendDown;
-use crate::error::{Body, ProxyError};
+use crate::error::ProxyError;
 use crate::session::conn::ConnInfo;
-use crate::session::Admitted;
+use crate::session::{Admitted, Pending};
 use crate::state::{Shared, Snapshot};
 use crate::ws;
 use tokio_util::sync::CancellationToken;
 
 /// The session keeps `admitted.admission` for its life and ends when
 /// `retired` is cancelled (the route removed by a reload, drain over).
-pub(super) async fn upgrade(
+pub(super) async fn upgrade<B>(
     shared: &Arc<Shared>,
     conn: &Arc<ConnInfo>,
     snapshot: &Snapshot,
     admitted: Admitted<'_>,
     retired: &CancellationToken,
-    mut req: Request<Incoming>,
-) -> Result<Response<Body>, ProxyError> {
-    ws::validate(&req)?;
+    req: Request<B>,
+    client: Client,
+) -> Result<Switched, ProxyError> {
+    if matches!(client, Client::Hyper(_)) {
+        // (The direct path takes only requests that passed.)
+        ws::validate(&req)?;
+    }
     let Admitted {
         route,
         stats,
@@ -41,7 +45,6 @@ pub(super) async fn upgrade(
     } = admitted;
     let auth = auth.unwrap_or_default();
     let pool = &snapshot.pools[route.pool];
-    let client_upgrade = hyper::upgrade::on(&mut req);
     let client_host = request_host(req.uri(), req.headers());
     let mut headers = forward_headers(req.headers(), conn, client_host);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -118,7 +121,10 @@ pub(super) async fn upgrade(
                     let mut out = Response::new(crate::error::full(answer.rest));
                     *out.status_mut() = answer.status;
                     out.headers_mut().extend(headers);
-                    return Ok(out);
+                    return Ok(Switched {
+                        response: out,
+                        session: None,
+                    });
                 }
                 let guard = BackendGuard::new(backend.clone());
                 let down =
@@ -142,17 +148,27 @@ pub(super) async fn upgrade(
                         },
                     }),
                 };
-                match &route.frames {
-                    None => crate::session::spawn(
-                        &shared.life,
-                        conn.busy(),
-                        client_upgrade,
-                        (io, answer.rest),
-                        guard,
-                        ends,
-                        settings.half_close_timeout,
-                    ),
-                    Some(cfg) => {
+                let mut session = None;
+                match (&route.frames, client) {
+                    (None, client) => {
+                        let pending = Pending::new(
+                            conn.busy(),
+                            (io, answer.rest),
+                            guard,
+                            ends,
+                            settings.half_close_timeout,
+                        );
+                        match client {
+                            Client::Hyper(on) => pending.spawn(&shared.life, on),
+                            Client::Direct => session = Some(pending),
+                        }
+                    }
+                    (Some(_), Client::Direct) => {
+                        return Err(ProxyError::Internal(
+                            "a frames route reached the direct upgrade path",
+                        ))
+                    }
+                    (Some(cfg), Client::Hyper(client_upgrade)) => {
                         let redial = redial(
                             pool,
                             route,
@@ -214,7 +230,10 @@ pub(super) async fn upgrade(
                     }
                 }
                 *out.headers_mut() = headers;
-                return Ok(out);
+                return Ok(Switched {
+                    response: out,
+                    session,
+                });
             }
             Err(e) if e.is_local() => {
                 warn!(error = %e, "out of local resources: the upgrade fails, the backend is not blamed");

@@ -12,13 +12,14 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 use tracing::{debug, info, warn, Instrument};
 
-use super::connection::{is_h2_preface, serve};
+use super::connection::serve_first;
 use super::Listener;
 use crate::config::ServerSettings;
 use crate::error::Body;
@@ -88,6 +89,9 @@ pub(super) struct AcceptCx {
     pub(super) http: HttpService,
     pub(super) handshake_timeout: Duration,
     pub(super) idle_timeout: Duration,
+    /// The first head's limits, as hyper's (past them, hyper answers).
+    pub(super) max_header_bytes: usize,
+    pub(super) max_headers: usize,
 }
 
 pub(super) async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: CancellationToken) {
@@ -125,77 +129,92 @@ pub(super) async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: Cancellati
         let cx2 = cx.clone();
         cx.shared.life.tasks.spawn(
             async move {
-                let mut tcp = tcp;
-                let timed_out = |info: &ConnInfo, what: &str| {
-                    info.listener
-                        .handshake_timeouts
-                        .fetch_add(1, Ordering::Relaxed);
-                    debug!("{what} within the handshake timeout");
-                };
-                if proxy_protocol {
-                    let header = tokio::time::timeout_at(
-                        deadline,
-                        crate::server::proxy_protocol::read(&mut tcp),
-                    )
-                    .await;
-                    match header {
-                        Ok(Ok(h)) => {
-                            if let Some(client) = h.source {
-                                info.peer = client;
-                                tracing::Span::current()
-                                    .record("client", tracing::field::display(client));
-                            }
-                        }
-                        Ok(Err(e)) => {
-                            info.listener
-                                .proxy_header_failed
-                                .fetch_add(1, Ordering::Relaxed);
-                            debug!(error = %e, "connection closed");
-                            return;
-                        }
-                        Err(_) => {
-                            info.listener
-                                .proxy_header_failed
-                                .fetch_add(1, Ordering::Relaxed);
-                            debug!("no PROXY header within the handshake timeout");
-                            return;
-                        }
-                    }
-                }
+                // Boxed: the PROXY header and the TLS handshake are done
+                // before the first request, and their state must not size
+                // the task that may hold a session for its life. (Bound
+                // first: a temporary of the `let else` would live on.)
+                let ready = Box::pin(ready(tcp, &mut info, tls, proxy_protocol, deadline)).await;
+                let Some(stream) = ready else { return };
                 let info = Arc::new(info);
-                match tls {
-                    None => match tokio::time::timeout_at(deadline, is_h2_preface(&tcp)).await {
-                        Ok(Ok(h2)) => serve(cx2, info, tcp, h2, deadline).await,
-                        Ok(Err(e)) => {
-                            debug!(error = %e, "connection failed before its first request")
-                        }
-                        Err(_) => timed_out(&info, "no request"),
-                    },
-                    // Boxed: the TLS state is large, and this keeps it out of
-                    // the task of every connection, plain ones included.
-                    Some(config) => {
-                        let handshake =
-                            Box::pin(crate::tls::stream::TlsStream::accept(tcp, config));
-                        let r = tokio::time::timeout_at(deadline, handshake).await;
-                        let counter = if matches!(r, Ok(Ok(_))) {
-                            &info.listener.tls_ok
-                        } else {
-                            &info.listener.tls_failed
-                        };
-                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        match r {
-                            Ok(Ok(s)) => {
-                                let h2 = s.alpn_protocol() == Some(b"h2");
-                                Box::pin(serve(cx2, info, s, h2, deadline)).await
-                            }
-                            Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                            Err(_) => timed_out(&info, "no TLS handshake"),
-                        }
-                    }
+                match stream {
+                    Stream::Plain(tcp) => serve_first(cx2, info, tcp, true, deadline).await,
+                    Stream::Tls(s, h2) => serve_first(cx2, info, s, h2, deadline).await,
                 }
             }
             .instrument(span),
         );
+    }
+}
+
+/// A connection ready for its first request.
+enum Stream {
+    Plain(TcpStream),
+    /// Boxed: a session keeps it as its `Box<dyn Io>` leg. `bool`: ALPN chose HTTP/2.
+    Tls(Box<crate::tls::stream::TlsStream>, bool),
+}
+
+/// The PROXY header (`proxy_protocol`: its source becomes the peer) and the
+/// TLS handshake, by `deadline`; `None` once the connection is over.
+async fn ready(
+    mut tcp: TcpStream,
+    info: &mut ConnInfo,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    proxy_protocol: bool,
+    deadline: tokio::time::Instant,
+) -> Option<Stream> {
+    if proxy_protocol {
+        let header =
+            tokio::time::timeout_at(deadline, crate::server::proxy_protocol::read(&mut tcp)).await;
+        match header {
+            Ok(Ok(h)) => {
+                if let Some(client) = h.source {
+                    info.peer = client;
+                    tracing::Span::current().record("client", tracing::field::display(client));
+                }
+            }
+            Ok(Err(e)) => {
+                info.listener
+                    .proxy_header_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(error = %e, "connection closed");
+                return None;
+            }
+            Err(_) => {
+                info.listener
+                    .proxy_header_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!("no PROXY header within the handshake timeout");
+                return None;
+            }
+        }
+    }
+    let Some(config) = tls else {
+        return Some(Stream::Plain(tcp));
+    };
+    let r =
+        tokio::time::timeout_at(deadline, crate::tls::stream::TlsStream::accept(tcp, config)).await;
+    let counter = if matches!(r, Ok(Ok(_))) {
+        &info.listener.tls_ok
+    } else {
+        &info.listener.tls_failed
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    match r {
+        Ok(Ok(s)) => {
+            let h2 = s.alpn_protocol() == Some(b"h2");
+            Some(Stream::Tls(Box::new(s), h2))
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            info.listener
+                .handshake_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            debug!("no TLS handshake within the handshake timeout");
+            None
+        }
     }
 }
 

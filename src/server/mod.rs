@@ -26,6 +26,7 @@ use crate::tls::{self, TlsError};
 
 mod accept;
 mod connection;
+mod head;
 pub mod proxy_protocol;
 pub mod watch;
 
@@ -194,6 +195,8 @@ impl Gateway {
             http: http_service(&self.settings),
             handshake_timeout: self.settings.handshake_timeout,
             idle_timeout: self.settings.idle_timeout,
+            max_header_bytes: self.settings.max_header_bytes,
+            max_headers: self.settings.max_headers,
         });
         let snap = self.shared.snapshot.load_full();
         for pool in &snap.pools {

@@ -94,37 +94,75 @@ pub async fn expiry(at: Option<std::time::SystemTime>) {
     }
 }
 
-/// Spawns the session on the gateway's task tracker. `backend` is the
-/// connected socket and any bytes the backend sent right behind its 101.
-pub fn spawn(
-    life: &Lifecycle,
+/// A spliced session whose backend has said yes: everything it needs but
+/// the client's socket. [`Pending::spawn`] starts it in its own task once
+/// hyper hands the client's socket back (after the 101 it writes);
+/// [`Pending::run`] runs it where it is, with a client socket the caller
+/// owns (the direct upgrade path, which wrote the 101 itself).
+pub struct Pending {
     conn: Busy,
-    client: OnUpgrade,
-    backend: (BackendIo, Bytes),
+    /// Boxed until the session starts, then moved out (and the box freed):
+    /// a task's state keeps a moved-from capture for its whole life, so a
+    /// pointer costs an idle session 8 bytes where the pair costs 64.
+    backend: Box<(BackendIo, Bytes)>,
     guard: BackendGuard,
     ends: Ends,
     half_close: std::time::Duration,
-) {
-    let stop = life.hard_stop.clone();
-    // One wait for the backend: its down token is a child of its retirement.
-    let backend_gone = ends
-        .backend_down
-        .unwrap_or_else(|| guard.backend().retired().clone());
-    let route_retired = ends.route_retired;
-    let stats = ends.stats;
-    let admission = ends.admission;
-    // Kept as long as the session; a boxed `str` is a word smaller than a `String`.
-    let (expires, who) = (ends.expires, ends.who.map(String::into_boxed_str));
-    // Boxed until the client's upgrade completes, then moved out (and the box
-    // freed): the task's state keeps a moved-from capture for its whole life,
-    // so a pointer costs an idle session 8 bytes where the pair costs 64.
-    let backend = Box::new(backend);
-    let rebalance_close = ends.rebalance_close;
-    let access = ends.access;
-    life.tasks.spawn(async move {
-        let Some(client) = conn::upgraded(client, conn.tls).await else {
-            return;
-        };
+}
+
+impl Pending {
+    /// `backend` is the connected socket and any bytes the backend sent
+    /// right behind its 101.
+    pub fn new(
+        conn: Busy,
+        backend: (BackendIo, Bytes),
+        guard: BackendGuard,
+        ends: Ends,
+        half_close: std::time::Duration,
+    ) -> Box<Pending> {
+        Box::new(Pending {
+            conn,
+            backend: Box::new(backend),
+            guard,
+            ends,
+            half_close,
+        })
+    }
+
+    /// Spawns the session on the gateway's task tracker; it starts when
+    /// hyper has finished the client's upgrade.
+    pub fn spawn(self: Box<Self>, life: &Lifecycle, client: OnUpgrade) {
+        let stop = life.hard_stop.clone();
+        let tls = self.conn.tls;
+        life.tasks.spawn(async move {
+            let Some(client) = conn::upgraded(client, tls).await else {
+                return;
+            };
+            self.run(stop, client).await
+        });
+    }
+
+    /// Runs the session to its end with the client's leg; `stop` is the
+    /// gateway's hard stop.
+    pub async fn run(self: Box<Self>, stop: CancellationToken, client: Leg) {
+        let Pending {
+            conn,
+            backend,
+            guard,
+            ends,
+            half_close,
+        } = *self;
+        // One wait for the backend: its down token is a child of its retirement.
+        let backend_gone = ends
+            .backend_down
+            .unwrap_or_else(|| guard.backend().retired().clone());
+        let route_retired = ends.route_retired;
+        let stats = ends.stats;
+        let admission = ends.admission;
+        // Kept as long as the session; a boxed `str` is a word smaller than a `String`.
+        let (expires, who) = (ends.expires, ends.who.map(String::into_boxed_str));
+        let rebalance_close = ends.rebalance_close;
+        let access = ends.access;
         let backend = match *backend {
             (BackendIo::Tcp(s), rest) => Leg::Tcp(s, rest),
             (tls, rest) => Leg::Other(Box::new(tls), rest),
@@ -183,7 +221,7 @@ pub fn spawn(
         // count) and the session's place under the route's limits drop here.
         drop(conn);
         drop(admission);
-    });
+    }
 }
 
 /// The splice of one session. Not an `async fn`: one would keep both legs

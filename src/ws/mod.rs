@@ -72,8 +72,9 @@ pub fn new_key() -> String {
 
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
     })
 }
 
@@ -132,21 +133,28 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
+    // One pass over the names present (no lookup per hop-by-hop name), and
+    // no allocation when nothing beyond the usual is named.
+    let mut gone: Vec<HeaderName> = Vec::new();
+    for v in h.get_all(header::CONNECTION) {
+        let Ok(v) = v.to_str() else { continue };
+        for t in v.split(',').map(str::trim) {
+            if t.eq_ignore_ascii_case("upgrade") || t.eq_ignore_ascii_case("keep-alive") {
+                continue; // removed below in any case
+            }
+            if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                gone.push(n);
+            }
+        }
+    }
+    for name in h.keys() {
+        if HOP_BY_HOP.contains(name) || name == KEEP_ALIVE || name == PROXY_CONNECTION {
+            gone.push(name.clone());
+        }
+    }
+    for n in gone {
         h.remove(n);
     }
-    for n in HOP_BY_HOP {
-        h.remove(n);
-    }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
 }
 
 /// Who asked, as the backend should be told.
@@ -157,41 +165,106 @@ pub struct Forwarded<'a> {
     pub host: Option<&'a str>,
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Appends `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
 pub fn add_forwarded(h: &mut HeaderMap, f: Forwarded<'_>) {
     let ip = f.peer.ip();
-    let proto = if f.tls { "https" } else { "http" };
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+    let proto: &[u8] = if f.tls { b"https" } else { b"http" };
+    // The address as text once, on the stack (this runs on every upgrade).
+    let mut text = [0u8; 48];
+    let ip_text = ip_text(ip, &mut text);
+    let prev = h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+    let mut xff = Vec::with_capacity(prev.map_or(0, |p| p.len() + 2) + ip_text.len());
+    if let Some(prev) = prev {
+        xff.extend_from_slice(prev.as_bytes());
+        xff.extend_from_slice(b", ");
     }
-    h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    let mut fwd = match ip {
-        std::net::IpAddr::V4(a) => format!("for={a};proto={proto}"),
-        std::net::IpAddr::V6(a) => format!("for=\"[{a}]\";proto={proto}"),
-    };
+    xff.extend_from_slice(ip_text);
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    h.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if f.tls { "https" } else { "http" }),
+    );
+    let prev = h.get(header::FORWARDED).and_then(|v| v.to_str().ok());
+    let mut fwd = Vec::with_capacity(
+        prev.map_or(0, |p| p.len() + 2) + 32 + ip_text.len() + f.host.map_or(0, str::len),
+    );
+    if let Some(prev) = prev {
+        fwd.extend_from_slice(prev.as_bytes());
+        fwd.extend_from_slice(b", ");
+    }
+    match ip {
+        std::net::IpAddr::V4(_) => {
+            fwd.extend_from_slice(b"for=");
+            fwd.extend_from_slice(ip_text);
+        }
+        std::net::IpAddr::V6(_) => {
+            fwd.extend_from_slice(b"for=\"[");
+            fwd.extend_from_slice(ip_text);
+            fwd.extend_from_slice(b"]\"");
+        }
+    }
+    fwd.extend_from_slice(b";proto=");
+    fwd.extend_from_slice(proto);
     if let Some(host) = f.host {
         if let Ok(v) = HeaderValue::from_str(host) {
-            h.insert("x-forwarded-host", v);
+            h.insert(X_FORWARDED_HOST, v);
         }
         if host
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
         {
-            fwd.push_str(";host=\"");
-            fwd.push_str(host);
-            fwd.push('"');
+            fwd.extend_from_slice(b";host=\"");
+            fwd.extend_from_slice(host.as_bytes());
+            fwd.push(b'"');
         }
     }
-    let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {fwd}"),
-        None => fwd,
-    };
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd)) {
         h.insert(header::FORWARDED, v);
+    }
+}
+
+/// `ip` as text in `buf`: dotted decimal written by hand for IPv4 (every
+/// upgrade), the standard form for IPv6.
+fn ip_text(ip: std::net::IpAddr, buf: &mut [u8; 48]) -> &[u8] {
+    match ip {
+        std::net::IpAddr::V4(a) => {
+            let mut n = 0;
+            for (i, octet) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if octet >= 100 {
+                    buf[n] = b'0' + octet / 100;
+                    n += 1;
+                }
+                if octet >= 10 {
+                    buf[n] = b'0' + octet / 10 % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + octet % 10;
+                n += 1;
+            }
+            &buf[..n]
+        }
+        std::net::IpAddr::V6(a) => {
+            use std::io::Write;
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            // An IPv6 address is at most 45 characters: it fits.
+            let n = match write!(cursor, "{a}") {
+                Ok(()) => cursor.position() as usize,
+                Err(_) => 0,
+            };
+            &buf[..n]
+        }
     }
 }
 
