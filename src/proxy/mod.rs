@@ -313,12 +313,23 @@ fn forward_headers(src: &HeaderMap, conn: &ConnInfo, host: Option<&str>) -> Head
 }
 
 fn set_host(h: &mut HeaderMap, route: &Route, client_host: Option<&str>, backend: &Backend) {
-    let value = match client_host {
-        Some(c) if route.preserve_host => HeaderValue::from_str(c).ok(),
-        _ => None,
-    };
-    let value = value.or_else(|| HeaderValue::from_str(backend.authority.as_str()).ok());
-    if let Some(v) = value {
+    if let Some(v) =
+        host_for(route, client_host, backend).and_then(|v| HeaderValue::from_str(v).ok())
+    {
         h.insert(header::HOST, v);
     }
+}
+
+/// The backend's `Host`: the client's with `preserve_host` (when it is a
+/// valid value), else the backend's authority.
+fn host_for<'a>(
+    route: &Route,
+    client_host: Option<&'a str>,
+    backend: &'a Backend,
+) -> Option<&'a str> {
+    let valid = |v: &&str| ws::value_ok(v.as_bytes());
+    client_host
+        .filter(|_| route.preserve_host)
+        .filter(valid)
+        .or_else(|| Some(backend.authority.as_str()).filter(valid))
 }

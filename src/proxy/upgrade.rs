@@ -10,7 +10,7 @@ use http::{Request, Response};
 use std::sync::atomic::Ordering;
 use tracing::{info, warn};
 
-use super::{backend_path, forward_headers, hash_key, request_host, set_host};
+use super::{backend_path, forward_headers, hash_key, host_for, request_host, set_host};
 use super::{Client, Switched};
 use crate::backend::BackendError;
 use crate::backend::BackendGuard;
@@ -46,7 +46,14 @@ pub(super) async fn upgrade<B>(
     let auth = auth.unwrap_or_default();
     let pool = &snapshot.pools[route.pool];
     let client_host = request_host(req.uri(), req.headers());
-    let mut headers = forward_headers(req.headers(), conn, client_host);
+    // The direct path's splice writes the backend's head straight from the
+    // client's headers: no copy of the map.
+    let write_direct = matches!(client, Client::Direct) && route.frames.is_none();
+    let mut headers = if write_direct {
+        http::HeaderMap::new() // the head is written from the client's map below
+    } else {
+        forward_headers(req.headers(), conn, client_host)
+    };
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     // A frames route: upgate is the backend's WebSocket client (no
@@ -85,10 +92,24 @@ pub(super) async fn upgrade<B>(
             stats.failovers.fetch_add(1, Ordering::Relaxed);
         }
         tried += 1;
-        set_host(&mut headers, route, client_host, backend);
         let pq = backend_path(route, backend, req.uri())
             .map_err(|_| ProxyError::Backend(BackendError::Protocol("invalid backend path")))?;
-        let head = crate::backend::upgrade::request_head(&pq, &headers);
+        let head = match write_direct {
+            true => ws::upgrade_request_head(
+                pq.as_str(),
+                req.headers(),
+                ws::Forwarded {
+                    peer: conn.peer,
+                    tls: conn.tls,
+                    host: client_host,
+                },
+                host_for(route, client_host, backend),
+            ),
+            false => {
+                set_host(&mut headers, route, client_host, backend);
+                crate::backend::upgrade::request_head(&pq, &headers)
+            }
+        };
         let attempt = async {
             let mut io = pool.connect(backend).await?;
             let answer = crate::backend::upgrade::exchange(

@@ -142,9 +142,15 @@ impl Pending {
         });
     }
 
-    /// Runs the session to its end with the client's leg; `stop` is the
-    /// gateway's hard stop.
-    pub async fn run(self: Box<Self>, stop: CancellationToken, client: Leg) {
+    /// The session, to its end, with the client's leg; `stop` is the
+    /// gateway's hard stop. Not an `async fn`: one would keep `Pending` and
+    /// `Ends` in its state next to the parts taken out of them (measured:
+    /// 0.2 KiB more per idle session).
+    pub fn run(
+        self: Box<Self>,
+        stop: CancellationToken,
+        client: Leg,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let Pending {
             conn,
             backend,
@@ -163,64 +169,66 @@ impl Pending {
         let (expires, who) = (ends.expires, ends.who.map(String::into_boxed_str));
         let rebalance_close = ends.rebalance_close;
         let access = ends.access;
-        let backend = match *backend {
-            (BackendIo::Tcp(s), rest) => Leg::Tcp(s, rest),
-            (tls, rest) => Leg::Other(Box::new(tls), rest),
-        };
-        let started = tokio::time::Instant::now();
-        let leave: splice::Leave =
-            rebalance_close.then(|| Box::pin(guard.backend().shed_claimed()) as Pin<Box<_>>);
-        // How the session ended, for the access log.
-        let (end, moved, error) = tokio::select! {
-            // The splice adds its bytes and messages to the route's counters itself.
-            r = run(client, backend, half_close, stats.stats(), leave) => match r {
-                Ok(m) if m.rebalanced => ("rebalanced", Some(m), None),
-                Ok(m) => ("closed", Some(m), None),
-                Err(e) => ("io_error", None, Some(e)),
-            },
-            _ = stop.cancelled() => ("shutdown", None, None),
-            _ = backend_gone.cancelled() => match guard.backend().retired().is_cancelled() {
-                true => ("drained", None, None),
-                false => ("backend_down", None, None),
-            },
-            _ = route_retired.cancelled() => ("drained", None, None),
-            _ = expiry(expires) => ("token_expired", None, None),
-        };
-        let took = started.elapsed();
-        let s = stats.stats();
-        s.session_duration.observe(took);
-        {
-            use std::sync::atomic::Ordering::Relaxed;
-            match end {
-                "token_expired" => s.auth.expired_sessions.fetch_add(1, Relaxed),
-                "rebalanced" => s.rebalance_closes.fetch_add(1, Relaxed),
-                _ => 0,
+        async move {
+            let backend = match *backend {
+                (BackendIo::Tcp(s), rest) => Leg::Tcp(s, rest),
+                (tls, rest) => Leg::Other(Box::new(tls), rest),
             };
+            let started = tokio::time::Instant::now();
+            let leave: splice::Leave =
+                rebalance_close.then(|| Box::pin(guard.backend().shed_claimed()) as Pin<Box<_>>);
+            // How the session ended, for the access log.
+            let (end, moved, error) = tokio::select! {
+                // The splice adds its bytes and messages to the route's counters itself.
+                r = run(client, backend, half_close, stats.stats(), leave) => match r {
+                    Ok(m) if m.rebalanced => ("rebalanced", Some(m), None),
+                    Ok(m) => ("closed", Some(m), None),
+                    Err(e) => ("io_error", None, Some(e)),
+                },
+                _ = stop.cancelled() => ("shutdown", None, None),
+                _ = backend_gone.cancelled() => match guard.backend().retired().is_cancelled() {
+                    true => ("drained", None, None),
+                    false => ("backend_down", None, None),
+                },
+                _ = route_retired.cancelled() => ("drained", None, None),
+                _ = expiry(expires) => ("token_expired", None, None),
+            };
+            let took = started.elapsed();
+            let s = stats.stats();
+            s.session_duration.observe(took);
+            {
+                use std::sync::atomic::Ordering::Relaxed;
+                match end {
+                    "token_expired" => s.auth.expired_sessions.fetch_add(1, Relaxed),
+                    "rebalanced" => s.rebalance_closes.fetch_add(1, Relaxed),
+                    _ => 0,
+                };
+            }
+            // One line per session (target `upgate::access`). Byte counts are
+            // known when the splice itself finished.
+            info!(
+                target: "upgate::access",
+                peer = %conn.peer,
+                host = &*access.host,
+                path = &*access.path,
+                route = %access.route,
+                http = access.http,
+                backend = %guard.backend().url,
+                duration_ms = took.as_millis() as u64,
+                bytes_up = moved.map(|m| m.client_to_backend),
+                bytes_down = moved.map(|m| m.backend_to_client),
+                closed_by = moved.and_then(|m| m.closed_by),
+                close_code = moved.and_then(|m| m.close_code),
+                end,
+                user = who.as_deref(),
+                error = error.as_ref().map(tracing::field::display),
+                "session"
+            );
+            // `conn` (the connection-limit slot), `guard` (the backend's live
+            // count) and the session's place under the route's limits drop here.
+            drop(conn);
+            drop(admission);
         }
-        // One line per session (target `upgate::access`). Byte counts are
-        // known when the splice itself finished.
-        info!(
-            target: "upgate::access",
-            peer = %conn.peer,
-            host = &*access.host,
-            path = &*access.path,
-            route = %access.route,
-            http = access.http,
-            backend = %guard.backend().url,
-            duration_ms = took.as_millis() as u64,
-            bytes_up = moved.map(|m| m.client_to_backend),
-            bytes_down = moved.map(|m| m.backend_to_client),
-            closed_by = moved.and_then(|m| m.closed_by),
-            close_code = moved.and_then(|m| m.close_code),
-            end,
-            user = who.as_deref(),
-            error = error.as_ref().map(tracing::field::display),
-            "session"
-        );
-        // `conn` (the connection-limit slot), `guard` (the backend's live
-        // count) and the session's place under the route's limits drop here.
-        drop(conn);
-        drop(admission);
     }
 }
 

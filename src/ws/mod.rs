@@ -173,26 +173,50 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 /// Appends `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
 pub fn add_forwarded(h: &mut HeaderMap, f: Forwarded<'_>) {
+    let v = forwarded_values(h, f);
+    if let Ok(xff) = HeaderValue::from_maybe_shared(bytes::Bytes::from(v.xff)) {
+        h.insert(X_FORWARDED_FOR, xff);
+    }
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(v.proto));
+    if let Some(host) = v.host.and_then(|host| HeaderValue::from_str(host).ok()) {
+        h.insert(X_FORWARDED_HOST, host);
+    }
+    if let Ok(fwd) = HeaderValue::from_maybe_shared(bytes::Bytes::from(v.fwd)) {
+        h.insert(header::FORWARDED, fwd);
+    }
+}
+
+/// What [`add_forwarded`] sets, given the client's headers.
+struct ForwardedValues<'a> {
+    xff: Vec<u8>,
+    proto: &'static str,
+    /// For `X-Forwarded-Host`.
+    host: Option<&'a str>,
+    fwd: Vec<u8>,
+}
+
+fn forwarded_values<'a>(h: &HeaderMap, f: Forwarded<'a>) -> ForwardedValues<'a> {
     let ip = f.peer.ip();
-    let proto: &[u8] = if f.tls { b"https" } else { b"http" };
+    let proto = if f.tls { "https" } else { "http" };
     // The address as text once, on the stack (this runs on every upgrade).
     let mut text = [0u8; 48];
     let ip_text = ip_text(ip, &mut text);
-    let prev = h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
-    let mut xff = Vec::with_capacity(prev.map_or(0, |p| p.len() + 2) + ip_text.len());
+    // (A value the client's `Connection` names is not forwarded, so not appended to.)
+    let prev = |name: &HeaderName| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .filter(|_| !is_hop_by_hop(name, h))
+    };
+    let prev_xff = prev(&X_FORWARDED_FOR);
+    let prev_fwd = prev(&header::FORWARDED);
+    let mut xff = Vec::with_capacity(prev_xff.map_or(0, |p| p.len() + 2) + ip_text.len());
+    let prev = prev_xff;
     if let Some(prev) = prev {
         xff.extend_from_slice(prev.as_bytes());
         xff.extend_from_slice(b", ");
     }
     xff.extend_from_slice(ip_text);
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
-        h.insert(X_FORWARDED_FOR, v);
-    }
-    h.insert(
-        X_FORWARDED_PROTO,
-        HeaderValue::from_static(if f.tls { "https" } else { "http" }),
-    );
-    let prev = h.get(header::FORWARDED).and_then(|v| v.to_str().ok());
+    let prev = prev_fwd;
     let mut fwd = Vec::with_capacity(
         prev.map_or(0, |p| p.len() + 2) + 32 + ip_text.len() + f.host.map_or(0, str::len),
     );
@@ -212,11 +236,9 @@ pub fn add_forwarded(h: &mut HeaderMap, f: Forwarded<'_>) {
         }
     }
     fwd.extend_from_slice(b";proto=");
-    fwd.extend_from_slice(proto);
+    fwd.extend_from_slice(proto.as_bytes());
+    let host = f.host.filter(|host| value_ok(host.as_bytes()));
     if let Some(host) = f.host {
-        if let Ok(v) = HeaderValue::from_str(host) {
-            h.insert(X_FORWARDED_HOST, v);
-        }
         if host
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
@@ -226,9 +248,82 @@ pub fn add_forwarded(h: &mut HeaderMap, f: Forwarded<'_>) {
             fwd.push(b'"');
         }
     }
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd)) {
-        h.insert(header::FORWARDED, v);
+    ForwardedValues {
+        xff,
+        proto,
+        host,
+        fwd,
     }
+}
+
+/// Whether `v` is a valid header value, as `HeaderValue::from_bytes` decides
+/// (visible ASCII, obs-text, spaces and tabs), without making one.
+pub fn value_ok(v: &[u8]) -> bool {
+    v.iter().all(|&b| (b >= 32 && b != 127) || b == b'\t')
+}
+
+/// The request head for a WebSocket upgrade to a backend, written straight
+/// from the client's headers: the same headers as stripping the
+/// hop-by-hop ones from a copy, [`add_forwarded`], `Connection: upgrade`,
+/// `Upgrade: websocket` and `host`, without building that copy (the direct
+/// path, every upgrade). `host` must be a valid header value.
+pub fn upgrade_request_head(
+    path: &str,
+    src: &HeaderMap,
+    f: Forwarded<'_>,
+    host: Option<&str>,
+) -> Vec<u8> {
+    let v = forwarded_values(src, f);
+    let mut out = Vec::with_capacity(256 + path.len() + src.len() * 48);
+    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if let Some(host) = host {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in src {
+        let replaced = name == header::HOST
+            || name == X_FORWARDED_FOR
+            || name == X_FORWARDED_PROTO
+            || (name == X_FORWARDED_HOST && v.host.is_some())
+            || name == header::FORWARDED
+            || is_hop_by_hop(name, src);
+        if replaced {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\nx-forwarded-for: ");
+    out.extend_from_slice(&v.xff);
+    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    out.extend_from_slice(v.proto.as_bytes());
+    if let Some(host) = v.host {
+        out.extend_from_slice(b"\r\nx-forwarded-host: ");
+        out.extend_from_slice(host.as_bytes());
+    }
+    out.extend_from_slice(b"\r\nforwarded: ");
+    out.extend_from_slice(&v.fwd);
+    out.extend_from_slice(b"\r\n\r\n");
+    out
+}
+
+/// Whether `name` is hop-by-hop in a request with headers `h`: one of RFC
+/// 9110's, or named by its `Connection` header.
+fn is_hop_by_hop(name: &HeaderName, h: &HeaderMap) -> bool {
+    HOP_BY_HOP.contains(name)
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+        || h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+            })
+        })
 }
 
 /// `ip` as text in `buf`: dotted decimal written by hand for IPv4 (every
@@ -282,6 +377,120 @@ pub fn query_values<'a>(uri: &'a http::Uri, name: &'a str) -> impl Iterator<Item
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request head's headers, sorted (names lowercase): what a backend sees.
+    fn header_set(head: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let mut raw = [httparse::EMPTY_HEADER; 64];
+        let mut r = httparse::Request::new(&mut raw);
+        assert!(r.parse(head).unwrap().is_complete());
+        let mut v: Vec<_> = r
+            .headers
+            .iter()
+            .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_direct_upgrade_head_carries_what_the_header_map_path_sends() {
+        let cases: &[&[(&str, &str)]] = &[
+            &[
+                ("host", "chat.example"),
+                ("upgrade", "websocket"),
+                ("connection", "Upgrade"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ("sec-websocket-version", "13"),
+            ],
+            &[
+                ("host", "a"),
+                ("connection", "keep-alive, Upgrade, X-Trace"),
+                ("x-trace", "1"),
+                ("te", "trailers"),
+                ("proxy-connection", "x"),
+                ("keep-alive", "5"),
+                ("cookie", "a=1"),
+                ("cookie", "b=2"),
+            ],
+            &[
+                ("host", "a"),
+                ("x-forwarded-for", "10.0.0.1"),
+                ("x-forwarded-for", "10.0.0.2"),
+                ("forwarded", "for=10.0.0.1"),
+                ("x-forwarded-host", "old"),
+                ("x-forwarded-proto", "https"),
+            ],
+            &[("host", "with space\tand tab"), ("x-forwarded-host", "old")],
+            &[
+                ("host", "a"),
+                ("connection", "x-forwarded-for, forwarded"),
+                ("x-forwarded-for", "1.1.1.1"),
+                ("forwarded", "for=1.1.1.1"),
+            ],
+            &[("connection", "upgrade"), ("upgrade", "websocket")],
+        ];
+        let peers = [
+            "192.0.2.7:5000",
+            "[2001:db8::1]:443",
+            "0.0.0.0:1",
+            "255.255.255.255:9",
+        ];
+        for (i, case) in cases.iter().enumerate() {
+            let mut src = HeaderMap::new();
+            for (n, v) in case.iter() {
+                src.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(v.as_bytes()).unwrap(),
+                );
+            }
+            let host = src.get(header::HOST).and_then(|h| h.to_str().ok());
+            for (j, peer) in peers.iter().enumerate() {
+                let f = Forwarded {
+                    peer: peer.parse().unwrap(),
+                    tls: j % 2 == 1,
+                    host,
+                };
+                let direct = upgrade_request_head("/p?q=1", &src, f, Some("backend:9000"));
+                let mut h = src.clone();
+                strip_hop_by_hop(&mut h);
+                add_forwarded(&mut h, f);
+                h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                h.insert(header::HOST, HeaderValue::from_static("backend:9000"));
+                let mut via_map = b"GET /p?q=1 HTTP/1.1\r\n".to_vec();
+                for (n, v) in &h {
+                    via_map.extend_from_slice(n.as_str().as_bytes());
+                    via_map.extend_from_slice(b": ");
+                    via_map.extend_from_slice(v.as_bytes());
+                    via_map.extend_from_slice(b"\r\n");
+                }
+                via_map.extend_from_slice(b"\r\n");
+                assert!(direct.starts_with(b"GET /p?q=1 HTTP/1.1\r\n"));
+                assert_eq!(
+                    header_set(&direct),
+                    header_set(&via_map),
+                    "case {i}, peer {peer}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ip_text_writes_every_octet_width() {
+        let mut buf = [0u8; 48];
+        for (ip, want) in [
+            ("0.0.0.0", "0.0.0.0"),
+            ("10.20.100.255", "10.20.100.255"),
+            ("2001:db8::1", "2001:db8::1"),
+            ("::ffff:1.2.3.4", "::ffff:1.2.3.4"),
+            (
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            ),
+        ] {
+            assert_eq!(ip_text(ip.parse().unwrap(), &mut buf), want.as_bytes());
+        }
+    }
 
     fn req() -> http::request::Builder {
         Request::get("/chat")
