@@ -458,3 +458,97 @@ async fn a_browsers_origin_is_matched_as_written() {
     assert!(dom.contains(r#"data-denied="closed:1006""#), "{dom}");
     drop(gw);
 }
+
+/// Reads one HTTP/1.1 response head (and its `Content-Length` body) from `tcp`.
+async fn read_response(tcp: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(n > 0, "closed before a whole head: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut rest = buf[end..].to_vec();
+    while rest.len() < length {
+        let mut chunk = [0u8; 1024];
+        let n = tcp.read(&mut chunk).await.expect("read body");
+        assert!(n > 0, "closed inside the body");
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    (head, rest)
+}
+
+const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+
+#[tokio::test]
+async fn a_frame_sent_with_the_upgrade_request_reaches_the_backend() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let be = echo_backends(&["a"]).await;
+    let gw = gateway(&one_pool(&be.addrs)).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    // Head and a masked text frame "hi" in one write: the gateway reads both at once.
+    let mut bytes =
+        format!("GET /chat HTTP/1.1\r\nHost: example.com\r\n{UPGRADE}\r\n").into_bytes();
+    let mask = [1u8, 2, 3, 4];
+    bytes.extend_from_slice(&[0x81, 0x82]);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(b"hi".iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    tcp.write_all(&bytes).await.unwrap();
+    let (head, early) = read_response(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    let mut frame = early;
+    while frame.len() < 4 {
+        let mut chunk = [0u8; 64];
+        let n = tcp.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed before the echo");
+        frame.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(&frame[..4], b"\x81\x02hi");
+}
+
+#[tokio::test]
+async fn after_a_refused_upgrade_the_connection_serves_its_next_request() {
+    use tokio::io::AsyncWriteExt;
+    let be = echo_backends(&["a"]).await;
+    let dead = dead_addr().await;
+    let yaml = format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  live:\n    backends: [ws://{}]\n  dead:\n    connect_timeout: 1s\n    backends: [ws://{dead}]\nroutes:\n  - {{ name: down, path: /down, pool: dead }}\n  - {{ name: up, path: /chat, pool: live }}\n",
+        be.addrs[0]
+    );
+    let gw = gateway(&yaml).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let first = format!("GET /down HTTP/1.1\r\nHost: h\r\n{UPGRADE}\r\n");
+    tcp.write_all(first.as_bytes()).await.unwrap();
+    let (head, body) = read_response(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("no backend of pool `dead`"),
+        "{body:?}"
+    );
+    // Same connection: the next request is served (here, an upgrade that succeeds).
+    let second = format!("GET /chat HTTP/1.1\r\nHost: h\r\n{UPGRADE}\r\n");
+    tcp.write_all(second.as_bytes()).await.unwrap();
+    let (head, _) = read_response(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}

@@ -25,7 +25,11 @@ const MAX_HEADERS: usize = 100;
 #[derive(Debug)]
 pub struct Answer {
     pub status: StatusCode,
+    /// Empty when `head` holds a 101 as it came.
     pub headers: HeaderMap,
+    /// A 101's head as the backend sent it (status line to the blank line),
+    /// when asked for by [`exchange_with`] and the answer is HTTP/1.1.
+    pub head: Option<Bytes>,
     /// After a 101: bytes the backend sent right behind its head.
     /// Otherwise: the response body.
     pub rest: Bytes,
@@ -58,6 +62,22 @@ pub async fn exchange<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    exchange_with(io, head, timeout, max_head, false).await
+}
+
+/// [`exchange`]; with `raw_101`, an HTTP/1.1 101 comes back as its head's
+/// bytes (`Answer::head`) instead of a header map, for a caller that
+/// relays it as it came (the direct path: no map built, none rendered).
+pub async fn exchange_with<S>(
+    io: &mut S,
+    head: &[u8],
+    timeout: Duration,
+    max_head: usize,
+    raw_101: bool,
+) -> Result<Answer, BackendError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     tokio::time::timeout(timeout, async {
         io.write_all(head).await.map_err(BackendError::Io)?;
         io.flush().await.map_err(BackendError::Io)?;
@@ -68,26 +88,31 @@ where
                     "connection closed before a response",
                 ));
             }
-            if let Some(parsed) = parse_head(&buf)? {
+            if let Some(parsed) = parse_head(&buf, raw_101)? {
                 break parsed;
             }
             if buf.len() > max_head {
                 return Err(BackendError::Protocol("response head too large"));
             }
         };
-        let _ = buf.split_to(used);
+        let raw = buf.split_to(used);
         if status == StatusCode::SWITCHING_PROTOCOLS {
+            // A map is built unless the raw head was asked for (and is HTTP/1.1).
+            let head = headers.is_none().then(|| raw.freeze());
             // Copy: the rest is usually empty or tiny, and `buf` must not stay alive with it.
             return Ok(Answer {
                 status,
-                headers,
+                headers: headers.unwrap_or_default(),
+                head,
                 rest: Bytes::copy_from_slice(&buf),
             });
         }
+        let headers = headers.unwrap_or_default();
         let rest = read_body(io, status, &headers, buf).await?;
         Ok(Answer {
             status,
             headers,
+            head: None,
             rest,
         })
     })
@@ -95,7 +120,11 @@ where
     .map_err(|_| BackendError::Timeout(timeout))?
 }
 
-fn parse_head(buf: &[u8]) -> Result<Option<(StatusCode, HeaderMap, usize)>, BackendError> {
+/// The status, the headers (`None`: a raw 101 was asked for and is
+/// HTTP/1.1, so none are built) and the head's length.
+type Head = (StatusCode, Option<HeaderMap>, usize);
+
+fn parse_head(buf: &[u8], raw_101: bool) -> Result<Option<Head>, BackendError> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut raw);
     let used = match resp.parse(buf) {
@@ -107,6 +136,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<(StatusCode, HeaderMap, usize)>, Back
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(BackendError::Protocol("malformed status code"))?;
+    if raw_101 && status == StatusCode::SWITCHING_PROTOCOLS && resp.version == Some(1) {
+        return Ok(Some((status, None, used)));
+    }
     let mut headers = HeaderMap::with_capacity(resp.headers.len());
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
@@ -115,7 +147,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(StatusCode, HeaderMap, usize)>, Back
             .map_err(|_| BackendError::Protocol("malformed header value"))?;
         headers.append(name, value);
     }
-    Ok(Some((status, headers, used)))
+    Ok(Some((status, Some(headers), used)))
 }
 
 fn is_chunked(h: &HeaderMap) -> bool {
@@ -213,6 +245,10 @@ mod tests {
     use super::*;
 
     async fn answer(reply: &'static [u8]) -> Result<Answer, BackendError> {
+        answer_with(reply, false).await
+    }
+
+    async fn answer_with(reply: &'static [u8], raw_101: bool) -> Result<Answer, BackendError> {
         let (mut gw, mut backend) = tokio::io::duplex(64 * 1024);
         tokio::spawn(async move {
             let mut req = [0u8; 1024];
@@ -222,13 +258,49 @@ mod tests {
                 let _ = backend.write_all(chunk).await;
             }
         });
-        exchange(
+        exchange_with(
             &mut gw,
             b"GET / HTTP/1.1\r\n\r\n",
             Duration::from_secs(5),
             16 * 1024,
+            raw_101,
         )
         .await
+    }
+
+    #[tokio::test]
+    async fn a_raw_101_comes_back_as_sent_and_only_then() {
+        let head: &[u8] =
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nX-Odd-Case: v\r\n\r\n";
+        let a = answer_with(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nX-Odd-Case: v\r\n\r\n\x81\x00", true)
+            .await
+            .unwrap();
+        assert_eq!(a.head.as_deref(), Some(head));
+        assert!(a.headers.is_empty());
+        assert_eq!(&a.rest[..], b"\x81\x00");
+        // HTTP/1.0, a refusal, or not asked: a header map, no raw head.
+        for (reply, raw) in [
+            (
+                &b"HTTP/1.0 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"[..],
+                true,
+            ),
+            (
+                &b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno"[..],
+                true,
+            ),
+            (
+                &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"[..],
+                false,
+            ),
+        ] {
+            let a = answer_with(reply, raw).await.unwrap();
+            assert!(a.head.is_none());
+            assert!(!a.headers.is_empty());
+        }
+        // Malformed stays an error either way.
+        assert!(answer_with(b"HTTP/1.1 101 OK\r\nBad Name: x\r\n\r\n", true)
+            .await
+            .is_err());
     }
 
     #[test]

@@ -78,8 +78,11 @@ pub async fn serve<I>(
 where
     I: AsyncWrite + IntoLeg + Unpin,
 {
-    let (resp, session) = answer(shared, conn, ticket, req).await;
-    let (head, body) = head(resp, session.is_none()).await;
+    let (resp, session, raw) = answer(shared, conn, ticket, req).await;
+    let (head, body) = match raw {
+        Some(raw) => (raw, Bytes::new()),
+        None => head(resp, session.is_none()).await,
+    };
     let sent = async {
         io.write_all(&head).await?;
         if !body.is_empty() {
@@ -98,12 +101,14 @@ where
 }
 
 /// Admission and the backend's answer, as on hyper's path.
+/// The answer, the session after a 101, and the 101's head as the backend
+/// wrote it.
 async fn answer(
     shared: &Arc<Shared>,
     conn: &Arc<ConnInfo>,
     ticket: Ticket,
     req: Request<()>,
-) -> (Response<Body>, Option<Box<Pending>>) {
+) -> (Response<Body>, Option<Box<Pending>>, Option<Bytes>) {
     conn.requests.fetch_add(1, Ordering::Relaxed);
     let _busy = conn.busy();
     let snapshot = &ticket.snapshot;
@@ -112,8 +117,8 @@ async fn answer(
     let started = tokio::time::Instant::now();
     let host = request_host(req.uri(), req.headers()).unwrap_or("");
     let span = ws_span(conn, host, req.uri().path(), r, false);
-    let (resp, session) = match admit(r, stats, conn, req.headers(), None) {
-        Err(e) => (Err(e), None),
+    let (resp, session, raw) = match admit(r, stats, conn, req.headers(), None) {
+        Err(e) => (Err(e), None, None),
         Ok(a) => {
             let switched = upgrade(
                 shared,
@@ -127,17 +132,17 @@ async fn answer(
             .instrument(span)
             .await;
             match switched {
-                Ok(s) => (Ok(s.response), s.session),
-                Err(e) => (Err(e), None),
+                Ok(s) => (Ok(s.response), s.session, s.head),
+                Err(e) => (Err(e), None, None),
             }
         }
     };
-    (answered(stats, conn, resp, false, started), session)
+    (answered(stats, conn, resp, false, started), session, raw)
 }
 
 /// The answer's head, and its body when it has one (`with_body`: a
 /// refusal, framed by `Content-Length`; a 101 has none).
-async fn head(resp: Response<Body>, with_body: bool) -> (Vec<u8>, Bytes) {
+async fn head(resp: Response<Body>, with_body: bool) -> (Bytes, Bytes) {
     use http_body_util::BodyExt;
     let (parts, body) = resp.into_parts();
     let body = if with_body {
@@ -149,12 +154,9 @@ async fn head(resp: Response<Body>, with_body: bool) -> (Vec<u8>, Bytes) {
     } else {
         Bytes::new()
     };
+    let length = with_body.then_some(body.len());
     (
-        render_head(
-            parts.status,
-            &parts.headers,
-            with_body.then_some(body.len()),
-        ),
+        render_head(parts.status, &parts.headers, length).into(),
         body,
     )
 }

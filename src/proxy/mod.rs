@@ -137,6 +137,9 @@ pub(crate) enum Client {
 pub(crate) struct Switched {
     pub(crate) response: Response<Body>,
     pub(crate) session: Option<Box<crate::session::Pending>>,
+    /// The direct path's 101 as the backend wrote it (`response` then only
+    /// counts it): written to the client as it came.
+    pub(crate) head: Option<bytes::Bytes>,
 }
 
 /// The span a WebSocket upgrade runs in.

@@ -112,11 +112,12 @@ pub(super) async fn upgrade<B>(
         };
         let attempt = async {
             let mut io = pool.connect(backend).await?;
-            let answer = crate::backend::upgrade::exchange(
+            let answer = crate::backend::upgrade::exchange_with(
                 &mut io,
                 &head,
                 settings.handshake_timeout,
                 settings.max_header_bytes,
+                write_direct,
             )
             .await?;
             Ok::<_, BackendError>((io, answer))
@@ -128,6 +129,8 @@ pub(super) async fn upgrade<B>(
                 // A 5xx answer to the upgrade counts against the backend (it is still relayed).
                 pool.note_outcome(backend, !answer.status.is_server_error());
                 let mut headers = answer.headers;
+                // The direct path's 101, relayed as the backend wrote it.
+                let raw_101 = answer.head;
                 if own_key.is_some() && answer.status.is_success() {
                     // A 2xx would tell an HTTP/2 client its WebSocket is open.
                     warn!(backend = %backend.url, status = answer.status.as_u16(), "backend answered the upgrade without switching");
@@ -145,6 +148,7 @@ pub(super) async fn upgrade<B>(
                     return Ok(Switched {
                         response: out,
                         session: None,
+                        head: None,
                     });
                 }
                 let guard = BackendGuard::new(backend.clone());
@@ -254,6 +258,7 @@ pub(super) async fn upgrade<B>(
                 return Ok(Switched {
                     response: out,
                     session,
+                    head: raw_101,
                 });
             }
             Err(e) if e.is_local() => {
