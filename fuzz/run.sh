@@ -14,7 +14,7 @@ secs="${1:-20}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(proxy_header client_frames frame_watch inflate upgrade_answer request_head config jwks auth_token tls_stream)
+  targets=(proxy_header client_frames frame_watch inflate upgrade_answer request_head first_head config jwks auth_token tls_stream)
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "== installing cargo-fuzz"

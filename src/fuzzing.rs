@@ -86,11 +86,24 @@ pub fn upgrade_answer(data: &[u8]) {
     }
     RT.with(|rt| {
         rt.block_on(async {
-            let mut io = tokio::io::join(data, tokio::io::sink());
             let head = b"GET / HTTP/1.1\r\n\r\n";
-            let _ =
-                crate::backend::upgrade::exchange(&mut io, head, Duration::from_secs(5), 16 * 1024)
-                    .await;
+            for raw_101 in [false, true] {
+                let mut io = tokio::io::join(data, tokio::io::sink());
+                let answer = crate::backend::upgrade::exchange_with(
+                    &mut io,
+                    head,
+                    Duration::from_secs(5),
+                    16 * 1024,
+                    raw_101,
+                )
+                .await;
+                // A 101 relayed as it came is exactly the start of what the backend sent.
+                if let Ok(a) = answer {
+                    if let Some(h) = a.head {
+                        assert!(raw_101 && data.starts_with(&h) && a.headers.is_empty());
+                    }
+                }
+            }
         })
     });
 }
@@ -156,6 +169,16 @@ pub fn request_head(data: &[u8]) {
     for v in crate::ws::query_values(req.uri(), "token") {
         let _ = v.len();
     }
+    let forwarded = crate::ws::Forwarded {
+        peer: ([127, 0, 0, 1], 4000).into(),
+        tls: first & 2 != 0,
+        host: req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok()),
+    };
+    let direct = crate::ws::upgrade_request_head("/", req.headers(), forwarded, Some("b:1"));
+    assert!(direct.ends_with(b"\r\n\r\n"));
     let mut headers = req.headers().clone();
     crate::ws::strip_hop_by_hop(&mut headers);
     crate::ws::add_forwarded(
@@ -169,6 +192,48 @@ pub fn request_head(data: &[u8]) {
                 .and_then(|h| h.to_str().ok()),
         },
     );
+}
+
+/// The server's own reading of a connection's first request (the direct
+/// upgrade path), the bytes arriving in pieces of the sizes the first
+/// byte picks: whatever it decides, every byte read is kept for hyper or
+/// the session, in order.
+pub fn first_head(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    thread_local! {
+        static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a runtime");
+    }
+    let piece = usize::from(first % 16) + 1;
+    RT.with(|rt| {
+        rt.block_on(async {
+            let mut b = tokio_test_io(rest, piece);
+            let _ = crate::server::fuzz_first_head(&mut b, first & 0x80 != 0, rest).await;
+        })
+    });
+}
+
+/// `data` as a reader that hands out at most `piece` bytes per read.
+fn tokio_test_io(data: &[u8], piece: usize) -> impl tokio::io::AsyncRead + Unpin + '_ {
+    struct Pieces<'a>(&'a [u8], usize);
+    impl tokio::io::AsyncRead for Pieces<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let n = self.0.len().min(self.1).min(buf.remaining());
+            let (now, later) = self.0.split_at(n);
+            buf.put_slice(now);
+            self.0 = later;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+    Pieces(data, piece)
 }
 
 /// `routes.yaml` text: parsed and validated, never a panic.

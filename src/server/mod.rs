@@ -32,6 +32,28 @@ pub mod watch;
 
 use accept::{accept_loop, http_builders, http_service, AcceptCx};
 
+/// For the `first_head` fuzz target: reads a first request from `io` as a
+/// connection does and checks what it kept against `sent`, the bytes `io`
+/// yields. Panics on a difference.
+#[doc(hidden)]
+pub async fn fuzz_first_head<I>(io: &mut I, h2: bool, sent: &[u8])
+where
+    I: tokio::io::AsyncRead + Unpin,
+{
+    let Ok(first) = head::read_first(io, h2, 8192, 100).await else {
+        return;
+    };
+    match first {
+        head::First::Head { req, raw, len } => {
+            assert!(sent.starts_with(&raw) && len <= raw.len());
+            assert_eq!(req.method(), http::Method::GET);
+            assert!(req.headers().len() <= 100);
+        }
+        head::First::H2(raw) => assert!(h2 && raw.starts_with(b"PRI") && sent.starts_with(&raw)),
+        head::First::Other(raw) => assert!(sent.starts_with(&raw)),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{}:{line}: listen[{index}].tls: {source}", file.display())]
