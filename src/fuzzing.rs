@@ -181,17 +181,7 @@ pub fn request_head(data: &[u8]) {
     assert!(direct.ends_with(b"\r\n\r\n"));
     let mut headers = req.headers().clone();
     crate::ws::strip_hop_by_hop(&mut headers);
-    crate::ws::add_forwarded(
-        &mut headers,
-        crate::ws::Forwarded {
-            peer: ([127, 0, 0, 1], 4000).into(),
-            tls: first & 2 != 0,
-            host: req
-                .headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok()),
-        },
-    );
+    crate::ws::add_forwarded(&mut headers, forwarded);
 }
 
 /// The server's own reading of a connection's first request (the direct

@@ -20,10 +20,10 @@ use crate::session::conn::{ConnInfo, IntoLeg, Rewind};
 
 /// Serves a connection from its first bytes: reads them (see `head`),
 /// answers a WebSocket upgrade the direct path takes and starts its
-/// session, and hands the rest to hyper with the bytes read put back. `h2`: whether the HTTP/2
-/// preface is possible (plain TCP, or ALPN said so). The first head must be
-/// complete by `deadline`; waiting for it costs no timer beyond that one
-/// and no CPU.
+/// session, and hands the rest to hyper with the bytes read put back.
+/// `h2`: whether the HTTP/2 preface is possible (plain TCP, or ALPN said
+/// so). The first head must be complete by `deadline`; waiting for it
+/// costs no timer beyond that one and no CPU.
 pub(super) async fn serve_first<I>(
     cx: Arc<AcceptCx>,
     info: Arc<ConnInfo>,
