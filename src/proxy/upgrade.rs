@@ -52,10 +52,11 @@ pub(super) async fn upgrade<B>(
     let mut headers = if write_direct {
         http::HeaderMap::new() // the head is written from the client's map below
     } else {
-        forward_headers(req.headers(), conn, client_host)
+        let mut h = forward_headers(req.headers(), conn, client_host);
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h
     };
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     // A frames route: upgate is the backend's WebSocket client (no
     // extension on that leg) and the client's server (compression, if the
     // route allows it and the client offers it).

@@ -133,25 +133,8 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // One pass over the names present (no lookup per hop-by-hop name), and
-    // no allocation when nothing beyond the usual is named.
-    let mut gone: Vec<HeaderName> = Vec::new();
-    for v in h.get_all(header::CONNECTION) {
-        let Ok(v) = v.to_str() else { continue };
-        for t in v.split(',').map(str::trim) {
-            if t.eq_ignore_ascii_case("upgrade") || t.eq_ignore_ascii_case("keep-alive") {
-                continue; // removed below in any case
-            }
-            if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
-                gone.push(n);
-            }
-        }
-    }
-    for name in h.keys() {
-        if HOP_BY_HOP.contains(name) || name == KEEP_ALIVE || name == PROXY_CONNECTION {
-            gone.push(name.clone());
-        }
-    }
+    // One pass over the names present, no lookup per hop-by-hop name.
+    let gone: Vec<HeaderName> = h.keys().filter(|n| is_hop_by_hop(n, h)).cloned().collect();
     for n in gone {
         h.remove(n);
     }
