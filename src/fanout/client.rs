@@ -310,44 +310,28 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
     let mut forwarded_at: Option<Instant> = None;
     let keepalive = tokio::time::sleep(cfg.ping_interval);
     tokio::pin!(keepalive);
-    // Registered once, not on every turn of the loop.
-    let stopped = cx.stop.cancelled();
-    tokio::pin!(stopped);
-    let retired = cx.retired.cancelled();
-    tokio::pin!(retired);
-    let failed = cx.ch.failed.cancelled();
-    tokio::pin!(failed);
-    // Boxed, and only on routes with expiring tokens: the task stays small.
-    let mut expiry = cx
-        .expires
-        .map(|t| Box::pin(crate::session::expiry(Some(t))));
+    // What ends the client besides itself and the channel: registered once,
+    // and polled only when one of its waits fired (`Woken`), not on every
+    // delivery (a token's wait takes its token's lock each time it is polled).
+    let ended = std::pin::pin!(async {
+        tokio::select! {
+            biased;
+            _ = cx.stop.cancelled() => (End::Shutdown, code::GOING_AWAY, "gateway shutting down"),
+            _ = cx.ch.failed.cancelled() => (End::ChannelFailed, code::INTERNAL, "the channel failed; reconnect"),
+            _ = crate::session::expiry(cx.expires) => (End::TokenExpired, code::POLICY, "token expired"),
+            _ = cx.retired.cancelled() => (End::Drained, code::GOING_AWAY, "route removed or changed by a reload"),
+        }
+    });
+    let mut ended = crate::session::Woken::new(ended);
 
     let last: Option<Bytes> = loop {
         let room = c.out.len() < BATCH;
         tokio::select! {
             biased;
-            _ = &mut stopped => {
-                out.end = End::Shutdown;
-                out.close_code = Some(code::GOING_AWAY);
-                break Some(frame::close(code::GOING_AWAY, "gateway shutting down"));
-            }
-            _ = &mut failed => {
-                out.end = End::ChannelFailed;
-                out.close_code = Some(code::INTERNAL);
-                break Some(frame::close(code::INTERNAL, "the channel failed; reconnect"));
-            }
-            _ = async { match expiry.as_mut() {
-                Some(e) => e.await,
-                None => std::future::pending().await,
-            } } => {
-                out.end = End::TokenExpired;
-                out.close_code = Some(code::POLICY);
-                break Some(frame::close(code::POLICY, "token expired"));
-            }
-            _ = &mut retired => {
-                out.end = End::Drained;
-                out.close_code = Some(code::GOING_AWAY);
-                break Some(frame::close(code::GOING_AWAY, "route removed or changed by a reload"));
+            (e, close, reason) = &mut ended => {
+                out.end = e;
+                out.close_code = Some(close);
+                break Some(frame::close(close, reason));
             }
             r = rx.recv(), if room => {
                 let mut got = 0u64;

@@ -28,7 +28,7 @@ use crate::lifecycle::Lifecycle;
 use crate::metrics::{ResumeCause, RouteStats};
 use crate::session::conn::{upgraded, Busy, Leg};
 use crate::session::splice::{ReadReady, REBALANCE_REASON};
-use crate::session::{expiry, Ends};
+use crate::session::{expiry, Ends, Woken};
 use crate::ws::frame::{self, code};
 use crate::ws::reader::{Input, Reader};
 
@@ -114,16 +114,23 @@ pub fn spawn(
 
 type Waiting = Pin<Box<dyn Future<Output = FromBackend> + Send>>;
 
+/// What ends a session besides its peers and its backend.
+enum Ended {
+    Shutdown,
+    RouteGone,
+    Expired,
+}
+
 /// The current backend leg, and what ends or moves it besides its stream.
 /// The waits are made once per leg and polled in place, so the session's
 /// loop registers no waker anew per message.
 struct Upstream {
     ws: BackendWs,
     guard: BackendGuard,
-    /// Health checks marked the backend down, or a reload drained or removed it.
-    gone: Waiting,
-    /// The rebalancer asked this session to move (`resume`) or to close (`rebalance: close`).
-    shed: Option<Waiting>,
+    /// Health checks marked the backend down, a reload drained or removed
+    /// it, or the rebalancer asked this session to move (`resume`) or to
+    /// close (`rebalance: close`). Polled only when one of them fired.
+    gone: Woken<Waiting>,
 }
 
 impl Upstream {
@@ -134,11 +141,17 @@ impl Upstream {
         let b = guard.backend().clone();
         let down = watch_down.then(|| b.down_token());
         let retired = b.retired().clone();
-        let gone = Box::pin(async move {
+        let gone: Waiting = Box::pin(async move {
             let down = async {
                 match down {
                     Some(d) => d.cancelled_owned().await,
                     None => std::future::pending().await,
+                }
+            };
+            let shed = async {
+                match movable {
+                    true => b.shed_claimed().await,
+                    false => std::future::pending().await,
                 }
             };
             tokio::select! {
@@ -146,19 +159,13 @@ impl Upstream {
                 biased;
                 _ = retired.cancelled() => FromBackend::Down("backend drained or removed by a reload".into()),
                 _ = down => FromBackend::Down("backend marked down by health checks".into()),
+                _ = shed => FromBackend::Shed,
             }
-        });
-        let shed = movable.then(|| {
-            Box::pin(async move {
-                b.shed_claimed().await;
-                FromBackend::Shed
-            }) as Waiting
         });
         Upstream {
             ws,
             guard,
-            gone,
-            shed,
+            gone: Woken::new(gone),
         }
     }
 }
@@ -256,10 +263,15 @@ impl Session<'_> {
         let mut retry = Duration::ZERO;
         let mut forwarded: Option<Instant> = None;
         // Made once: polled in place by every turn of the loop.
-        let stopped = stop.cancelled();
-        let route_gone = ends.route_retired.cancelled();
-        let expired = expiry(ends.expires);
-        tokio::pin!(stopped, route_gone, expired);
+        // Polled only when one of its waits fired (`Woken`), not every turn.
+        let ended = std::pin::pin!(async {
+            tokio::select! {
+                _ = stop.cancelled() => Ended::Shutdown,
+                _ = ends.route_retired.cancelled() => Ended::RouteGone,
+                _ = expiry(ends.expires) => Ended::Expired,
+            }
+        });
+        let mut ended = Woken::new(ended);
         // Bytes that arrived with the upgrade are read like any others.
         let mut first = !reader.inbuf.is_empty();
         loop {
@@ -533,18 +545,20 @@ impl Session<'_> {
                         }
                     }
                 }
-                _ = &mut stopped => {
-                    let _ = close_client(&mut c, &frame::close(code::GOING_AWAY, "gateway shutting down")).await;
-                    return self.finish(Some(code::GOING_AWAY), "gateway shutting down", "shutdown", Some(code::GOING_AWAY)).await;
-                }
-                _ = &mut route_gone => {
-                    let _ = close_client(&mut c, &frame::close(code::GOING_AWAY, "route removed or changed by a reload")).await;
-                    return self.finish(Some(code::GOING_AWAY), "route removed", "drained", Some(code::GOING_AWAY)).await;
-                }
-                _ = &mut expired => {
-                    let _ = close_client(&mut c, &frame::close(code::POLICY, "token expired")).await;
-                    return self.finish(Some(code::GOING_AWAY), "token expired", "token_expired", Some(code::POLICY)).await;
-                }
+                e = &mut ended => match e {
+                    Ended::Shutdown => {
+                        let _ = close_client(&mut c, &frame::close(code::GOING_AWAY, "gateway shutting down")).await;
+                        return self.finish(Some(code::GOING_AWAY), "gateway shutting down", "shutdown", Some(code::GOING_AWAY)).await;
+                    }
+                    Ended::RouteGone => {
+                        let _ = close_client(&mut c, &frame::close(code::GOING_AWAY, "route removed or changed by a reload")).await;
+                        return self.finish(Some(code::GOING_AWAY), "route removed", "drained", Some(code::GOING_AWAY)).await;
+                    }
+                    Ended::Expired => {
+                        let _ = close_client(&mut c, &frame::close(code::POLICY, "token expired")).await;
+                        return self.finish(Some(code::GOING_AWAY), "token expired", "token_expired", Some(code::POLICY)).await;
+                    }
+                },
             }
         }
     }
@@ -806,16 +820,11 @@ async fn next_from(leg: &mut Option<Upstream>, stash: &mut Option<FromBackend>) 
     let Some(l) = leg else {
         return std::future::pending().await;
     };
-    let shed = async {
-        match &mut l.shed {
-            Some(s) => s.await,
-            None => std::future::pending().await,
-        }
-    };
     tokio::select! {
-        m = l.ws.next() => classify(m),
+        // First: it costs nothing until one of its waits fired.
+        biased;
         g = &mut l.gone => g,
-        s = shed => s,
+        m = l.ws.next() => classify(m),
     }
 }
 

@@ -16,6 +16,9 @@ use conn::{Busy, Leg};
 pub mod conn;
 mod frame_watch;
 pub mod splice;
+mod woken;
+
+pub(crate) use woken::Woken;
 
 pub(crate) use frame_watch::FrameWatch;
 
@@ -177,21 +180,29 @@ impl Pending {
             let started = tokio::time::Instant::now();
             let leave: splice::Leave =
                 rebalance_close.then(|| Box::pin(guard.backend().shed_claimed()) as Pin<Box<_>>);
+            // What ends the session besides its peers, polled only when one
+            // of them fired (`Woken`), not on every message.
+            let ends = std::pin::pin!(async {
+                tokio::select! {
+                    _ = stop.cancelled() => "shutdown",
+                    _ = backend_gone.cancelled() => match guard.backend().retired().is_cancelled() {
+                        true => "drained",
+                        false => "backend_down",
+                    },
+                    _ = route_retired.cancelled() => "drained",
+                    _ = expiry(expires) => "token_expired",
+                }
+            });
             // How the session ended, for the access log.
             let (end, moved, error) = tokio::select! {
+                biased;
                 // The splice adds its bytes and messages to the route's counters itself.
                 r = run(client, backend, half_close, stats.stats(), leave) => match r {
                     Ok(m) if m.rebalanced => ("rebalanced", Some(m), None),
                     Ok(m) => ("closed", Some(m), None),
                     Err(e) => ("io_error", None, Some(e)),
                 },
-                _ = stop.cancelled() => ("shutdown", None, None),
-                _ = backend_gone.cancelled() => match guard.backend().retired().is_cancelled() {
-                    true => ("drained", None, None),
-                    false => ("backend_down", None, None),
-                },
-                _ = route_retired.cancelled() => ("drained", None, None),
-                _ = expiry(expires) => ("token_expired", None, None),
+                end = Woken::new(ends) => (end, None, None),
             };
             let took = started.elapsed();
             let s = stats.stats();
