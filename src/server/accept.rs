@@ -127,7 +127,8 @@ pub(super) async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: Cancellati
         let mut info = ConnInfo::new(peer, tls.is_some(), Some(permit), l.stats.clone());
         let span = tracing::debug_span!("conn", %peer, client = tracing::field::Empty);
         let cx2 = cx.clone();
-        cx.shared.life.tasks.spawn(
+        // Boxed before the spawn, as a session's (see `serve_first`).
+        let conn = Box::pin(
             async move {
                 // Boxed: the PROXY header and the TLS handshake are done
                 // before the first request, and their state must not size
@@ -143,6 +144,7 @@ pub(super) async fn accept_loop(l: Listener, cx: Arc<AcceptCx>, stop: Cancellati
             }
             .instrument(span),
         );
+        cx.shared.life.tasks.spawn(conn);
     }
 }
 
