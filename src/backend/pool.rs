@@ -417,13 +417,27 @@ impl Pool {
         b: &Backend,
         timeout: Duration,
     ) -> Result<BackendIo, ConnectError> {
-        let target = Target {
+        upstream::connect(self.target(b), timeout).await
+    }
+
+    fn target<'a>(&'a self, b: &'a Backend) -> Target<'a> {
+        Target {
             host: &b.url.host,
             sni: &b.tls_name,
             port: b.url.port,
             tls: if b.url.tls { self.tls.as_ref() } else { None },
-        };
-        upstream::connect(target, timeout).await
+        }
+    }
+
+    /// Opens a connection to one backend as [`Pool::connect`], writing
+    /// `first` with the connect where it can (see `upstream::connect_sending`):
+    /// returns how much of it was written.
+    pub async fn connect_sending(
+        &self,
+        b: &Backend,
+        first: &[u8],
+    ) -> Result<(BackendIo, usize), ConnectError> {
+        upstream::connect_sending(self.target(b), first, self.connect_timeout).await
     }
 }
 

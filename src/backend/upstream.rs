@@ -125,14 +125,29 @@ pub struct Target<'a> {
 }
 
 pub async fn connect(t: Target<'_>, timeout: Duration) -> Result<BackendIo, ConnectError> {
-    tokio::time::timeout(timeout, connect_inner(t))
+    Ok(connect_sending(t, &[], timeout).await?.0)
+}
+
+/// Connects as [`connect`] and, where the connection is up as soon as
+/// `connect(2)` returns (see [`connect_tcp`]), writes `first` at once.
+/// Returns the stream and how much of `first` was written (0 for TLS).
+pub async fn connect_sending(
+    t: Target<'_>,
+    first: &[u8],
+    timeout: Duration,
+) -> Result<(BackendIo, usize), ConnectError> {
+    tokio::time::timeout(timeout, connect_inner(t, first))
         .await
         .map_err(|_| ConnectError::Timeout(timeout))?
 }
 
-async fn connect_inner(t: Target<'_>) -> Result<BackendIo, ConnectError> {
-    let tcp = match t.host.parse::<std::net::IpAddr>() {
-        Ok(ip) => TcpStream::connect((ip, t.port)).await.map_err(tcp_error)?,
+async fn connect_inner(t: Target<'_>, first: &[u8]) -> Result<(BackendIo, usize), ConnectError> {
+    // Nothing is written ahead of a TLS handshake.
+    let first = if t.tls.is_some() { &[][..] } else { first };
+    let (tcp, sent) = match t.host.parse::<std::net::IpAddr>() {
+        Ok(ip) => connect_tcp((ip, t.port).into(), first)
+            .await
+            .map_err(tcp_error)?,
         Err(_) => {
             let addrs = tokio::net::lookup_host((t.host, t.port))
                 .await
@@ -143,7 +158,7 @@ async fn connect_inner(t: Target<'_>) -> Result<BackendIo, ConnectError> {
             let mut last = None;
             let mut stream = None;
             for a in addrs {
-                match TcpStream::connect(a).await {
+                match connect_tcp(a, first).await {
                     Ok(s) => {
                         stream = Some(s);
                         break;
@@ -162,10 +177,8 @@ async fn connect_inner(t: Target<'_>) -> Result<BackendIo, ConnectError> {
             }
         }
     };
-    // Latency matters more than packet count for interactive messages.
-    tcp.set_nodelay(true).map_err(ConnectError::Tcp)?;
     match t.tls {
-        None => Ok(BackendIo::Tcp(tcp)),
+        None => Ok((BackendIo::Tcp(tcp), sent)),
         Some(connector) => {
             let name = ServerName::try_from(t.sni.to_string())
                 .map_err(|_| ConnectError::ServerName(t.sni.into()))?;
@@ -173,7 +186,54 @@ async fn connect_inner(t: Target<'_>) -> Result<BackendIo, ConnectError> {
                 .connect(name, tcp)
                 .await
                 .map_err(ConnectError::Tls)?;
-            Ok(BackendIo::Tls(Box::new(tls)))
+            Ok((BackendIo::Tls(Box::new(tls)), 0))
+        }
+    }
+}
+
+/// A TCP connection to `addr` with `TCP_NODELAY` (latency matters more than
+/// packet count for interactive messages), and how much of `first` it wrote.
+///
+/// To a loopback address the kernel runs the whole TCP handshake inside
+/// `connect(2)` (the SYN, SYN-ACK and ACK are processed before it returns
+/// `EINPROGRESS`), so `first` is written right away: no wait for the
+/// socket to turn writable, no `SO_ERROR` read, one wake-up less per
+/// backend connection. Should the handshake not be done, the write says
+/// `EAGAIN` and the ordinary wait follows; a refused connection says so
+/// on the write. Other addresses take the ordinary path: there the
+/// handshake is a round trip away and the early write would only fail.
+async fn connect_tcp(addr: std::net::SocketAddr, first: &[u8]) -> io::Result<(TcpStream, usize)> {
+    if first.is_empty() || !addr.ip().is_loopback() {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        return Ok((tcp, 0));
+    }
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_tcp_nodelay(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    // MSG_NOSIGNAL: a reset peer is an error here, never a SIGPIPE.
+    let sent = match sock.send_with_flags(first, libc::MSG_NOSIGNAL) {
+        Ok(n) => Some(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(e) => return Err(e),
+    };
+    let tcp = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+    match sent {
+        Some(n) => Ok((tcp, n)),
+        None => {
+            tcp.writable().await?;
+            match tcp.take_error()? {
+                Some(e) => Err(e),
+                None => Ok((tcp, 0)),
+            }
         }
     }
 }
@@ -240,5 +300,94 @@ impl AsyncWrite for BackendIo {
 impl Connection for BackendIo {
     fn connected(&self) -> Connected {
         Connected::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_loopback_backend_gets_the_first_bytes_with_the_connect() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (tcp, sent) = connect_tcp(addr, b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("connect");
+        assert_eq!(sent, 18, "written with the connect");
+        assert!(tcp.nodelay().expect("nodelay"));
+        let (mut s, _) = l.accept().await.expect("accept");
+        let mut got = [0u8; 18];
+        s.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n");
+        // Nothing to write: the ordinary connect.
+        let (_tcp, sent) = connect_tcp(addr, b"").await.expect("connect");
+        assert_eq!(sent, 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_loopback_connect_fails_on_the_early_write() {
+        // A port nobody listens on: bind, note the port, close.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let e = connect_tcp(addr, b"hello").await.expect_err("refused");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    /// A backend whose accept queue is full drops the SYN: `connect(2)`
+    /// returns with the handshake not done, the early write says `EAGAIN`,
+    /// and the ordinary wait for writability follows (the SYN is resent
+    /// about a second later, once the queue has room).
+    #[tokio::test]
+    async fn a_handshake_not_done_at_once_falls_back_to_waiting() {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        sock.listen(0).expect("listen");
+        sock.set_nonblocking(true).expect("nonblocking");
+        let l = tokio::net::TcpListener::from_std(sock.into()).expect("listener");
+        let addr = l.local_addr().expect("addr");
+        // Fill the accept queue (a backlog of 0 holds one connection, some
+        // kernels one more): until a connect no longer completes.
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+                Ok(c) => held.push(c.expect("fill")),
+                Err(_) => break,
+            }
+        }
+        assert!(held.len() < 8, "the accept queue never filled");
+        let mut connecting = tokio::spawn(async move { connect_tcp(addr, b"hello").await });
+        // Make room only after the early write had its chance.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // (The dropped SYN is resent after the initial retransmission timeout, 1 s.)
+        assert!(!connecting.is_finished(), "it waits for the handshake");
+        let mut accepted = Vec::new();
+        let (mut tcp, sent) = loop {
+            tokio::select! {
+                a = l.accept() => accepted.push(a.expect("accept")),
+                r = &mut connecting => break r.expect("task").expect("connect"),
+            }
+        };
+        assert_eq!(sent, 0, "nothing written before the handshake was done");
+        tcp.write_all(b"hello").await.expect("write");
+        let ours = tcp.local_addr().expect("addr");
+        let mut s = loop {
+            if let Some(i) = accepted.iter().position(|(_, peer)| *peer == ours) {
+                break accepted.swap_remove(i).0;
+            }
+            accepted.push(l.accept().await.expect("accept"));
+        };
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"hello");
+        drop(held);
     }
 }

@@ -112,10 +112,11 @@ pub(super) async fn upgrade<B>(
             }
         };
         let attempt = async {
-            let mut io = pool.connect(backend).await?;
+            // The head goes out with the connect where it can.
+            let (mut io, sent) = pool.connect_sending(backend, &head).await?;
             let answer = crate::backend::upgrade::exchange_with(
                 &mut io,
-                &head,
+                head.get(sent..).unwrap_or_default(),
                 settings.handshake_timeout,
                 settings.max_header_bytes,
                 write_direct,
