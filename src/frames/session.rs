@@ -262,7 +262,6 @@ impl Session<'_> {
         let mut dialing: Option<Dialing> = None;
         let mut retry = Duration::ZERO;
         let mut forwarded: Option<Instant> = None;
-        // Made once: polled in place by every turn of the loop.
         // Polled only when one of its waits fired (`Woken`), not every turn.
         let ended = std::pin::pin!(async {
             tokio::select! {
