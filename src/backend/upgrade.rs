@@ -125,9 +125,12 @@ where
 type Head = (StatusCode, Option<HeaderMap>, usize);
 
 fn parse_head(buf: &[u8], raw_101: bool) -> Result<Option<Head>, BackendError> {
-    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut raw);
-    let used = match resp.parse(buf) {
+    // Left uninitialised: httparse writes the ones it fills.
+    let mut raw = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut raw);
+    let used = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(BackendError::Protocol("malformed response head")),

@@ -39,8 +39,8 @@ pub struct Ticket {
 /// with `auth:`, fan-out or frames, a request with a body).
 pub fn takes(shared: &Shared, req: &Request<()>) -> Option<Ticket> {
     let h = req.headers();
-    if !ws::wants_websocket(req)
-        || ws::validate(req).is_err()
+    // (`validate` also asks for `Upgrade: websocket`.)
+    if ws::validate(req).is_err()
         || h.contains_key(header::CONTENT_LENGTH)
         || h.contains_key(header::TRANSFER_ENCODING)
     {

@@ -87,10 +87,13 @@ enum Parsed {
 /// answer (malformed; a method other than GET, HTTP/1.0, a URI or a header
 /// `http` refuses).
 fn parse(raw: &Bytes, max_headers: usize) -> Parsed {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // Left uninitialised: httparse writes the ones it fills (zeroing the
+    // whole array cost more than parsing a typical upgrade's headers).
+    let mut headers =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let n = max_headers.min(MAX_HEADERS);
-    let mut p = httparse::Request::new(&mut headers[..n]);
-    let len = match p.parse(raw) {
+    let mut p = httparse::Request::new(&mut []);
+    let len = match p.parse_with_uninit_headers(raw, &mut headers[..n]) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Other,

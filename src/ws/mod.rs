@@ -134,7 +134,8 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // One pass over the names present, no lookup per hop-by-hop name.
-    let gone: Vec<HeaderName> = h.keys().filter(|n| is_hop_by_hop(n, h)).cloned().collect();
+    let hop = HopByHop::of(h);
+    let gone: Vec<HeaderName> = h.keys().filter(|n| hop.contains(n)).cloned().collect();
     for n in gone {
         h.remove(n);
     }
@@ -185,10 +186,11 @@ fn forwarded_values<'a>(h: &HeaderMap, f: Forwarded<'a>) -> ForwardedValues<'a> 
     let mut text = [0u8; 48];
     let ip_text = ip_text(ip, &mut text);
     // (A value the client's `Connection` names is not forwarded, so not appended to.)
+    let hop = HopByHop::of(h);
     let prev = |name: &HeaderName| {
         h.get(name)
             .and_then(|v| v.to_str().ok())
-            .filter(|_| !is_hop_by_hop(name, h))
+            .filter(|_| !hop.contains(name))
     };
     let prev_xff = prev(&X_FORWARDED_FOR);
     let prev_fwd = prev(&header::FORWARDED);
@@ -257,6 +259,7 @@ pub fn upgrade_request_head(
     host: Option<&str>,
 ) -> Vec<u8> {
     let v = forwarded_values(src, f);
+    let hop = HopByHop::of(src);
     let mut out = Vec::with_capacity(256 + path.len() + src.len() * 48);
     out.extend_from_slice(b"GET ");
     out.extend_from_slice(path.as_bytes());
@@ -272,7 +275,7 @@ pub fn upgrade_request_head(
             || name == X_FORWARDED_PROTO
             || (name == X_FORWARDED_HOST && v.host.is_some())
             || name == header::FORWARDED
-            || is_hop_by_hop(name, src);
+            || hop.contains(name);
         if replaced {
             continue;
         }
@@ -295,18 +298,31 @@ pub fn upgrade_request_head(
     out
 }
 
-/// Whether `name` is hop-by-hop in a request with headers `h`: one of RFC
-/// 9110's, or named by its `Connection` header.
-fn is_hop_by_hop(name: &HeaderName, h: &HeaderMap) -> bool {
-    HOP_BY_HOP.contains(name)
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-        || h.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+/// What is hop-by-hop in one request: RFC 9110's list, `Keep-Alive`,
+/// `Proxy-Connection`, and the names its `Connection` header lists. The
+/// `Connection` header is looked up once per request, not once per header.
+struct HopByHop<'a> {
+    connection: http::header::GetAll<'a, HeaderValue>,
+}
+
+impl<'a> HopByHop<'a> {
+    fn of(h: &'a HeaderMap) -> HopByHop<'a> {
+        HopByHop {
+            connection: h.get_all(header::CONNECTION),
+        }
+    }
+
+    fn contains(&self, name: &HeaderName) -> bool {
+        HOP_BY_HOP.contains(name)
+            || name == KEEP_ALIVE
+            || name == PROXY_CONNECTION
+            || self.connection.iter().any(|v| {
+                v.as_bytes().split(|b| *b == b',').any(|t| {
+                    t.trim_ascii()
+                        .eq_ignore_ascii_case(name.as_str().as_bytes())
+                })
             })
-        })
+    }
 }
 
 /// `ip` as text in `buf`: dotted decimal written by hand for IPv4 (every
