@@ -40,10 +40,9 @@ pub(super) async fn serve_first<I>(
             // A task of its own, sized for the session alone: run here, the
             // session would keep this connection task's state for its life
             // (measured: 2.33 -> 2.99 KiB per idle session), to save a spawn
-            // (about 700 instructions).
-            // Boxed before the spawn: the runtime moves a task's future by
-            // value several times (into its cell, and each stage change
-            // rewrites the whole cell stage), 1.2 KB memcpy each.
+            // (about 700 instructions). Boxed before the spawn: the runtime
+            // moves a task's future by value several times (into its cell,
+            // and each stage change rewrites the whole stage), 1.2 KB each.
             let stop = cx.shared.life.hard_stop.clone();
             let session = Box::pin((*session).run(stop, client));
             cx.shared.life.tasks.spawn(session);

@@ -178,8 +178,12 @@ impl Pending {
                 (tls, rest) => Leg::Other(Box::new(tls), rest),
             };
             let started = tokio::time::Instant::now();
-            let leave: splice::Leave =
-                rebalance_close.then(|| Box::pin(guard.backend().shed_claimed()) as Pin<Box<_>>);
+            // The splice polls it whenever both directions wait, i.e. after
+            // every message: `Woken`, as the ends below (its wait takes the
+            // backend's `Notify` lock each time it is polled).
+            let leave: splice::Leave = rebalance_close.then(|| {
+                Box::pin(Woken::new(Box::pin(guard.backend().shed_claimed()))) as Pin<Box<_>>
+            });
             // What ends the session besides its peers, polled only when one
             // of them fired (`Woken`), not on every message.
             let ends = std::pin::pin!(async {
