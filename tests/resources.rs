@@ -76,7 +76,10 @@ async fn out_of_descriptors_is_a_503_that_never_blames_the_backend() {
     let (status, retry, body) = refused;
     assert_eq!(status, 503, "{body}");
     assert_eq!(retry, "1");
-    assert!(body.contains("short of local resources"), "{body}");
+    assert!(
+        body.contains("short of local resources"),
+        "{status} {retry} {body:?}"
+    );
 
     // Descriptors back: the very next upgrade works (the backend was not ejected).
     drop(held);

@@ -79,15 +79,12 @@ where
     I: AsyncWrite + IntoLeg + Unpin,
 {
     let (resp, session, raw) = answer(shared, conn, ticket, req).await;
-    let (head, body) = match raw {
-        Some(raw) => (raw, Bytes::new()),
-        None => head(resp, session.is_none()).await,
+    let answer = match raw {
+        Some(raw) => raw,
+        None => whole(resp, session.is_none()).await,
     };
     let sent = async {
-        io.write_all(&head).await?;
-        if !body.is_empty() {
-            io.write_all(&body).await?;
-        }
+        io.write_all(&answer).await?;
         io.flush().await
     };
     if let Err(e) = sent.await {
@@ -140,9 +137,11 @@ async fn answer(
     (answered(stats, conn, resp, false, started), session, raw)
 }
 
-/// The answer's head, and its body when it has one (`with_body`: a
-/// refusal, framed by `Content-Length`; a 101 has none).
-async fn head(resp: Response<Body>, with_body: bool) -> (Bytes, Bytes) {
+/// The answer as written: its head, and its body when it has one
+/// (`with_body`: a refusal, framed by `Content-Length`; a 101 has none), in
+/// one buffer, so they leave in one write (a client reading the head with
+/// one `read` also gets the reason, and the gateway makes one system call).
+async fn whole(resp: Response<Body>, with_body: bool) -> Bytes {
     use http_body_util::BodyExt;
     let (parts, body) = resp.into_parts();
     let body = if with_body {
@@ -155,15 +154,14 @@ async fn head(resp: Response<Body>, with_body: bool) -> (Bytes, Bytes) {
         Bytes::new()
     };
     let length = with_body.then_some(body.len());
-    (
-        render_head(parts.status, &parts.headers, length).into(),
-        body,
-    )
+    let mut out = render_head(parts.status, &parts.headers, length);
+    out.extend_from_slice(&body);
+    out.into()
 }
 
 /// `HTTP/1.1 status reason`, the headers, and `Content-Length` when given.
 fn render_head(status: StatusCode, headers: &HeaderMap, length: Option<usize>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + headers.len() * 48);
+    let mut out = Vec::with_capacity(64 + headers.len() * 48 + length.unwrap_or(0));
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -191,6 +189,23 @@ fn render_head(status: StatusCode, headers: &HeaderMap, length: Option<usize>) -
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    /// A refusal's head and reason are one buffer, written at once: a client
+    /// reading once after the head (tungstenite does, for a failed
+    /// handshake) gets the reason too (written apart, a client on another
+    /// core sometimes read the head alone).
+    #[tokio::test]
+    async fn a_refusal_is_written_whole() {
+        let resp = crate::error::text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 Service Unavailable: busy\n".into(),
+        );
+        let out = whole(resp, true).await;
+        assert_eq!(
+            &out[..],
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 30\r\n\r\n503 Service Unavailable: busy\n"
+        );
+    }
 
     #[test]
     fn a_refusal_head_carries_its_length_once() {
