@@ -16,6 +16,7 @@
 //! they were due). It is the benchmark's floor: what the kernel allows for
 //! this many loopback sockets on this machine, whatever the server.
 
+mod epoll_relay;
 mod proto;
 
 /// The allocator upgate uses: the floor targets' memory is then what the
@@ -355,13 +356,18 @@ async fn lean_copy(
 
 /// A listener with `TCP_NODELAY` set once, for accepted sockets to inherit.
 fn listen_nodelay(a: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::from_std(std_listen_nodelay(a)?)
+}
+
+/// A nonblocking listener whose accepted sockets inherit `TCP_NODELAY`.
+fn std_listen_nodelay(a: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let s = socket2::Socket::new(socket2::Domain::for_address(a), socket2::Type::STREAM, None)?;
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
     s.set_tcp_nodelay(true)?;
     s.bind(&a.into())?;
     s.listen(4096)?;
-    TcpListener::from_std(s.into())
+    Ok(s.into())
 }
 
 /// A relay's `LISTEN=UPSTREAM` argument.
@@ -378,6 +384,7 @@ fn relay_spec(flag: &str, v: Option<String>) -> std::io::Result<(SocketAddr, Soc
 fn main() -> std::io::Result<()> {
     let mut relays: Vec<(SocketAddr, SocketAddr)> = Vec::new();
     let mut tls_relays: Vec<(SocketAddr, SocketAddr)> = Vec::new();
+    let mut epoll_relays: Vec<(SocketAddr, SocketAddr)> = Vec::new();
     let mut cert_key: Option<(std::path::PathBuf, std::path::PathBuf)> = None;
     let mut addrs: Vec<SocketAddr> = Vec::new();
     let mut feeds: Vec<SocketAddr> = Vec::new();
@@ -416,6 +423,7 @@ fn main() -> std::io::Result<()> {
             "--floor" => use_floor = true,
             "--relay" => relays.push(relay_spec(&a, args.next())?),
             "--tls-relay" => tls_relays.push(relay_spec(&a, args.next())?),
+            "--epoll-relay" => epoll_relays.push(relay_spec(&a, args.next())?),
             "--cert" => {
                 let (c, k) = (args.next(), args.next());
                 match (c, k) {
@@ -425,11 +433,12 @@ fn main() -> std::io::Result<()> {
             }
             "-h" | "--help" => {
                 println!(
-                    "upgate-bench-backend [--listen ADDR]... [--feed ADDR]... [--feed-rate MSGS_PER_S] [--feed-size BYTES] [--floor] [--relay LISTEN=UPSTREAM]... [--tls-relay LISTEN=UPSTREAM --cert CERT.pem KEY.pem]\n\
+                    "upgate-bench-backend [--listen ADDR]... [--feed ADDR]... [--feed-rate MSGS_PER_S] [--feed-size BYTES] [--floor] [--relay LISTEN=UPSTREAM]... [--tls-relay LISTEN=UPSTREAM --cert CERT.pem KEY.pem] [--epoll-relay LISTEN=UPSTREAM]...\n\
                      Fast WebSocket backends for the benchmark: echo on --listen, a timestamped feed on --feed\n\
                      (--floor: feed connections written by one plain thread, the kernel floor);\n\
                      --relay: the least a proxy does (read the head, connect, copy both ways), the proxy floor;\n\
-                     --tls-relay: the same behind upgate's rustls config, holding no buffer while idle."
+                     --tls-relay: the same behind upgate's rustls config, holding no buffer while idle;\n\
+                     --epoll-relay: the relay on one thread on epoll, no runtime, fewest system calls (its own thread each)."
                 );
                 return Ok(());
             }
@@ -451,6 +460,28 @@ fn main() -> std::io::Result<()> {
             Some(tokio_rustls::TlsAcceptor::from(cfg))
         }
     };
+    let mut epoll_threads = Vec::new();
+    for (l, up) in epoll_relays {
+        let l = std_listen_nodelay(l)?;
+        eprintln!(
+            "upgate-bench-backend: epoll relay on {:?} to {up}",
+            l.local_addr()
+        );
+        epoll_threads.push(std::thread::spawn(move || epoll_relay::run(l, up)));
+    }
+    if !epoll_threads.is_empty()
+        && addrs.is_empty()
+        && feeds.is_empty()
+        && relays.is_empty()
+        && tls_relays.is_empty()
+    {
+        // Nothing for a runtime to do: no runtime.
+        for t in epoll_threads {
+            t.join()
+                .map_err(|_| std::io::Error::other("epoll relay panicked"))??;
+        }
+        return Ok(());
+    }
     if addrs.is_empty() && feeds.is_empty() && relays.is_empty() && tls_relays.is_empty() {
         addrs.push("127.0.0.1:9001".parse().map_err(std::io::Error::other)?);
     }

@@ -84,8 +84,9 @@ struct SuiteArgs {
     /// Measured seconds per scenario run (after a 1 s warm-up).
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
-    /// Targets to include: direct, upgate, floor (the least a proxy does), nginx,
-    /// haproxy, caddy; upgate-frames; upgate-base and upgate-frames-base with --base-bin-dir.
+    /// Targets to include: direct, upgate, floor (the least a proxy does), epoll
+    /// (the same with no runtime, fewest system calls), nginx, haproxy, caddy;
+    /// upgate-frames; upgate-base and upgate-frames-base with --base-bin-dir.
     #[arg(
         long,
         value_delimiter = ',',
@@ -466,6 +467,7 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
             "haproxy" => targets::haproxy(&work, &certs, fit),
             "caddy" => targets::caddy(&work, &certs),
             "floor" => targets::relay(&bin_dir, &work, &certs),
+            "epoll" => targets::epoll_relay(&bin_dir, &work),
             other => Err(format!("unknown target {other}")),
         }
     };

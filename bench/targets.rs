@@ -247,6 +247,30 @@ pub fn relay(bin_dir: &Path, work: &Path, certs: &Certs) -> Result<Proc, String>
     })
 }
 
+/// The floor below the floor (`upgate-bench-backend --epoll-relay`): the
+/// same relay on one thread driving epoll itself, no runtime, the fewest
+/// system calls Linux allows (bench/epoll_relay.rs); on core 0 like the
+/// proxies. Plain only.
+pub fn epoll_relay(bin_dir: &Path, work: &Path) -> Result<Proc, String> {
+    let port = 18140;
+    let spec = format!("127.0.0.1:{port}=127.0.0.1:{BACKEND_PORT}");
+    let child = spawn(
+        port,
+        "0",
+        &bin_dir.join("upgate-bench-backend"),
+        &["--epoll-relay", &spec],
+        &[("MIMALLOC_PURGE_DELAY", "0")],
+        &work.join("epoll.log"),
+    )?;
+    wait_port(addr(port), "epoll")?;
+    Ok(Proc {
+        name: "epoll".into(),
+        plain: addr(port),
+        tls: None,
+        child: Some(child),
+    })
+}
+
 pub fn nginx(work: &Path, certs: &Certs, max_conns: usize) -> Result<Proc, String> {
     let bin = which("nginx").ok_or("nginx not installed")?;
     let dir = work.join("nginx");
