@@ -120,12 +120,7 @@ impl Shared {
     }
 
     /// Merges the tasks' histograms into the run's result.
-    async fn finish(
-        &self,
-        mut tasks: tokio::task::JoinSet<Histogram<u64>>,
-        secs: f64,
-        cpu_secs: Option<f64>,
-    ) -> Measured {
+    async fn finish(&self, mut tasks: tokio::task::JoinSet<Histogram<u64>>, w: Window) -> Measured {
         let mut hist = new_hist();
         while let Some(r) = tasks.join_next().await {
             if let Ok(h) = r {
@@ -133,14 +128,15 @@ impl Shared {
             }
         }
         Measured {
-            secs,
+            secs: w.secs,
             count: self.msgs.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             p50_us: hist.value_at_quantile(0.5) as f64,
             p99_us: hist.value_at_quantile(0.99) as f64,
             p999_us: hist.value_at_quantile(0.999) as f64,
-            cpu_secs,
+            cpu_secs: w.cpu,
+            cores_secs: w.cores,
         }
     }
 }
@@ -158,6 +154,9 @@ pub struct Measured {
     pub p999_us: f64,
     /// CPU seconds the target used in the window (None without a pid).
     pub cpu_secs: Option<f64>,
+    /// Busy seconds of each core in the window (the proxy's, then the load
+    /// generator's and backend's).
+    pub cores_secs: Vec<f64>,
 }
 
 impl Measured {
@@ -167,6 +166,11 @@ impl Measured {
     pub fn mib_s(&self) -> f64 {
         self.bytes as f64 / self.secs / (1024.0 * 1024.0)
     }
+    /// Each core's busy microseconds per counted unit.
+    pub fn cores_us_per(&self) -> Vec<f64> {
+        let n = self.count.max(1) as f64;
+        self.cores_secs.iter().map(|c| c * 1e6 / n).collect()
+    }
     /// Target CPU microseconds per counted unit.
     pub fn cpu_us_per(&self) -> Option<f64> {
         self.cpu_secs
@@ -175,21 +179,33 @@ impl Measured {
     }
 }
 
-async fn window(
-    shared: &Shared,
-    t: &Target,
-    warmup: Duration,
-    dur: Duration,
-) -> (f64, Option<f64>) {
+async fn window(shared: &Shared, t: &Target, warmup: Duration, dur: Duration) -> Window {
     tokio::time::sleep(warmup).await;
     let cpu0 = t.pid.and_then(proc_stat::cpu_secs);
+    let cores0 = proc_stat::core_busy_secs();
     let t0 = Instant::now();
     shared.phase.store(MEASURING, Ordering::SeqCst);
     tokio::time::sleep(dur).await;
     shared.phase.store(STOPPING, Ordering::SeqCst);
     let secs = t0.elapsed().as_secs_f64();
     let cpu1 = t.pid.and_then(proc_stat::cpu_secs);
-    (secs, cpu0.zip(cpu1).map(|(a, b)| b - a))
+    let cores = cores0
+        .zip(proc_stat::core_busy_secs())
+        .map(|(a, b)| b.iter().zip(a).map(|(b, a)| b - a).collect())
+        .unwrap_or_default();
+    Window {
+        secs,
+        cpu: cpu0.zip(cpu1).map(|(a, b)| b - a),
+        cores,
+    }
+}
+
+/// The measured window: its length, the target's CPU seconds, and each
+/// core's busy seconds.
+struct Window {
+    secs: f64,
+    cpu: Option<f64>,
+    cores: Vec<f64>,
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -219,8 +235,8 @@ pub async fn throughput(
             }
         });
     }
-    let (secs, cpu) = window(&shared, t, warmup, dur).await;
-    shared.finish(tasks, secs, cpu).await
+    let w = window(&shared, t, warmup, dur).await;
+    shared.finish(tasks, w).await
 }
 
 async fn pump(t: &Target, sh: &Shared, size: usize, win: usize) -> std::io::Result<Histogram<u64>> {
@@ -309,8 +325,8 @@ pub async fn handshakes(t: &Target, workers: usize, warmup: Duration, dur: Durat
             hist
         });
     }
-    let (secs, cpu) = window(&shared, t, warmup, dur).await;
-    shared.finish(tasks, secs, cpu).await
+    let w = window(&shared, t, warmup, dur).await;
+    shared.finish(tasks, w).await
 }
 
 async fn echo_once(s: &mut Stream, buf: &mut Vec<u8>, payload: &[u8]) -> std::io::Result<()> {

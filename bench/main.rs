@@ -90,7 +90,7 @@ struct SuiteArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,upgate,floor,nginx,haproxy,caddy"
+        default_value = "direct,upgate,floor,epoll,nginx,haproxy,caddy"
     )]
     targets: Vec<String>,
     /// Scenarios to run (a–g, see the README).
@@ -540,7 +540,7 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
                     Kind::Handshakes { workers } => load::handshakes(&t, workers, warm, dur).await,
                 };
                 eprintln!(
-                    "round {} {:<40} {:<8} {:>10.0}/s {:>8.1} MiB/s p50 {:>6.0} µs p99 {:>6.0} µs err {} cpu {}",
+                    "round {} {:<40} {:<8} {:>10.0}/s {:>8.1} MiB/s p50 {:>6.0} µs p99 {:>6.0} µs err {} cpu {} cores {}",
                     round + 1,
                     s.label,
                     p.name,
@@ -549,7 +549,12 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
                     m.p50_us,
                     m.p99_us,
                     m.errors,
-                    m.cpu_us_per().map_or("-".into(), |c| format!("{c:.2} µs"))
+                    m.cpu_us_per().map_or("-".into(), |c| format!("{c:.2} µs")),
+                    m.cores_us_per()
+                        .iter()
+                        .map(|c| format!("{c:.2}"))
+                        .collect::<Vec<_>>()
+                        .join("/")
                 );
                 results.entry((si, p.name.clone())).or_default().push(m);
                 // Let TIME_WAIT sockets and queues settle between runs.
@@ -1015,6 +1020,38 @@ fn render(
                 }
                 let (lo, hi) = min_max(&c);
                 format!("{:.2} ({lo:.2}–{hi:.2})", median(c))
+            });
+            let _ = write!(o, " {cell} |");
+        }
+        let _ = writeln!(o);
+    }
+    // What each core was busy with per unit: core 0 is the proxy's (and the
+    // kernel's work for its sockets there), core 1 the load generator's and
+    // the backend's. Direct runs use core 1 alone; a proxied run is as fast
+    // as its busier core allows.
+    let _ = writeln!(o, "\nBusy time per unit on each core, core 0 / core 1 (µs, median over rounds), from /proc/stat over the measured window: core 0 runs the proxy, core 1 the load generator and the echo backend (direct runs use core 1 alone). A run goes as fast as its busier core allows.\n");
+    let _ = write!(o, "| scenario | direct |");
+    for p in &proxies {
+        let _ = write!(o, " {p} |");
+    }
+    let _ = writeln!(o, "\n|---|---|{}", "---|".repeat(proxies.len()));
+    for (si, s) in SCENARIOS.iter().enumerate() {
+        if !a.scenarios.iter().any(|x| x == s.id) {
+            continue;
+        }
+        let _ = write!(o, "| {} |", s.label);
+        let direct = "direct".to_string();
+        for p in std::iter::once(&&direct).chain(proxies.iter()) {
+            // (The direct row of a TLS scenario is the plain one's.)
+            let key = if *p == &direct { base_of(si) } else { si };
+            let cell = res.get(&(key, (*p).clone())).map_or("–".into(), |v| {
+                let per: Vec<Vec<f64>> = v.iter().map(Measured::cores_us_per).collect();
+                let core =
+                    |i: usize| median(per.iter().filter_map(|c| c.get(i).copied()).collect());
+                if per.iter().any(|c| c.len() < 2) {
+                    return "–".into();
+                }
+                format!("{:.2} / {:.2}", core(0), core(1))
             });
             let _ = write!(o, " {cell} |");
         }

@@ -61,6 +61,32 @@ pub fn cpu_secs(root: u32) -> Option<f64> {
     Some(total)
 }
 
+/// Busy seconds of each core (user, nice, system, irq and softirq time from
+/// /proc/stat; idle, I/O wait and steal left out): what every process on the
+/// core, and the kernel's network processing there, spent.
+pub fn core_busy_secs() -> Option<Vec<f64>> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut out = Vec::new();
+    for l in s.lines() {
+        let Some(rest) = l.strip_prefix("cpu") else {
+            continue;
+        };
+        // The first line, `cpu `, is the sum.
+        if rest.starts_with(' ') {
+            continue;
+        }
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...
+        let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
+        out.push(busy / clock_ticks());
+    }
+    Some(out)
+}
+
 /// Resident memory of the tree in KiB.
 pub fn rss_kib(root: u32) -> Option<u64> {
     let mut total = 0;
