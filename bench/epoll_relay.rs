@@ -140,8 +140,10 @@ fn accept_all(
         let mut client = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-            // Out of descriptors or a connection reset in the queue: next one.
+            // A connection reset while in the queue: the next one.
             Err(e) if e.kind() == ErrorKind::ConnectionAborted => continue,
+            // Out of descriptors: the rest wait in the queue until the next
+            // arrival raises a new edge (the benchmark raises the limit).
             Err(_) => return,
         };
         let slot = free.pop().unwrap_or_else(|| {
