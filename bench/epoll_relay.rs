@@ -91,29 +91,22 @@ pub fn run(listener: std::net::TcpListener, upstream: SocketAddr) -> io::Result<
                     mut up,
                     mut down,
                 } => {
-                    let alive = if from_client {
-                        step(
-                            &mut client,
-                            &mut upstream,
-                            &mut up,
-                            &mut down,
-                            ev.is_readable() || ev.is_read_closed(),
-                            ev.is_read_closed() || ev.is_error(),
-                            ev.is_writable(),
-                            &mut buf,
-                        )
+                    // The side the event is for, the other, and what each reads.
+                    let (this, that, out, back) = if from_client {
+                        (&mut client, &mut upstream, &mut up, &mut down)
                     } else {
-                        step(
-                            &mut upstream,
-                            &mut client,
-                            &mut down,
-                            &mut up,
-                            ev.is_readable() || ev.is_read_closed(),
-                            ev.is_read_closed() || ev.is_error(),
-                            ev.is_writable(),
-                            &mut buf,
-                        )
+                        (&mut upstream, &mut client, &mut down, &mut up)
                     };
+                    let alive = step(
+                        this,
+                        that,
+                        out,
+                        back,
+                        ev.is_readable() || ev.is_read_closed(),
+                        ev.is_read_closed() || ev.is_error(),
+                        ev.is_writable(),
+                        &mut buf,
+                    );
                     alive.then_some(Conn::Relay {
                         client,
                         upstream,

@@ -66,8 +66,14 @@ pub fn cpu_secs(root: u32) -> Option<f64> {
 /// core, and the kernel's network processing there, spent.
 pub fn core_busy_secs() -> Option<Vec<f64>> {
     let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks = core_busy_ticks(&s)?;
+    Some(ticks.into_iter().map(|t| t / clock_ticks()).collect())
+}
+
+/// Each core's busy clock ticks in the text of /proc/stat.
+fn core_busy_ticks(stat: &str) -> Option<Vec<f64>> {
     let mut out = Vec::new();
-    for l in s.lines() {
+    for l in stat.lines() {
         let Some(rest) = l.strip_prefix("cpu") else {
             continue;
         };
@@ -81,8 +87,7 @@ pub fn core_busy_secs() -> Option<Vec<f64>> {
             .filter_map(|v| v.parse().ok())
             .collect();
         // user nice system idle iowait irq softirq steal ...
-        let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
-        out.push(busy / clock_ticks());
+        out.push(f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?);
     }
     Some(out)
 }
@@ -96,4 +101,22 @@ pub fn rss_kib(root: u32) -> Option<u64> {
         total += line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
     }
     Some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_ticks_leave_idle_iowait_and_steal_out() {
+        let stat = "cpu  10 20 30 4000 50 6 7 800 0 0\n\
+                    cpu0 1 2 3 1000 5 6 7 80 0 0\n\
+                    cpu1 9 18 27 3000 45 0 0 720 0 0\n\
+                    intr 12345\n\
+                    ctxt 678\n";
+        assert_eq!(core_busy_ticks(stat), Some(vec![19.0, 54.0]));
+        assert_eq!(core_busy_ticks("cpu0 1 2\n"), None);
+        let now = core_busy_secs().expect("/proc/stat");
+        assert!(!now.is_empty());
+    }
 }
