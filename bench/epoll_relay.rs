@@ -286,20 +286,15 @@ fn pump(
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(_) => return false,
         };
-        if flow.pending.is_empty() {
-            let mut written = 0;
-            while written < n {
-                match to.write(&buf[written..n]) {
-                    Ok(w) => written += w,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(_) => return false,
-                }
+        let written = if flow.pending.is_empty() {
+            match write_now(to, &buf[..n]) {
+                Ok(w) => w,
+                Err(_) => return false,
             }
-            flow.pending.extend_from_slice(&buf[written..n]);
         } else {
-            flow.pending.extend_from_slice(&buf[..n]);
-        }
+            0
+        };
+        flow.pending.extend_from_slice(&buf[written..n]);
         if flow.pending.len() >= MAX_PENDING {
             return true;
         }
@@ -312,23 +307,29 @@ fn pump(
 
 /// Writes as much of `pending` as `to` takes; keeps the rest.
 fn flush(to: &mut TcpStream, pending: &mut Vec<u8>) -> io::Result<()> {
-    let mut written = 0;
-    while written < pending.len() {
-        match to.write(&pending[written..]) {
-            Ok(w) => written += w,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            // Not yet connected (the SYN was dropped): wait for writability.
-            Err(e) if e.kind() == ErrorKind::NotConnected => break,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    let written = write_now(to, pending)?;
     pending.drain(..written);
     if pending.is_empty() {
         // Release the head's or a burst's buffer: an idle pair holds none.
         *pending = Vec::new();
     }
     Ok(())
+}
+
+/// Writes as much of `bytes` as `to` takes now; how much that was.
+fn write_now(to: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match to.write(&bytes[written..]) {
+            Ok(w) => written += w,
+            // Full, or not yet connected (the SYN was dropped): the rest
+            // waits for writability.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::NotConnected) => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -404,6 +404,18 @@ const SCENARIOS: [Scenario; 6] = [
 /// (scenario label, target) → one Measured per round.
 type Results = BTreeMap<(usize, String), Vec<Measured>>;
 
+/// A markdown table's first two lines: `lead` (its leading cells, as
+/// `| a | b |`) and a column per proxy.
+fn table_head(o: &mut String, lead: &str, proxies: &[&String]) {
+    use std::fmt::Write;
+    let _ = write!(o, "{lead}");
+    for p in proxies {
+        let _ = write!(o, " {p} |");
+    }
+    let cols = lead.matches('|').count().saturating_sub(1) + proxies.len();
+    let _ = writeln!(o, "\n|{}", "---|".repeat(cols));
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -913,12 +925,7 @@ fn render(
         a.rounds, a.duration
     );
     let proxies: Vec<&String> = names.iter().filter(|n| *n != "direct").collect();
-    let _ = write!(o, "| scenario | direct |");
-    for p in &proxies {
-        let _ = write!(o, " {p} |");
-    }
-    let _ = writeln!(o);
-    let _ = writeln!(o, "|---|---|{}", "---|".repeat(proxies.len()));
+    table_head(&mut o, "| scenario | direct |", &proxies);
     let direct_of = |si: usize| res.get(&(base_of(si), "direct".to_string()));
     for (si, s) in SCENARIOS.iter().enumerate() {
         if !a.scenarios.iter().any(|x| x == s.id) {
@@ -998,11 +1005,7 @@ fn render(
         }
     }
     let _ = writeln!(o, "\nProxy CPU time per unit (µs, median over rounds, min–max), from /proc over the measured window:\n");
-    let _ = write!(o, "| scenario |");
-    for p in &proxies {
-        let _ = write!(o, " {p} |");
-    }
-    let _ = writeln!(o, "\n|---|{}", "---|".repeat(proxies.len()));
+    table_head(&mut o, "| scenario |", &proxies);
     for (si, s) in SCENARIOS.iter().enumerate() {
         if !a.scenarios.iter().any(|x| x == s.id) {
             continue;
@@ -1030,11 +1033,7 @@ fn render(
     // the backend's. Direct runs use core 1 alone; a proxied run is as fast
     // as its busier core allows.
     let _ = writeln!(o, "\nBusy time per unit on each core, core 0 / core 1 (µs, median over rounds), from /proc/stat over the measured window: core 0 runs the proxy, core 1 the load generator and the echo backend (direct runs use core 1 alone). A run goes as fast as its busier core allows.\n");
-    let _ = write!(o, "| scenario | direct |");
-    for p in &proxies {
-        let _ = write!(o, " {p} |");
-    }
-    let _ = writeln!(o, "\n|---|---|{}", "---|".repeat(proxies.len()));
+    table_head(&mut o, "| scenario | direct |", &proxies);
     for (si, s) in SCENARIOS.iter().enumerate() {
         if !a.scenarios.iter().any(|x| x == s.id) {
             continue;

@@ -157,7 +157,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 /// Appends `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
 pub fn add_forwarded(h: &mut HeaderMap, f: Forwarded<'_>) {
-    let v = forwarded_values(h, f);
+    let v = forwarded_values(h, &HopByHop::of(h), f);
     if let Ok(xff) = HeaderValue::from_maybe_shared(bytes::Bytes::from(v.xff)) {
         h.insert(X_FORWARDED_FOR, xff);
     }
@@ -179,14 +179,18 @@ struct ForwardedValues<'a> {
     fwd: Vec<u8>,
 }
 
-fn forwarded_values<'a>(h: &HeaderMap, f: Forwarded<'a>) -> ForwardedValues<'a> {
+/// `hop`: what is hop-by-hop in `h`, looked up by the caller once.
+fn forwarded_values<'a>(
+    h: &HeaderMap,
+    hop: &HopByHop<'_>,
+    f: Forwarded<'a>,
+) -> ForwardedValues<'a> {
     let ip = f.peer.ip();
     let proto = if f.tls { "https" } else { "http" };
     // The address as text once, on the stack (this runs on every upgrade).
     let mut text = [0u8; 48];
     let ip_text = ip_text(ip, &mut text);
     // (A value the client's `Connection` names is not forwarded, so not appended to.)
-    let hop = HopByHop::of(h);
     let prev = |name: &HeaderName| {
         h.get(name)
             .and_then(|v| v.to_str().ok())
@@ -258,8 +262,8 @@ pub fn upgrade_request_head(
     f: Forwarded<'_>,
     host: Option<&str>,
 ) -> Vec<u8> {
-    let v = forwarded_values(src, f);
     let hop = HopByHop::of(src);
+    let v = forwarded_values(src, &hop, f);
     let mut out = Vec::with_capacity(256 + path.len() + src.len() * 48);
     out.extend_from_slice(b"GET ");
     out.extend_from_slice(path.as_bytes());
