@@ -5,6 +5,7 @@
 //!
 //! Counting happens at session start and end only, never per message.
 
+use std::collections::hash_map::Entry;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -64,10 +65,11 @@ impl Drop for Admission {
         let a = &self.stats.admitted;
         a.total.fetch_sub(1, Relaxed);
         let mut per_ip = a.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
+        // One lookup for the count and its removal.
+        if let Entry::Occupied(mut n) = per_ip.entry(self.ip) {
+            *n.get_mut() = n.get().saturating_sub(1);
+            if *n.get() == 0 {
+                n.remove();
             }
         }
     }

@@ -164,16 +164,16 @@ pub(super) async fn upgrade<B>(
                     expires: auth.expires,
                     who: auth.who,
                     rebalance_close: route.rebalance_close,
-                    access: Box::new(crate::session::Access {
-                        route: route.name.as_str().into(),
-                        host: client_host.unwrap_or_default().into(),
-                        path: req.uri().path().into(),
-                        http: if ws::is_h2_websocket(&req) {
+                    access: crate::session::Access::new(
+                        &route.name,
+                        client_host.unwrap_or_default(),
+                        req.uri().path(),
+                        if ws::is_h2_websocket(&req) {
                             "2"
                         } else {
                             "1.1"
                         },
-                    }),
+                    ),
                 };
                 let mut session = None;
                 match (&route.frames, client) {

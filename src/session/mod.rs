@@ -50,13 +50,42 @@ pub struct Authenticated {
 /// few strings instead of running inside the request's span: a span lives
 /// in the subscriber with its formatted fields, which cost an idle session
 /// 1.1–2.4 KiB at the default log level (docs/performance.md, "Idle memory").
+/// Route, host and path share one allocation (one instead of four per
+/// upgrade).
 #[derive(Debug)]
 pub struct Access {
-    pub route: Box<str>,
-    pub host: Box<str>,
-    pub path: Box<str>,
+    /// The route's name, the host, then the path, end to end.
+    text: Box<str>,
+    host_at: usize,
+    path_at: usize,
     /// `"1.1"`, or `"2"` for a WebSocket on an HTTP/2 stream.
     pub http: &'static str,
+}
+
+impl Access {
+    pub fn new(route: &str, host: &str, path: &str, http: &'static str) -> Access {
+        let mut text = String::with_capacity(route.len() + host.len() + path.len());
+        text.push_str(route);
+        text.push_str(host);
+        text.push_str(path);
+        Access {
+            text: text.into_boxed_str(),
+            host_at: route.len(),
+            path_at: route.len() + host.len(),
+            http,
+        }
+    }
+    pub fn route(&self) -> &str {
+        self.text.get(..self.host_at).unwrap_or_default()
+    }
+    pub fn host(&self) -> &str {
+        self.text
+            .get(self.host_at..self.path_at)
+            .unwrap_or_default()
+    }
+    pub fn path(&self) -> &str {
+        self.text.get(self.path_at..).unwrap_or_default()
+    }
 }
 
 /// What, besides the peers, ends a session.
@@ -78,7 +107,7 @@ pub struct Ends {
     /// rebalancer asks sessions to leave its backend.
     pub rebalance_close: bool,
     /// For the access log (spliced sessions; frames sessions run in the request's span).
-    pub access: Box<Access>,
+    pub access: Access,
 }
 
 /// Resolves when `at` has passed; never without one. The timer is boxed:
@@ -224,9 +253,9 @@ impl Pending {
             info!(
                 target: "upgate::access",
                 peer = %conn.peer,
-                host = &*access.host,
-                path = &*access.path,
-                route = %access.route,
+                host = access.host(),
+                path = access.path(),
+                route = %access.route(),
                 http = access.http,
                 backend = %guard.backend().url,
                 duration_ms = took.as_millis() as u64,

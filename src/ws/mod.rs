@@ -71,11 +71,19 @@ pub fn new_key() -> String {
 }
 
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| lists_token(v.as_bytes(), token.as_bytes()))
+}
+
+/// Whether a comma-separated header value lists `token` (case-insensitive).
+fn lists_token(value: &[u8], token: &[u8]) -> bool {
+    // The usual value is the token alone (`Upgrade: websocket`).
+    value.eq_ignore_ascii_case(token)
+        || value
             .split(|b| *b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Checks an HTTP/1.1 upgrade request against RFC 6455, or an HTTP/2
@@ -120,15 +128,37 @@ fn version_13(h: &HeaderMap) -> Result<(), HandshakeError> {
     Ok(())
 }
 
-/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// Whether `name` (lower case, as `HeaderName` keeps it) describes one hop
+/// and must not be forwarded: RFC 9110 §7.6.1's list, `Keep-Alive` and
+/// `Proxy-Connection`. (A match on the text: one length switch and a
+/// compare, where comparing `HeaderName`s went through nine.)
+fn always_hop_by_hop(name: &str) -> bool {
+    // (The same names as `HOP_NAMES`.)
+    matches!(
+        name,
+        "connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-connection"
+    )
+}
+
+/// [`always_hop_by_hop`]'s names.
+const HOP_NAMES: [&str; 9] = [
+    "connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
 ];
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
@@ -152,96 +182,126 @@ pub struct Forwarded<'a> {
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Appends `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
 pub fn add_forwarded(h: &mut HeaderMap, f: Forwarded<'_>) {
     let v = forwarded_values(h, &HopByHop::of(h), f);
-    if let Ok(xff) = HeaderValue::from_maybe_shared(bytes::Bytes::from(v.xff)) {
+    let mut xff = Vec::new();
+    v.write_xff(&mut xff);
+    let mut fwd = Vec::new();
+    v.write_fwd(&mut fwd);
+    let (proto, host) = (
+        v.proto,
+        v.host.and_then(|host| HeaderValue::from_str(host).ok()),
+    );
+    if let Ok(xff) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
         h.insert(X_FORWARDED_FOR, xff);
     }
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(v.proto));
-    if let Some(host) = v.host.and_then(|host| HeaderValue::from_str(host).ok()) {
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    if let Some(host) = host {
         h.insert(X_FORWARDED_HOST, host);
     }
-    if let Ok(fwd) = HeaderValue::from_maybe_shared(bytes::Bytes::from(v.fwd)) {
+    if let Ok(fwd) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd)) {
         h.insert(header::FORWARDED, fwd);
     }
 }
 
-/// What [`add_forwarded`] sets, given the client's headers.
+/// What [`add_forwarded`] sets, given the client's headers: the parts,
+/// borrowed, so the direct path writes them straight into the backend's
+/// head (no buffer of their own).
 struct ForwardedValues<'a> {
-    xff: Vec<u8>,
+    /// The client's `X-Forwarded-For` and `Forwarded`, appended to.
+    prev_xff: Option<&'a str>,
+    prev_fwd: Option<&'a str>,
+    /// The client's address as text: `ip[..ip_len]`.
+    ip: [u8; 48],
+    ip_len: usize,
+    v6: bool,
     proto: &'static str,
     /// For `X-Forwarded-Host`.
     host: Option<&'a str>,
-    fwd: Vec<u8>,
+    /// For `Forwarded: host="…"` (no quote or backslash to escape).
+    fwd_host: Option<&'a str>,
+}
+
+impl ForwardedValues<'_> {
+    fn ip(&self) -> &[u8] {
+        self.ip.get(..self.ip_len).unwrap_or_default()
+    }
+
+    /// `X-Forwarded-For`'s value.
+    fn write_xff(&self, out: &mut Vec<u8>) {
+        if let Some(prev) = self.prev_xff {
+            out.extend_from_slice(prev.as_bytes());
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(self.ip());
+    }
+
+    /// `Forwarded`'s value (RFC 7239).
+    fn write_fwd(&self, out: &mut Vec<u8>) {
+        if let Some(prev) = self.prev_fwd {
+            out.extend_from_slice(prev.as_bytes());
+            out.extend_from_slice(b", ");
+        }
+        if self.v6 {
+            out.extend_from_slice(b"for=\"[");
+            out.extend_from_slice(self.ip());
+            out.extend_from_slice(b"]\"");
+        } else {
+            out.extend_from_slice(b"for=");
+            out.extend_from_slice(self.ip());
+        }
+        out.extend_from_slice(b";proto=");
+        out.extend_from_slice(self.proto.as_bytes());
+        if let Some(host) = self.fwd_host {
+            out.extend_from_slice(b";host=\"");
+            out.extend_from_slice(host.as_bytes());
+            out.push(b'"');
+        }
+    }
 }
 
 /// `hop`: what is hop-by-hop in `h`, looked up by the caller once.
 fn forwarded_values<'a>(
-    h: &HeaderMap,
+    h: &'a HeaderMap,
     hop: &HopByHop<'_>,
     f: Forwarded<'a>,
 ) -> ForwardedValues<'a> {
-    let ip = f.peer.ip();
-    let proto = if f.tls { "https" } else { "http" };
-    // The address as text once, on the stack (this runs on every upgrade).
-    let mut text = [0u8; 48];
-    let ip_text = ip_text(ip, &mut text);
     // (A value the client's `Connection` names is not forwarded, so not appended to.)
     let prev = |name: &HeaderName| {
         h.get(name)
             .and_then(|v| v.to_str().ok())
             .filter(|_| !hop.contains(name))
     };
-    let prev_xff = prev(&X_FORWARDED_FOR);
-    let prev_fwd = prev(&header::FORWARDED);
-    let mut xff = Vec::with_capacity(prev_xff.map_or(0, |p| p.len() + 2) + ip_text.len());
-    let prev = prev_xff;
-    if let Some(prev) = prev {
-        xff.extend_from_slice(prev.as_bytes());
-        xff.extend_from_slice(b", ");
-    }
-    xff.extend_from_slice(ip_text);
-    let prev = prev_fwd;
-    let mut fwd = Vec::with_capacity(
-        prev.map_or(0, |p| p.len() + 2) + 32 + ip_text.len() + f.host.map_or(0, str::len),
-    );
-    if let Some(prev) = prev {
-        fwd.extend_from_slice(prev.as_bytes());
-        fwd.extend_from_slice(b", ");
-    }
-    match ip {
-        std::net::IpAddr::V4(_) => {
-            fwd.extend_from_slice(b"for=");
-            fwd.extend_from_slice(ip_text);
+    ForwardedValues::new(prev(&X_FORWARDED_FOR), prev(&header::FORWARDED), f)
+}
+
+impl<'a> ForwardedValues<'a> {
+    /// `prev_xff`, `prev_fwd`: the client's first `X-Forwarded-For` and
+    /// `Forwarded` values, when they are forwarded.
+    fn new(
+        prev_xff: Option<&'a str>,
+        prev_fwd: Option<&'a str>,
+        f: Forwarded<'a>,
+    ) -> ForwardedValues<'a> {
+        let ip = f.peer.ip();
+        // The address as text once, on the stack (this runs on every upgrade).
+        let mut text = [0u8; 48];
+        let ip_len = ip_text(ip, &mut text).len();
+        ForwardedValues {
+            prev_xff,
+            prev_fwd,
+            ip: text,
+            ip_len,
+            v6: ip.is_ipv6(),
+            proto: if f.tls { "https" } else { "http" },
+            host: f.host.filter(|host| value_ok(host.as_bytes())),
+            fwd_host: f.host.filter(|host| {
+                host.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+            }),
         }
-        std::net::IpAddr::V6(_) => {
-            fwd.extend_from_slice(b"for=\"[");
-            fwd.extend_from_slice(ip_text);
-            fwd.extend_from_slice(b"]\"");
-        }
-    }
-    fwd.extend_from_slice(b";proto=");
-    fwd.extend_from_slice(proto.as_bytes());
-    let host = f.host.filter(|host| value_ok(host.as_bytes()));
-    if let Some(host) = f.host {
-        if host
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-        {
-            fwd.extend_from_slice(b";host=\"");
-            fwd.extend_from_slice(host.as_bytes());
-            fwd.push(b'"');
-        }
-    }
-    ForwardedValues {
-        xff,
-        proto,
-        host,
-        fwd,
     }
 }
 
@@ -263,7 +323,6 @@ pub fn upgrade_request_head(
     host: Option<&str>,
 ) -> Vec<u8> {
     let hop = HopByHop::of(src);
-    let v = forwarded_values(src, &hop, f);
     let mut out = Vec::with_capacity(256 + path.len() + src.len() * 48);
     out.extend_from_slice(b"GET ");
     out.extend_from_slice(path.as_bytes());
@@ -273,13 +332,26 @@ pub fn upgrade_request_head(
         out.extend_from_slice(host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    // The client's `X-Forwarded-For` and `Forwarded` (their first values)
+    // are found on the way, appended to below.
+    let (mut prev_xff, mut prev_fwd) = (None, None);
+    let forwarded_host = f.host.is_some_and(|host| value_ok(host.as_bytes()));
     for (name, value) in src {
-        let replaced = name == header::HOST
-            || name == X_FORWARDED_FOR
-            || name == X_FORWARDED_PROTO
-            || (name == X_FORWARDED_HOST && v.host.is_some())
-            || name == header::FORWARDED
-            || hop.contains(name);
+        let replaced = match name.as_str() {
+            "host" | "x-forwarded-proto" => true,
+            "x-forwarded-host" => forwarded_host,
+            "x-forwarded-for" | "forwarded" => {
+                let prev = match name.as_str() {
+                    "x-forwarded-for" => &mut prev_xff,
+                    _ => &mut prev_fwd,
+                };
+                if prev.is_none() && !hop.lists(name.as_str()) {
+                    *prev = Some(value.to_str().ok());
+                }
+                true
+            }
+            n => always_hop_by_hop(n) || hop.lists(n),
+        };
         if replaced {
             continue;
         }
@@ -288,8 +360,9 @@ pub fn upgrade_request_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    let v = ForwardedValues::new(prev_xff.flatten(), prev_fwd.flatten(), f);
     out.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\nx-forwarded-for: ");
-    out.extend_from_slice(&v.xff);
+    v.write_xff(&mut out);
     out.extend_from_slice(b"\r\nx-forwarded-proto: ");
     out.extend_from_slice(v.proto.as_bytes());
     if let Some(host) = v.host {
@@ -297,35 +370,48 @@ pub fn upgrade_request_head(
         out.extend_from_slice(host.as_bytes());
     }
     out.extend_from_slice(b"\r\nforwarded: ");
-    out.extend_from_slice(&v.fwd);
+    v.write_fwd(&mut out);
     out.extend_from_slice(b"\r\n\r\n");
     out
 }
 
-/// What is hop-by-hop in one request: RFC 9110's list, `Keep-Alive`,
-/// `Proxy-Connection`, and the names its `Connection` header lists. The
-/// `Connection` header is looked up once per request, not once per header.
+/// What is hop-by-hop in one request: [`always_hop_by_hop`], and the names
+/// its `Connection` header lists. The `Connection` header is looked up
+/// once per request, not once per header, and read per header only when
+/// it lists a name beyond the fixed ones (`Connection: Upgrade` and
+/// `Connection: keep-alive, Upgrade` name none).
 struct HopByHop<'a> {
     connection: http::header::GetAll<'a, HeaderValue>,
+    /// Whether `connection` lists a name `always_hop_by_hop` does not cover.
+    more: bool,
 }
 
 impl<'a> HopByHop<'a> {
     fn of(h: &'a HeaderMap) -> HopByHop<'a> {
-        HopByHop {
-            connection: h.get_all(header::CONNECTION),
-        }
+        let connection = h.get_all(header::CONNECTION);
+        let more = connection.iter().any(|v| {
+            v.as_bytes().split(|b| *b == b',').any(|t| {
+                let t = t.trim_ascii();
+                !t.is_empty()
+                    && !HOP_NAMES
+                        .iter()
+                        .any(|n| t.eq_ignore_ascii_case(n.as_bytes()))
+            })
+        });
+        HopByHop { connection, more }
     }
 
     fn contains(&self, name: &HeaderName) -> bool {
-        HOP_BY_HOP.contains(name)
-            || name == KEEP_ALIVE
-            || name == PROXY_CONNECTION
-            || self.connection.iter().any(|v| {
-                v.as_bytes().split(|b| *b == b',').any(|t| {
-                    t.trim_ascii()
-                        .eq_ignore_ascii_case(name.as_str().as_bytes())
-                })
-            })
+        always_hop_by_hop(name.as_str()) || self.lists(name.as_str())
+    }
+
+    /// Whether the `Connection` header lists `name` (lower case).
+    fn lists(&self, name: &str) -> bool {
+        self.more
+            && self
+                .connection
+                .iter()
+                .any(|v| lists_token(v.as_bytes(), name.as_bytes()))
     }
 }
 
@@ -431,6 +517,20 @@ mod tests {
                 ("forwarded", "for=1.1.1.1"),
             ],
             &[("connection", "upgrade"), ("upgrade", "websocket")],
+            &[
+                ("host", "a"),
+                ("connection", "Keep-Alive, UPGRADE, X-Forwarded-For"),
+                ("x-forwarded-for", "1.1.1.1"),
+                ("forwarded", "for=2.2.2.2"),
+                ("keep-alive", "5"),
+            ],
+            &[
+                ("host", "a"),
+                ("connection", " TE ,close,, Upgrade"),
+                ("close", "x"),
+                ("te", "trailers"),
+                ("x-kept", "1"),
+            ],
         ];
         let peers = [
             "192.0.2.7:5000",
@@ -476,6 +576,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_fixed_hop_by_hop_names_are_one_list() {
+        for n in HOP_NAMES {
+            assert!(always_hop_by_hop(n), "{n}");
+        }
+        for n in ["host", "upgrade-insecure-requests", "t", "tes", "connections"] {
+            assert!(!always_hop_by_hop(n), "{n}");
+        }
+        assert!(lists_token(b"websocket", b"websocket"));
+        assert!(lists_token(b"WebSocket", b"websocket"));
+        assert!(lists_token(b"h2c, websocket ", b"websocket"));
+        assert!(!lists_token(b"websockets", b"websocket"));
+        assert!(!lists_token(b"", b"websocket"));
     }
 
     #[test]
