@@ -182,6 +182,70 @@ pub fn request_head(data: &[u8]) {
     let mut headers = req.headers().clone();
     crate::ws::strip_hop_by_hop(&mut headers);
     crate::ws::add_forwarded(&mut headers, forwarded);
+    // The direct head says what the header-map path says.
+    headers.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(http::header::HOST, HeaderValue::from_static("b:1"));
+    let mut via_map = b"GET / HTTP/1.1\r\n".to_vec();
+    for (n, v) in &headers {
+        via_map.extend_from_slice(n.as_str().as_bytes());
+        via_map.extend_from_slice(b": ");
+        via_map.extend_from_slice(v.as_bytes());
+        via_map.extend_from_slice(b"\r\n");
+    }
+    via_map.extend_from_slice(b"\r\n");
+    let sent = header_set(&direct);
+    assert_eq!(sent, header_set(&via_map));
+    // And no header the client's `Connection` names, or one that is always
+    // hop-by-hop, is passed on (checked naively, token by token).
+    let listed: Vec<String> = req
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|t| String::from_utf8_lossy(t.trim_ascii()).to_ascii_lowercase())
+        .collect();
+    const OURS: [&str; 7] = [
+        "host",
+        "connection",
+        "upgrade",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+    ];
+    const HOP: [&str; 7] = [
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "keep-alive",
+        "proxy-connection",
+    ];
+    for (name, _) in &sent {
+        if !OURS.contains(&name.as_str()) {
+            assert!(!listed.contains(name), "{name} is listed in Connection");
+            assert!(!HOP.contains(&name.as_str()), "{name} is hop-by-hop");
+        }
+    }
+}
+
+/// A request head's headers, sorted (names lower case).
+fn header_set(head: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut raw = [httparse::EMPTY_HEADER; 80];
+    let mut r = httparse::Request::new(&mut raw);
+    assert!(matches!(r.parse(head), Ok(httparse::Status::Complete(_))));
+    let mut v: Vec<_> = r
+        .headers
+        .iter()
+        .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+        .collect();
+    v.sort();
+    v
 }
 
 /// The server's own reading of a connection's first request (the direct

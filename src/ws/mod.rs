@@ -339,7 +339,7 @@ pub fn upgrade_request_head(
     for (name, value) in src {
         let replaced = match name.as_str() {
             "host" | "x-forwarded-proto" => true,
-            "x-forwarded-host" => forwarded_host,
+            "x-forwarded-host" => forwarded_host || hop.lists("x-forwarded-host"),
             "x-forwarded-for" | "forwarded" => {
                 let prev = match name.as_str() {
                     "x-forwarded-for" => &mut prev_xff,
@@ -525,6 +525,10 @@ mod tests {
                 ("keep-alive", "5"),
             ],
             &[
+                ("connection", "X-Forwarded-Host, upgrade"),
+                ("x-forwarded-host", "old"),
+            ],
+            &[
                 ("host", "a"),
                 ("connection", " TE ,close,, Upgrade"),
                 ("close", "x"),
@@ -583,7 +587,13 @@ mod tests {
         for n in HOP_NAMES {
             assert!(always_hop_by_hop(n), "{n}");
         }
-        for n in ["host", "upgrade-insecure-requests", "t", "tes", "connections"] {
+        for n in [
+            "host",
+            "upgrade-insecure-requests",
+            "t",
+            "tes",
+            "connections",
+        ] {
             assert!(!always_hop_by_hop(n), "{n}");
         }
         assert!(lists_token(b"websocket", b"websocket"));
