@@ -179,24 +179,8 @@ pub fn request_head(data: &[u8]) {
     };
     let direct = crate::ws::upgrade_request_head("/", req.headers(), forwarded, Some("b:1"));
     assert!(direct.ends_with(b"\r\n\r\n"));
-    let mut headers = req.headers().clone();
-    crate::ws::strip_hop_by_hop(&mut headers);
-    crate::ws::add_forwarded(&mut headers, forwarded);
     // The direct head says what the header-map path says.
-    headers.insert(
-        http::header::CONNECTION,
-        HeaderValue::from_static("upgrade"),
-    );
-    headers.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(http::header::HOST, HeaderValue::from_static("b:1"));
-    let mut via_map = b"GET / HTTP/1.1\r\n".to_vec();
-    for (n, v) in &headers {
-        via_map.extend_from_slice(n.as_str().as_bytes());
-        via_map.extend_from_slice(b": ");
-        via_map.extend_from_slice(v.as_bytes());
-        via_map.extend_from_slice(b"\r\n");
-    }
-    via_map.extend_from_slice(b"\r\n");
+    let via_map = map_path_head("/", req.headers(), forwarded, "b:1");
     let sent = header_set(&direct);
     assert_eq!(sent, header_set(&via_map));
     // And no header the client's `Connection` names, or one that is always
@@ -234,8 +218,38 @@ pub fn request_head(data: &[u8]) {
     }
 }
 
-/// A request head's headers, sorted (names lower case).
-fn header_set(head: &[u8]) -> Vec<(String, Vec<u8>)> {
+/// The backend's upgrade head as the header-map path builds it (hyper's
+/// path): the client's headers copied, hop-by-hop ones stripped,
+/// `add_forwarded`, then `Connection`, `Upgrade` and `Host` set. What
+/// `ws::upgrade_request_head` must equal, header for header.
+pub fn map_path_head(
+    path: &str,
+    src: &http::HeaderMap,
+    f: crate::ws::Forwarded<'_>,
+    host: &'static str,
+) -> Vec<u8> {
+    let mut h = src.clone();
+    crate::ws::strip_hop_by_hop(&mut h);
+    crate::ws::add_forwarded(&mut h, f);
+    h.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(http::header::HOST, HeaderValue::from_static(host));
+    let mut out = format!("GET {path} HTTP/1.1\r\n").into_bytes();
+    for (n, v) in &h {
+        out.extend_from_slice(n.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A request head's headers, sorted (names lower case): what a backend sees.
+pub fn header_set(head: &[u8]) -> Vec<(String, Vec<u8>)> {
     let mut raw = [httparse::EMPTY_HEADER; 80];
     let mut r = httparse::Request::new(&mut raw);
     assert!(matches!(r.parse(head), Ok(httparse::Status::Complete(_))));

@@ -467,22 +467,9 @@ pub fn query_values<'a>(uri: &'a http::Uri, name: &'a str) -> impl Iterator<Item
 mod tests {
     use super::*;
 
-    /// A request head's headers, sorted (names lowercase): what a backend sees.
-    fn header_set(head: &[u8]) -> Vec<(String, Vec<u8>)> {
-        let mut raw = [httparse::EMPTY_HEADER; 64];
-        let mut r = httparse::Request::new(&mut raw);
-        assert!(r.parse(head).unwrap().is_complete());
-        let mut v: Vec<_> = r
-            .headers
-            .iter()
-            .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
-            .collect();
-        v.sort();
-        v
-    }
-
     #[test]
     fn the_direct_upgrade_head_carries_what_the_header_map_path_sends() {
+        use crate::fuzzing::{header_set, map_path_head};
         let cases: &[&[(&str, &str)]] = &[
             &[
                 ("host", "chat.example"),
@@ -558,20 +545,7 @@ mod tests {
                     host,
                 };
                 let direct = upgrade_request_head("/p?q=1", &src, f, Some("backend:9000"));
-                let mut h = src.clone();
-                strip_hop_by_hop(&mut h);
-                add_forwarded(&mut h, f);
-                h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-                h.insert(header::HOST, HeaderValue::from_static("backend:9000"));
-                let mut via_map = b"GET /p?q=1 HTTP/1.1\r\n".to_vec();
-                for (n, v) in &h {
-                    via_map.extend_from_slice(n.as_str().as_bytes());
-                    via_map.extend_from_slice(b": ");
-                    via_map.extend_from_slice(v.as_bytes());
-                    via_map.extend_from_slice(b"\r\n");
-                }
-                via_map.extend_from_slice(b"\r\n");
+                let via_map = map_path_head("/p?q=1", &src, f, "backend:9000");
                 assert!(direct.starts_with(b"GET /p?q=1 HTTP/1.1\r\n"));
                 assert_eq!(
                     header_set(&direct),
