@@ -50,8 +50,8 @@ pub struct Authenticated {
 /// few strings instead of running inside the request's span: a span lives
 /// in the subscriber with its formatted fields, which cost an idle session
 /// 1.1–2.4 KiB at the default log level (docs/performance.md, "Idle memory").
-/// Route, host and path share one allocation (one instead of four per
-/// upgrade).
+/// Route, host and path share one allocation (two with the box, instead of
+/// four per upgrade).
 #[derive(Debug)]
 pub struct Access {
     /// The route's name, the host, then the path, end to end.
@@ -63,17 +63,17 @@ pub struct Access {
 }
 
 impl Access {
-    pub fn new(route: &str, host: &str, path: &str, http: &'static str) -> Access {
+    pub fn new(route: &str, host: &str, path: &str, http: &'static str) -> Box<Access> {
         let mut text = String::with_capacity(route.len() + host.len() + path.len());
         text.push_str(route);
         text.push_str(host);
         text.push_str(path);
-        Access {
+        Box::new(Access {
             text: text.into_boxed_str(),
             host_at: route.len(),
             path_at: route.len() + host.len(),
             http,
-        }
+        })
     }
     pub fn route(&self) -> &str {
         self.text.get(..self.host_at).unwrap_or_default()
@@ -107,7 +107,10 @@ pub struct Ends {
     /// rebalancer asks sessions to leave its backend.
     pub rebalance_close: bool,
     /// For the access log (spliced sessions; frames sessions run in the request's span).
-    pub access: Access,
+    /// Boxed: a thin pointer in the session's future. (Inline, its 48 bytes
+    /// took the idle session's task from 1,280 B into the allocator's next
+    /// size class, 1,536 B: +0.2 KiB per idle session, measured.)
+    pub access: Box<Access>,
 }
 
 /// Resolves when `at` has passed; never without one. The timer is boxed:
@@ -317,4 +320,38 @@ where
 {
     let mut s = splice::Splice::new(cp, bp, stats);
     async move { s.run(&mut c, &mut b, half_close, leave).await }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn returned_size<A, B, C, R>(_f: impl FnOnce(A, B, C) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// An idle spliced session is mostly its boxed future (`serve_first`
+    /// boxes it before the spawn), and the allocator rounds that up to a
+    /// size class: 1,280 B holds it today; 1,281 B would take 1,536 and
+    /// cost every idle session 0.25 KiB (target 3 of issue 15 is 2.5 KiB
+    /// per session). It happened once: 40 bytes more in `Ends` showed as
+    /// 2.34 -> 2.54 KiB per idle session in the benchmark.
+    #[test]
+    fn an_idle_sessions_future_stays_in_its_size_class() {
+        // A debug build lays the future out larger (1,280 B against the
+        // release build's 1,256 today): it gets that difference, so that
+        // this test guards the release size (`cargo test --release` checks
+        // it exactly).
+        let limit = if cfg!(debug_assertions) {
+            1280 + 24
+        } else {
+            1280
+        };
+        let size = returned_size(Pending::run);
+        assert!(
+            size <= limit,
+            "the session's future is {size} B, over {limit} B: the next allocation size class"
+        );
+    }
 }
