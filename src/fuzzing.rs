@@ -237,15 +237,10 @@ pub fn map_path_head(
     );
     h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(http::header::HOST, HeaderValue::from_static(host));
-    let mut out = format!("GET {path} HTTP/1.1\r\n").into_bytes();
-    for (n, v) in &h {
-        out.extend_from_slice(n.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out
+    let pq = path
+        .parse::<http::uri::PathAndQuery>()
+        .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"));
+    crate::backend::upgrade::request_head(&pq, &h)
 }
 
 /// A request head's headers, sorted (names lower case): what a backend sees.

@@ -67,8 +67,9 @@ impl Drop for Admission {
         let mut per_ip = a.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         // One lookup for the count and its removal.
         if let Entry::Occupied(mut n) = per_ip.entry(self.ip) {
-            *n.get_mut() = n.get().saturating_sub(1);
-            if *n.get() == 0 {
+            let count = n.get_mut();
+            *count = count.saturating_sub(1);
+            if *count == 0 {
                 n.remove();
             }
         }

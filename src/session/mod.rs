@@ -108,7 +108,7 @@ pub struct Ends {
     pub rebalance_close: bool,
     /// For the access log (spliced sessions; frames sessions run in the request's span).
     /// Boxed: a thin pointer in the session's future. (Inline, its 48 bytes
-    /// took the idle session's task from 1,280 B into the allocator's next
+    /// took the idle session's future from its 1,280 B class into the allocator's next
     /// size class, 1,536 B: +0.2 KiB per idle session, measured.)
     pub access: Box<Access>,
 }

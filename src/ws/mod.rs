@@ -128,27 +128,9 @@ fn version_13(h: &HeaderMap) -> Result<(), HandshakeError> {
     Ok(())
 }
 
-/// Whether `name` (lower case, as `HeaderName` keeps it) describes one hop
-/// and must not be forwarded: RFC 9110 §7.6.1's list, `Keep-Alive` and
-/// `Proxy-Connection`. (A match on the text: one length switch and a
-/// compare, where comparing `HeaderName`s went through nine.)
-fn always_hop_by_hop(name: &str) -> bool {
-    // (The same names as `HOP_NAMES`.)
-    matches!(
-        name,
-        "connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "keep-alive"
-            | "proxy-connection"
-    )
-}
-
-/// [`always_hop_by_hop`]'s names.
+/// Names that describe one hop and are never forwarded: RFC 9110 §7.6.1's
+/// list, `Keep-Alive` and `Proxy-Connection` (lower case, as `HeaderName`
+/// keeps them).
 const HOP_NAMES: [&str; 9] = [
     "connection",
     "proxy-authenticate",
@@ -160,6 +142,11 @@ const HOP_NAMES: [&str; 9] = [
     "keep-alive",
     "proxy-connection",
 ];
+
+/// Whether `name` (lower case) is one of [`HOP_NAMES`].
+fn always_hop_by_hop(name: &str) -> bool {
+    HOP_NAMES.contains(&name)
+}
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
@@ -224,7 +211,33 @@ struct ForwardedValues<'a> {
     fwd_host: Option<&'a str>,
 }
 
-impl ForwardedValues<'_> {
+impl<'a> ForwardedValues<'a> {
+    /// `prev_xff`, `prev_fwd`: the client's first `X-Forwarded-For` and
+    /// `Forwarded` values, when they are forwarded.
+    fn new(
+        prev_xff: Option<&'a str>,
+        prev_fwd: Option<&'a str>,
+        f: Forwarded<'a>,
+    ) -> ForwardedValues<'a> {
+        let ip = f.peer.ip();
+        // The address as text once, on the stack (this runs on every upgrade).
+        let mut text = [0u8; 48];
+        let ip_len = ip_text(ip, &mut text).len();
+        ForwardedValues {
+            prev_xff,
+            prev_fwd,
+            ip: text,
+            ip_len,
+            v6: ip.is_ipv6(),
+            proto: if f.tls { "https" } else { "http" },
+            host: f.host.filter(|host| value_ok(host.as_bytes())),
+            fwd_host: f.host.filter(|host| {
+                host.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+            }),
+        }
+    }
+
     fn ip(&self) -> &[u8] {
         self.ip.get(..self.ip_len).unwrap_or_default()
     }
@@ -277,34 +290,6 @@ fn forwarded_values<'a>(
     ForwardedValues::new(prev(&X_FORWARDED_FOR), prev(&header::FORWARDED), f)
 }
 
-impl<'a> ForwardedValues<'a> {
-    /// `prev_xff`, `prev_fwd`: the client's first `X-Forwarded-For` and
-    /// `Forwarded` values, when they are forwarded.
-    fn new(
-        prev_xff: Option<&'a str>,
-        prev_fwd: Option<&'a str>,
-        f: Forwarded<'a>,
-    ) -> ForwardedValues<'a> {
-        let ip = f.peer.ip();
-        // The address as text once, on the stack (this runs on every upgrade).
-        let mut text = [0u8; 48];
-        let ip_len = ip_text(ip, &mut text).len();
-        ForwardedValues {
-            prev_xff,
-            prev_fwd,
-            ip: text,
-            ip_len,
-            v6: ip.is_ipv6(),
-            proto: if f.tls { "https" } else { "http" },
-            host: f.host.filter(|host| value_ok(host.as_bytes())),
-            fwd_host: f.host.filter(|host| {
-                host.bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-            }),
-        }
-    }
-}
-
 /// Whether `v` is a valid header value, as `HeaderValue::from_bytes` decides
 /// (visible ASCII, obs-text, spaces and tabs), without making one.
 pub fn value_ok(v: &[u8]) -> bool {
@@ -339,14 +324,16 @@ pub fn upgrade_request_head(
     for (name, value) in src {
         let replaced = match name.as_str() {
             "host" | "x-forwarded-proto" => true,
-            "x-forwarded-host" => forwarded_host || hop.lists("x-forwarded-host"),
-            "x-forwarded-for" | "forwarded" => {
-                let prev = match name.as_str() {
-                    "x-forwarded-for" => &mut prev_xff,
-                    _ => &mut prev_fwd,
-                };
-                if prev.is_none() && !hop.lists(name.as_str()) {
-                    *prev = Some(value.to_str().ok());
+            n @ "x-forwarded-host" => forwarded_host || hop.lists(n),
+            n @ "x-forwarded-for" => {
+                if !hop.lists(n) {
+                    prev_xff.get_or_insert(value);
+                }
+                true
+            }
+            n @ "forwarded" => {
+                if !hop.lists(n) {
+                    prev_fwd.get_or_insert(value);
                 }
                 true
             }
@@ -360,7 +347,11 @@ pub fn upgrade_request_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let v = ForwardedValues::new(prev_xff.flatten(), prev_fwd.flatten(), f);
+    let v = ForwardedValues::new(
+        prev_xff.and_then(|v: &HeaderValue| v.to_str().ok()),
+        prev_fwd.and_then(|v: &HeaderValue| v.to_str().ok()),
+        f,
+    );
     out.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\nx-forwarded-for: ");
     v.write_xff(&mut out);
     out.extend_from_slice(b"\r\nx-forwarded-proto: ");
