@@ -90,6 +90,72 @@ async fn a_thousand_clients_receive_every_message_in_order_over_one_upstream() {
     assert_eq!(feed.accepted(), 1);
 }
 
+/// Plain clients that have caught up are written by the channel's task
+/// itself, and go back to their own queue when the kernel does not take a
+/// whole batch or when they have something of their own to send (a pong).
+/// Whatever way each message takes, every client gets every message once,
+/// in order: one client reads steadily, one pings after every few messages
+/// (each pong takes it off direct delivery and back), one stops reading
+/// long enough for its socket to fill (handed back mid-frame, then caught
+/// up again), over TLS-less plain TCP with large messages in bursts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_once_in_order_across_direct_delivery_and_the_queue() {
+    let feed = Feed::start().await;
+    let gw = gateway_for(&[&feed], "    max_lag: 4096\n").await;
+    let addr = gw.addr();
+    let mut steady = ws(addr, "x", "/feed/book").await;
+    let mut pinger = ws(addr, "x", "/feed/book").await;
+    let mut staller = ws(addr, "x", "/feed/book").await;
+    feed.wait_open(1, T).await;
+    let n: u32 = 600;
+    let body = |i: u32| {
+        let mut b = vec![(i % 251) as u8; 32 * 1024];
+        b[..4].copy_from_slice(&i.to_be_bytes());
+        b
+    };
+    let publisher = async {
+        for burst in 0..(n / 50) {
+            for i in burst * 50..(burst + 1) * 50 {
+                feed.publish(Message::binary(body(i)));
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    let check = |i: u32, m: Message| match m {
+        Message::Binary(b) => assert!(
+            b[..] == body(i)[..],
+            "message {i} out of order or corrupted"
+        ),
+        other => panic!("message {i}: {other:?}"),
+    };
+    let steady_reads = async {
+        for i in 0..n {
+            check(i, next_data(&mut steady).await);
+        }
+    };
+    let pinger_reads = async {
+        for i in 0..n {
+            check(i, next_data(&mut pinger).await);
+            if i % 7 == 0 {
+                pinger
+                    .send(Message::Ping(vec![1, 2, 3].into()))
+                    .await
+                    .expect("ping");
+            }
+        }
+    };
+    let staller_reads = async {
+        for i in 0..n {
+            if i == 20 {
+                // 580 × 32 KiB published meanwhile: more than the socket buffers hold.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            check(i, next_data(&mut staller).await);
+        }
+    };
+    tokio::join!(publisher, steady_reads, pinger_reads, staller_reads);
+}
+
 #[tokio::test]
 async fn two_channels_open_two_upstreams_and_stay_separate() {
     let feed = Feed::start().await;

@@ -8,6 +8,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::{debug, info};
 
+use super::direct::SharedTcp;
 use super::{client, Hub, State};
 use crate::config::{ChannelKey, FanoutConfig};
 use crate::error::{Body, ProxyError};
@@ -162,10 +163,14 @@ pub async fn accept(
         };
         let out = match crate::session::conn::client_leg(up, conn.tls) {
             crate::session::conn::Leg::Tcp(s, pending) => {
-                client::run(s, pending, rx, replay, cx).await
+                // Shared with the channel's task, which writes to it while the
+                // client has caught up (not with deflate: its frames differ).
+                let s = Arc::new(s);
+                let direct = (!cx.deflate).then(|| s.clone());
+                client::run(SharedTcp(s), pending, rx, replay, cx, direct).await
             }
             crate::session::conn::Leg::Other(io, pending) => {
-                Box::pin(client::run(io, pending, rx, replay, cx)).await
+                Box::pin(client::run(io, pending, rx, replay, cx, None)).await
             }
         };
         info!(

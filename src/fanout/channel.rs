@@ -253,6 +253,7 @@ async fn source(
                 warn!(pool = %pool.name, backend = %u.guard.backend().url, why, "upstream lost; reconnecting");
                 if let Some(text) = &hub.cfg.on_upstream_lost {
                     ch.publish(frame::OP_TEXT, text.as_bytes(), 0);
+                    ch.flush_direct(&hub.stats);
                 }
                 reconnecting = true;
             }
@@ -292,25 +293,22 @@ async fn pump(
         tokio::select! {
             m = u.ws.next() => {
                 heard = Instant::now();
-                match m {
-                    Some(Ok(Message::Text(t))) => publish(hub, ch, idx, frame::OP_TEXT, t.as_bytes()),
-                    Some(Ok(Message::Binary(b))) => publish(hub, ch, idx, frame::OP_BINARY, &b),
-                    Some(Ok(Message::Ping(_))) => {
-                        // tungstenite queued the pong; send it now.
-                        if let Err(e) = u.ws.flush().await {
-                            return Lost::Error(e.to_string());
-                        }
-                    }
-                    Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
-                    Some(Ok(Message::Close(c))) => {
-                        return Lost::Error(match c {
-                            Some(c) => format!("closed by the upstream ({} {})", u16::from(c.code), c.reason),
-                            None => "closed by the upstream".into(),
-                        })
-                    }
-                    Some(Err(e)) => return Lost::Error(e.to_string()),
-                    None => return Lost::Error("connection closed".into()),
+                if let Some(lost) = on_message(hub, ch, idx, u, m).await {
+                    ch.flush_direct(&hub.stats);
+                    return lost;
                 }
+                // What the upstream sent at once goes out together: one
+                // write per direct client for the batch.
+                for _ in 1..super::direct::BATCH {
+                    let Some(m) = u.ws.next().now_or_never() else {
+                        break;
+                    };
+                    if let Some(lost) = on_message(hub, ch, idx, u, m).await {
+                        ch.flush_direct(&hub.stats);
+                        return lost;
+                    }
+                }
+                ch.flush_direct(&hub.stats);
             }
             m = recv_opt(fwd.as_deref_mut()) => {
                 if let Some(m) = m {
@@ -337,6 +335,41 @@ async fn pump(
             _ = end.cancelled() => return Lost::End,
         }
     }
+}
+
+/// Publishes one message from the upstream (or answers its ping); `Some`
+/// when the upstream is lost.
+async fn on_message(
+    hub: &Hub,
+    ch: &Channel,
+    idx: usize,
+    u: &mut Upstream,
+    m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+) -> Option<Lost> {
+    match m {
+        Some(Ok(Message::Text(t))) => publish(hub, ch, idx, frame::OP_TEXT, t.as_bytes()),
+        Some(Ok(Message::Binary(b))) => publish(hub, ch, idx, frame::OP_BINARY, &b),
+        Some(Ok(Message::Ping(_))) => {
+            // tungstenite queued the pong; send it now.
+            if let Err(e) = u.ws.flush().await {
+                return Some(Lost::Error(e.to_string()));
+            }
+        }
+        Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
+        Some(Ok(Message::Close(c))) => {
+            return Some(Lost::Error(match c {
+                Some(c) => format!(
+                    "closed by the upstream ({} {})",
+                    u16::from(c.code),
+                    c.reason
+                ),
+                None => "closed by the upstream".into(),
+            }))
+        }
+        Some(Err(e)) => return Some(Lost::Error(e.to_string())),
+        None => return Some(Lost::Error("connection closed".into())),
+    }
+    None
 }
 
 /// Frames one upstream message (tagging it with its source when asked) and publishes it.

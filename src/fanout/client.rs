@@ -13,16 +13,19 @@ use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{protocol::frame::Utf8Bytes, Message};
 use tokio_util::sync::CancellationToken;
 
+use super::direct::{Handoff, Member, Slot};
 use super::{Channel, Hub};
 use crate::config::{ClientMessages, SlowClient};
 use crate::session::splice::ReadReady;
@@ -102,7 +105,9 @@ pub(super) struct Outcome {
 
 /// What reading the client produced.
 enum Event {
-    /// Frames were written while the queue was full: receive more.
+    /// Frames were written while the queue was full (receive more), or
+    /// the queue emptied or took a pong while direct delivery is possible
+    /// (the loop hands over or takes back).
     Wrote,
     /// A whole data message: opcode, payload, compressed (RSV1 on its first frame).
     Message(u8, Vec<u8>, bool),
@@ -116,6 +121,12 @@ enum Event {
 struct Conn<S> {
     io: S,
     out: VecDeque<Bytes>,
+    /// The channel's task writes to the socket (the client is direct):
+    /// nothing is written here, and a pong to send ends the poll.
+    hold: bool,
+    /// The channel's task may write to the socket once the queue is empty:
+    /// writing the last of it ends the poll, so the task can hand over.
+    may_go_direct: bool,
     /// The client's frames, parsed and assembled into messages.
     reader: Reader,
 }
@@ -166,10 +177,13 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
     /// Drives writing and reading until something needs the task's attention.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         let full = self.out.len() >= BATCH;
-        match self.poll_write_out(cx) {
-            Poll::Ready(Err(e)) => return Poll::Ready(Event::Io(e)),
-            Poll::Ready(Ok(_)) if full => return Poll::Ready(Event::Wrote),
-            _ => {}
+        if !self.hold {
+            match self.poll_write_out(cx) {
+                Poll::Ready(Err(e)) => return Poll::Ready(Event::Io(e)),
+                Poll::Ready(Ok(_)) if full => return Poll::Ready(Event::Wrote),
+                Poll::Ready(Ok(true)) if self.may_go_direct => return Poll::Ready(Event::Wrote),
+                _ => {}
+            }
         }
         loop {
             while let Some(input) = self.reader.next_input() {
@@ -178,6 +192,10 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
                         // Answered with the next write; a client flooding pings gets fewer pongs.
                         if self.out.len() < 2 * BATCH {
                             self.out.push_back(frame::encode(frame::OP_PONG, &p));
+                            if self.hold {
+                                // The task leaves direct delivery before writing it.
+                                return Poll::Ready(Event::Wrote);
+                            }
                         }
                     }
                     Input::Message(op, p, z) => return Poll::Ready(Event::Message(op, p, z)),
@@ -199,7 +217,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
                 Poll::Pending => return Poll::Pending,
             }
             // Pongs queued for pings go out with the next write.
-            if !self.out.is_empty() {
+            if !self.out.is_empty() && !self.hold {
                 if let Poll::Ready(Err(e)) = self.poll_write_out(cx) {
                     return Poll::Ready(Event::Io(e));
                 }
@@ -227,6 +245,26 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
         })
         .await;
     }
+}
+
+/// Takes a client back from direct delivery: what the channel's task did not
+/// write goes first (before a pong queued since), the ring from right after it.
+fn take_back<S>(
+    c: &mut Conn<S>,
+    rx: &mut broadcast::Receiver<Bytes>,
+    out: &mut Outcome,
+    unflushed: &mut u64,
+    h: Handoff,
+) {
+    // Written whole by the channel's task, which counted them for the route.
+    out.delivered += h.delivered;
+    let queued = h.out.len() as u64;
+    out.delivered += queued;
+    *unflushed += queued;
+    for b in h.out.into_iter().rev() {
+        c.out.push_front(b);
+    }
+    *rx = h.rx;
 }
 
 /// Waits up to `limit` for the channel's next message and queues it with
@@ -276,18 +314,23 @@ impl Bucket {
 }
 
 /// Runs one client until it leaves, is dropped, or the gateway stops.
+/// With `direct` (its plain TCP socket, which `io` reads too), the client
+/// is written by the channel's task whenever it has caught up (`direct`).
 pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
     io: S,
     pending: Bytes,
     mut rx: broadcast::Receiver<Bytes>,
     replay: Vec<Bytes>,
     cx: Cx<'_>,
+    direct: Option<Arc<TcpStream>>,
 ) -> Outcome {
     let cfg = &cx.hub.cfg;
     let stats = &cx.hub.stats;
     let mut c = Conn {
         io,
         out: replay.into(),
+        hold: false,
+        may_go_direct: direct.is_some(),
         reader: Reader::new(pending.to_vec(), cfg.max_message, cx.deflate),
     };
     let mut out = Outcome {
@@ -323,8 +366,24 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
         }
     });
     let mut ended = crate::session::Woken::new(ended);
+    // Set while the channel's task writes to the client.
+    let mut member: Option<Member<'_>> = None;
+    let slot = Arc::new(Slot::default());
+    let mut handed_back = false;
 
     let last: Option<Bytes> = loop {
+        if member.is_some() && (handed_back || !c.out.is_empty()) {
+            // Handed back by the channel's task, or something of its own to write.
+            if let Some(h) = member.take().and_then(|m| m.leave(&cx.ch.tx)) {
+                take_back(&mut c, &mut rx, &mut out, &mut unflushed, h);
+            }
+            handed_back = false;
+        } else if member.is_none() && c.out.is_empty() {
+            if let Some(sock) = &direct {
+                member = cx.ch.direct.try_enter(sock, &rx, &slot);
+            }
+        }
+        c.hold = member.is_some();
         let room = c.out.len() < BATCH;
         tokio::select! {
             biased;
@@ -333,7 +392,12 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                 out.close_code = Some(close);
                 break Some(frame::close(close, reason));
             }
-            r = rx.recv(), if room => {
+            () = async {
+                if let Some(m) = &member {
+                    m.handed_back().await;
+                }
+            }, if member.is_some() => handed_back = true,
+            r = rx.recv(), if room && member.is_none() => {
                 let mut got = 0u64;
                 let mut lagged = match r {
                     Ok(b) => {
@@ -462,6 +526,9 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                         // Nothing more is read; answers to what the client
                         // forwarded just before may still go out first.
                         if forwarded_at.is_some_and(|t| t.elapsed() < ANSWER_GRACE) {
+                            if let Some(h) = member.take().and_then(|m| m.leave(&cx.ch.tx)) {
+                                take_back(&mut c, &mut rx, &mut out, &mut unflushed, h);
+                            }
                             out.delivered += answers_first(&mut c, &mut rx, ANSWER_GRACE).await;
                         }
                         break Some(frame::close(e.code(), &e.to_string()));
@@ -492,6 +559,11 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
             }
         }
     };
+    // Whatever was handed back goes out before the Close.
+    if let Some(h) = member.take().and_then(|m| m.leave(&cx.ch.tx)) {
+        take_back(&mut c, &mut rx, &mut out, &mut unflushed, h);
+    }
+    c.hold = false;
     stats.delivered.fetch_add(unflushed, Ordering::Relaxed);
     if out.end != End::IoError && out.end != End::PongTimeout {
         // A peer gets `pong_timeout` to take the rest and the Close (a slow one may need it).

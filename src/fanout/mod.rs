@@ -21,6 +21,7 @@
 mod accept;
 mod channel;
 mod client;
+mod direct;
 
 pub use accept::accept;
 use accept::route_channel;
@@ -97,6 +98,8 @@ pub struct Channel {
     /// The upstream request target (before the backend's base path).
     target: String,
     tx: broadcast::Sender<Bytes>,
+    /// Plain-TCP clients that caught up, written by the channel's task itself.
+    direct: direct::Direct,
     /// The same messages for clients that negotiated permessage-deflate,
     /// compressed once each (only while such a client is subscribed).
     tx_z: broadcast::Sender<Bytes>,
@@ -416,6 +419,7 @@ impl Channel {
             key,
             target,
             tx: broadcast::channel(cfg.max_lag.max(2)).0,
+            direct: direct::Direct::default(),
             // Unused (never subscribed) without `compression`: keep it small.
             tx_z: broadcast::channel(if cfg.compression {
                 cfg.max_lag.max(2)
@@ -449,6 +453,10 @@ impl Channel {
                     .map_or_else(|| frame.clone(), |z| frame::encode_compressed(opcode, &z));
                 let _ = self.tx_z.send(z);
             }
+            // Sent and recorded under the direct set's lock: a client entering
+            // or leaving it sees each message on exactly one side.
+            let mut direct = self.direct.publishing();
+            direct.record(&frame);
             let _ = self.tx.send(frame);
         };
         if replay_last == 0 {
@@ -461,6 +469,15 @@ impl Channel {
         }
         r.push_back(frame.clone());
         send(frame);
+    }
+
+    /// Writes what was published since the last flush to the direct
+    /// clients (see `direct`), counting it as delivered.
+    fn flush_direct(&self, stats: &Stats) {
+        let n = self.direct.flush(&self.tx);
+        if n > 0 {
+            stats.delivered.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// A receiver (of compressed messages with `deflate`), and the messages
