@@ -97,8 +97,9 @@ async fn a_thousand_clients_receive_every_message_in_order_over_one_upstream() {
 /// in order: one client reads steadily, one pings after every few messages
 /// (each pong takes it off direct delivery and back), one stops reading
 /// long enough for its socket to fill (handed back mid-frame, then caught
-/// up again), over TLS-less plain TCP with large messages in bursts.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// up again), over plain TCP with large messages in bursts. Direct delivery
+/// is used on a one-thread runtime, as this test's (and `--threads 1`).
+#[tokio::test]
 async fn every_message_once_in_order_across_direct_delivery_and_the_queue() {
     let feed = Feed::start().await;
     let gw = gateway_for(&[&feed], "    max_lag: 4096\n").await;

@@ -84,6 +84,11 @@ fn channel_of<B>(
     Ok((key, target))
 }
 
+/// Whether the runtime has one worker thread (`--threads 1`).
+fn single_worker() -> bool {
+    tokio::runtime::Handle::try_current().is_ok_and(|h| h.metrics().num_workers() == 1)
+}
+
 /// Answers a fan-out route's upgrade: joins the channel (waiting for its
 /// upstream if this client opened it), then sends 101 and starts the client.
 pub async fn accept(
@@ -164,9 +169,12 @@ pub async fn accept(
         let out = match crate::session::conn::client_leg(up, conn.tls) {
             crate::session::conn::Leg::Tcp(s, pending) => {
                 // Shared with the channel's task, which writes to it while the
-                // client has caught up (not with deflate: its frames differ).
+                // client has caught up: on a one-thread runtime, and not with
+                // deflate (its frames differ). With several workers the
+                // clients' own tasks spread the writes over the cores, which
+                // measured better than the channel writing (docs/performance.md).
                 let s = Arc::new(s);
-                let direct = (!cx.deflate).then(|| s.clone());
+                let direct = (!cx.deflate && single_worker()).then(|| s.clone());
                 client::run(SharedTcp(s), pending, rx, replay, cx, direct).await
             }
             crate::session::conn::Leg::Other(io, pending) => {
