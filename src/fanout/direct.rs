@@ -133,14 +133,11 @@ impl Direct {
         if set.batch.is_empty() {
             return 0;
         }
-        let first = set.seq - set.batch.len() as u64;
         let mut written = 0u64;
         let mut i = 0;
         while i < set.members.len() {
             let e = &mut set.members[i];
-            // A client that entered during the batch had the messages before it.
-            let skip = usize::try_from(e.from.saturating_sub(first)).unwrap_or(usize::MAX);
-            let frames = set.batch.get(skip..).unwrap_or_default();
+            let frames = unwritten(&set.batch, set.seq, e.from);
             match write_all(&e.sock, frames) {
                 Ok(()) => {
                     e.delivered += frames.len() as u64;
@@ -166,6 +163,22 @@ impl Direct {
         set.batch.clear();
         written
     }
+}
+
+/// The messages of `batch` (which ends before message `seq`) from message
+/// `from` on: a client that entered during the batch had the ones before it
+/// on the ring.
+fn unwritten(batch: &[Bytes], seq: u64, from: u64) -> &[Bytes] {
+    let first = seq.saturating_sub(batch.len() as u64);
+    let skip = usize::try_from(from.saturating_sub(first)).unwrap_or(usize::MAX);
+    batch.get(skip..).unwrap_or_default()
+}
+
+/// Where `slot`'s client is in the set's list, if it is a member.
+fn member_index(set: &Set, slot: &Arc<Slot>) -> Option<usize> {
+    let i = slot.index.load(Ordering::Relaxed);
+    let e = set.members.get(i)?;
+    Arc::ptr_eq(&e.slot, slot).then_some(i)
 }
 
 /// Removes member `i`, keeping the moved member's index right.
@@ -248,26 +261,18 @@ impl Member<'_> {
     pub fn leave(mut self, tx: &broadcast::Sender<Bytes>) -> Option<Handoff> {
         let slot = self.slot.take()?;
         let mut set = lock(&self.direct.set);
-        let i = slot.index.load(Ordering::Relaxed);
-        if set
-            .members
-            .get(i)
-            .is_some_and(|e| Arc::ptr_eq(&e.slot, &slot))
-        {
-            let first = set.seq - set.batch.len() as u64;
+        if let Some(i) = member_index(&set, &slot) {
             let e = remove(&mut set.members, i);
-            let skip = usize::try_from(e.from.saturating_sub(first)).unwrap_or(usize::MAX);
-            let out = set.batch.get(skip..).unwrap_or_default().to_vec();
             return Some(Handoff {
-                out,
+                out: unwritten(&set.batch, set.seq, e.from).to_vec(),
                 rx: tx.subscribe(),
                 delivered: e.delivered,
             });
         }
         drop(set);
         // Not a member: the channel's task handed it back before removing it.
-        let h = lock(&slot.handoff).take();
-        h
+        let handed = lock(&slot.handoff).take();
+        handed
     }
 }
 
@@ -278,12 +283,7 @@ impl Drop for Member<'_> {
         };
         // The socket must not outlive the client's task in the set.
         let mut set = lock(&self.direct.set);
-        let i = slot.index.load(Ordering::Relaxed);
-        if set
-            .members
-            .get(i)
-            .is_some_and(|e| Arc::ptr_eq(&e.slot, &slot))
-        {
+        if let Some(i) = member_index(&set, &slot) {
             remove(&mut set.members, i);
         }
     }
