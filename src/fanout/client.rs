@@ -368,7 +368,8 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
     let mut ended = crate::session::Woken::new(ended);
     // Set while the channel's task writes to the client.
     let mut member: Option<Member<'_>> = None;
-    let slot = Arc::new(Slot::default());
+    // The client's place in direct delivery, kept from one entry to the next.
+    let direct = direct.map(|sock| (sock, Arc::new(Slot::default())));
     let mut handed_back = false;
 
     let last: Option<Bytes> = loop {
@@ -379,8 +380,8 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
             }
             handed_back = false;
         } else if member.is_none() && c.out.is_empty() {
-            if let Some(sock) = &direct {
-                member = cx.ch.direct.try_enter(sock, &rx, &slot);
+            if let Some((sock, slot)) = &direct {
+                member = cx.ch.direct.try_enter(sock, &rx, slot);
             }
         }
         c.hold = member.is_some();
