@@ -167,15 +167,18 @@ pub async fn accept(
             expires,
         };
         let out = match crate::session::conn::client_leg(up, conn.tls) {
-            crate::session::conn::Leg::Tcp(s, pending) => {
-                // Shared with the channel's task, which writes to it while the
-                // client has caught up: on a one-thread runtime, and not with
-                // deflate (its frames differ). With several workers the
-                // clients' own tasks spread the writes over the cores, which
-                // measured better than the channel writing (docs/performance.md).
+            // Shared with the channel's task, which writes to it while the
+            // client has caught up: on a one-thread runtime, and not with
+            // deflate (its frames differ). With several workers the clients'
+            // own tasks spread the writes over the cores, which measured
+            // better than the channel writing (docs/performance.md).
+            crate::session::conn::Leg::Tcp(s, pending) if !cx.deflate && single_worker() => {
                 let s = Arc::new(s);
-                let direct = (!cx.deflate && single_worker()).then(|| s.clone());
+                let direct = Some(s.clone());
                 client::run(SharedTcp(s), pending, rx, replay, cx, direct).await
+            }
+            crate::session::conn::Leg::Tcp(s, pending) => {
+                client::run(s, pending, rx, replay, cx, None).await
             }
             crate::session::conn::Leg::Other(io, pending) => {
                 Box::pin(client::run(io, pending, rx, replay, cx, None)).await

@@ -293,22 +293,22 @@ async fn pump(
         tokio::select! {
             m = u.ws.next() => {
                 heard = Instant::now();
-                if let Some(lost) = on_message(hub, ch, idx, u, m).await {
-                    ch.flush_direct(&hub.stats);
-                    return lost;
-                }
                 // What the upstream sent at once goes out together: one
                 // write per direct client for the batch.
+                let mut lost = on_message(hub, ch, idx, u, m).await;
                 for _ in 1..super::direct::BATCH {
+                    if lost.is_some() {
+                        break;
+                    }
                     let Some(m) = u.ws.next().now_or_never() else {
                         break;
                     };
-                    if let Some(lost) = on_message(hub, ch, idx, u, m).await {
-                        ch.flush_direct(&hub.stats);
-                        return lost;
-                    }
+                    lost = on_message(hub, ch, idx, u, m).await;
                 }
                 ch.flush_direct(&hub.stats);
+                if let Some(lost) = lost {
+                    return lost;
+                }
             }
             m = recv_opt(fwd.as_deref_mut()) => {
                 if let Some(m) = m {

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{protocol::frame::Utf8Bytes, Message};
 use tokio_util::sync::CancellationToken;
 
-use super::direct::{Handoff, Member, Slot};
+use super::direct::{Member, Slot};
 use super::{Channel, Hub};
 use crate::config::{ClientMessages, SlowClient};
 use crate::session::splice::ReadReady;
@@ -247,15 +247,20 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Conn<S> {
     }
 }
 
-/// Takes a client back from direct delivery: what the channel's task did not
-/// write goes first (before a pong queued since), the ring from right after it.
+/// Takes the client back from direct delivery, if it is direct: what the
+/// channel's task did not write goes first (before a pong queued since), the
+/// ring from right after it.
 fn take_back<S>(
+    member: &mut Option<Member<'_>>,
+    ch: &Channel,
     c: &mut Conn<S>,
     rx: &mut broadcast::Receiver<Bytes>,
     out: &mut Outcome,
     unflushed: &mut u64,
-    h: Handoff,
 ) {
+    let Some(h) = member.take().and_then(|m| m.leave(&ch.tx)) else {
+        return;
+    };
     // Written whole by the channel's task, which counted them for the route.
     out.delivered += h.delivered;
     let queued = h.out.len() as u64;
@@ -375,9 +380,14 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
     let last: Option<Bytes> = loop {
         if member.is_some() && (handed_back || !c.out.is_empty()) {
             // Handed back by the channel's task, or something of its own to write.
-            if let Some(h) = member.take().and_then(|m| m.leave(&cx.ch.tx)) {
-                take_back(&mut c, &mut rx, &mut out, &mut unflushed, h);
-            }
+            take_back(
+                &mut member,
+                cx.ch,
+                &mut c,
+                &mut rx,
+                &mut out,
+                &mut unflushed,
+            );
             handed_back = false;
         } else if member.is_none() && c.out.is_empty() {
             if let Some((sock, slot)) = &direct {
@@ -527,9 +537,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
                         // Nothing more is read; answers to what the client
                         // forwarded just before may still go out first.
                         if forwarded_at.is_some_and(|t| t.elapsed() < ANSWER_GRACE) {
-                            if let Some(h) = member.take().and_then(|m| m.leave(&cx.ch.tx)) {
-                                take_back(&mut c, &mut rx, &mut out, &mut unflushed, h);
-                            }
+                            take_back(&mut member, cx.ch, &mut c, &mut rx, &mut out, &mut unflushed);
                             out.delivered += answers_first(&mut c, &mut rx, ANSWER_GRACE).await;
                         }
                         break Some(frame::close(e.code(), &e.to_string()));
@@ -561,9 +569,14 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(
         }
     };
     // Whatever was handed back goes out before the Close.
-    if let Some(h) = member.take().and_then(|m| m.leave(&cx.ch.tx)) {
-        take_back(&mut c, &mut rx, &mut out, &mut unflushed, h);
-    }
+    take_back(
+        &mut member,
+        cx.ch,
+        &mut c,
+        &mut rx,
+        &mut out,
+        &mut unflushed,
+    );
     c.hold = false;
     stats.delivered.fetch_add(unflushed, Ordering::Relaxed);
     if out.end != End::IoError && out.end != End::PongTimeout {

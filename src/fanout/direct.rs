@@ -85,10 +85,16 @@ pub(super) struct Handoff {
 }
 
 impl Direct {
-    /// The lock a message is published under: recorded here and sent on
-    /// the ring while the guard is held.
-    pub fn publishing(&self) -> Publishing<'_> {
-        Publishing(lock(&self.set))
+    /// Sends `frame` on the ring and records it for the direct clients,
+    /// both under the set's lock: a client entering or leaving sees each
+    /// message on exactly one side.
+    pub fn publish(&self, tx: &broadcast::Sender<Bytes>, frame: Bytes) {
+        let mut set = lock(&self.set);
+        set.seq += 1;
+        if !set.members.is_empty() {
+            set.batch.push(frame.clone());
+        }
+        let _ = tx.send(frame);
     }
 
     /// Enters `sock` into direct delivery if the set is free right now and
@@ -228,18 +234,6 @@ fn write_all(sock: &TcpStream, frames: &[Bytes]) -> Result<(), (u64, Vec<Bytes>)
     Err((done as u64, rest))
 }
 
-/// The set's lock while a message is sent on the ring and recorded.
-pub(super) struct Publishing<'a>(std::sync::MutexGuard<'a, Set>);
-
-impl Publishing<'_> {
-    pub fn record(&mut self, frame: &Bytes) {
-        self.0.seq += 1;
-        if !self.0.members.is_empty() {
-            self.0.batch.push(frame.clone());
-        }
-    }
-}
-
 /// A client's membership: left (or handed back) exactly once, also when its
 /// task ends or is dropped while direct.
 pub(super) struct Member<'a> {
@@ -376,10 +370,7 @@ mod tests {
     }
 
     fn publish(d: &Direct, tx: &broadcast::Sender<Bytes>, b: &'static [u8]) {
-        let mut p = d.publishing();
-        let f = Bytes::from_static(b);
-        p.record(&f);
-        let _ = tx.send(f);
+        d.publish(tx, Bytes::from_static(b));
     }
 
     /// A caught-up client gets each message once, in order, whether the
@@ -426,9 +417,7 @@ mod tests {
         let big = Bytes::from(vec![7u8; 1 << 20]);
         let mut sent = 0usize;
         for _ in 0..64 {
-            let mut p = d.publishing();
-            p.record(&big);
-            let _ = tx.send(big.clone());
+            d.publish(&tx, big.clone());
             sent += big.len();
         }
         let whole = d.flush(&tx);

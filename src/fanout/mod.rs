@@ -453,11 +453,7 @@ impl Channel {
                     .map_or_else(|| frame.clone(), |z| frame::encode_compressed(opcode, &z));
                 let _ = self.tx_z.send(z);
             }
-            // Sent and recorded under the direct set's lock: a client entering
-            // or leaving it sees each message on exactly one side.
-            let mut direct = self.direct.publishing();
-            direct.record(&frame);
-            let _ = self.tx.send(frame);
+            self.direct.publish(&self.tx, frame);
         };
         if replay_last == 0 {
             send(frame);
