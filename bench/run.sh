@@ -40,9 +40,9 @@ echo "open-file limit: $(ulimit -n)" >&2
 sysctl -qw net.ipv4.ip_local_port_range="1024 65535" 2>/dev/null || true
 sysctl -qw net.ipv4.tcp_tw_reuse=1 2>/dev/null || true
 # Keep the wider ephemeral range away from the ports the suite listens on,
-# and from the demo's (8080, 8443, 9901), which would otherwise be taken by
-# client sockets now and then after a run.
-sysctl -qw net.ipv4.ip_local_reserved_ports=8080,8443,9901,18000-19999 2>/dev/null || true
+# and from the demo's (8080, 8443, 9901, and its backends on 9001, 9002 and
+# 9101), which would otherwise be taken by client sockets now and then after a run.
+sysctl -qw net.ipv4.ip_local_reserved_ports=8080,8443,9001,9002,9101,9901,18000-19999 2>/dev/null || true
 sysctl -qw net.core.somaxconn=65535 2>/dev/null || true
 sysctl -qw net.ipv4.tcp_max_syn_backlog=65535 2>/dev/null || true
 
