@@ -366,9 +366,10 @@ impl Pool {
             }
         }
         Order {
+            picks: Picks::new(&idx[..len]),
             members: m,
-            idx,
-            len,
+            // At most MAX_BACKENDS (256).
+            len: u16::try_from(len).unwrap_or(u16::MAX),
             pos: 0,
         }
     }
@@ -441,14 +442,44 @@ impl Pool {
     }
 }
 
-/// A failover order: an iterator over a pool's backends, built on the stack.
-/// A failover order: an iterator over a snapshot of a pool's backends,
-/// built on the stack.
+/// A failover order: an iterator over a snapshot of a pool's backends.
+/// It lives in the request's future across every connect attempt, so it is
+/// kept small: up to [`INLINE`] positions inline (a pool's usual size), a
+/// boxed list beyond (inline, 256 positions took 512 bytes that every
+/// upgrade's future carried and copied).
 pub struct Order {
     pub(super) members: Arc<Members>,
-    idx: [u16; MAX_BACKENDS],
-    len: usize,
-    pos: usize,
+    picks: Picks,
+    len: u16,
+    pos: u16,
+}
+
+/// Positions kept inline in an [`Order`].
+const INLINE: usize = 12;
+
+/// The backends' indices in failover order.
+enum Picks {
+    Inline([u16; INLINE]),
+    Boxed(Box<[u16]>),
+}
+
+impl Picks {
+    fn new(idx: &[u16]) -> Picks {
+        match idx.len() {
+            n if n <= INLINE => {
+                let mut a = [0u16; INLINE];
+                a[..n].copy_from_slice(idx);
+                Picks::Inline(a)
+            }
+            _ => Picks::Boxed(idx.into()),
+        }
+    }
+    fn get(&self, i: usize) -> Option<u16> {
+        match self {
+            Picks::Inline(a) => a.get(i).copied(),
+            Picks::Boxed(b) => b.get(i).copied(),
+        }
+    }
 }
 
 impl Iterator for Order {
@@ -457,9 +488,9 @@ impl Iterator for Order {
         if self.pos >= self.len {
             return None;
         }
-        let b = self.members.backends[usize::from(self.idx[self.pos])].clone();
+        let i = self.picks.get(usize::from(self.pos))?;
         self.pos += 1;
-        Some(b)
+        self.members.backends.get(usize::from(i)).cloned()
     }
 }
 

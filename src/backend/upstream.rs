@@ -148,47 +148,50 @@ async fn connect_inner(t: Target<'_>, first: &[u8]) -> Result<(BackendIo, usize)
         Ok(ip) => connect_tcp((ip, t.port).into(), first)
             .await
             .map_err(tcp_error)?,
-        Err(_) => {
-            let addrs = tokio::net::lookup_host((t.host, t.port))
-                .await
-                .map_err(|source| ConnectError::Resolve {
-                    host: t.host.into(),
-                    source,
-                })?;
-            let mut last = None;
-            let mut stream = None;
-            for a in addrs {
-                match connect_tcp(a, first).await {
-                    Ok(s) => {
-                        stream = Some(s);
-                        break;
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            match (stream, last) {
-                (Some(s), _) => s,
-                (None, Some(e)) => return Err(tcp_error(e)),
-                (None, None) => {
-                    return Err(ConnectError::NoAddress {
-                        host: t.host.into(),
-                    })
-                }
-            }
-        }
+        // Boxed, as the TLS handshake below: a name to resolve is the rarer
+        // case and costs a thread hop anyway.
+        Err(_) => Box::pin(connect_named(t.host, t.port, first)).await?,
     };
     match t.tls {
         None => Ok((BackendIo::Tcp(tcp), sent)),
         Some(connector) => {
             let name = ServerName::try_from(t.sni.to_string())
                 .map_err(|_| ConnectError::ServerName(t.sni.into()))?;
-            let tls = connector
-                .connect(name, tcp)
+            // Boxed: inline, the TLS handshake's state would be part of
+            // every upgrade's future (plain ones too), which is moved by
+            // value as it is built (~1 KB more copied per handshake).
+            let tls = Box::pin(connector.connect(name, tcp))
                 .await
                 .map_err(ConnectError::Tls)?;
             Ok((BackendIo::Tls(Box::new(tls)), 0))
         }
     }
+}
+
+/// Resolves `host` and connects to its addresses in turn (see
+/// [`connect_tcp`]); the first that answers wins.
+async fn connect_named(
+    host: &str,
+    port: u16,
+    first: &[u8],
+) -> Result<(TcpStream, usize), ConnectError> {
+    let addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| ConnectError::Resolve {
+            host: host.into(),
+            source,
+        })?;
+    let mut last = None;
+    for a in addrs {
+        match connect_tcp(a, first).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => tcp_error(e),
+        None => ConnectError::NoAddress { host: host.into() },
+    })
 }
 
 /// A TCP connection to `addr` with `TCP_NODELAY` (latency matters more than

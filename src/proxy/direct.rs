@@ -67,74 +67,80 @@ pub enum Served<I> {
 
 /// Answers the upgrade `takes` accepted, as hyper's path would: admission,
 /// the pool's failover order, the backend's answer written to the client.
-pub async fn serve<I>(
-    shared: &Arc<Shared>,
-    conn: &Arc<ConnInfo>,
+#[allow(clippy::manual_async_fn)] // on purpose: see `proxy::upgrade::upgrade`
+pub fn serve<'a, I>(
+    shared: &'a Arc<Shared>,
+    conn: &'a Arc<ConnInfo>,
     ticket: Ticket,
-    req: Request<()>,
+    req: &'a Request<()>,
     mut io: I,
     rest: Bytes,
-) -> Served<I>
+) -> impl std::future::Future<Output = Served<I>> + 'a
 where
-    I: AsyncWrite + IntoLeg + Unpin,
+    I: AsyncWrite + IntoLeg + Unpin + 'a,
 {
-    let (resp, session, raw) = answer(shared, conn, ticket, req).await;
-    let answer = match raw {
-        Some(raw) => raw,
-        None => whole(resp, session.is_none()).await,
-    };
-    let sent = async {
-        io.write_all(&answer).await?;
-        io.flush().await
-    };
-    if let Err(e) = sent.await {
-        debug!(peer = %conn.peer, error = %e, "client went away before the upgrade's answer");
-        return Served::Gone;
-    }
-    match session {
-        Some(session) => Served::Session(session, io.into_leg(rest)),
-        None => Served::Answered(io, rest),
+    async move {
+        let (resp, session, raw) = answer(shared, conn, ticket, req).await;
+        let answer = match raw {
+            Some(raw) => raw,
+            None => whole(resp, session.is_none()).await,
+        };
+        let sent = async {
+            io.write_all(&answer).await?;
+            io.flush().await
+        };
+        if let Err(e) = sent.await {
+            debug!(peer = %conn.peer, error = %e, "client went away before the upgrade's answer");
+            return Served::Gone;
+        }
+        match session {
+            Some(session) => Served::Session(session, io.into_leg(rest)),
+            None => Served::Answered(io, rest),
+        }
     }
 }
 
 /// Admission and the backend's answer, as on hyper's path.
 /// The answer, the session after a 101, and the 101's head as the backend
 /// wrote it.
-async fn answer(
-    shared: &Arc<Shared>,
-    conn: &Arc<ConnInfo>,
+#[allow(clippy::manual_async_fn)] // on purpose: see `proxy::upgrade::upgrade`
+fn answer<'a>(
+    shared: &'a Arc<Shared>,
+    conn: &'a Arc<ConnInfo>,
     ticket: Ticket,
-    req: Request<()>,
-) -> (Response<Body>, Option<Box<Pending>>, Option<Bytes>) {
-    conn.requests.fetch_add(1, Ordering::Relaxed);
-    let _busy = conn.busy();
-    let snapshot = &ticket.snapshot;
-    let (r, state) = snapshot.route(ticket.route);
-    let stats = &state.stats;
-    let started = tokio::time::Instant::now();
-    let host = request_host(req.uri(), req.headers()).unwrap_or("");
-    let span = ws_span(conn, host, req.uri().path(), r, false);
-    let (resp, session, raw) = match admit(r, stats, conn, req.headers(), None) {
-        Err(e) => (Err(e), None, None),
-        Ok(a) => {
-            let switched = upgrade(
-                shared,
-                conn,
-                snapshot,
-                a,
-                &state.retired,
-                req,
-                Client::Direct,
-            )
-            .instrument(span)
-            .await;
-            match switched {
-                Ok(s) => (Ok(s.response), s.session, s.head),
-                Err(e) => (Err(e), None, None),
+    req: &'a Request<()>,
+) -> impl std::future::Future<Output = (Response<Body>, Option<Box<Pending>>, Option<Bytes>)> + 'a {
+    async move {
+        conn.requests.fetch_add(1, Ordering::Relaxed);
+        let _busy = conn.busy();
+        let snapshot = &ticket.snapshot;
+        let (r, state) = snapshot.route(ticket.route);
+        let stats = &state.stats;
+        let started = tokio::time::Instant::now();
+        let host = request_host(req.uri(), req.headers()).unwrap_or("");
+        let span = ws_span(conn, host, req.uri().path(), r, false);
+        let (resp, session, raw) = match admit(r, stats, conn, req.headers(), None) {
+            Err(e) => (Err(e), None, None),
+            Ok(a) => {
+                let switched = upgrade(
+                    shared,
+                    conn,
+                    snapshot,
+                    a,
+                    &state.retired,
+                    req,
+                    Client::Direct,
+                )
+                .instrument(span)
+                .await;
+                match switched {
+                    Ok(s) => (Ok(s.response), s.session, s.head),
+                    Err(e) => (Err(e), None, None),
+                }
             }
-        }
-    };
-    (answered(stats, conn, resp, false, started), session, raw)
+        };
+        (answered(stats, conn, resp, false, started), session, raw)
+    }
 }
 
 /// The answer as written: its head, and its body when it has one

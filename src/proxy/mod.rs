@@ -107,7 +107,7 @@ where
                 }
                 None => {
                     let client = Client::Hyper(hyper::upgrade::on(&mut req));
-                    upgrade(&shared, &conn, &snapshot, a, &state.retired, req, client)
+                    upgrade(&shared, &conn, &snapshot, a, &state.retired, &req, client)
                         .instrument(span)
                         .await
                         .map(|s| s.response)
