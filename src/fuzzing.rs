@@ -240,7 +240,7 @@ pub fn map_path_head(
     let pq = path
         .parse::<http::uri::PathAndQuery>()
         .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"));
-    crate::backend::upgrade::request_head(&pq, &h)
+    crate::backend::upgrade::request_head(pq.as_str(), &h)
 }
 
 /// A request head's headers, sorted (names lower case): what a backend sees.

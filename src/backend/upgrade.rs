@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::uri::PathAndQuery;
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -29,17 +28,17 @@ pub struct Answer {
     pub headers: HeaderMap,
     /// A 101's head as the backend sent it (status line to the blank line),
     /// when asked for by [`exchange_with`] and the answer is HTTP/1.1.
-    pub head: Option<Bytes>,
+    pub head: Option<BytesMut>,
     /// After a 101: bytes the backend sent right behind its head.
     /// Otherwise: the response body.
     pub rest: Bytes,
 }
 
 /// Serialises the request head: `GET path HTTP/1.1` and the headers.
-pub fn request_head(pq: &PathAndQuery, headers: &HeaderMap) -> Vec<u8> {
+pub fn request_head(pq: &str, headers: &HeaderMap) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + headers.len() * 48);
     out.extend_from_slice(b"GET ");
-    out.extend_from_slice(pq.as_str().as_bytes());
+    out.extend_from_slice(pq.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
@@ -95,18 +94,24 @@ where
                 return Err(BackendError::Protocol("response head too large"));
             }
         };
-        let raw = buf.split_to(used);
         if status == StatusCode::SWITCHING_PROTOCOLS {
-            // A map is built unless the raw head was asked for (and is HTTP/1.1).
-            let head = headers.is_none().then(|| raw.freeze());
             // Copy: the rest is usually empty or tiny, and `buf` must not stay alive with it.
+            let rest = Bytes::copy_from_slice(buf.get(used..).unwrap_or_default());
+            // A map is built unless the raw head was asked for (and is
+            // HTTP/1.1); then the buffer it was read into is that head (no
+            // second allocation to split it off).
+            let head = headers.is_none().then(|| {
+                buf.truncate(used);
+                buf
+            });
             return Ok(Answer {
                 status,
                 headers: headers.unwrap_or_default(),
                 head,
-                rest: Bytes::copy_from_slice(&buf),
+                rest,
             });
         }
+        bytes::Buf::advance(&mut buf, used);
         let headers = headers.unwrap_or_default();
         let rest = read_body(io, status, &headers, buf).await?;
         Ok(Answer {
@@ -312,7 +317,7 @@ mod tests {
         h.insert("host", HeaderValue::from_static("a.example"));
         h.append("cookie", HeaderValue::from_static("a=1"));
         h.append("cookie", HeaderValue::from_static("b=2"));
-        let head = request_head(&PathAndQuery::from_static("/x?y=1"), &h);
+        let head = request_head("/x?y=1", &h);
         assert_eq!(
             head,
             b"GET /x?y=1 HTTP/1.1\r\nhost: a.example\r\ncookie: a=1\r\ncookie: b=2\r\n\r\n"

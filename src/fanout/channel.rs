@@ -460,7 +460,7 @@ async fn handshake(
         header::USER_AGENT,
         HeaderValue::from_static("upgate-fanout"),
     );
-    let head = crate::backend::upgrade::request_head(&pq, &h);
+    let head = crate::backend::upgrade::request_head(pq.as_str(), &h);
     let s = &hub.settings;
     let answer =
         crate::backend::upgrade::exchange(&mut io, &head, s.handshake_timeout, s.max_header_bytes)

@@ -14,7 +14,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Request, Response, StatusCode};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -109,7 +109,7 @@ fn answer<'a>(
     conn: &'a Arc<ConnInfo>,
     ticket: Ticket,
     req: &'a Request<()>,
-) -> impl std::future::Future<Output = (Response<Body>, Option<Box<Pending>>, Option<Bytes>)> + 'a {
+) -> impl std::future::Future<Output = (Response<Body>, Option<Box<Pending>>, Option<BytesMut>)> + 'a {
     async move {
         conn.requests.fetch_add(1, Ordering::Relaxed);
         let _busy = conn.busy();
@@ -147,7 +147,7 @@ fn answer<'a>(
 /// (`with_body`: a refusal, framed by `Content-Length`; a 101 has none), in
 /// one buffer, so they leave in one write (a client reading the head with
 /// one `read` also gets the reason, and the gateway makes one system call).
-async fn whole(resp: Response<Body>, with_body: bool) -> Bytes {
+async fn whole(resp: Response<Body>, with_body: bool) -> BytesMut {
     use http_body_util::BodyExt;
     let (parts, body) = resp.into_parts();
     let body = if with_body {
@@ -162,15 +162,15 @@ async fn whole(resp: Response<Body>, with_body: bool) -> Bytes {
     let length = with_body.then_some(body.len());
     let mut out = render_head(parts.status, &parts.headers, length);
     out.extend_from_slice(&body);
-    out.into()
+    out
 }
 
 /// `HTTP/1.1 status reason`, the headers, and `Content-Length` when given.
-fn render_head(status: StatusCode, headers: &HeaderMap, length: Option<usize>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + headers.len() * 48 + length.unwrap_or(0));
+fn render_head(status: StatusCode, headers: &HeaderMap, length: Option<usize>) -> BytesMut {
+    let mut out = BytesMut::with_capacity(64 + headers.len() * 48 + length.unwrap_or(0));
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
+    out.extend_from_slice(b" ");
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in headers {
@@ -220,14 +220,14 @@ mod tests {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         let out = render_head(StatusCode::SERVICE_UNAVAILABLE, &h, Some(12));
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(out.to_vec()).unwrap(),
             "HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 12\r\n\r\n"
         );
         let mut h = HeaderMap::new();
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         let out = render_head(StatusCode::SWITCHING_PROTOCOLS, &h, None);
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(out.to_vec()).unwrap(),
             "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"
         );
     }

@@ -139,7 +139,7 @@ pub(crate) struct Switched {
     pub(crate) session: Option<Box<crate::session::Pending>>,
     /// The direct path's 101 as the backend wrote it (`response` then only
     /// counts it): written to the client as it came.
-    pub(crate) head: Option<bytes::Bytes>,
+    pub(crate) head: Option<bytes::BytesMut>,
 }
 
 /// The span a WebSocket upgrade runs in.
@@ -281,23 +281,65 @@ fn hash_key(pool: &Pool, conn: &ConnInfo, headers: &HeaderMap, uri: &Uri) -> Opt
     }
 }
 
-/// `base` + the route's (optionally stripped) path + the query.
-fn backend_path(route: &Route, backend: &Backend, uri: &Uri) -> Result<PathAndQuery, http::Error> {
-    let path = if route.strip_prefix {
-        router::strip(&route.path, uri.path())
-    } else {
-        uri.path()
+/// The request target sent to a backend: `base` + the route's (optionally
+/// stripped) path + the query.
+enum BackendPath<'u> {
+    /// No base path, nothing stripped: the client's own target, borrowed
+    /// (no allocation on the usual route).
+    Client(&'u str),
+    /// Rewritten.
+    Built(PathAndQuery),
+}
+
+impl BackendPath<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            BackendPath::Client(s) => s,
+            BackendPath::Built(p) => p.as_str(),
+        }
+    }
+    fn into_path_and_query(self) -> Result<PathAndQuery, http::Error> {
+        match self {
+            BackendPath::Client(s) => Ok(PathAndQuery::try_from(s)?),
+            BackendPath::Built(p) => Ok(p),
+        }
+    }
+}
+
+fn backend_path<'u>(
+    route: &Route,
+    backend: &Backend,
+    uri: &'u Uri,
+) -> Result<BackendPath<'u>, http::Error> {
+    let strip = route.strip_prefix.then_some(route.path.as_str());
+    target(strip, &backend.url.base_path, uri)
+}
+
+/// [`backend_path`]: `strip` is the route's path when it strips it.
+fn target<'u>(
+    strip: Option<&str>,
+    base: &str,
+    uri: &'u Uri,
+) -> Result<BackendPath<'u>, http::Error> {
+    if strip.is_none() && base.is_empty() {
+        // (A target not starting with `/` is rebuilt as below, which adds it.)
+        if let Some(pq) = uri.path_and_query().filter(|p| p.as_str().starts_with('/')) {
+            return Ok(BackendPath::Client(pq.as_str()));
+        }
+    }
+    let path = match strip {
+        Some(prefix) => router::strip(prefix, uri.path()),
+        None => uri.path(),
     };
-    let mut s = String::with_capacity(
-        backend.url.base_path.len() + path.len() + 1 + uri.query().map_or(0, str::len),
-    );
-    s.push_str(&backend.url.base_path);
+    let mut s =
+        String::with_capacity(base.len() + path.len() + 1 + uri.query().map_or(0, str::len));
+    s.push_str(base);
     s.push_str(path);
     if let Some(q) = uri.query() {
         s.push('?');
         s.push_str(q);
     }
-    Ok(PathAndQuery::try_from(s)?)
+    Ok(BackendPath::Built(PathAndQuery::try_from(s)?))
 }
 
 /// Headers for the backend: the client's end-to-end headers plus `Forwarded` and friends.
@@ -335,4 +377,44 @@ fn host_for<'a>(
         .filter(|_| route.preserve_host)
         .filter(valid)
         .or_else(|| Some(backend.authority.as_str()).filter(valid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client's target is sent as it is only where rebuilding it would
+    /// give the same bytes.
+    #[test]
+    fn a_borrowed_backend_path_is_what_rebuilding_gives() {
+        for u in [
+            "/",
+            "/chat",
+            "/chat/x?room=1&a=%20b",
+            "/?",
+            "http://h:1/p?q",
+            "http://h:1",
+            "*",
+        ] {
+            let uri: Uri = u.parse().expect("uri");
+            for strip in [None, Some("/chat")] {
+                for base in ["", "/api"] {
+                    let got = target(strip, base, &uri).expect("path");
+                    let path = strip.map_or(uri.path(), |p| router::strip(p, uri.path()));
+                    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+                    assert_eq!(
+                        got.as_str(),
+                        format!("{base}{path}{query}"),
+                        "{u} {strip:?} {base}"
+                    );
+                    let borrowed = matches!(got, BackendPath::Client(_));
+                    assert_eq!(
+                        borrowed,
+                        strip.is_none() && base.is_empty() && u != "*",
+                        "{u}"
+                    );
+                }
+            }
+        }
+    }
 }

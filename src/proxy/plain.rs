@@ -56,6 +56,7 @@ async fn forward(
         tried += 1;
         set_host(&mut headers, route, client_host.as_deref(), backend);
         let pq = backend_path(route, backend, &parts.uri)
+            .and_then(|p| p.into_path_and_query())
             .map_err(|_| ProxyError::Backend(BackendError::Protocol("invalid backend path")))?;
         let uri = Uri::builder()
             .scheme(pool::http_scheme(backend))

@@ -115,7 +115,7 @@ pub(super) fn upgrade<'a, B: 'a>(
                 ),
                 false => {
                     set_host(&mut headers, route, client_host, backend);
-                    crate::backend::upgrade::request_head(&pq, &headers)
+                    crate::backend::upgrade::request_head(pq.as_str(), &headers)
                 }
             };
             let attempt = async {
