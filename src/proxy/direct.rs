@@ -109,7 +109,8 @@ fn answer<'a>(
     conn: &'a Arc<ConnInfo>,
     ticket: Ticket,
     req: &'a Request<()>,
-) -> impl std::future::Future<Output = (Response<Body>, Option<Box<Pending>>, Option<BytesMut>)> + 'a {
+) -> impl std::future::Future<Output = (Response<Body>, Option<Box<Pending>>, Option<BytesMut>)> + 'a
+{
     async move {
         conn.requests.fetch_add(1, Ordering::Relaxed);
         let _busy = conn.busy();
