@@ -286,7 +286,7 @@ fn hash_key(pool: &Pool, conn: &ConnInfo, headers: &HeaderMap, uri: &Uri) -> Opt
 enum BackendPath<'u> {
     /// No base path, nothing stripped: the client's own target, borrowed
     /// (no allocation on the usual route).
-    Client(&'u str),
+    Client(&'u PathAndQuery),
     /// Rewritten.
     Built(PathAndQuery),
 }
@@ -294,14 +294,14 @@ enum BackendPath<'u> {
 impl BackendPath<'_> {
     fn as_str(&self) -> &str {
         match self {
-            BackendPath::Client(s) => s,
+            BackendPath::Client(p) => p.as_str(),
             BackendPath::Built(p) => p.as_str(),
         }
     }
-    fn into_path_and_query(self) -> Result<PathAndQuery, http::Error> {
+    fn into_path_and_query(self) -> PathAndQuery {
         match self {
-            BackendPath::Client(s) => Ok(PathAndQuery::try_from(s)?),
-            BackendPath::Built(p) => Ok(p),
+            BackendPath::Client(p) => p.clone(),
+            BackendPath::Built(p) => p,
         }
     }
 }
@@ -324,7 +324,7 @@ fn target<'u>(
     if strip.is_none() && base.is_empty() {
         // (A target not starting with `/` is rebuilt as below, which adds it.)
         if let Some(pq) = uri.path_and_query().filter(|p| p.as_str().starts_with('/')) {
-            return Ok(BackendPath::Client(pq.as_str()));
+            return Ok(BackendPath::Client(pq));
         }
     }
     let path = match strip {

@@ -10,7 +10,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tracing::warn;
 
-use super::{backend_path, forward_headers, hash_key, request_host, set_host, Matched};
+use super::{
+    backend_path, forward_headers, hash_key, request_host, set_host, BackendPath, Matched,
+};
 use crate::backend::{pool, BackendError, Pool};
 use crate::error::{Body, ProxyError};
 use crate::router::Route;
@@ -56,7 +58,7 @@ async fn forward(
         tried += 1;
         set_host(&mut headers, route, client_host.as_deref(), backend);
         let pq = backend_path(route, backend, &parts.uri)
-            .and_then(|p| p.into_path_and_query())
+            .map(BackendPath::into_path_and_query)
             .map_err(|_| ProxyError::Backend(BackendError::Protocol("invalid backend path")))?;
         let uri = Uri::builder()
             .scheme(pool::http_scheme(backend))
