@@ -920,6 +920,55 @@ fn primary(s: &Scenario, m: &Measured) -> f64 {
     }
 }
 
+/// Each proxy against the tokio floor, round by round: its CPU per unit and
+/// its figure over the floor's in the same round (median, min–max). Rounds
+/// run every target within a few seconds of each other, so these ratios
+/// cancel most of a shared machine's slow drift, which the medians over
+/// rounds in the other tables keep.
+fn against_floor(o: &mut String, scenarios: &[String], proxies: &[&String], res: &Results) {
+    use std::fmt::Write;
+    let floor = "floor".to_string();
+    if !proxies.contains(&&floor) {
+        return;
+    }
+    let others: Vec<&String> = proxies.iter().copied().filter(|p| **p != floor).collect();
+    let _ = writeln!(o, "\nAgainst the floor, round by round: each proxy's CPU per unit over the floor's in the same round, then its figure over the floor's (rate; for (c) the p50 round trip, lower is better); median (min–max) over rounds:\n");
+    table_head(o, "| scenario |", &others);
+    for (si, s) in SCENARIOS.iter().enumerate() {
+        if !scenarios.iter().any(|x| x == s.id) {
+            continue;
+        }
+        let Some(fl) = res.get(&(si, floor.clone())) else {
+            continue;
+        };
+        let _ = write!(o, "| {} |", s.label);
+        for p in &others {
+            let cell = res.get(&(si, (*p).clone())).map_or("–".into(), |v| {
+                let cpu: Vec<f64> = v
+                    .iter()
+                    .zip(fl)
+                    .filter_map(|(m, f)| Some(m.cpu_us_per()? / f.cpu_us_per()?))
+                    .collect();
+                let fig: Vec<f64> = v
+                    .iter()
+                    .zip(fl)
+                    .map(|(m, f)| primary(s, m) / primary(s, f))
+                    .collect();
+                let show = |r: Vec<f64>| {
+                    if r.is_empty() {
+                        return "–".to_string();
+                    }
+                    let (lo, hi) = min_max(&r);
+                    format!("{:.2} ({lo:.2}–{hi:.2})", median(r))
+                };
+                format!("CPU {} · {}", show(cpu), show(fig))
+            });
+            let _ = write!(o, " {cell} |");
+        }
+        let _ = writeln!(o);
+    }
+}
+
 fn render(
     a: &SuiteArgs,
     started: &str,
@@ -1043,6 +1092,7 @@ fn render(
         }
         let _ = writeln!(o);
     }
+    against_floor(&mut o, &a.scenarios, &proxies, res);
     // What each core was busy with per unit: core 0 is the proxy's (and the
     // kernel's work for its sockets there), core 1 the load generator's and
     // the backend's. Direct runs use core 1 alone; a proxied run is as fast
@@ -1117,4 +1167,52 @@ fn render(
         );
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(count: u64, cpu_secs: f64) -> Measured {
+        Measured {
+            secs: 1.0,
+            count,
+            bytes: 0,
+            errors: 0,
+            p50_us: 0.0,
+            p99_us: 0.0,
+            p999_us: 0.0,
+            cpu_secs: Some(cpu_secs),
+            cores_secs: Vec::new(),
+        }
+    }
+
+    /// Each round's figures are divided by the floor's of the same round
+    /// before the median is taken (the medians of each target over rounds
+    /// would give 103 / 90 = 1.14 here).
+    #[test]
+    fn proxies_are_compared_with_the_floor_round_by_round() {
+        let d = SCENARIOS.iter().position(|s| s.id == "d").expect("(d)");
+        let mut res = Results::new();
+        // Floor: 100 then 80 µs per handshake; upgate 110 then 96.
+        res.insert(
+            (d, "floor".into()),
+            vec![run(1000, 0.100), run(1000, 0.080)],
+        );
+        res.insert(
+            (d, "upgate".into()),
+            vec![run(900, 0.099), run(1000, 0.096)],
+        );
+        let (floor, upgate) = ("floor".to_string(), "upgate".to_string());
+        let mut o = String::new();
+        against_floor(&mut o, &["d".into()], &[&upgate, &floor], &res);
+        assert!(
+            o.contains("| (d) ws handshakes/s | CPU 1.15 (1.10–1.20) · 0.95 (0.90–1.00) |"),
+            "{o}"
+        );
+        // No floor among the targets: no table.
+        let mut o = String::new();
+        against_floor(&mut o, &["d".into()], &[&upgate], &res);
+        assert!(o.is_empty(), "{o}");
+    }
 }
