@@ -920,53 +920,77 @@ fn primary(s: &Scenario, m: &Measured) -> f64 {
     }
 }
 
-/// Each proxy against the tokio floor, round by round: its CPU per unit and
-/// its figure over the floor's in the same round (median, min–max). Rounds
-/// run every target within a few seconds of each other, so these ratios
-/// cancel most of a shared machine's slow drift, which the medians over
-/// rounds in the other tables keep.
-fn against_floor(o: &mut String, scenarios: &[String], proxies: &[&String], res: &Results) {
+/// `target`'s CPU per unit and figure over `reference`'s in the same round,
+/// as "CPU median (min–max) · median (min–max)"; `None` unless both ran the
+/// scenario. Rounds run every target within a minute of each other, so
+/// these ratios cancel most of a shared machine's slow drift, which the
+/// medians over rounds in the other tables keep.
+fn paired(res: &Results, si: usize, target: &str, reference: &str) -> Option<String> {
+    let v = res.get(&(si, target.to_string()))?;
+    let r = res.get(&(si, reference.to_string()))?;
+    let s = &SCENARIOS[si];
+    let cpu: Vec<f64> = v
+        .iter()
+        .zip(r)
+        .filter_map(|(m, f)| Some(m.cpu_us_per()? / f.cpu_us_per()?))
+        .collect();
+    let fig: Vec<f64> = v
+        .iter()
+        .zip(r)
+        .map(|(m, f)| primary(s, m) / primary(s, f))
+        .collect();
+    let show = |r: Vec<f64>| {
+        if r.is_empty() {
+            return "–".to_string();
+        }
+        let (lo, hi) = min_max(&r);
+        format!("{:.2} ({lo:.2}–{hi:.2})", median(r))
+    };
+    Some(format!("CPU {} · {}", show(cpu), show(fig)))
+}
+
+/// Round-by-round ratios (see `paired`): every proxy against the tokio
+/// floor, and each upgate build against the base build of the same kind
+/// (`--base-bin-dir`).
+fn round_by_round(o: &mut String, scenarios: &[String], proxies: &[&String], res: &Results) {
     use std::fmt::Write;
-    let floor = "floor".to_string();
-    if !proxies.contains(&&floor) {
-        return;
-    }
-    let others: Vec<&String> = proxies.iter().copied().filter(|p| **p != floor).collect();
-    let _ = writeln!(o, "\nAgainst the floor, round by round: each proxy's CPU per unit over the floor's in the same round, then its figure over the floor's (rate; for (c) the p50 round trip, lower is better); median (min–max) over rounds:\n");
-    table_head(o, "| scenario |", &others);
-    for (si, s) in SCENARIOS.iter().enumerate() {
-        if !scenarios.iter().any(|x| x == s.id) {
-            continue;
+    let shown = |id: &str| scenarios.iter().any(|x| x == id);
+    let has = |name: &str| proxies.iter().any(|p| p.as_str() == name);
+    let table = |o: &mut String, intro: &str, cols: &[(String, String)]| {
+        if cols.is_empty() {
+            return;
         }
-        let Some(fl) = res.get(&(si, floor.clone())) else {
-            continue;
-        };
-        let _ = write!(o, "| {} |", s.label);
-        for p in &others {
-            let cell = res.get(&(si, (*p).clone())).map_or("–".into(), |v| {
-                let cpu: Vec<f64> = v
-                    .iter()
-                    .zip(fl)
-                    .filter_map(|(m, f)| Some(m.cpu_us_per()? / f.cpu_us_per()?))
-                    .collect();
-                let fig: Vec<f64> = v
-                    .iter()
-                    .zip(fl)
-                    .map(|(m, f)| primary(s, m) / primary(s, f))
-                    .collect();
-                let show = |r: Vec<f64>| {
-                    if r.is_empty() {
-                        return "–".to_string();
-                    }
-                    let (lo, hi) = min_max(&r);
-                    format!("{:.2} ({lo:.2}–{hi:.2})", median(r))
-                };
-                format!("CPU {} · {}", show(cpu), show(fig))
-            });
-            let _ = write!(o, " {cell} |");
+        let _ = writeln!(o, "\n{intro}\n");
+        let names: Vec<String> = cols.iter().map(|(t, r)| format!("{t} / {r}")).collect();
+        table_head(o, "| scenario |", &names.iter().collect::<Vec<_>>());
+        for (si, s) in SCENARIOS.iter().enumerate() {
+            if !shown(s.id) {
+                continue;
+            }
+            let _ = write!(o, "| {} |", s.label);
+            for (t, r) in cols {
+                let cell = paired(res, si, t, r).unwrap_or_else(|| "–".into());
+                let _ = write!(o, " {cell} |");
+            }
+            let _ = writeln!(o);
         }
-        let _ = writeln!(o);
-    }
+    };
+    let floor: Vec<(String, String)> = if has("floor") {
+        proxies
+            .iter()
+            .filter(|p| p.as_str() != "floor")
+            .map(|p| (p.to_string(), "floor".to_string()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    table(o, "Against the floor, round by round: each proxy's CPU per unit over the floor's in the same round, then its figure over the floor's (rate; for (c) the p50 round trip, lower is better); median (min–max) over rounds:", &floor);
+    let builds: Vec<(String, String)> = ["upgate", "upgate-frames"]
+        .iter()
+        .filter(|t| has(t) && has(&format!("{t}-base")))
+        .map(|t| (t.to_string(), format!("{t}-base")))
+        .collect();
+    table(o, "This build against the base build (`--base-bin-dir`), round by round, the same way: a CPU ratio below 1.00 is less CPU; a figure's ratio above 1.00 is a higher rate (below 1.00 for (c), a shorter round trip):", &builds);
 }
 
 fn render(
@@ -1092,7 +1116,7 @@ fn render(
         }
         let _ = writeln!(o);
     }
-    against_floor(&mut o, &a.scenarios, &proxies, res);
+    round_by_round(&mut o, &a.scenarios, &proxies, res);
     // What each core was busy with per unit: core 0 is the proxy's (and the
     // kernel's work for its sockets there), core 1 the load generator's and
     // the backend's. Direct runs use core 1 alone; a proxied run is as fast
@@ -1205,14 +1229,40 @@ mod tests {
         );
         let (floor, upgate) = ("floor".to_string(), "upgate".to_string());
         let mut o = String::new();
-        against_floor(&mut o, &["d".into()], &[&upgate, &floor], &res);
+        round_by_round(&mut o, &["d".into()], &[&upgate, &floor], &res);
+        assert!(o.contains("| scenario | upgate / floor |"), "{o}");
         assert!(
             o.contains("| (d) ws handshakes/s | CPU 1.15 (1.10–1.20) · 0.95 (0.90–1.00) |"),
             "{o}"
         );
-        // No floor among the targets: no table.
+        // Neither the floor nor a base build among the targets: no table.
         let mut o = String::new();
-        against_floor(&mut o, &["d".into()], &[&upgate], &res);
+        round_by_round(&mut o, &["d".into()], &[&upgate], &res);
         assert!(o.is_empty(), "{o}");
+    }
+
+    /// A build and its base (`--base-bin-dir`) get a table of their own.
+    #[test]
+    fn a_build_is_compared_with_its_base_round_by_round() {
+        let d = SCENARIOS.iter().position(|s| s.id == "d").expect("(d)");
+        let mut res = Results::new();
+        // Base: 100 then 120 µs per handshake; this build 95 then 108.
+        res.insert(
+            (d, "upgate-base".into()),
+            vec![run(1000, 0.100), run(1000, 0.120)],
+        );
+        res.insert(
+            (d, "upgate".into()),
+            vec![run(1000, 0.095), run(1000, 0.108)],
+        );
+        let (base, upgate) = ("upgate-base".to_string(), "upgate".to_string());
+        let mut o = String::new();
+        round_by_round(&mut o, &["d".into()], &[&base, &upgate], &res);
+        assert!(o.contains("| scenario | upgate / upgate-base |"), "{o}");
+        assert!(
+            o.contains("| (d) ws handshakes/s | CPU 0.93 (0.90–0.95) · 1.00 (1.00–1.00) |"),
+            "{o}"
+        );
+        assert!(!o.contains("Against the floor"), "{o}");
     }
 }
