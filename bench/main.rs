@@ -1211,53 +1211,52 @@ mod tests {
         }
     }
 
+    /// The round-by-round tables for scenario (d), given each target's two
+    /// rounds as (handshakes in 1 s, CPU seconds).
+    fn tables(targets: &[(&str, [(u64, f64); 2])]) -> String {
+        let d = SCENARIOS.iter().position(|s| s.id == "d").expect("(d)");
+        let mut res = Results::new();
+        for (name, rounds) in targets {
+            let runs = rounds.iter().map(|&(n, cpu)| run(n, cpu)).collect();
+            res.insert((d, name.to_string()), runs);
+        }
+        let names: Vec<String> = targets.iter().map(|(n, _)| n.to_string()).collect();
+        let mut o = String::new();
+        round_by_round(
+            &mut o,
+            &["d".into()],
+            &names.iter().collect::<Vec<_>>(),
+            &res,
+        );
+        o
+    }
+
     /// Each round's figures are divided by the floor's of the same round
     /// before the median is taken (the medians of each target over rounds
     /// would give 103 / 90 = 1.14 here).
     #[test]
     fn proxies_are_compared_with_the_floor_round_by_round() {
-        let d = SCENARIOS.iter().position(|s| s.id == "d").expect("(d)");
-        let mut res = Results::new();
         // Floor: 100 then 80 µs per handshake; upgate 110 then 96.
-        res.insert(
-            (d, "floor".into()),
-            vec![run(1000, 0.100), run(1000, 0.080)],
-        );
-        res.insert(
-            (d, "upgate".into()),
-            vec![run(900, 0.099), run(1000, 0.096)],
-        );
-        let (floor, upgate) = ("floor".to_string(), "upgate".to_string());
-        let mut o = String::new();
-        round_by_round(&mut o, &["d".into()], &[&upgate, &floor], &res);
+        let upgate = ("upgate", [(900, 0.099), (1000, 0.096)]);
+        let o = tables(&[upgate, ("floor", [(1000, 0.100), (1000, 0.080)])]);
         assert!(o.contains("| scenario | upgate / floor |"), "{o}");
         assert!(
             o.contains("| (d) ws handshakes/s | CPU 1.15 (1.10–1.20) · 0.95 (0.90–1.00) |"),
             "{o}"
         );
         // Neither the floor nor a base build among the targets: no table.
-        let mut o = String::new();
-        round_by_round(&mut o, &["d".into()], &[&upgate], &res);
+        let o = tables(&[upgate]);
         assert!(o.is_empty(), "{o}");
     }
 
     /// A build and its base (`--base-bin-dir`) get a table of their own.
     #[test]
     fn a_build_is_compared_with_its_base_round_by_round() {
-        let d = SCENARIOS.iter().position(|s| s.id == "d").expect("(d)");
-        let mut res = Results::new();
         // Base: 100 then 120 µs per handshake; this build 95 then 108.
-        res.insert(
-            (d, "upgate-base".into()),
-            vec![run(1000, 0.100), run(1000, 0.120)],
-        );
-        res.insert(
-            (d, "upgate".into()),
-            vec![run(1000, 0.095), run(1000, 0.108)],
-        );
-        let (base, upgate) = ("upgate-base".to_string(), "upgate".to_string());
-        let mut o = String::new();
-        round_by_round(&mut o, &["d".into()], &[&base, &upgate], &res);
+        let o = tables(&[
+            ("upgate-base", [(1000, 0.100), (1000, 0.120)]),
+            ("upgate", [(1000, 0.095), (1000, 0.108)]),
+        ]);
         assert!(o.contains("| scenario | upgate / upgate-base |"), "{o}");
         assert!(
             o.contains("| (d) ws handshakes/s | CPU 0.93 (0.90–0.95) · 1.00 (1.00–1.00) |"),
