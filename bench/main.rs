@@ -939,14 +939,16 @@ fn paired(res: &Results, si: usize, target: &str, reference: &str) -> Option<Str
         .zip(r)
         .map(|(m, f)| primary(s, m) / primary(s, f))
         .collect();
-    let show = |r: Vec<f64>| {
-        if r.is_empty() {
-            return "–".to_string();
-        }
-        let (lo, hi) = min_max(&r);
-        format!("{:.2} ({lo:.2}–{hi:.2})", median(r))
-    };
-    Some(format!("CPU {} · {}", show(cpu), show(fig)))
+    Some(format!("CPU {} · {}", median_range(cpu), median_range(fig)))
+}
+
+/// "median (min–max)" of `v`, or "–" when it is empty.
+fn median_range(v: Vec<f64>) -> String {
+    if v.is_empty() {
+        return "–".to_string();
+    }
+    let (lo, hi) = min_max(&v);
+    format!("{:.2} ({lo:.2}–{hi:.2})", median(v))
 }
 
 /// Round-by-round ratios (see `paired`): every proxy against the tokio
@@ -1105,12 +1107,7 @@ fn render(
         let _ = write!(o, "| {} {per} |", s.label);
         for p in &proxies {
             let cell = res.get(&(si, (*p).clone())).map_or("–".into(), |v| {
-                let c: Vec<f64> = v.iter().filter_map(Measured::cpu_us_per).collect();
-                if c.is_empty() {
-                    return "–".into();
-                }
-                let (lo, hi) = min_max(&c);
-                format!("{:.2} ({lo:.2}–{hi:.2})", median(c))
+                median_range(v.iter().filter_map(Measured::cpu_us_per).collect())
             });
             let _ = write!(o, " {cell} |");
         }
