@@ -833,8 +833,7 @@ fn render_fanout(
                         .map(|(r, f)| r.p99_ms / f.p99_ms)
                         .filter(|x| x.is_finite())
                         .collect();
-                    let (lo, hi) = min_max(&xs);
-                    format!("{:.2} ({lo:.2}–{hi:.2})", median(xs))
+                    median_range(xs)
                 }
                 _ => "–".to_string(),
             };
