@@ -22,22 +22,8 @@ if [ "${1:-}" = "--tls" ]; then
 fi
 dirs=("$@")
 [ ${#dirs[@]} -gt 0 ] || dirs=(target/release)
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 1 600); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "port $1 never opened" >&2
-  return 1
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 # The total instruction count of the newest dump of `out`.
 instructions() {

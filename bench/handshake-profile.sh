@@ -37,22 +37,8 @@ command -v python3 >/dev/null 2>&1 || {
 cargo build --release --locked --bin upgate --bin upgate-bench --bin upgate-bench-backend
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 bin=target/release
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 1 600); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "port $1 never opened" >&2
-  return 1
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 proxy_port=18960
 backend_port=18961
