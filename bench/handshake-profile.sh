@@ -14,6 +14,7 @@
 #   bench/handshake-profile.sh                         # 5 rounds: direct floor epoll upgate
 #   bench/handshake-profile.sh --rounds 3 --perf floor upgate
 #   UPGATE_BASE=/tmp/base bench/handshake-profile.sh upgate base   # another build as `base`
+#   bench/handshake-profile.sh --rounds 8 upgate upgate-noka       # TCP keepalive off
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=5
@@ -23,8 +24,8 @@ while [ $# -gt 0 ]; do
   case $1 in
     --rounds) rounds=$2; shift 2 ;;
     --perf) with_perf=1; shift ;;
-    direct | floor | epoll | upgate | base) targets+=("$1"); shift ;;
-    *) echo "usage: $0 [--rounds N] [--perf] [direct|floor|epoll|upgate|base]..." >&2; exit 2 ;;
+    direct | floor | epoll | upgate | upgate-noka | base) targets+=("$1"); shift ;;
+    *) echo "usage: $0 [--rounds N] [--perf] [direct|floor|epoll|upgate|upgate-noka|base]..." >&2; exit 2 ;;
   esac
 done
 [ ${#targets[@]} -gt 0 ] || targets=(direct floor epoll upgate)
@@ -44,6 +45,8 @@ proxy_port=18960
 backend_port=18961
 printf 'listen:\n  - addr: 127.0.0.1:%s\npools:\n  echo: { backends: [ws://127.0.0.1:%s] }\nroutes:\n  - { name: echo, pool: echo }\n' \
   "$proxy_port" "$backend_port" >"$work/up.yaml"
+# The same with TCP keepalive off (`upgate-noka`): what the four setsockopt cost.
+printf 'server: { tcp_keepalive: 0s }\n' | cat - "$work/up.yaml" >"$work/noka.yaml"
 syscalls=(accept4 socket connect setsockopt getsockopt sendto recvfrom read write epoll_wait epoll_ctl close shutdown futex madvise)
 events=()
 for s in "${syscalls[@]}"; do events+=(-e "syscalls:sys_enter_$s"); done
@@ -66,6 +69,7 @@ for round in $(seq 1 "$rounds"); do
       floor) taskset -c 0 "$bin/upgate-bench-backend" --relay "127.0.0.1:$proxy_port=127.0.0.1:$backend_port" >/dev/null 2>&1 & pp=$! ;;
       epoll) taskset -c 0 "$bin/upgate-bench-backend" --epoll-relay "127.0.0.1:$proxy_port=127.0.0.1:$backend_port" >/dev/null 2>&1 & pp=$! ;;
       upgate) RUST_LOG=warn taskset -c 0 "$bin/upgate" --config "$work/up.yaml" --threads 1 >/dev/null 2>&1 & pp=$! ;;
+      upgate-noka) RUST_LOG=warn taskset -c 0 "$bin/upgate" --config "$work/noka.yaml" --threads 1 >/dev/null 2>&1 & pp=$! ;;
       base) RUST_LOG=warn taskset -c 0 "${UPGATE_BASE:?set UPGATE_BASE to a directory holding upgate}/upgate" --config "$work/up.yaml" --threads 1 >/dev/null 2>&1 & pp=$! ;;
     esac
     [ -n "$pp" ] && pids+=("$pp")
@@ -153,17 +157,19 @@ def med(xs):
 def cell(m, f="%.2f"):
     return "–" if m is None else (f % m[0]) + " (" + (f % m[1]) + "–" + (f % m[2]) + ")"
 print("\nPer handshake, median (min–max) over %d rounds; µs unless named:\n" % len(rounds))
-print("| target | rate / direct | core 0 busy | core 1 busy | proxy user | proxy system | system calls |")
-print("|---|---|---|---|---|---|---|")
+proxies = [t for t in targets if t != "direct"]
+ref = proxies[0] if proxies else None
+print("| target | rate / direct | core 0 busy | core 0 / %s's, round by round | core 1 busy | proxy user | proxy system | system calls |" % ref)
+print("|---|---|---|---|---|---|---|---|")
 for t in targets:
     rs = [by.get((n, t)) for n in rounds]
     ratio = med([r["rate"] / by[(r["round"], "direct")]["rate"] for r in rs if r and (r["round"], "direct") in by])
+    vs = med([r["core0"] / by[(r["round"], ref)]["core0"] for r in rs if r and t != "direct" and (r["round"], ref) in by])
     calls = med([sum(r["calls"].values()) for r in rs if r and "calls" in r])
-    print("| %s | %s | %s | %s | %s | %s | %s |" % (
-        t, cell(ratio), cell(med([r["core0"] for r in rs if r]), "%.1f"), cell(med([r["core1"] for r in rs if r]), "%.1f"),
+    print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        t, cell(ratio), cell(med([r["core0"] for r in rs if r]), "%.1f"), cell(vs), cell(med([r["core1"] for r in rs if r]), "%.1f"),
         cell(med([r["usr"] for r in rs if r and "calls" in r]), "%.1f"), cell(med([r["sys"] for r in rs if r and "calls" in r]), "%.1f"),
         cell(calls, "%.1f")))
-proxies = [t for t in targets if t != "direct"]
 names = sorted({k for r in rows for k in r.get("calls", {})})
 if names and proxies:
     print("\nSystem calls per handshake (median over rounds):\n")

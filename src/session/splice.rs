@@ -3,8 +3,11 @@
 //! No frame parsing: compression, subprotocols and close codes pass through
 //! untouched. Each direction ends on EOF and half-closes the other side's
 //! write half (a TCP FIN, or TLS close_notify then FIN), so a peer that shuts
-//! down its sending side still receives until the other peer is done. An
-//! error in either direction ends both.
+//! down its sending side still receives until the other peer is done. A
+//! failure to read ends both directions. A failure to write ends only its
+//! own: the peer that cannot be written to may have sent bytes before it
+//! went (an echo, a Close, its last message), and the other direction still
+//! reads them from the kernel and delivers them before the session ends.
 //!
 //! Buffers are borrowed from a per-thread pool for one read and its write,
 //! and given back as soon as a read would block: an idle session holds no
@@ -97,6 +100,8 @@ struct Direction<'a> {
     need_flush: bool,
     eof: bool,
     done: bool,
+    /// Ended by a failed write (see [`step`]).
+    failed: bool,
     total: u64,
     frames: FrameWatch,
     report: Report<'a>,
@@ -129,6 +134,7 @@ impl<'a> Direction<'a> {
             need_flush: false,
             eof: false,
             done: false,
+            failed: false,
         }
     }
 
@@ -143,6 +149,14 @@ impl<'a> Direction<'a> {
         }
     }
 
+    /// Ends this direction on a failed write (see [`step`]): it is done,
+    /// and `failed` says how.
+    fn write_failed(&mut self, e: io::Error) -> Poll<io::Result<u64>> {
+        self.failed = true;
+        self.done = true;
+        Poll::Ready(Err(e))
+    }
+
     fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<u64>>
     where
         R: AsyncRead + ReadReady + Unpin,
@@ -153,10 +167,11 @@ impl<'a> Direction<'a> {
         }
         loop {
             while !self.pending.is_empty() {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.pending))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
+                let n = match ready!(Pin::new(&mut *w).poll_write(cx, &self.pending)) {
+                    Ok(0) => return self.write_failed(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => n,
+                    Err(e) => return self.write_failed(e),
+                };
                 self.pending.advance(n);
                 self.total += n as u64;
                 self.need_flush = true;
@@ -167,10 +182,11 @@ impl<'a> Direction<'a> {
             if let Some((buf, pos, len)) = &mut self.held {
                 while *pos < *len {
                     let unwritten = &buf.bytes()[*pos as usize..*len as usize];
-                    let n = ready!(Pin::new(&mut *w).poll_write(cx, unwritten))?;
-                    if n == 0 {
-                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                    }
+                    let n = match ready!(Pin::new(&mut *w).poll_write(cx, unwritten)) {
+                        Ok(0) => return self.write_failed(io::ErrorKind::WriteZero.into()),
+                        Ok(n) => n,
+                        Err(e) => return self.write_failed(e),
+                    };
                     // A write never takes more than it was given: n <= len - pos.
                     *pos += n.min(unwritten.len()) as u32;
                     self.total += n as u64;
@@ -179,7 +195,9 @@ impl<'a> Direction<'a> {
                 self.need_flush = true;
             }
             if self.eof {
-                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                if let Err(e) = ready!(Pin::new(&mut *w).poll_shutdown(cx)) {
+                    return self.write_failed(e);
+                }
                 self.done = true;
                 return Poll::Ready(Ok(self.total));
             }
@@ -200,7 +218,9 @@ impl<'a> Direction<'a> {
             match read {
                 Poll::Pending => {
                     if self.need_flush {
-                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        if let Err(e) = ready!(Pin::new(&mut *w).poll_flush(cx)) {
+                            return self.write_failed(e);
+                        }
                         self.need_flush = false;
                     }
                     // Live counters, at most once per epoch (a second).
@@ -223,6 +243,39 @@ impl<'a> Direction<'a> {
                 }
             }
         }
+    }
+}
+
+/// One poll of a running direction: `Ready` once it ended, at EOF or on a
+/// failed write (`Direction::failed`; it is then `done`, and later polls
+/// return at once), an error when it failed to read.
+///
+/// A failed write means the peer it writes to is gone (reset, or closed
+/// with bytes unread), but what that peer sent before going may still wait
+/// in the kernel for the other direction: the session goes on until that
+/// direction ends too, and the error is kept in `kept` (the first one) to
+/// be reported then. A failed read means the peer it reads from is gone,
+/// and the other direction, which writes to it, has nowhere to deliver:
+/// the session ends at once (with the kept error, if there is one).
+fn step<R, W>(
+    d: &mut Direction<'_>,
+    kept: &mut Option<io::Error>,
+    cx: &mut Context<'_>,
+    r: &mut R,
+    w: &mut W,
+) -> io::Result<Poll<u64>>
+where
+    R: AsyncRead + ReadReady + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    match d.poll(cx, r, w) {
+        Poll::Pending => Ok(Poll::Pending),
+        Poll::Ready(Ok(n)) => Ok(Poll::Ready(n)),
+        Poll::Ready(Err(e)) if d.failed => {
+            kept.get_or_insert(e);
+            Ok(Poll::Ready(d.total))
+        }
+        Poll::Ready(Err(e)) => Err(kept.take().unwrap_or(e)),
     }
 }
 
@@ -390,13 +443,17 @@ impl<'a> Splice<'a> {
         let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut closed_by = None;
         let mut close_code = None;
+        // A failed write, reported once the other direction has delivered
+        // what its peer sent before going (see `step`).
+        let mut failure = None;
         let ended = poll_fn(|cx| -> Poll<io::Result<Option<Moved>>> {
-            let u = up.poll(cx, client, backend)?;
-            let d = down.poll(cx, backend, client)?;
+            let u = step(up, &mut failure, cx, client, backend)?;
+            let d = step(down, &mut failure, cx, backend, client)?;
             if let Some(l) = asked_to_leave.as_mut() {
                 if u.is_pending() && d.is_pending() && l.as_mut().poll(cx).is_ready() {
                     asked_to_leave = None;
-                    let open = !(up.eof || down.eof || up.done || down.done);
+                    let open =
+                        !(up.eof || down.eof || up.done || down.done || up.failed || down.failed);
                     if open && up.frames.seen.is_none() && down.frames.seen.is_none() {
                         return Poll::Ready(Ok(None));
                     }
@@ -422,18 +479,24 @@ impl<'a> Splice<'a> {
                 };
             }
             match (u, d) {
-                (Poll::Ready(u), Poll::Ready(d)) => Poll::Ready(Ok(Some(Moved {
-                    client_to_backend: u,
-                    backend_to_client: d,
-                    closed_by,
-                    close_code: close_code.flatten(),
-                    rebalanced: false,
-                }))),
+                (Poll::Ready(u), Poll::Ready(d)) => Poll::Ready(match failure.take() {
+                    Some(e) => Err(e),
+                    None => Ok(Some(Moved {
+                        client_to_backend: u,
+                        backend_to_client: d,
+                        closed_by,
+                        close_code: close_code.flatten(),
+                        rebalanced: false,
+                    })),
+                }),
                 (Poll::Pending, Poll::Pending) => Poll::Pending,
                 _ => {
                     let timer = linger
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep(half_close_timeout)));
                     ready!(timer.as_mut().poll(cx));
+                    if let Some(e) = failure.take() {
+                        return Poll::Ready(Err(e));
+                    }
                     Poll::Ready(Ok(Some(Moved {
                         client_to_backend: up.total,
                         backend_to_client: down.total,
@@ -785,6 +848,77 @@ mod tests {
             0,
             "the client sees the end"
         );
+    }
+
+    /// A peer that sends its last bytes and then resets (a server failing
+    /// the connection: it closes with the client's next frame unread, so
+    /// the kernel answers with a reset) must still have those bytes
+    /// delivered, even when writing to it fails before they are read.
+    #[tokio::test]
+    async fn the_last_bytes_of_a_peer_that_reset_are_delivered() {
+        for generic in [false, true] {
+            for backend_resets in [true, false] {
+                let (mut client, mut gw_client) = pair().await;
+                let (mut gw_backend, mut backend) = pair().await;
+                // Both legs have something to deliver before the splice runs;
+                // then one peer resets, so the splice's first write towards it
+                // fails while its last bytes wait unread in the other leg.
+                let (gone, other, last): (TcpStream, &mut TcpStream, &[u8]) = if backend_resets {
+                    client.write_all(b"more from the client").await.unwrap();
+                    backend
+                        .write_all(b"the backend's last words")
+                        .await
+                        .unwrap();
+                    (backend, &mut client, b"the backend's last words")
+                } else {
+                    backend.write_all(b"more from the backend").await.unwrap();
+                    client.write_all(b"the client's last words").await.unwrap();
+                    (client, &mut backend, b"the client's last words")
+                };
+                socket2::SockRef::from(&gone)
+                    .set_linger(Some(std::time::Duration::ZERO))
+                    .unwrap();
+                drop(gone);
+                let task = tokio::spawn(async move {
+                    let stats = RouteStats::default();
+                    if generic {
+                        let mut c: Box<dyn Io> = Box::new(gw_client);
+                        let mut b: Box<dyn Io> = Box::new(gw_backend);
+                        splice(&mut c, Bytes::new(), &mut b, Bytes::new(), T, &stats, None).await
+                    } else {
+                        splice(
+                            &mut gw_client,
+                            Bytes::new(),
+                            &mut gw_backend,
+                            Bytes::new(),
+                            T,
+                            &stats,
+                            None,
+                        )
+                        .await
+                    }
+                });
+                let mut got = Vec::new();
+                let mut buf = [0u8; 64];
+                // Until the end of the stream (EOF, or the reset passed on).
+                while let Ok(Ok(n @ 1..)) =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), other.read(&mut buf))
+                        .await
+                {
+                    got.extend_from_slice(&buf[..n]);
+                }
+                assert_eq!(
+                    got, last,
+                    "generic {generic}, backend resets {backend_resets}"
+                );
+                // The session ends promptly, reporting the reset.
+                let r = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+                    .await
+                    .expect("splice ended")
+                    .unwrap();
+                assert!(r.is_err(), "{r:?}");
+            }
+        }
     }
 
     #[tokio::test]
