@@ -25,6 +25,7 @@ mod proto;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -261,23 +262,26 @@ async fn feed_loop(
 /// beyond the head's end, no routing, no logging, no limits: what every
 /// proxy must do at least, so its CPU per handshake and per message is
 /// the kernel's share plus the least user-space work.
-async fn relay(l: TcpListener, up: SocketAddr) {
+async fn relay(l: TcpListener, up: SocketAddr, ka: Duration) {
     loop {
         let Ok((mut c, _)) = l.accept().await else {
             continue;
         };
         tokio::spawn(async move {
-            let mut b = pass_head(&mut c, up).await?;
+            let mut b = pass_head(&mut c, up, ka).await?;
             tokio::io::copy_bidirectional(&mut c, &mut b).await.ok()
         });
     }
 }
 
 /// Reads a request head from `c` (up to 16 KiB), connects to `up` and
-/// writes the head there: the relays' one step before copying.
+/// writes the head there: the relays' one step before copying. A nonzero
+/// `ka` turns on TCP keepalive on the upstream socket as upgate does
+/// (`server.tcp_keepalive`, the same calls).
 async fn pass_head<S: tokio::io::AsyncRead + Unpin>(
     c: &mut S,
     up: SocketAddr,
+    ka: Duration,
 ) -> Option<TcpStream> {
     let mut head = Vec::with_capacity(1024);
     loop {
@@ -291,6 +295,7 @@ async fn pass_head<S: tokio::io::AsyncRead + Unpin>(
     let mut b = TcpStream::connect(up).await.ok()?;
     b.set_nodelay(true).ok()?;
     b.write_all(&head).await.ok()?;
+    upgate::backend::upstream::keepalive((&b).into(), ka);
     Some(b)
 }
 
@@ -300,7 +305,7 @@ async fn pass_head<S: tokio::io::AsyncRead + Unpin>(
 /// (it waits for either socket to be readable, then reads into a buffer
 /// made for that read). What an idle connection costs here is rustls's
 /// state, two sockets and one task: the least a rustls-based proxy keeps.
-async fn tls_relay(l: TcpListener, up: SocketAddr, tls: tokio_rustls::TlsAcceptor) {
+async fn tls_relay(l: TcpListener, up: SocketAddr, ka: Duration, tls: tokio_rustls::TlsAcceptor) {
     loop {
         let Ok((c, _)) = l.accept().await else {
             continue;
@@ -308,7 +313,7 @@ async fn tls_relay(l: TcpListener, up: SocketAddr, tls: tokio_rustls::TlsAccepto
         let tls = tls.clone();
         tokio::spawn(async move {
             let mut c = tls.accept(c).await.ok()?;
-            let mut b = pass_head(&mut c, up).await?;
+            let mut b = pass_head(&mut c, up, ka).await?;
             lean_copy(&mut c, &mut b).await
         });
     }
@@ -355,16 +360,18 @@ async fn lean_copy(
 }
 
 /// A listener with `TCP_NODELAY` set once, for accepted sockets to inherit.
-fn listen_nodelay(a: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::from_std(std_listen_nodelay(a)?)
+fn listen_nodelay(a: SocketAddr, ka: Duration) -> std::io::Result<TcpListener> {
+    TcpListener::from_std(std_listen_nodelay(a, ka)?)
 }
 
-/// A nonblocking listener whose accepted sockets inherit `TCP_NODELAY`.
-fn std_listen_nodelay(a: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// A nonblocking listener whose accepted sockets inherit `TCP_NODELAY` (and
+/// TCP keepalive when `ka` is nonzero, as upgate's listeners do).
+fn std_listen_nodelay(a: SocketAddr, ka: Duration) -> std::io::Result<std::net::TcpListener> {
     let s = socket2::Socket::new(socket2::Domain::for_address(a), socket2::Type::STREAM, None)?;
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
     s.set_tcp_nodelay(true)?;
+    upgate::backend::upstream::keepalive((&s).into(), ka);
     s.bind(&a.into())?;
     s.listen(4096)?;
     Ok(s.into())
@@ -393,6 +400,7 @@ fn main() -> std::io::Result<()> {
         size: 100,
     };
     let mut use_floor = false;
+    let mut ka = Duration::ZERO;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -424,6 +432,12 @@ fn main() -> std::io::Result<()> {
             "--relay" => relays.push(relay_spec(&a, args.next())?),
             "--tls-relay" => tls_relays.push(relay_spec(&a, args.next())?),
             "--epoll-relay" => epoll_relays.push(relay_spec(&a, args.next())?),
+            "--keepalive" => {
+                let v = args
+                    .next()
+                    .ok_or_else(|| std::io::Error::other("--keepalive needs seconds"))?;
+                ka = Duration::from_secs(v.parse().map_err(std::io::Error::other)?);
+            }
             "--cert" => {
                 let (c, k) = (args.next(), args.next());
                 match (c, k) {
@@ -433,12 +447,13 @@ fn main() -> std::io::Result<()> {
             }
             "-h" | "--help" => {
                 println!(
-                    "upgate-bench-backend [--listen ADDR]... [--feed ADDR]... [--feed-rate MSGS_PER_S] [--feed-size BYTES] [--floor] [--relay LISTEN=UPSTREAM]... [--tls-relay LISTEN=UPSTREAM --cert CERT.pem KEY.pem] [--epoll-relay LISTEN=UPSTREAM]...\n\
+                    "upgate-bench-backend [--listen ADDR]... [--feed ADDR]... [--feed-rate MSGS_PER_S] [--feed-size BYTES] [--floor] [--relay LISTEN=UPSTREAM]... [--tls-relay LISTEN=UPSTREAM --cert CERT.pem KEY.pem] [--epoll-relay LISTEN=UPSTREAM]... [--keepalive SECS]\n\
                      Fast WebSocket backends for the benchmark: echo on --listen, a timestamped feed on --feed\n\
                      (--floor: feed connections written by one plain thread, the kernel floor);\n\
                      --relay: the least a proxy does (read the head, connect, copy both ways), the proxy floor;\n\
                      --tls-relay: the same behind upgate's rustls config, holding no buffer while idle;\n\
-                     --epoll-relay: the relay on one thread on epoll, no runtime, fewest system calls (its own thread each)."
+                     --epoll-relay: the relay on one thread on epoll, no runtime, fewest system calls (its own thread each);\n\
+                     --keepalive: the relays turn on TCP keepalive as upgate's server.tcp_keepalive does (listener and upstream sockets)."
                 );
                 return Ok(());
             }
@@ -462,12 +477,12 @@ fn main() -> std::io::Result<()> {
     };
     let mut epoll_threads = Vec::new();
     for (l, up) in epoll_relays {
-        let l = std_listen_nodelay(l)?;
+        let l = std_listen_nodelay(l, ka)?;
         eprintln!(
             "upgate-bench-backend: epoll relay on {:?} to {up}",
             l.local_addr()
         );
-        epoll_threads.push(std::thread::spawn(move || epoll_relay::run(l, up)));
+        epoll_threads.push(std::thread::spawn(move || epoll_relay::run(l, up, ka)));
     }
     if !epoll_threads.is_empty()
         && addrs.is_empty()
@@ -523,15 +538,15 @@ fn main() -> std::io::Result<()> {
             });
         }
         for (l, up) in relays {
-            let l = listen_nodelay(l)?;
+            let l = listen_nodelay(l, ka)?;
             eprintln!(
                 "upgate-bench-backend: relay on {:?} to {up}",
                 l.local_addr()
             );
-            set.spawn(relay(l, up));
+            set.spawn(relay(l, up, ka));
         }
         for (l, up) in tls_relays {
-            let l = listen_nodelay(l)?;
+            let l = listen_nodelay(l, ka)?;
             let Some(acceptor) = acceptor.clone() else {
                 break;
             };
@@ -539,7 +554,7 @@ fn main() -> std::io::Result<()> {
                 "upgate-bench-backend: TLS relay on {:?} to {up}",
                 l.local_addr()
             );
-            set.spawn(tls_relay(l, up, acceptor));
+            set.spawn(tls_relay(l, up, ka, acceptor));
         }
         while set.join_next().await.is_some() {}
         Ok(())

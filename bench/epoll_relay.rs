@@ -55,7 +55,13 @@ enum Conn {
 }
 
 /// Runs the relay on this thread until an error of epoll itself.
-pub fn run(listener: std::net::TcpListener, upstream: SocketAddr) -> io::Result<()> {
+/// A nonzero `ka` turns on TCP keepalive on each upstream socket as upgate
+/// does (`server.tcp_keepalive`).
+pub fn run(
+    listener: std::net::TcpListener,
+    upstream: SocketAddr,
+    ka: std::time::Duration,
+) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let mut listener = TcpListener::from_std(listener);
     let mut poll = Poll::new()?;
@@ -83,7 +89,7 @@ pub fn run(listener: std::net::TcpListener, upstream: SocketAddr) -> io::Result<
             };
             let next = match conn {
                 Conn::Head { client, head } => {
-                    read_head(client, head, slot, upstream, &poll, &mut buf)
+                    read_head(client, head, slot, (upstream, ka), &poll, &mut buf)
                 }
                 Conn::Relay {
                     mut client,
@@ -166,7 +172,7 @@ fn read_head(
     mut client: TcpStream,
     mut head: Vec<u8>,
     slot: usize,
-    to: SocketAddr,
+    (to, ka): (SocketAddr, std::time::Duration),
     poll: &Poll,
     buf: &mut [u8],
 ) -> Option<Conn> {
@@ -192,6 +198,7 @@ fn read_head(
     }
     let mut upstream = TcpStream::connect(to).ok()?;
     upstream.set_nodelay(true).ok()?;
+    upgate::backend::upstream::keepalive((&upstream).into(), ka);
     let mut up = Flow {
         pending: head,
         ended: false,
@@ -359,7 +366,7 @@ mod tests {
         });
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let relay_addr = l.local_addr().expect("addr");
-        std::thread::spawn(move || run(l, echo_addr));
+        std::thread::spawn(move || run(l, echo_addr, std::time::Duration::from_secs(60)));
 
         let mut c = std::net::TcpStream::connect(relay_addr).expect("connect");
         let head = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n";

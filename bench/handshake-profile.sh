@@ -24,8 +24,8 @@ while [ $# -gt 0 ]; do
   case $1 in
     --rounds) rounds=$2; shift 2 ;;
     --perf) with_perf=1; shift ;;
-    direct | floor | epoll | upgate | upgate-noka | base) targets+=("$1"); shift ;;
-    *) echo "usage: $0 [--rounds N] [--perf] [direct|floor|epoll|upgate|upgate-noka|base]..." >&2; exit 2 ;;
+    direct | floor | floor-ka | epoll | epoll-ka | upgate | upgate-noka | base) targets+=("$1"); shift ;;
+    *) echo "usage: $0 [--rounds N] [--perf] [direct|floor|floor-ka|epoll|epoll-ka|upgate|upgate-noka|base]..." >&2; exit 2 ;;
   esac
 done
 [ ${#targets[@]} -gt 0 ] || targets=(direct floor epoll upgate)
@@ -67,6 +67,8 @@ for round in $(seq 1 "$rounds"); do
     case $t in
       direct) port=$backend_port ;;
       floor) taskset -c 0 "$bin/upgate-bench-backend" --relay "127.0.0.1:$proxy_port=127.0.0.1:$backend_port" >/dev/null 2>&1 & pp=$! ;;
+      floor-ka) taskset -c 0 "$bin/upgate-bench-backend" --relay "127.0.0.1:$proxy_port=127.0.0.1:$backend_port" --keepalive 120 >/dev/null 2>&1 & pp=$! ;;
+      epoll-ka) taskset -c 0 "$bin/upgate-bench-backend" --epoll-relay "127.0.0.1:$proxy_port=127.0.0.1:$backend_port" --keepalive 120 >/dev/null 2>&1 & pp=$! ;;
       epoll) taskset -c 0 "$bin/upgate-bench-backend" --epoll-relay "127.0.0.1:$proxy_port=127.0.0.1:$backend_port" >/dev/null 2>&1 & pp=$! ;;
       upgate) RUST_LOG=warn taskset -c 0 "$bin/upgate" --config "$work/up.yaml" --threads 1 >/dev/null 2>&1 & pp=$! ;;
       upgate-noka) RUST_LOG=warn taskset -c 0 "$bin/upgate" --config "$work/noka.yaml" --threads 1 >/dev/null 2>&1 & pp=$! ;;

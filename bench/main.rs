@@ -85,7 +85,8 @@ struct SuiteArgs {
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
     /// Targets to include: direct, upgate, floor (the least a proxy does), epoll
-    /// (the same with no runtime, fewest system calls), nginx, haproxy, caddy;
+    /// (the same with no runtime, fewest system calls), floor-ka and epoll-ka
+    /// (both with upgate's default TCP keepalive), nginx, haproxy, caddy;
     /// upgate-frames; upgate-base and upgate-frames-base with --base-bin-dir.
     #[arg(
         long,
@@ -478,8 +479,10 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
             "nginx" => targets::nginx(&work, &certs, fit),
             "haproxy" => targets::haproxy(&work, &certs, fit),
             "caddy" => targets::caddy(&work, &certs),
-            "floor" => targets::relay(&bin_dir, &work, &certs),
-            "epoll" => targets::epoll_relay(&bin_dir, &work),
+            "floor" => targets::relay(&bin_dir, &work, &certs, false),
+            "floor-ka" => targets::relay(&bin_dir, &work, &certs, true),
+            "epoll" => targets::epoll_relay(&bin_dir, &work, false),
+            "epoll-ka" => targets::epoll_relay(&bin_dir, &work, true),
             other => Err(format!("unknown target {other}")),
         }
     };
@@ -586,7 +589,7 @@ async fn suite(a: SuiteArgs) -> Result<(), String> {
         // it no floor for memory; its TLS port holds none while idle.
         for pname in names.iter().filter(|n| *n != "direct") {
             for tls in [false, true] {
-                if pname == "floor" && !tls {
+                if (pname == "floor" || pname == "floor-ka") && !tls {
                     continue;
                 }
                 let p = match start(pname, 1) {
@@ -986,6 +989,17 @@ fn round_by_round(o: &mut String, scenarios: &[String], proxies: &[&String], res
         Vec::new()
     };
     table(o, "Against the floor, round by round: each proxy's CPU per unit over the floor's in the same round, then its figure over the floor's (rate; for (c) the p50 round trip, lower is better); median (min–max) over rounds:", &floor);
+    // upgate keeps TCP keepalive on by default; so does `floor-ka`.
+    let floor_ka: Vec<(String, String)> = if has("floor-ka") {
+        proxies
+            .iter()
+            .filter(|p| p.starts_with("upgate") || p.as_str() == "epoll-ka")
+            .map(|p| (p.to_string(), "floor-ka".to_string()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    table(o, "Against the floor with upgate's default TCP keepalive (`floor-ka`), round by round, the same way:", &floor_ka);
     let builds: Vec<(String, String)> = ["upgate", "upgate-frames"]
         .iter()
         .filter(|t| has(t) && has(&format!("{t}-base")))
@@ -1259,5 +1273,22 @@ mod tests {
             "{o}"
         );
         assert!(!o.contains("Against the floor"), "{o}");
+    }
+
+    /// With `floor-ka` among the targets, upgate builds (not the other
+    /// proxies, which keep no keepalive) are also set against it.
+    #[test]
+    fn upgate_is_compared_with_the_keepalive_floor() {
+        let o = tables(&[
+            ("upgate", [(900, 0.099), (1000, 0.096)]),
+            ("nginx", [(900, 0.099), (1000, 0.096)]),
+            ("floor-ka", [(1000, 0.100), (1000, 0.080)]),
+        ]);
+        assert!(o.contains("| scenario | upgate / floor-ka |"), "{o}");
+        assert!(!o.contains("nginx / floor-ka"), "{o}");
+        assert!(
+            o.contains("| (d) ws handshakes/s | CPU 1.15 (1.10–1.20) · 0.95 (0.90–1.00) |"),
+            "{o}"
+        );
     }
 }

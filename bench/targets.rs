@@ -211,8 +211,14 @@ pub fn upgate(
 /// connects, copies both ways; one thread on core 0 like the proxies. Its
 /// TLS port (`--tls-relay`) does the same behind upgate's rustls config and
 /// holds no buffer while idle: the floor for TLS rows and TLS idle memory.
-pub fn relay(bin_dir: &Path, work: &Path, certs: &Certs) -> Result<Proc, String> {
-    let port = 18130;
+/// `floor-ka` is the same with TCP keepalive on as upgate's default
+/// (`server.tcp_keepalive: 120s`): the floor for upgate as it ships.
+pub fn relay(bin_dir: &Path, work: &Path, certs: &Certs, keepalive: bool) -> Result<Proc, String> {
+    let (name, port) = if keepalive {
+        ("floor-ka", 18150)
+    } else {
+        ("floor", 18130)
+    };
     let tls_port = port + 1;
     let spec = format!("127.0.0.1:{port}=127.0.0.1:{BACKEND_PORT}");
     let tls_spec = format!("127.0.0.1:{tls_port}=127.0.0.1:{BACKEND_PORT}");
@@ -232,15 +238,17 @@ pub fn relay(bin_dir: &Path, work: &Path, certs: &Certs) -> Result<Proc, String>
             "--cert",
             &cert,
             &key,
+            "--keepalive",
+            if keepalive { "120" } else { "0" },
         ],
         // Pages freed go back at once: the floor's memory is the least possible.
         &[("MIMALLOC_PURGE_DELAY", "0")],
-        &work.join("floor.log"),
+        &work.join(format!("{name}.log")),
     )?;
-    wait_port(addr(port), "floor")?;
-    wait_port(addr(tls_port), "floor (TLS)")?;
+    wait_port(addr(port), name)?;
+    wait_port(addr(tls_port), &format!("{name} (TLS)"))?;
     Ok(Proc {
-        name: "floor".into(),
+        name: name.into(),
         plain: addr(port),
         tls: Some(addr(tls_port)),
         child: Some(child),
@@ -250,21 +258,30 @@ pub fn relay(bin_dir: &Path, work: &Path, certs: &Certs) -> Result<Proc, String>
 /// The floor below the floor (`upgate-bench-backend --epoll-relay`): the
 /// same relay on one thread driving epoll itself, no runtime, the fewest
 /// system calls Linux allows (bench/epoll_relay.rs); on core 0 like the
-/// proxies. Plain only.
-pub fn epoll_relay(bin_dir: &Path, work: &Path) -> Result<Proc, String> {
-    let port = 18140;
+/// proxies. Plain only. `epoll-ka`: with upgate's default TCP keepalive.
+pub fn epoll_relay(bin_dir: &Path, work: &Path, keepalive: bool) -> Result<Proc, String> {
+    let (name, port) = if keepalive {
+        ("epoll-ka", 18160)
+    } else {
+        ("epoll", 18140)
+    };
     let spec = format!("127.0.0.1:{port}=127.0.0.1:{BACKEND_PORT}");
     let child = spawn(
         port,
         "0",
         &bin_dir.join("upgate-bench-backend"),
-        &["--epoll-relay", &spec],
+        &[
+            "--epoll-relay",
+            &spec,
+            "--keepalive",
+            if keepalive { "120" } else { "0" },
+        ],
         &[("MIMALLOC_PURGE_DELAY", "0")],
-        &work.join("epoll.log"),
+        &work.join(format!("{name}.log")),
     )?;
-    wait_port(addr(port), "epoll")?;
+    wait_port(addr(port), name)?;
     Ok(Proc {
-        name: "epoll".into(),
+        name: name.into(),
         plain: addr(port),
         tls: None,
         child: Some(child),
