@@ -384,6 +384,9 @@ pub struct Idle {
     pub rss_closed_kib: u64,
     /// RSS `linger` after that, when asked for.
     pub rss_later_kib: Option<u64>,
+    /// The kernel's TCP socket memory (system-wide) before opening and
+    /// while every connection was held.
+    pub kernel: Option<(proc_stat::KernelSockets, proc_stat::KernelSockets)>,
 }
 
 impl Idle {
@@ -413,6 +416,7 @@ pub async fn idle(
     linger: Option<Duration>,
 ) -> Idle {
     let rss_before_kib = t.pid.and_then(proc_stat::rss_kib).unwrap_or(0);
+    let kernel_before = proc_stat::KernelSockets::read();
     let mut conns: Vec<(Stream, Vec<u8>)> = Vec::with_capacity(n);
     let mut failed_open = 0;
     let mut pending = tokio::task::JoinSet::new();
@@ -441,6 +445,7 @@ pub async fn idle(
     }
     tokio::time::sleep(settle).await;
     let rss_after_kib = t.pid.and_then(proc_stat::rss_kib).unwrap_or(0);
+    let kernel = kernel_before.zip(proc_stat::KernelSockets::read());
     let opened = conns.len();
     // Every held connection must still echo.
     let mut echoed = 0;
@@ -482,6 +487,7 @@ pub async fn idle(
         rss_after_kib,
         rss_closed_kib,
         rss_later_kib,
+        kernel,
     }
 }
 

@@ -1199,6 +1199,16 @@ fn render(
             "\n(g) {} idle connections through upgate: {} opened ({} failed), {} echoed at the end; upgate RSS {} → {} KiB = {:.2} KiB/conn.",
             a.huge, r.opened, r.failed_open, r.echoed, r.rss_before_kib, r.rss_after_kib, r.kib_per_conn()
         );
+        if let Some((k0, k1)) = r.kernel {
+            let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / r.opened.max(1) as f64;
+            let _ = writeln!(
+                o,
+                "The kernel, system-wide (the client's socket, upgate's two and the backend's: four TCP sockets per connection): TCP sockets {} → {}; socket buffers {} → {} KiB = {:.2} KiB/conn; socket structures (slab `TCP`, `TCPv6`, `sock_inode_cache`) {} → {} KiB = {:.2} KiB/conn.",
+                k0.tcp_sockets, k1.tcp_sockets,
+                k0.buffers_kib, k1.buffers_kib, per(k0.buffers_kib, k1.buffers_kib),
+                k0.slab_kib, k1.slab_kib, per(k0.slab_kib, k1.slab_kib),
+            );
+        }
     }
     o
 }

@@ -103,9 +103,72 @@ pub fn rss_kib(root: u32) -> Option<u64> {
     Some(total)
 }
 
+/// The kernel's memory for TCP sockets, system-wide, in KiB: socket
+/// buffers (`/proc/net/sockstat`'s TCP `mem`, in pages) and the socket
+/// structures themselves (slab caches `TCP`, `TCPv6` and
+/// `sock_inode_cache`, active objects × object size, `/proc/slabinfo`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KernelSockets {
+    pub tcp_sockets: u64,
+    pub buffers_kib: u64,
+    pub slab_kib: u64,
+}
+
+impl KernelSockets {
+    pub fn read() -> Option<Self> {
+        let sockstat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+        let slabinfo = std::fs::read_to_string("/proc/slabinfo").unwrap_or_default();
+        Self::parse(&sockstat, &slabinfo, 4)
+    }
+
+    fn parse(sockstat: &str, slabinfo: &str, page_kib: u64) -> Option<Self> {
+        let tcp = sockstat.lines().find(|l| l.starts_with("TCP:"))?;
+        let field = |name: &str| -> Option<u64> {
+            let mut it = tcp.split_whitespace();
+            it.find(|w| *w == name)?;
+            it.next()?.parse().ok()
+        };
+        let mut slab_bytes = 0u64;
+        for l in slabinfo.lines() {
+            let mut it = l.split_whitespace();
+            let Some(name) = it.next() else { continue };
+            if !matches!(name, "TCP" | "TCPv6" | "sock_inode_cache") {
+                continue;
+            }
+            let active: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let size: u64 = it.nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+            slab_bytes = slab_bytes.saturating_add(active.saturating_mul(size));
+        }
+        Some(KernelSockets {
+            tcp_sockets: field("inuse")?,
+            buffers_kib: field("mem")?.saturating_mul(page_kib),
+            slab_kib: slab_bytes / 1024,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_socket_memory_is_read_from_sockstat_and_slabinfo() {
+        let sockstat = "sockets: used 18861\n\
+                        TCP: inuse 18850 orphan 0 tw 74525 alloc 18850 mem 109\n\
+                        UDP: inuse 0 mem 0\n";
+        let slabinfo = "slabinfo - version: 2.1\n\
+                        # name <active_objs> <num_objs> <objsize> ...\n\
+                        request_sock_TCP 120 180 320 12 1 : tunables 0 0 0\n\
+                        TCP 1000 1300 2368 13 8 : tunables 0 0 0\n\
+                        TCPv6 2 13 2560 12 8 : tunables 0 0 0\n\
+                        sock_inode_cache 1024 1900 832 19 4 : tunables 0 0 0\n";
+        let k = KernelSockets::parse(sockstat, slabinfo, 4).expect("parsed");
+        assert_eq!(k.tcp_sockets, 18850);
+        assert_eq!(k.buffers_kib, 436);
+        assert_eq!(k.slab_kib, (1000 * 2368 + 2 * 2560 + 1024 * 832) / 1024);
+        assert_eq!(KernelSockets::parse("UDP: inuse 0\n", slabinfo, 4), None);
+        assert!(KernelSockets::read().is_some());
+    }
 
     #[test]
     fn busy_ticks_leave_idle_iowait_and_steal_out() {
