@@ -43,6 +43,8 @@ bin=target/release
 
 proxy_port=18960
 backend_port=18961
+# floor-ka and epoll-ka: TCP keepalive as upgate's default server.tcp_keepalive (120 s).
+ka_secs=120
 printf 'listen:\n  - addr: 127.0.0.1:%s\npools:\n  echo: { backends: [ws://127.0.0.1:%s] }\nroutes:\n  - { name: echo, pool: echo }\n' \
   "$proxy_port" "$backend_port" >"$work/up.yaml"
 # The same with TCP keepalive off (`upgate-noka`): what the four setsockopt cost.
@@ -67,8 +69,8 @@ for round in $(seq 1 "$rounds"); do
     case $t in
       direct) port=$backend_port ;;
       floor) taskset -c 0 "$bin/upgate-bench-backend" --relay "127.0.0.1:$proxy_port=127.0.0.1:$backend_port" >/dev/null 2>&1 & pp=$! ;;
-      floor-ka) taskset -c 0 "$bin/upgate-bench-backend" --relay "127.0.0.1:$proxy_port=127.0.0.1:$backend_port" --keepalive 120 >/dev/null 2>&1 & pp=$! ;;
-      epoll-ka) taskset -c 0 "$bin/upgate-bench-backend" --epoll-relay "127.0.0.1:$proxy_port=127.0.0.1:$backend_port" --keepalive 120 >/dev/null 2>&1 & pp=$! ;;
+      floor-ka) taskset -c 0 "$bin/upgate-bench-backend" --relay "127.0.0.1:$proxy_port=127.0.0.1:$backend_port" --keepalive "$ka_secs" >/dev/null 2>&1 & pp=$! ;;
+      epoll-ka) taskset -c 0 "$bin/upgate-bench-backend" --epoll-relay "127.0.0.1:$proxy_port=127.0.0.1:$backend_port" --keepalive "$ka_secs" >/dev/null 2>&1 & pp=$! ;;
       epoll) taskset -c 0 "$bin/upgate-bench-backend" --epoll-relay "127.0.0.1:$proxy_port=127.0.0.1:$backend_port" >/dev/null 2>&1 & pp=$! ;;
       upgate) RUST_LOG=warn taskset -c 0 "$bin/upgate" --config "$work/up.yaml" --threads 1 >/dev/null 2>&1 & pp=$! ;;
       upgate-noka) RUST_LOG=warn taskset -c 0 "$bin/upgate" --config "$work/noka.yaml" --threads 1 >/dev/null 2>&1 & pp=$! ;;

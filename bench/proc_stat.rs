@@ -3,16 +3,24 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+/// A `getconf` value, read once per name by the caller's `OnceLock`.
+fn getconf(name: &str, default: f64) -> f64 {
+    std::process::Command::new("getconf")
+        .arg(name)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(default)
+}
+
 fn clock_ticks() -> f64 {
     static TICKS: OnceLock<f64> = OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
+    *TICKS.get_or_init(|| getconf("CLK_TCK", 100.0))
+}
+
+fn page_kib() -> u64 {
+    static PAGE: OnceLock<f64> = OnceLock::new();
+    (*PAGE.get_or_init(|| getconf("PAGESIZE", 4096.0)) / 1024.0) as u64
 }
 
 /// Fields of /proc/PID/stat after the command name.
@@ -118,7 +126,7 @@ impl KernelSockets {
     pub fn read() -> Option<Self> {
         let sockstat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
         let slabinfo = std::fs::read_to_string("/proc/slabinfo").unwrap_or_default();
-        Self::parse(&sockstat, &slabinfo, 4)
+        Self::parse(&sockstat, &slabinfo, page_kib())
     }
 
     fn parse(sockstat: &str, slabinfo: &str, page_kib: u64) -> Option<Self> {

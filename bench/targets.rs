@@ -207,12 +207,25 @@ pub fn upgate(
     })
 }
 
+/// `--keepalive` for a floor relay: upgate's own default
+/// (`server.tcp_keepalive`) when `on`, else off.
+fn keepalive_secs(on: bool) -> String {
+    let secs = if on {
+        upgate::config::ServerSettings::default()
+            .tcp_keepalive
+            .as_secs()
+    } else {
+        0
+    };
+    secs.to_string()
+}
+
 /// The proxy floor (`upgate-bench-backend --relay`): reads the head,
 /// connects, copies both ways; one thread on core 0 like the proxies. Its
 /// TLS port (`--tls-relay`) does the same behind upgate's rustls config and
 /// holds no buffer while idle: the floor for TLS rows and TLS idle memory.
 /// `floor-ka` is the same with TCP keepalive on as upgate's default
-/// (`server.tcp_keepalive: 120s`): the floor for upgate as it ships.
+/// (`server.tcp_keepalive`): the floor for upgate as it ships.
 pub fn relay(bin_dir: &Path, work: &Path, certs: &Certs, keepalive: bool) -> Result<Proc, String> {
     let (name, port) = if keepalive {
         ("floor-ka", 18150)
@@ -239,7 +252,7 @@ pub fn relay(bin_dir: &Path, work: &Path, certs: &Certs, keepalive: bool) -> Res
             &cert,
             &key,
             "--keepalive",
-            if keepalive { "120" } else { "0" },
+            &keepalive_secs(keepalive),
         ],
         // Pages freed go back at once: the floor's memory is the least possible.
         &[("MIMALLOC_PURGE_DELAY", "0")],
@@ -274,7 +287,7 @@ pub fn epoll_relay(bin_dir: &Path, work: &Path, keepalive: bool) -> Result<Proc,
             "--epoll-relay",
             &spec,
             "--keepalive",
-            if keepalive { "120" } else { "0" },
+            &keepalive_secs(keepalive),
         ],
         &[("MIMALLOC_PURGE_DELAY", "0")],
         &work.join(format!("{name}.log")),
