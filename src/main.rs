@@ -76,6 +76,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Pays the collections that runtime threads skip while parking.
+    rt.spawn(memory::keeper());
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => Config::load(&cli.config)
             .map_err(|e| e.to_string())
