@@ -7,6 +7,7 @@
 #   bench/callgrind.sh target/release /tmp/base/release   # side by side
 #   bench/callgrind.sh --tls target/release /tmp/base     # over TLS: full
 #                        handshakes (no resumption) and 64 B messages
+#   bench/callgrind.sh --frames target/release /tmp/base  # a frames route
 # Each directory must hold `upgate`; the load generator and echo backend
 # come from this tree's release build. Loopback only, bounded in time.
 set -euo pipefail
@@ -16,10 +17,15 @@ command -v valgrind >/dev/null 2>&1 || {
 }
 cargo build --release --locked --bin upgate --bin upgate-bench --bin upgate-bench-backend
 tls=0
-if [ "${1:-}" = "--tls" ]; then
-  tls=1
+route_mode=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tls) tls=1 ;;
+    --frames) route_mode=", mode: frames" ;;
+    *) break ;;
+  esac
   shift
-fi
+done
 dirs=("$@")
 [ ${#dirs[@]} -gt 0 ] || dirs=(target/release)
 # shellcheck source=bench/lib.sh
@@ -56,8 +62,8 @@ for d in "${dirs[@]}"; do
   if [ "$tls" = 1 ]; then
     printf '    tls:\n      certs:\n        - { cert: %s, key: %s }\n' "$work/cert.pem" "$work/key.pem" >>"$cfg"
   fi
-  printf 'pools:\n  echo: { backends: [ws://127.0.0.1:%s] }\nroutes:\n  - { name: echo, pool: echo }\n' \
-    "$backend_port" >>"$cfg"
+  printf 'pools:\n  echo: { backends: [ws://127.0.0.1:%s] }\nroutes:\n  - { name: echo, pool: echo%s }\n' \
+    "$backend_port" "$route_mode" >>"$cfg"
   out="$work/cg-$port"
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
     "$d/upgate" --config "$cfg" --threads 1 >"$work/upgate-$port.log" 2>&1 &

@@ -236,6 +236,87 @@ async fn without_resume_a_lost_backend_ends_the_session_with_1011() {
     assert!(reason.starts_with("backend lost"), "{reason}");
 }
 
+/// A client that stops reading, sends its last message and resets: the
+/// gateway's write towards it fails while that message waits unread
+/// behind the write. The message still reaches the backend (the same
+/// promise the splice keeps), and the backend is then told the client went.
+#[tokio::test]
+async fn the_last_message_of_a_client_that_reset_reaches_the_backend() {
+    // A backend that, on "flood", sends up to 400 binary messages of 64 KiB
+    // (far more than the sockets between it and the client buffer) while
+    // it records every text and the close code it receives.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (g, done) = (got.clone(), Arc::new(tokio::sync::Notify::new()));
+    let d = done.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let (mut tx, mut rx) = ws.split();
+        let flood = CancellationToken::new();
+        let f = flood.clone();
+        let sender = tokio::spawn(async move {
+            f.cancelled().await;
+            for _ in 0..400 {
+                if tx
+                    .send(Message::binary(vec![7u8; 64 * 1024]))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        while let Some(Ok(m)) = rx.next().await {
+            match m {
+                Message::Text(t) if t.as_str() == "flood" => flood.cancel(),
+                Message::Text(t) => g.lock().unwrap().push(t.to_string()),
+                Message::Close(f) => {
+                    let code = f.map_or(1005, |f| u16::from(f.code));
+                    g.lock().unwrap().push(format!("closed:{code}"));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        sender.abort();
+        d.notify_one();
+    });
+    let gw = gateway(&format!(
+        "listen:\n  - addr: 127.0.0.1:0\npools:\n  p: {{ backends: ['ws://{addr}'] }}\nroutes:\n  - {{ name: r, path: /ws, pool: p, mode: frames }}\n"
+    ))
+    .await;
+    let mut ws = ws(gw.addr(), "h", "/ws").await;
+    ws.send(Message::text("flood")).await.unwrap();
+    // The flood is flowing: the gateway is writing to this client.
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        Ok(Some(Ok(Message::Binary(b)))) => assert_eq!(b.len(), 64 * 1024),
+        other => panic!("expected the flood, got {other:?}"),
+    }
+    // Unread, it fills this client's receive buffer and the gateway's send
+    // buffer; then the gateway's write waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws.send(Message::text("last words")).await.unwrap();
+    socket2::SockRef::from(ws.get_ref())
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(ws);
+    tokio::time::timeout(Duration::from_secs(10), done.notified())
+        .await
+        .expect("the backend's session ended");
+    let got = got.lock().unwrap().clone();
+    assert_eq!(
+        got.first().map(String::as_str),
+        Some("last words"),
+        "{got:?}"
+    );
+    assert!(
+        got.last().is_some_and(|l| l.starts_with("closed:")),
+        "the backend is told the client went: {got:?}"
+    );
+}
+
 /// The backend dies (no Close, listener gone): the client stays, the
 /// preamble reaches the new backend, later messages arrive in order.
 #[tokio::test]

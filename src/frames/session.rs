@@ -36,6 +36,9 @@ use crate::ws::reader::{Input, Reader};
 const READ: usize = 4096;
 /// Backend messages written to the client in one write, at most.
 const BATCH: usize = 64;
+/// After a failed write to the client, how many more of its bytes are read
+/// for messages it sent before it went.
+const SALVAGE_MAX: usize = 1 << 20;
 /// How long a client that broke the protocol right after sending a message
 /// may still receive the backend's answer before its Close.
 const ANSWER_GRACE: Duration = Duration::from_millis(500);
@@ -204,6 +207,17 @@ struct Session<'a> {
     down: u64,
 }
 
+/// The client's message rate: tokens left, and when they were counted.
+type Bucket = Option<(f64, Instant)>;
+
+/// Why a client message is not forwarded: the Close code and reason the
+/// client gets, and the session's end for the access log.
+struct Refused {
+    code: u16,
+    reason: std::borrow::Cow<'static, str>,
+    end: &'static str,
+}
+
 /// How the session ended, for the access log.
 struct Out {
     end: &'static str,
@@ -254,7 +268,7 @@ impl Session<'_> {
         // `pending` may be a slice of hyper's whole read buffer: let it go now,
         // not when the session ends.
         drop(pending);
-        let mut bucket = cfg.client_rate.map(|r| (f64::from(r), Instant::now()));
+        let mut bucket: Bucket = cfg.client_rate.map(|r| (f64::from(r), Instant::now()));
         let mut keepalive = tokio::time::interval(cfg.ping_interval);
         keepalive.tick().await;
         let (mut client_heard, mut backend_heard) = (Instant::now(), Instant::now());
@@ -288,65 +302,17 @@ impl Session<'_> {
                             .await
                             .is_err()
                         {
-                            return self.end("io_error", None).await;
+                            return Box::pin(self.salvage(&mut c, &mut reader, &mut bucket)).await;
                         }
                     }
                     Input::Message(op, payload, compressed) => {
-                        let payload = if compressed {
-                            match crate::ws::deflate::inflate(&payload, cfg.max_message) {
-                                Ok(p) => p,
-                                Err(e) => {
-                                    let code = e.code();
-                                    let _ =
-                                        close_client(&mut c, &frame::close(code, &e.to_string()))
-                                            .await;
-                                    return self.end("protocol", Some(code)).await;
-                                }
+                        let msg = match self.admit(op, payload, compressed, &mut bucket) {
+                            Ok(msg) => msg,
+                            Err(Refused { code, reason, end }) => {
+                                let _ = close_client(&mut c, &frame::close(code, &reason)).await;
+                                return self.end(end, Some(code)).await;
                             }
-                        } else {
-                            payload
                         };
-                        if let Some((tokens, at)) = &mut bucket {
-                            let rate = f64::from(cfg.client_rate.unwrap_or(1));
-                            *tokens = (*tokens + at.elapsed().as_secs_f64() * rate).min(rate);
-                            *at = Instant::now();
-                            if *tokens < 1.0 {
-                                let _ = close_client(
-                                    &mut c,
-                                    &frame::close(code::POLICY, "message rate limit exceeded"),
-                                )
-                                .await;
-                                return self.end("rate_limited", Some(code::POLICY)).await;
-                            }
-                            *tokens -= 1.0;
-                        }
-                        let msg = if op == frame::OP_TEXT {
-                            // Plain text was checked as it arrived, inflated text is checked here.
-                            match String::from_utf8(payload) {
-                                Ok(t) => Message::text(t),
-                                Err(_) => {
-                                    let _ = close_client(
-                                        &mut c,
-                                        &frame::close(
-                                            code::INVALID_DATA,
-                                            "text message is not UTF-8",
-                                        ),
-                                    )
-                                    .await;
-                                    return self.end("protocol", Some(code::INVALID_DATA)).await;
-                                }
-                            }
-                        } else {
-                            Message::binary(payload)
-                        };
-                        self.up += 1;
-                        self.stats.messages_up.fetch_add(1, Relaxed);
-                        self.stats
-                            .bytes_up
-                            .fetch_add(payload_len(&msg) as u64, Relaxed);
-                        if self.cfg.resume && self.preamble.len() < self.cfg.replay_first {
-                            self.preamble.push(msg.clone());
-                        }
                         forwarded = Some(Instant::now());
                         if let Some(code) = self.forward(msg).await {
                             let _ = close_client(&mut c, &frame::close(code, "resume buffer full"))
@@ -449,7 +415,7 @@ impl Session<'_> {
                                 }
                             }
                             if send(&mut c, &out).await.is_err() {
-                                return self.finish(None, "client gone", "io_error", None).await;
+                                return Box::pin(self.salvage(&mut c, &mut reader, &mut bucket)).await;
                             }
                         }
                         FromBackend::Nothing => {}
@@ -507,7 +473,7 @@ impl Session<'_> {
                             }
                             if let Some(text) = &cfg.on_resume {
                                 if send(&mut c, &frame::encode(frame::OP_TEXT, text.as_bytes())).await.is_err() {
-                                    return self.finish(None, "client gone", "io_error", None).await;
+                                    return Box::pin(self.salvage(&mut c, &mut reader, &mut bucket)).await;
                                 }
                             }
                         }
@@ -527,7 +493,7 @@ impl Session<'_> {
                         return self.finish(None, "client silent", "pong_timeout", Some(code::GOING_AWAY)).await;
                     }
                     if send(&mut c, &frame::encode(frame::OP_PING, b"")).await.is_err() {
-                        return self.finish(None, "client gone", "io_error", None).await;
+                        return Box::pin(self.salvage(&mut c, &mut reader, &mut bucket)).await;
                     }
                     if let Some(l) = &mut self.leg {
                         if now.duration_since(backend_heard) > cfg.ping_interval + cfg.pong_timeout {
@@ -564,6 +530,103 @@ impl Session<'_> {
 
     /// Relays what the backend sends within [`ANSWER_GRACE`] (the answer to
     /// the client's last message), up to the first pause of 50 ms after it.
+    /// A client message as the backend gets it: inflated, checked, counted
+    /// against the client's rate and in the stats (and kept for replay).
+    #[inline(always)]
+    fn admit(
+        &mut self,
+        op: u8,
+        payload: Vec<u8>,
+        compressed: bool,
+        bucket: &mut Bucket,
+    ) -> Result<Message, Refused> {
+        let payload = if compressed {
+            crate::ws::deflate::inflate(&payload, self.cfg.max_message).map_err(|e| Refused {
+                code: e.code(),
+                reason: e.to_string().into(),
+                end: "protocol",
+            })?
+        } else {
+            payload
+        };
+        if let Some((tokens, at)) = bucket {
+            let rate = f64::from(self.cfg.client_rate.unwrap_or(1));
+            *tokens = (*tokens + at.elapsed().as_secs_f64() * rate).min(rate);
+            *at = Instant::now();
+            if *tokens < 1.0 {
+                return Err(Refused {
+                    code: code::POLICY,
+                    reason: "message rate limit exceeded".into(),
+                    end: "rate_limited",
+                });
+            }
+            *tokens -= 1.0;
+        }
+        let msg = if op == frame::OP_TEXT {
+            // Plain text was checked as it arrived, inflated text is checked here.
+            let text = String::from_utf8(payload).map_err(|_| Refused {
+                code: code::INVALID_DATA,
+                reason: "text message is not UTF-8".into(),
+                end: "protocol",
+            })?;
+            Message::text(text)
+        } else {
+            Message::binary(payload)
+        };
+        self.up += 1;
+        self.stats.messages_up.fetch_add(1, Relaxed);
+        self.stats
+            .bytes_up
+            .fetch_add(payload_len(&msg) as u64, Relaxed);
+        if self.cfg.resume && self.preamble.len() < self.cfg.replay_first {
+            self.preamble.push(msg.clone());
+        }
+        Ok(msg)
+    }
+
+    /// Writing to the client failed (it reset, or went), but what it sent
+    /// before going may wait unread behind that write, as a splice delivers
+    /// it: forward the complete messages already read and those ready now
+    /// (a dead connection's queue is finite; at most [`SALVAGE_MAX`] bytes
+    /// more), then end. Nothing more is written to the client.
+    async fn salvage<C>(&mut self, c: &mut C, reader: &mut Reader, bucket: &mut Bucket) -> Out
+    where
+        C: AsyncRead + ReadReady + Unpin,
+    {
+        let mut read = 0;
+        loop {
+            while let Some(input) = if reader.inbuf.is_empty() {
+                None
+            } else {
+                reader.next_input()
+            } {
+                match input {
+                    Input::Message(op, payload, compressed) => {
+                        match self.admit(op, payload, compressed, bucket) {
+                            Ok(msg) => {
+                                if self.forward(msg).await.is_some() {
+                                    return self.end("resume_buffer_full", None).await;
+                                }
+                            }
+                            Err(r) => return self.end(r.end, None).await,
+                        }
+                    }
+                    Input::Ping(_) => {}
+                    Input::Close(code) => {
+                        return self
+                            .finish(code, "client closed", "client_close", None)
+                            .await
+                    }
+                    Input::Bad(_) => return self.end("protocol", None).await,
+                }
+            }
+            match read_into(c, &mut reader.inbuf).now_or_never() {
+                Some(Ok(n @ 1..)) if read < SALVAGE_MAX => read += n,
+                _ => return self.finish(None, "client gone", "io_error", None).await,
+            }
+        }
+    }
+
     async fn answers_first<C: AsyncWrite + Unpin>(&mut self, c: &mut C) {
         if let Some(l) = self.leg.as_mut().filter(|_| self.unflushed) {
             let _ = l.ws.flush().await;
