@@ -236,6 +236,26 @@ async fn without_resume_a_lost_backend_ends_the_session_with_1011() {
     assert!(reason.starts_with("backend lost"), "{reason}");
 }
 
+/// A client that leaves without a Close (its TCP connection just ends):
+/// the backend gets its last message, then a Close 1001, as from a client
+/// that went away, never a normal closure it did not ask for.
+#[tokio::test]
+async fn a_client_gone_without_a_close_is_1001_to_the_backend() {
+    let a = Backend::start("a").await;
+    let gw = gateway(&yaml(&[&a], "")).await;
+    let mut ws = ws(gw.addr(), "h", "/ws").await;
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "a:hi");
+    ws.send(Message::text("bye")).await.unwrap();
+    drop(ws);
+    let t0 = std::time::Instant::now();
+    while !a.got().iter().any(|g| g.starts_with("closed:")) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", a.got());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(a.got(), ["hi", "bye", "closed:1001"]);
+}
+
 /// A client that stops reading, sends its last message and resets: the
 /// gateway's write towards it fails while that message waits unread
 /// behind the write. The message still reaches the backend (the same
@@ -311,8 +331,10 @@ async fn the_last_message_of_a_client_that_reset_reaches_the_backend() {
         Some("last words"),
         "{got:?}"
     );
-    assert!(
-        got.last().is_some_and(|l| l.starts_with("closed:")),
+    // As a client that went away: 1001, not a normal closure.
+    assert_eq!(
+        got.last().map(String::as_str),
+        Some("closed:1001"),
         "the backend is told the client went: {got:?}"
     );
 }

@@ -390,9 +390,9 @@ impl Session<'_> {
             }
             tokio::select! {
                 r = read_into(&mut c, &mut reader.inbuf) => match r {
-                    Ok(0) => return self.finish(None, "client gone", "eof", None).await,
+                    Ok(0) => return self.finish(Some(code::GOING_AWAY), "client gone", "eof", None).await,
                     Ok(_) => {}
-                    Err(_) => return self.finish(None, "client gone", "io_error", None).await,
+                    Err(_) => return self.finish(Some(code::GOING_AWAY), "client gone", "io_error", None).await,
                 },
                 b = next_from(&mut self.leg, &mut self.stash) => {
                     backend_heard = Instant::now();
@@ -490,7 +490,7 @@ impl Session<'_> {
                     let now = Instant::now();
                     if now.duration_since(client_heard) > cfg.ping_interval + cfg.pong_timeout {
                         let _ = close_client(&mut c, &frame::close(code::GOING_AWAY, "no answer to pings")).await;
-                        return self.finish(None, "client silent", "pong_timeout", Some(code::GOING_AWAY)).await;
+                        return self.finish(Some(code::GOING_AWAY), "client silent", "pong_timeout", Some(code::GOING_AWAY)).await;
                     }
                     if send(&mut c, &frame::encode(frame::OP_PING, b"")).await.is_err() {
                         return Box::pin(self.salvage(&mut c, &mut reader, &mut bucket)).await;
@@ -622,7 +622,11 @@ impl Session<'_> {
             }
             match read_into(c, &mut reader.inbuf).now_or_never() {
                 Some(Ok(n @ 1..)) if read < SALVAGE_MAX => read += n,
-                _ => return self.finish(None, "client gone", "io_error", None).await,
+                _ => {
+                    return self
+                        .finish(Some(code::GOING_AWAY), "client gone", "io_error", None)
+                        .await
+                }
             }
         }
     }
