@@ -236,6 +236,40 @@ async fn without_resume_a_lost_backend_ends_the_session_with_1011() {
     assert!(reason.starts_with("backend lost"), "{reason}");
 }
 
+/// `client_rate` on a frames route: a client over its message rate is
+/// closed with 1008 and its messages beyond the bucket never reach the
+/// backend.
+#[tokio::test]
+async fn a_client_over_its_message_rate_is_closed_with_1008() {
+    let a = Backend::start("a").await;
+    let gw = gateway(&yaml(&[&a], ", client_rate: 5")).await;
+    let mut ws = ws(gw.addr(), "h", "/ws").await;
+    for i in 0..20 {
+        if ws.send(Message::text(format!("m{i}"))).await.is_err() {
+            break;
+        }
+    }
+    let (code, reason) = close_of(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (1008, "message rate limit exceeded")
+    );
+    let t0 = std::time::Instant::now();
+    while !a.got().iter().any(|g| g.starts_with("closed:")) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", a.got());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let got = a.got();
+    // A full bucket of 5 (and what refilled in the microseconds between).
+    let messages = got.iter().filter(|g| g.starts_with('m')).count();
+    assert!((5..=6).contains(&messages), "{got:?}");
+    assert_eq!(
+        got.last().map(String::as_str),
+        Some("closed:1001"),
+        "{got:?}"
+    );
+}
+
 /// A client that leaves without a Close (its TCP connection just ends):
 /// the backend gets its last message, then a Close 1001, as from a client
 /// that went away, never a normal closure it did not ask for.
