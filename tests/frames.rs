@@ -136,6 +136,15 @@ impl Backend {
     fn got(&self) -> Vec<String> {
         self.got.lock().unwrap().clone()
     }
+
+    /// Waits (up to 5 s) until a session of this backend received a Close.
+    async fn until_closed(&self) {
+        let t0 = std::time::Instant::now();
+        while !self.got().iter().any(|g| g.starts_with("closed:")) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", self.got());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 fn yaml(backends: &[&Backend], route: &str) -> String {
@@ -254,11 +263,7 @@ async fn a_client_over_its_message_rate_is_closed_with_1008() {
         (code, reason.as_str()),
         (1008, "message rate limit exceeded")
     );
-    let t0 = std::time::Instant::now();
-    while !a.got().iter().any(|g| g.starts_with("closed:")) {
-        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", a.got());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    a.until_closed().await;
     let got = a.got();
     // A full bucket of 5 (and what refilled in the microseconds between).
     let messages = got.iter().filter(|g| g.starts_with('m')).count();
@@ -282,11 +287,7 @@ async fn a_client_gone_without_a_close_is_1001_to_the_backend() {
     assert_eq!(next_text(&mut ws).await, "a:hi");
     ws.send(Message::text("bye")).await.unwrap();
     drop(ws);
-    let t0 = std::time::Instant::now();
-    while !a.got().iter().any(|g| g.starts_with("closed:")) {
-        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", a.got());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    a.until_closed().await;
     assert_eq!(a.got(), ["hi", "bye", "closed:1001"]);
 }
 
