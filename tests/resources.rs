@@ -138,17 +138,17 @@ fn rss_kib(pid: u32) -> u64 {
 /// 2 MiB, refilled by the last reads) stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_of_closed_sessions_goes_back_to_the_system() {
-    closed_sessions_give_memory_back("1").await;
+    closed_sessions_give_memory_back(1).await;
 }
 
 /// The same on two runtime threads, where the sessions' blocks are freed
 /// by whichever thread runs them and each thread must collect its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_of_closed_sessions_goes_back_on_every_runtime_thread() {
-    closed_sessions_give_memory_back("2").await;
+    closed_sessions_give_memory_back(2).await;
 }
 
-async fn closed_sessions_give_memory_back(threads: &str) {
+async fn closed_sessions_give_memory_back(threads: u64) {
     const SESSIONS: usize = 2000;
     raise_nofile();
     let be = echo_backends(&["a"]).await;
@@ -162,10 +162,9 @@ async fn closed_sessions_give_memory_back(threads: &str) {
         ),
     )
     .expect("write config");
-    let mut gw = Upgate::start_with_args(&file, &["--threads", threads]);
+    let mut gw = Upgate::start_with_args(&file, &["--threads", &threads.to_string()]);
     let addr = gw.listening_addr().await;
     let pid = gw.pid();
-
     let before = rss_kib(pid);
 
     let open = open_sessions(addr, SESSIONS).await;
@@ -179,7 +178,7 @@ async fn closed_sessions_give_memory_back(threads: &str) {
     // Within 5 s, RSS is back to what the buffer pools may keep (up to
     // 64 buffers of 32 KiB per runtime thread, see src/buffers.rs) and a
     // quarter of the growth (what the runtime and the allocator keep).
-    let pools: u64 = threads.parse::<u64>().expect("threads") * 2048;
+    let pools = threads * 2048;
     let target = before + pools + (held - before) / 4;
     let t0 = std::time::Instant::now();
     let mut low = rss_kib(pid);

@@ -533,8 +533,6 @@ impl Session<'_> {
         }
     }
 
-    /// Relays what the backend sends within [`ANSWER_GRACE`] (the answer to
-    /// the client's last message), up to the first pause of 50 ms after it.
     /// A client message as the backend gets it: inflated, checked, counted
     /// against the client's rate (as of `now`) and in the stats (and kept
     /// for replay).
@@ -639,6 +637,8 @@ impl Session<'_> {
         }
     }
 
+    /// Relays what the backend sends within [`ANSWER_GRACE`] (the answer to
+    /// the client's last message), up to the first pause of 50 ms after it.
     async fn answers_first<C: AsyncWrite + Unpin>(&mut self, c: &mut C) {
         if let Some(l) = self.leg.as_mut().filter(|_| self.unflushed) {
             let _ = l.ws.flush().await;
